@@ -1,0 +1,106 @@
+"""Backend URLs, parsed once into typed settings, and the stores they open.
+
+URLs follow SQLAlchemy's forms:
+
+- ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db``, options
+  ``synchronous`` (``normal`` | ``full`` | ``off``), ``busy_timeout`` (seconds)
+  and ``poll_ms`` (cap of the idle polling backoff, milliseconds);
+- ``memory://`` (a fresh store) or ``memory://name`` (shared in this process).
+
+Every scheme is imported explicitly here; an unknown scheme or option raises
+:class:`~taskspace.errors.InvalidURL` naming what would be valid.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlsplit
+
+from taskspace.backends.base import Clock, Store
+from taskspace.backends.memory import MemoryStore, open_memory
+from taskspace.backends.sqlite import SQLiteSettings, SQLiteStore
+from taskspace.errors import InvalidURL
+
+SCHEMES = ("sqlite", "memory")
+SQLITE_OPTIONS = ("synchronous", "busy_timeout", "poll_ms")
+SYNCHRONOUS_MODES = ("normal", "full", "off")
+
+
+def _sqlite_settings(url: str) -> SQLiteSettings:
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        raise InvalidURL(
+            f"malformed SQLite URL {url!r}; use sqlite:///relative/path.db "
+            "or sqlite:////absolute/path.db"
+        )
+    path, _, query = url[len(prefix) :].partition("?")
+    if not path:
+        raise InvalidURL(f"SQLite URL {url!r} names no database file")
+    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False))
+    unknown = sorted(set(options) - set(SQLITE_OPTIONS))
+    if unknown:
+        raise InvalidURL(
+            f"unknown SQLite option(s) {', '.join(unknown)} in {url!r};"
+            f" valid: {', '.join(SQLITE_OPTIONS)}"
+        )
+    synchronous = options.get("synchronous", "normal").lower()
+    if synchronous not in SYNCHRONOUS_MODES:
+        raise InvalidURL(
+            f"synchronous={synchronous!r} in {url!r}; valid: {', '.join(SYNCHRONOUS_MODES)}"
+        )
+    return SQLiteSettings(
+        path=path,
+        synchronous=synchronous,
+        busy_timeout=_positive(options, "busy_timeout", 30.0, url),
+        poll_ms=_positive(options, "poll_ms", 2.0, url),
+    )
+
+
+def _positive(options: dict[str, str], key: str, default: float, url: str) -> float:
+    if key not in options:
+        return default
+    try:
+        value = float(options[key])
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise InvalidURL(f"{key}={options[key]!r} in {url!r} must be a positive number")
+    return value
+
+
+def scheme_of(url: str) -> str:
+    """The backend scheme of ``url``; raises InvalidURL if it is not one we support."""
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidURL(
+            f"malformed backend URL {url!r}; expected e.g. sqlite:///.taskspace/space.db"
+            " or memory://"
+        )
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in SCHEMES:
+        raise InvalidURL(
+            f"unsupported backend {scheme!r} in {url!r}; supported: {', '.join(SCHEMES)}"
+        )
+    return scheme
+
+
+def validate_url(url: str) -> str:
+    """Check ``url`` fully without opening anything; return its scheme."""
+    scheme = scheme_of(url)
+    if scheme == "sqlite":
+        _sqlite_settings(url)
+    elif urlsplit(url).query:
+        raise InvalidURL(f"memory:// takes no options, got {url!r}")
+    return scheme
+
+
+def open_store(url: str, clock: Clock | None = None) -> Store:
+    """Open the store that ``url`` names. ``clock`` applies to memory:// only."""
+    scheme = validate_url(url)
+    if clock is not None and scheme != "memory":
+        raise InvalidURL(f"an injected clock is only valid for memory://, not {url!r}")
+    if scheme == "memory":
+        name = url.split("://", 1)[1]
+        return MemoryStore(clock=clock, url=url) if clock is not None else open_memory(name, url)
+    return SQLiteStore(_sqlite_settings(url), url)
+
+
+__all__ = ["SCHEMES", "MemoryStore", "SQLiteStore", "open_store", "scheme_of", "validate_url"]

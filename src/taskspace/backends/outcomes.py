@@ -1,0 +1,46 @@
+"""State transitions shared by every backend, so their semantics never fork.
+
+Backends apply these decisions inside their own atomic step; this module only
+decides, it never touches a store.
+"""
+
+from __future__ import annotations
+
+from taskspace.backends.base import ErrorInfo, Outcome, TaskRecord, TaskState
+
+
+def outcome_state(outcome: Outcome, rec: TaskRecord) -> TaskState:
+    """The state a running task moves to when its worker reports ``outcome``.
+
+    A retry past ``max_attempts`` fails; a retry or release of a task whose
+    cancel was requested ends ``cancelled`` rather than running again.
+    """
+    if outcome.kind in ("succeeded", "failed", "cancelled"):
+        return outcome.kind
+    if rec.cancel_requested:
+        return "cancelled"
+    if outcome.kind == "release":
+        return "queued"
+    return "queued" if rec.attempts < rec.max_attempts else "failed"
+
+
+def expired_state(rec: TaskRecord) -> TaskState:
+    """The state of a running task whose lease expired (its worker died or stalled)."""
+    if rec.cancel_requested:
+        return "cancelled"
+    return "queued" if rec.attempts < rec.max_attempts else "dead"
+
+
+def lease_lost_error(rec: TaskRecord) -> ErrorInfo:
+    """The error recorded when a lease expires; keeps the previous error, if any."""
+    error: ErrorInfo = {
+        "type": "WorkerLost",
+        "message": (
+            f"lease expired on attempt {rec.attempts} of {rec.max_attempts} "
+            f"(worker {rec.worker}); the worker died or stalled"
+        ),
+        "traceback": "",
+    }
+    if rec.error:
+        error["previous"] = rec.error
+    return error

@@ -1,0 +1,129 @@
+"""Every exception taskspace raises, under one root.
+
+    TaskspaceError
+     ├── ConfigError            bad option or argument (also a ValueError)
+     │    └── InvalidURL        malformed or unsupported backend URL
+     ├── SerializationError     a value the codec cannot encode or decode (also a TypeError)
+     ├── UnknownTask            a task name not registered in this Space (also a LookupError)
+     ├── TaskNotFound           a task id the store does not hold (also a LookupError)
+     ├── TaskFailed             the task ended failed or dead: remote type, message, traceback
+     │    └── TaskCancelled     the task was cancelled
+     ├── ResultTimeout          waited too long for a result (also the builtin TimeoutError)
+     ├── NoCurrentTask          current_task() called outside a running task
+     ├── TaskTimeout            (recorded) an attempt ran past the task's timeout
+     ├── ProcessDied            (recorded) a process-isolated attempt died without reporting
+     ├── BackendError           the store is unreachable or refused the operation
+     └── MissingDependency      an optional extra is not installed (also an ImportError)
+
+Control flow (not errors, not under the root): :class:`Retry` asks the worker
+to retry the running task now or after a countdown.
+
+Every message names the bad value and, where there is a short list, what
+would be valid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TaskspaceError(Exception):
+    """Root of every taskspace exception."""
+
+
+class ConfigError(TaskspaceError, ValueError):
+    """An option, argument or setting is invalid; nothing was written."""
+
+
+class InvalidURL(ConfigError):
+    """A backend URL is malformed or names an unsupported backend."""
+
+
+class SerializationError(TaskspaceError, TypeError):
+    """A value could not be encoded or decoded by the configured codec."""
+
+
+class UnknownTask(TaskspaceError, LookupError):
+    """A task name is not registered in this Space; it is never imported by name."""
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        hint = f"; registered: {', '.join(sorted(known))}" if known else ""
+        super().__init__(f"unknown task {name!r}{hint}")
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (UnknownTask, (self.name,))
+
+
+class TaskNotFound(TaskspaceError, LookupError):
+    """No task with this id exists in the store."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"no task with id {task_id!r}")
+        self.task_id = task_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TaskNotFound, (self.task_id,))
+
+
+class TaskFailed(TaskspaceError):
+    """A task ended without a result; carries the remote error type, message and traceback."""
+
+    def __init__(
+        self,
+        task_id: str,
+        status: str,
+        remote_type: str,
+        message: str,
+        traceback: str = "",
+    ) -> None:
+        super().__init__(f"task {task_id} {status}: {remote_type}: {message}")
+        self.task_id = task_id
+        self.status = status
+        self.remote_type = remote_type
+        self.remote_message = message
+        self.remote_traceback = traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        args = (self.task_id, self.status, self.remote_type, self.remote_message)
+        return (type(self), (*args, self.remote_traceback))
+
+
+class TaskCancelled(TaskFailed):
+    """The task was cancelled before it produced a result."""
+
+
+class ResultTimeout(TaskspaceError, TimeoutError):
+    """The task did not end within the time the caller was willing to wait."""
+
+
+class NoCurrentTask(TaskspaceError, RuntimeError):
+    """``current_task()`` was called outside a task run by a worker."""
+
+
+class TaskTimeout(TaskspaceError, TimeoutError):
+    """An attempt ran past its task's ``timeout``; recorded, then retried like an error."""
+
+
+class ProcessDied(TaskspaceError, RuntimeError):
+    """A process-isolated attempt exited without reporting an outcome."""
+
+
+class BackendError(TaskspaceError):
+    """The backend is unreachable or failed; the operation may be retried."""
+
+
+class MissingDependency(TaskspaceError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+
+class Retry(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raise inside a task to retry it after ``countdown`` seconds.
+
+    Counts as an attempt; once ``max_attempts`` is reached the task fails with
+    the message given here.
+    """
+
+    def __init__(self, countdown: float = 0.0, message: str = "retry requested") -> None:
+        super().__init__(message)
+        self.countdown = countdown

@@ -1,0 +1,98 @@
+"""Handle: a reference to one submitted task, usable from any process."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from taskspace.backends.base import FINAL_STATES, TaskRecord, TaskState
+from taskspace.codec import decoder_for
+from taskspace.errors import ConfigError, ResultTimeout, TaskCancelled, TaskFailed, TaskNotFound
+
+if TYPE_CHECKING:
+    from taskspace.space import Space
+
+WAIT_SLICE_S = 1.0
+
+
+class Handle:
+    """A submitted task. Cheap to create; every call reads the store afresh."""
+
+    __slots__ = ("id", "space")
+
+    def __init__(self, space: Space, task_id: str) -> None:
+        self.space = space
+        self.id = task_id
+
+    def __repr__(self) -> str:
+        return f"<Handle {self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Handle) and other.id == self.id and other.space is self.space
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def info(self) -> TaskRecord:
+        """The task's full record; raises TaskNotFound if the store holds no such task."""
+        record = self.space.store.get(self.id)
+        if record is None:
+            raise TaskNotFound(self.id)
+        return record
+
+    def status(self) -> TaskState:
+        """queued | running | succeeded | failed | dead | cancelled."""
+        return self.info().state
+
+    def progress(self) -> tuple[float, float] | None:
+        """(done, total) as last reported by the task, or None."""
+        return self.info().progress
+
+    def cancel(self) -> TaskState:
+        """Cancel: a queued task never runs; a running one sees ``current_task().cancelled``.
+        Returns the state after the request."""
+        state = self.space.store.cancel(self.id)
+        if state is None:
+            raise TaskNotFound(self.id)
+        return state
+
+    def done(self) -> bool:
+        """True once the task is in a final state."""
+        return self.info().state in FINAL_STATES
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the task and return its value.
+
+        Raises TaskFailed (remote type, message, traceback) if it failed or
+        died, TaskCancelled if cancelled, ResultTimeout (a TimeoutError) if
+        it has not ended within ``timeout`` seconds.
+        """
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+            raise ConfigError(f"timeout must be a number >= 0 or None, got {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = self.info()
+            if record.state in FINAL_STATES:
+                return self._value(record)
+            remaining = WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise ResultTimeout(
+                    f"task {self.id} still {record.state} after waiting {timeout} s"
+                )
+            self.space.store.wait_for_finish([self.id], min(remaining, WAIT_SLICE_S))
+
+    def _value(self, record: TaskRecord) -> Any:
+        if record.state == "succeeded":
+            if record.result is None:
+                return None
+            codec = decoder_for(record.codec, allow_pickle=self.space.allow_pickle)
+            return codec.decode(record.result)
+        error = record.error or {}
+        cls = TaskCancelled if record.state == "cancelled" else TaskFailed
+        raise cls(
+            self.id,
+            record.state,
+            str(error.get("type", "Cancelled" if record.state == "cancelled" else "Error")),
+            str(error.get("message", record.state)),
+            str(error.get("traceback", "")),
+        )

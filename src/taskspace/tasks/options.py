@@ -1,0 +1,131 @@
+"""Typed, validated options for task definitions and single submissions."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, fields, replace
+from datetime import datetime
+from typing import Any, Literal
+
+from taskspace.errors import ConfigError
+
+Isolation = Literal["thread", "async", "process"]
+ISOLATIONS: tuple[str, ...] = ("thread", "async", "process")
+
+DEFAULT_QUEUE = "default"
+DEFAULT_PRIORITY = 0
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_LEASE_S = 30.0
+DEFAULT_RETRY_BACKOFF_S = 1.0
+DEFAULT_RETRY_BACKOFF_MAX_S = 300.0
+
+
+def _check_number(name: str, value: Any, *, positive: bool, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        need = "a positive number" if positive else "a number >= 0"
+        raise ConfigError(f"{name} must be {need}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_queue(queue: Any) -> None:
+    """A queue name is a non-empty string without commas or whitespace."""
+    if not isinstance(queue, str) or not queue or any(c in queue for c in ", \t\n"):
+        raise ConfigError(f"queue must be a non-empty name without commas or spaces, got {queue!r}")
+
+
+def check_priority(priority: Any) -> None:
+    """Priorities are integers; higher runs first."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ConfigError(f"priority must be an integer, got {priority!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """How a task runs: its queue, priority, attempts, lease, timeout and isolation."""
+
+    queue: str = DEFAULT_QUEUE
+    priority: int = DEFAULT_PRIORITY
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    lease: float = DEFAULT_LEASE_S
+    timeout: float | None = None
+    isolation: Isolation | None = None
+    retry_backoff: float = DEFAULT_RETRY_BACKOFF_S
+    retry_backoff_max: float = DEFAULT_RETRY_BACKOFF_MAX_S
+    retry_jitter: bool = True
+
+    def __post_init__(self) -> None:
+        check_queue(self.queue)
+        check_priority(self.priority)
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
+        _check_number("lease", self.lease, positive=True, allow_none=False)
+        _check_number("timeout", self.timeout, positive=True, allow_none=True)
+        _check_number("retry_backoff", self.retry_backoff, positive=False, allow_none=False)
+        _check_number("retry_backoff_max", self.retry_backoff_max, positive=False, allow_none=False)
+        if self.isolation is not None and self.isolation not in ISOLATIONS:
+            raise ConfigError(
+                f"isolation must be one of {', '.join(ISOLATIONS)}, got {self.isolation!r}"
+            )
+
+    @classmethod
+    def build(cls, **options: Any) -> TaskOptions:
+        """Construct from keyword options, refusing unknown ones by name."""
+        return cls().updated(**options)
+
+    def updated(self, **options: Any) -> TaskOptions:
+        """A copy with ``options`` changed, refusing unknown ones by name."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown task option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+            )
+        return replace(self, **options)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOptions:
+    """Per-submission overrides: when to run (countdown or eta), where, and dedup."""
+
+    queue: str | None = None
+    priority: int | None = None
+    countdown: float | None = None
+    eta: datetime | float | None = None
+    dedup_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.queue is not None:
+            check_queue(self.queue)
+        if self.priority is not None:
+            check_priority(self.priority)
+        _check_number("countdown", self.countdown, positive=False, allow_none=True)
+        if self.countdown is not None and self.eta is not None:
+            raise ConfigError("give countdown or eta, not both")
+        if self.eta is not None and not isinstance(self.eta, datetime | int | float):
+            raise ConfigError(f"eta must be a datetime or a Unix timestamp, got {self.eta!r}")
+        if self.dedup_key is not None and (not isinstance(self.dedup_key, str) or not self.dedup_key):
+            raise ConfigError(f"dedup_key must be a non-empty string, got {self.dedup_key!r}")
+
+    @classmethod
+    def build(cls, **options: Any) -> SubmitOptions:
+        """Construct from keyword options, refusing unknown ones by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown submit option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+            )
+        return cls(**options)
+
+    def delay(self) -> float:
+        """Seconds from now until the task may run. An ETA is wall-clock time by nature,
+        so it is converted here with the caller's clock; everything after is store time."""
+        if self.countdown is not None:
+            return float(self.countdown)
+        if self.eta is None:
+            return 0.0
+        stamp = self.eta.timestamp() if isinstance(self.eta, datetime) else float(self.eta)
+        return max(0.0, stamp - time.time())

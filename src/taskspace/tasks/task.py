@@ -1,0 +1,105 @@
+"""Task: a function registered on a Space under a name, submittable from anywhere."""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from taskspace.backends.base import TaskSpec
+from taskspace.errors import ConfigError
+from taskspace.tasks.handle import Handle
+from taskspace.tasks.options import Isolation, SubmitOptions, TaskOptions
+
+if TYPE_CHECKING:
+    from taskspace.space import Space
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def new_task_id() -> str:
+    """A fresh, globally unique task id."""
+    return uuid.uuid4().hex
+
+
+class Task(Generic[P, R]):
+    """A registered task. Calling it runs the function here; ``submit`` enqueues it."""
+
+    def __init__(
+        self,
+        space: Space,
+        fn: Callable[P, R],
+        name: str,
+        options: TaskOptions,
+        submit_options: SubmitOptions | None = None,
+    ) -> None:
+        self.space = space
+        self.fn = fn
+        self.name = name
+        self.opts = options
+        self.submit_opts = submit_options or SubmitOptions()
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def queue(self) -> str:
+        return self.submit_opts.queue or self.opts.queue
+
+    @property
+    def isolation(self) -> Isolation:
+        """Where the worker runs it: the declared isolation, else async for coroutines."""
+        if self.opts.isolation is not None:
+            return self.opts.isolation
+        return "async" if inspect.iscoroutinefunction(self.fn) else "thread"
+
+    def options(self, **submit_options: Any) -> Task[P, R]:
+        """A variant for submitting with per-call options: ``queue``, ``priority``,
+        ``countdown``, ``eta``, ``dedup_key``."""
+        merged = {
+            k: getattr(self.submit_opts, k)
+            for k in ("queue", "priority", "countdown", "eta", "dedup_key")
+        }
+        merged.update(submit_options)
+        return Task(self.space, self.fn, self.name, self.opts, SubmitOptions.build(**merged))
+
+    def spec(self, args: Sequence[Any], kwargs: dict[str, Any]) -> TaskSpec:
+        """Encode one call into a TaskSpec; raises before anything is written."""
+        so = self.submit_opts
+        payload = self.space.codec.encode([list(args), kwargs] if kwargs else [list(args)])
+        return TaskSpec(
+            id=new_task_id(),
+            name=self.name,
+            payload=payload,
+            codec=self.space.codec.name,
+            queue=self.queue,
+            priority=self.opts.priority if so.priority is None else so.priority,
+            max_attempts=self.opts.max_attempts,
+            lease_s=self.opts.lease,
+            timeout=self.opts.timeout,
+            dedup_key=so.dedup_key,
+            delay=so.delay(),
+        )
+
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> Handle:
+        """Enqueue one call; durable once this returns."""
+        return self.space.push([self.spec(args, kwargs)])[0]
+
+    def submit_many(self, calls: Iterable[Sequence[Any]]) -> list[Handle]:
+        """Enqueue many calls (each a tuple of positional arguments) in one round trip.
+        All are encoded before anything is written: one bad argument writes nothing."""
+        specs = []
+        for i, call in enumerate(calls):
+            if not isinstance(call, tuple | list):
+                raise ConfigError(
+                    f"submit_many item {i} must be a tuple of arguments, got {type(call).__name__}"
+                )
+            specs.append(self.spec(call, {}))
+        return self.space.push(specs)

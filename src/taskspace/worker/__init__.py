@@ -1,0 +1,6 @@
+"""Workers: run tasks from a Space's queues (see :mod:`taskspace.worker.worker`)."""
+
+from taskspace.worker.config import WorkerConfig
+from taskspace.worker.worker import Worker, WorkerReport
+
+__all__ = ["Worker", "WorkerConfig", "WorkerReport"]

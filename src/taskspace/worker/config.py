@@ -1,0 +1,66 @@
+"""Worker settings, validated at construction."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from taskspace.errors import ConfigError
+from taskspace.tasks.options import check_queue
+
+DEFAULT_CONCURRENCY = 8
+DEFAULT_SHUTDOWN_GRACE_S = 30.0
+DEFAULT_MAINTENANCE_INTERVAL_S = 1.0
+DEFAULT_HEARTBEAT_INTERVAL_S = 2.0
+DEFAULT_IDLE_WAIT_S = 0.25
+
+
+def default_worker_name() -> str:
+    """host:pid:random — unique across machines and restarts."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """How a worker runs: which queues, how many tasks at once, when to stop."""
+
+    queues: tuple[str, ...] = ("default",)
+    concurrency: int = DEFAULT_CONCURRENCY
+    burst: bool = False
+    name: str = field(default_factory=default_worker_name)
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S
+    maintenance_interval: float = DEFAULT_MAINTENANCE_INTERVAL_S
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    idle_wait: float = DEFAULT_IDLE_WAIT_S
+    install_signal_handlers: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.queues, str) or not self.queues:
+            raise ConfigError(f"queues must be a non-empty list of names, got {self.queues!r}")
+        for queue in self.queues:
+            check_queue(queue)
+        if not isinstance(self.concurrency, int) or self.concurrency < 1:
+            raise ConfigError(f"concurrency must be an integer >= 1, got {self.concurrency!r}")
+        for name in ("shutdown_grace", "maintenance_interval", "heartbeat_interval", "idle_wait"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value < 0 or (value == 0 and name != "shutdown_grace"):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+    @classmethod
+    def build(cls, **options: Any) -> WorkerConfig:
+        """From keyword options; ``queues`` may be a comma-separated string."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown worker option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+            )
+        queues = options.get("queues")
+        if isinstance(queues, str):
+            options["queues"] = tuple(q.strip() for q in queues.split(",") if q.strip())
+        elif queues is not None:
+            options["queues"] = tuple(queues)
+        return cls(**options)

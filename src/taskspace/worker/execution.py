@@ -1,0 +1,213 @@
+"""One attempt of one task: decoding, running in its isolation, and its Outcome.
+
+Isolation:
+
+- ``thread``: a pool thread. A timeout cannot stop a Python thread, so the
+  worker gives up on it: the attempt is recorded as timed out, its slot is
+  freed and its cancel flag set; whatever it returns later is discarded.
+- ``async``: the worker's event loop, under ``asyncio.wait_for`` (a real
+  cancellation at the timeout).
+- ``process``: a forked child process per attempt; a timeout or cancel
+  SIGKILLs it. The child reports progress and its result over a pipe and
+  never touches the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from taskspace.backends.base import ErrorInfo, Outcome, TaskRecord
+from taskspace.codec import Codec, decoder_for
+from taskspace.errors import (
+    ProcessDied,
+    Retry,
+    SerializationError,
+    TaskCancelled,
+    TaskTimeout,
+    UnknownTask,
+)
+from taskspace.tasks.context import TaskContext, bind, unbind
+from taskspace.tasks.retry import backoff_delay
+from taskspace.tasks.task import Task
+
+PROCESS_POLL_S = 0.05
+
+
+def error_info(exc: BaseException, tb: str | None = None) -> ErrorInfo:
+    """The stored form of an exception: its type, message and traceback."""
+    text = tb if tb is not None else "".join(traceback.format_exception(exc))
+    return {"type": type(exc).__qualname__, "message": str(exc), "traceback": text}
+
+
+def decode_call(record: TaskRecord, allow_pickle: bool) -> tuple[list[Any], dict[str, Any]]:
+    """The positional and keyword arguments stored in a task's payload."""
+    data = decoder_for(record.codec, allow_pickle=allow_pickle).decode(record.payload)
+    if (
+        not isinstance(data, list)
+        or len(data) not in (1, 2)
+        or not isinstance(data[0], list)
+        or (len(data) == 2 and not isinstance(data[1], dict))
+    ):
+        raise SerializationError(f"task {record.id} payload is not [args] or [args, kwargs]")
+    return data[0], (data[1] if len(data) == 2 else {})
+
+
+@dataclass(eq=False)
+class Attempt:
+    """A claimed task in flight on this worker."""
+
+    record: TaskRecord
+    task: Task[Any, Any]
+    ctx: TaskContext
+    deadline: float | None
+    started: bool = False
+    settled: bool = False
+    lost: bool = False
+    process: multiprocessing.process.BaseProcess | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def outcome_for_error(attempt: Attempt, exc: BaseException, tb: str | None = None) -> Outcome:
+    """How a raised exception ends the attempt: retry with backoff (the store
+    turns it into ``failed`` once attempts are exhausted), or final."""
+    if isinstance(exc, TaskCancelled) and attempt.ctx.cancelled:
+        return Outcome("cancelled", error=error_info(exc, tb))
+    if isinstance(exc, SerializationError | UnknownTask):
+        return Outcome("failed", error=error_info(exc, tb))
+    if isinstance(exc, Retry):
+        return Outcome("retry", error=error_info(exc, tb), delay=exc.countdown)
+    opts = attempt.task.opts
+    delay = backoff_delay(
+        attempt.record.attempts, opts.retry_backoff, opts.retry_backoff_max, opts.retry_jitter
+    )
+    return Outcome("retry", error=error_info(exc, tb), delay=delay)
+
+
+def timeout_outcome(attempt: Attempt) -> Outcome:
+    """The outcome of an attempt that ran past its timeout (retried like an error)."""
+    exc = TaskTimeout(f"task {attempt.task.name} exceeded its timeout of {attempt.record.timeout} s")
+    return outcome_for_error(attempt, exc, tb="")
+
+
+def success(codec: Codec, value: Any) -> Outcome:
+    """A succeeded outcome, or failed if the value cannot be encoded."""
+    try:
+        return Outcome("succeeded", result=codec.encode(value))
+    except SerializationError as exc:
+        return Outcome("failed", error=error_info(exc))
+
+
+def run_inline(
+    attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec: Codec
+) -> Outcome:
+    """Run a sync task in the calling thread with its context bound."""
+    token = bind(attempt.ctx)
+    try:
+        return success(codec, attempt.task.fn(*args, **kwargs))
+    except BaseException as exc:  # noqa: BLE001 - every failure of user code is recorded
+        return outcome_for_error(attempt, exc)
+    finally:
+        unbind(token)
+
+
+async def run_coroutine(
+    attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec: Codec
+) -> Outcome:
+    """Run an async task on the worker's loop, cancelling it at its timeout."""
+    token = bind(attempt.ctx)
+    try:
+        value = await asyncio.wait_for(attempt.task.fn(*args, **kwargs), attempt.record.timeout)
+        return success(codec, value)
+    except TimeoutError:
+        return timeout_outcome(attempt)
+    except BaseException as exc:  # noqa: BLE001 - every failure of user code is recorded
+        return outcome_for_error(attempt, exc)
+    finally:
+        unbind(token)
+
+
+def _child_main(
+    conn: multiprocessing.connection.Connection,
+    attempt: Attempt,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    codec: Codec,
+) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    attempt.ctx._report = lambda done, total: conn.send(("progress", done, total))
+    outcome = run_inline(attempt, args, kwargs, codec)
+    conn.send(("outcome", outcome))
+    conn.close()
+    os._exit(0)
+
+
+def run_in_process(
+    attempt: Attempt,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    codec: Codec,
+    report: Callable[[float, float], None],
+) -> Outcome | None:
+    """Run a task in a forked child; None if the worker killed it (timeout, cancel)."""
+    mp = multiprocessing.get_context("fork")
+    parent, child = mp.Pipe(duplex=False)
+    proc = mp.Process(target=_child_main, args=(child, attempt, args, kwargs, codec), daemon=True)
+    with attempt.lock:
+        if attempt.settled:
+            return None
+        proc.start()
+        attempt.process = proc
+    child.close()
+    try:
+        while True:
+            if parent.poll(PROCESS_POLL_S):
+                try:
+                    message = parent.recv()
+                except EOFError:
+                    break
+                if message[0] == "progress":
+                    report(message[1], message[2])
+                    continue
+                outcome: Outcome = message[1]
+                return outcome
+            if not proc.is_alive() and not parent.poll(0):
+                break
+    finally:
+        proc.join(timeout=5)
+        parent.close()
+    if attempt.settled:
+        return None
+    died = ProcessDied(f"task process exited with code {proc.exitcode} before reporting")
+    return outcome_for_error(attempt, died, tb="")
+
+
+def kill_process(attempt: Attempt) -> None:
+    """SIGKILL the attempt's child process, if it has one and it still runs."""
+    proc = attempt.process
+    if proc is not None and proc.is_alive() and proc.pid is not None:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def prepare(
+    record: TaskRecord, task: Task[Any, Any] | None, allow_pickle: bool
+) -> tuple[list[Any], dict[str, Any]] | Outcome:
+    """Arguments for the attempt, or a final failed outcome if it cannot run here."""
+    if task is None:
+        return Outcome("failed", error=error_info(UnknownTask(record.name), tb=""))
+    try:
+        return decode_call(record, allow_pickle)
+    except SerializationError as exc:
+        return Outcome("failed", error=error_info(exc, tb=""))
