@@ -1,0 +1,5 @@
+"""``python -m taskspace`` runs the CLI."""
+
+from taskspace.cli import main
+
+main()
