@@ -1,13 +1,13 @@
 """taskspace: a shared space in which AI workers collaborate on tasks.
 
-    from taskspace import Space, current_task
+from taskspace import Space, current_task
 
-    space = Space("sqlite:///.taskspace/space.db")
+space = Space("sqlite:///.taskspace/space.db")
 
-    @space.task(max_attempts=3, lease=30)
-    def train(params: dict) -> dict: ...
+@space.task(max_attempts=3, lease=30)
+def train(params: dict) -> dict: ...
 
-    train.submit({"C": 1.0}).result(timeout=60)
+train.submit({"C": 1.0}).result(timeout=60)
 """
 
 from taskspace.backends.base import TaskRecord

@@ -81,18 +81,44 @@ def main() -> None:
 
 @main.command()
 @click.argument("app")
-@click.option("--processes", "-p", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Worker processes; more than 1 starts a supervisor that restarts dead ones.")
-@click.option("--concurrency", "-c", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Tasks run at once per process.")
-@click.option("--queues", "-Q", default="default", show_default=True,
-              help="Comma-separated queues, highest priority first.")
+@click.option(
+    "--processes",
+    "-p",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Worker processes; more than 1 starts a supervisor that restarts dead ones.",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Tasks run at once per process.",
+)
+@click.option(
+    "--queues",
+    "-Q",
+    default="default",
+    show_default=True,
+    help="Comma-separated queues, highest priority first.",
+)
 @click.option("--burst", is_flag=True, help="Exit once the queues are empty.")
 @click.option("--url", default=None, help="Backend URL, overriding the app's.")
-@click.option("--shutdown-grace", default=30.0, show_default=True, type=float,
-              help="Seconds running tasks get after SIGTERM.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(LOG_LEVELS, case_sensitive=False))
+@click.option(
+    "--shutdown-grace",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="Seconds running tasks get after SIGTERM.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+)
 @_guard
 def worker(app: str, processes: int, concurrency: int, queues: str, burst: bool,
            url: str | None, shutdown_grace: float, log_level: str) -> None:  # fmt: skip
@@ -137,7 +163,9 @@ def _status_tables(space: Space) -> tuple[Table, Table]:
 
 
 @main.command()
-@click.option("--url", default=None, help="Backend URL (default: $TASKSPACE_URL or the SQLite default).")
+@click.option(
+    "--url", default=None, help="Backend URL (default: $TASKSPACE_URL or the SQLite default)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @_guard
 def status(url: str | None, as_json: bool) -> None:
@@ -165,10 +193,20 @@ def _json_option(value: str, what: str) -> Any:
 @main.command()
 @click.argument("app")
 @click.argument("task_name")
-@click.option("--args", "args_json", default="[]", show_default=True,
-              help="JSON array of positional arguments.")
-@click.option("--kwargs", "kwargs_json", default="{}", show_default=True,
-              help="JSON object of keyword arguments.")
+@click.option(
+    "--args",
+    "args_json",
+    default="[]",
+    show_default=True,
+    help="JSON array of positional arguments.",
+)
+@click.option(
+    "--kwargs",
+    "kwargs_json",
+    default="{}",
+    show_default=True,
+    help="JSON object of keyword arguments.",
+)
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
 @click.option("--timeout", default=None, type=float, help="Seconds to wait with --wait.")
 @click.option("--countdown", default=None, type=float, help="Run no sooner than this many seconds.")
@@ -197,7 +235,9 @@ def submit(app: str, task_name: str, args_json: str, kwargs_json: str, wait: boo
         try:
             value = handle.result(timeout=timeout)
         except TaskFailed as exc:
-            click.secho(f"{exc.status}: {exc.remote_type}: {exc.remote_message}", fg="red", err=True)
+            click.secho(
+                f"{exc.status}: {exc.remote_type}: {exc.remote_message}", fg="red", err=True
+            )
             if exc.remote_traceback:
                 click.echo(exc.remote_traceback, err=True)
             sys.exit(1)
@@ -205,10 +245,21 @@ def submit(app: str, task_name: str, args_json: str, kwargs_json: str, wait: boo
 
 
 @main.command()
-@click.option("--trials", default=60, show_default=True, type=click.IntRange(min=48),
-              help="Hyperparameter trials to run (one task each).")
-@click.option("--workers", "n_workers", default=2, show_default=True,
-              type=click.IntRange(min=2), help="Worker processes to start.")
+@click.option(
+    "--trials",
+    default=60,
+    show_default=True,
+    type=click.IntRange(min=48),
+    help="Hyperparameter trials to run (one task each).",
+)
+@click.option(
+    "--workers",
+    "n_workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Worker processes to start.",
+)
 @click.option("--keep", is_flag=True, help="Keep the temporary space directory.")
 def demo(trials: int, n_workers: int, keep: bool) -> None:
     """A scikit-learn hyperparameter sweep on SQLite; kills a worker midway; loses nothing."""

@@ -117,7 +117,7 @@ class MissingDependency(TaskspaceError, ImportError):
     """An optional dependency is missing; the message names the extra to install."""
 
 
-class Retry(Exception):  # noqa: N818 - a control-flow signal, not an error
+class Retry(Exception):
     """Raise inside a task to retry it after ``countdown`` seconds.
 
     Counts as an attempt; once ``max_attempts`` is reached the task fails with

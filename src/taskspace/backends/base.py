@@ -196,9 +196,7 @@ class QueueStore(Protocol):
         """
         ...
 
-    def claim(
-        self, queues: Sequence[str], worker: str, n: int
-    ) -> list[TaskRecord]:
+    def claim(self, queues: Sequence[str], worker: str, n: int) -> list[TaskRecord]:
         """Lease up to ``n`` ready tasks: earlier queues first, then higher
         priority, then FIFO. Each claim increments ``attempts``, gets a fresh
         fencing token and a lease of the task's ``lease_s``."""

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +157,7 @@ class _Waiter:
     def __init__(self, store: SQLiteStore) -> None:
         self._store = store
 
-    def wait(self, timeout: float, ready: Callable[[], bool] | None = None) -> None:
+    def wait(self, timeout: float) -> None:
         store = self._store
         conn = store._conn()
         deadline = time.monotonic() + timeout
@@ -168,18 +168,11 @@ class _Waiter:
             if seen is not None and version != seen:
                 break
             seen = version
-            if ready is not None and ready():
-                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            with store._commits:
-                generation = store._generation
-                store._commits.wait_for(
-                    lambda: store._generation != generation, min(delay, remaining)
-                )
-                if store._generation != generation:
-                    break
+            if store._wait_commit(min(delay, remaining)):
+                break
             delay = min(delay * 2, store.settings.poll_ms / 1000.0)
         store._local.data_version = conn.execute("PRAGMA data_version").fetchone()[0]
 
@@ -271,7 +264,9 @@ class SQLiteStore:
             conn.execute(f"PRAGMA synchronous={self.settings.synchronous}")
             conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.Error as exc:
-            raise BackendError(f"cannot open SQLite database {self.settings.path!r}: {exc}") from exc
+            raise BackendError(
+                f"cannot open SQLite database {self.settings.path!r}: {exc}"
+            ) from exc
         with self._conns_lock:
             self._conns.append(conn)
         return conn
@@ -353,6 +348,12 @@ class SQLiteStore:
 
     def now(self) -> float:
         return time.monotonic() + self._offset
+
+    def _wait_commit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a commit by this process; True if one happened."""
+        with self._commits:
+            generation = self._generation
+            return self._commits.wait_for(lambda: self._generation != generation, timeout)
 
     def close(self) -> None:
         with self._conns_lock:

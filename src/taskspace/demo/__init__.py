@@ -53,7 +53,11 @@ class _Fleet:
         for proc in self.procs:
             if proc.poll() is not None:
                 continue
-            mine = [r.id for r in records if r.state == "running" and f":{proc.pid}:" in (r.worker or "")]
+            mine = [
+                r.id
+                for r in records
+                if r.state == "running" and f":{proc.pid}:" in (r.worker or "")
+            ]
             if mine:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
@@ -93,7 +97,9 @@ def _leaderboard(records: list[TaskRecord], space: Space) -> Table:
     return table
 
 
-def _watch(space: Space, handles: list[Handle], fleet: _Fleet, console: Console) -> list[TaskRecord]:
+def _watch(
+    space: Space, handles: list[Handle], fleet: _Fleet, console: Console
+) -> list[TaskRecord]:
     columns = (TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[note]}"), TimeElapsedColumn())  # fmt: skip
     deadline = time.monotonic() + DEADLINE_S
@@ -104,13 +110,13 @@ def _watch(space: Space, handles: list[Handle], fleet: _Fleet, console: Console)
             done = sum(r.state in FINAL_STATES for r in records)
             running = sum(r.state == "running" for r in records)
             note = f"{running} running"
-            if fleet.killed_pid is None and done >= KILL_AT_FRACTION * len(handles):
-                if fleet.kill_one(records):
-                    console.print(
-                        f"[red]SIGKILLed worker pid {fleet.killed_pid}[/red] while it ran "
-                        f"{len(fleet.killed_tasks)} trial(s); starting a replacement"
-                    )
-                    fleet.start()
+            midway = done >= KILL_AT_FRACTION * len(handles)
+            if fleet.killed_pid is None and midway and fleet.kill_one(records):
+                console.print(
+                    f"[red]SIGKILLed worker pid {fleet.killed_pid}[/red] while it ran "
+                    f"{len(fleet.killed_tasks)} trial(s); starting a replacement"
+                )
+                fleet.start()
             if fleet.killed_pid is not None:
                 note += f" · killed pid {fleet.killed_pid}"
             progress.update(bar, completed=done, note=note)

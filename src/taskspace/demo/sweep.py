@@ -72,8 +72,10 @@ def make_space(url: str | None = None) -> Space:
 def grid(trials: int, seed: int = 7) -> list[dict[str, Any]]:
     """``trials`` configurations drawn from a fixed grid of six model families."""
     configs: list[dict[str, Any]] = []
-    configs += [{"model": "svc", "C": c, "gamma": g}
-                for c in (0.1, 1, 10, 100, 1000) for g in (1e-4, 5e-4, 1e-3, 5e-3, 1e-2)]  # fmt: skip
+    gammas = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2)
+    configs += [
+        {"model": "svc", "C": c, "gamma": g} for c in (0.1, 1, 10, 100, 1000) for g in gammas
+    ]
     configs += [{"model": "logreg", "C": c} for c in (0.001, 0.01, 0.1, 1, 10, 100)]
     configs += [{"model": "forest", "n_estimators": n, "max_depth": d}
                 for n in (25, 50, 100) for d in (None, 8, 16)]  # fmt: skip

@@ -106,7 +106,9 @@ class SubmitOptions:
             raise ConfigError("give countdown or eta, not both")
         if self.eta is not None and not isinstance(self.eta, datetime | int | float):
             raise ConfigError(f"eta must be a datetime or a Unix timestamp, got {self.eta!r}")
-        if self.dedup_key is not None and (not isinstance(self.dedup_key, str) or not self.dedup_key):
+        if self.dedup_key is not None and (
+            not isinstance(self.dedup_key, str) or not self.dedup_key
+        ):
             raise ConfigError(f"dedup_key must be a non-empty string, got {self.dedup_key!r}")
 
     @classmethod

@@ -11,7 +11,7 @@ def backoff_delay(attempt: int, base: float, cap: float, jitter: bool) -> float:
     ``base * 2**(attempt-1)`` capped at ``cap``; with jitter, a uniform draw
     between half of that and all of it, so retries of many tasks spread out.
     """
-    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    delay = float(min(cap, base * (2 ** max(0, attempt - 1))))
     if jitter:
         delay = random.uniform(delay / 2, delay)
     return delay

@@ -46,7 +46,11 @@ class WorkerConfig:
             raise ConfigError(f"concurrency must be an integer >= 1, got {self.concurrency!r}")
         for name in ("shutdown_grace", "maintenance_interval", "heartbeat_interval", "idle_wait"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or value < 0 or (value == 0 and name != "shutdown_grace"):
+            if (
+                not isinstance(value, int | float)
+                or value < 0
+                or (value == 0 and name != "shutdown_grace")
+            ):
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
 
     @classmethod

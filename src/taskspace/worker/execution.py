@@ -15,6 +15,7 @@ Isolation:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -94,7 +95,9 @@ def outcome_for_error(attempt: Attempt, exc: BaseException, tb: str | None = Non
 
 def timeout_outcome(attempt: Attempt) -> Outcome:
     """The outcome of an attempt that ran past its timeout (retried like an error)."""
-    exc = TaskTimeout(f"task {attempt.task.name} exceeded its timeout of {attempt.record.timeout} s")
+    exc = TaskTimeout(
+        f"task {attempt.task.name} exceeded its timeout of {attempt.record.timeout} s"
+    )
     return outcome_for_error(attempt, exc, tb="")
 
 
@@ -106,14 +109,12 @@ def success(codec: Codec, value: Any) -> Outcome:
         return Outcome("failed", error=error_info(exc))
 
 
-def run_inline(
-    attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec: Codec
-) -> Outcome:
+def run_inline(attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec: Codec) -> Outcome:
     """Run a sync task in the calling thread with its context bound."""
     token = bind(attempt.ctx)
     try:
         return success(codec, attempt.task.fn(*args, **kwargs))
-    except BaseException as exc:  # noqa: BLE001 - every failure of user code is recorded
+    except BaseException as exc:
         return outcome_for_error(attempt, exc)
     finally:
         unbind(token)
@@ -129,7 +130,7 @@ async def run_coroutine(
         return success(codec, value)
     except TimeoutError:
         return timeout_outcome(attempt)
-    except BaseException as exc:  # noqa: BLE001 - every failure of user code is recorded
+    except BaseException as exc:
         return outcome_for_error(attempt, exc)
     finally:
         unbind(token)
@@ -195,10 +196,8 @@ def kill_process(attempt: Attempt) -> None:
     """SIGKILL the attempt's child process, if it has one and it still runs."""
     proc = attempt.process
     if proc is not None and proc.is_alive() and proc.pid is not None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def prepare(

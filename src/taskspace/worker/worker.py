@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -138,7 +139,12 @@ class Worker:
             self.stop(0.0 if already else None)
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        return lambda: [signal.signal(s, h) for s, h in previous.items()] and None
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
 
     def _shutdown(self, finisher: threading.Thread, ticker: threading.Thread) -> None:
         self._stopping.set()
@@ -174,7 +180,7 @@ class Worker:
                     if self.config.concurrency - len(self._running) <= 0:
                         self._cond.wait(self.config.idle_wait)
                 continue
-            records = self._retrying(lambda: self.store.claim(queues, self.name, free))
+            records = self._retrying(partial(self.store.claim, queues, self.name, free))
             if records is None:
                 continue
             for record in records:
@@ -239,9 +245,7 @@ class Worker:
     def _run_process(self, attempt: Attempt, args: list[Any], kwargs: dict[str, Any]) -> None:
         if not self._start(attempt, with_deadline=True):
             return
-        outcome = ex.run_in_process(
-            attempt, args, kwargs, self.space.codec, attempt.ctx._report
-        )
+        outcome = ex.run_in_process(attempt, args, kwargs, self.space.codec, attempt.ctx._report)
         if outcome is not None:
             self._settle(attempt, outcome)
 
