@@ -106,6 +106,7 @@ class Worker:
     def run(self) -> WorkerReport:
         """Work until stopped (or drained, in burst mode); return what was done."""
         restore = self._install_signal_handlers()
+        self._retrying(self._heartbeat, attempts=1)
         finisher = threading.Thread(target=self._finish_loop, name="taskspace-finisher")
         ticker = threading.Thread(target=self._tick_loop, name="taskspace-ticker", daemon=True)
         finisher.start()
@@ -168,6 +169,8 @@ class Worker:
         if self._loop is not None and self._loop_thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(timeout=5)
+            if not self._loop.is_running():
+                self._loop.close()
 
     # -- claiming and dispatch ----------------------------------------------
 
@@ -311,7 +314,8 @@ class Worker:
     # -- ticking: renew, deadlines, maintenance, heartbeat -------------------
 
     def _tick_loop(self) -> None:
-        next_renew = next_maintenance = next_beat = 0.0
+        next_renew = next_maintenance = 0.0
+        next_beat = time.monotonic() + self.config.heartbeat_interval
         while not self._ticker_stop.wait(TICK_S):
             now = time.monotonic()
             self._enforce_deadlines(now)
