@@ -12,12 +12,12 @@ import pytest
 
 from taskspace import (
     ResultTimeout,
-    Worker,
-    WorkerConfig,
     Retry,
     Space,
     TaskCancelled,
     TaskFailed,
+    Worker,
+    WorkerConfig,
     current_task,
 )
 

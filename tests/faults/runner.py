@@ -1,0 +1,49 @@
+"""Run one worker of :mod:`tests.faults.app` with fault-test timings.
+
+``python -m tests.faults.runner --url URL [--concurrency N] [--grace S]``.
+The CLI has no flags for the maintenance, heartbeat and idle intervals, so
+this runner builds the :class:`~taskspace.WorkerConfig` itself; everything
+else (signal handling, shutdown) is the real worker's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from taskspace import Worker, WorkerConfig
+from tests.faults.app import make_space
+
+MAINTENANCE_S = 0.1
+HEARTBEAT_S = 0.25
+IDLE_WAIT_S = 0.05
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tests.faults.runner")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--grace", type=float, default=30.0)
+    parser.add_argument("--burst", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = WorkerConfig.build(
+        concurrency=args.concurrency,
+        shutdown_grace=args.grace,
+        burst=args.burst,
+        maintenance_interval=MAINTENANCE_S,
+        heartbeat_interval=HEARTBEAT_S,
+        idle_wait=IDLE_WAIT_S,
+    )
+    with make_space(args.url) as space:
+        Worker(space, config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
