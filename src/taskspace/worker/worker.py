@@ -342,8 +342,8 @@ class Worker:
         )
         for task_id, status in (statuses or {}).items():
             attempt = attempts[task_id]
-            if status == "held":
-                continue
+            if status == "held" or attempt.settled:
+                continue  # settled: it finished between the snapshot and the renew
             attempt.ctx._cancel.set()
             if status == "lost" and not attempt.lost:
                 attempt.lost = True

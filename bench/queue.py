@@ -1,0 +1,416 @@
+"""Queue benchmark: submit rate, drain throughput of no-op tasks, submit→result round trip.
+
+Every measured phase gets a fresh store (a new SQLite file in a temporary directory,
+removed at the end, or a fresh ``memory://`` store). Each phase is repeated
+``repeat`` times and the median is quoted next to every run's figure.
+
+Drain throughput is measured on the store's own clock: from the earliest
+``TaskRecord.started`` to the latest ``TaskRecord.finished``, so interpreter and
+worker start-up are excluded; wall time (launch → every worker exited) is
+reported next to it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from bench.apps import NOOP, make_space
+from bench.workers import BenchError, ProcessWorkers, ThreadWorkers, WorkerGroup
+from taskspace import Handle, Space
+
+BACKENDS = ("sqlite", "memory")
+TARGET_DRAIN_PER_S = 5000.0
+TARGET_RTT_P50_MS = 5.0
+WARMUP_ROUNDTRIPS = 20
+POLL_S = 0.25
+REGISTER_TIMEOUT_S = 60.0
+RESULT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class QueueBench:
+    """Options of one ``bench queue`` run."""
+
+    backend: str = "sqlite"
+    tasks: int = 20_000
+    workers: int = 2
+    concurrency: tuple[int, ...] = (32,)
+    roundtrips: int = 500
+    repeat: int = 3
+    singles: int = 2_000
+    batch: int = 1_000
+    keep: bool = False
+
+
+@dataclass(frozen=True)
+class DrainRun:
+    """One drain: every figure but ``wall_s`` comes from the store's records."""
+
+    concurrency: int
+    tasks: int
+    busy_s: float  # min(started) → max(finished), store clock
+    wall_s: float  # launch → all workers exited
+    startup_s: float  # launch → first task started
+
+    @property
+    def rate(self) -> float:
+        return self.tasks / self.busy_s
+
+
+@dataclass(frozen=True)
+class RoundTripRun:
+    """Latencies of sequential ``submit(); result()`` pairs, in milliseconds."""
+
+    samples_ms: list[float]
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.samples_ms)
+        pos = q * (len(ordered) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples_ms)
+
+
+@dataclass
+class Results:
+    """Every run's figures, by phase."""
+
+    single: list[float] = field(default_factory=list)
+    batched: list[float] = field(default_factory=list)
+    drains: dict[int, list[DrainRun]] = field(default_factory=dict)
+    roundtrips: list[RoundTripRun] = field(default_factory=list)
+    roundtrip_concurrency: int = 0
+
+
+class Sandbox:
+    """Fresh stores for each phase; SQLite files live in one temporary directory."""
+
+    def __init__(self, backend: str, keep: bool) -> None:
+        self.backend = backend
+        self.keep = keep
+        self.dir = Path(tempfile.mkdtemp(prefix="taskspace-bench-", dir="/tmp"))
+        self._count = 0
+
+    def url(self, tag: str) -> str:
+        """A URL naming a store nobody has used yet."""
+        self._count += 1
+        if self.backend == "memory":
+            return "memory://"  # a fresh store per Space
+        return f"sqlite:///{self.dir / f'{self._count:02d}-{tag}.db'}"
+
+    def space(self, tag: str) -> Space:
+        return make_space(self.url(tag))
+
+    def workers(
+        self, space: Space, count: int, concurrency: int, *, burst: bool, tag: str
+    ) -> WorkerGroup:
+        if self.backend == "memory":
+            return ThreadWorkers(space, count, concurrency, burst=burst)
+        return ProcessWorkers(
+            space.url, count, concurrency, burst=burst, log_dir=self.dir, tag=f"{self._count}-{tag}"
+        )
+
+    def cleanup(self) -> None:
+        if not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def _phase(progress: Progress, label: str, total: float | None) -> Iterator[TaskID]:
+    task = progress.add_task(label, total=total)
+    try:
+        yield task
+    finally:
+        progress.remove_task(task)
+
+
+# -- phases -------------------------------------------------------------------
+
+
+def bench_single(sandbox: Sandbox, n: int, progress: Progress, label: str) -> float:
+    """Tasks/s of ``n`` sequential ``task.submit()`` calls."""
+    with sandbox.space("single") as space, _phase(progress, label, n) as bar:
+        task = space.get_task(NOOP)
+        task.submit(0)  # open the store outside the timed loop
+        step = max(1, n // 100)
+        start = time.perf_counter()
+        for i in range(n):
+            task.submit(i)
+            if i % step == 0:
+                progress.update(bar, completed=i)
+        elapsed = time.perf_counter() - start
+    return n / elapsed
+
+
+def submit_batched(
+    space: Space, n: int, batch: int, progress: Progress, label: str
+) -> tuple[float, list[Handle]]:
+    """Submit ``n`` no-op tasks with ``submit_many`` in chunks of ``batch``;
+    return tasks/s and the handles."""
+    task = space.get_task(NOOP)
+    space.stats()  # open the store outside the timed loop
+    handles: list[Handle] = []
+    with _phase(progress, label, n) as bar:
+        start = time.perf_counter()
+        for lo in range(0, n, batch):
+            handles.extend(task.submit_many([(i,) for i in range(lo, min(n, lo + batch))]))
+            progress.update(bar, completed=len(handles))
+        elapsed = time.perf_counter() - start
+    return n / elapsed, handles
+
+
+def bench_batched(sandbox: Sandbox, n: int, batch: int, progress: Progress, label: str) -> float:
+    with sandbox.space("batched") as space:
+        rate, _ = submit_batched(space, n, batch, progress, label)
+    return rate
+
+
+def _watch(group: WorkerGroup, space: Space, progress: Progress, bar: TaskID) -> None:
+    """Show progress until every worker has exited (burst mode)."""
+    while group.alive():
+        stats = space.stats()
+        done = sum(stats.total(s) for s in ("succeeded", "failed", "dead", "cancelled"))
+        progress.update(bar, completed=done)
+        time.sleep(POLL_S)
+
+
+def _verify(space: Space, handles: Sequence[Handle]) -> tuple[float, float]:
+    """Check every task succeeded exactly once; return (min started, max finished)."""
+    first, last = float("inf"), float("-inf")
+    bad: dict[str, int] = {}
+    for handle in handles:
+        rec = handle.info()
+        if rec.state != "succeeded" or rec.attempts != 1 or rec.started is None:
+            key = f"{rec.state}/attempts={rec.attempts}"
+            bad[key] = bad.get(key, 0) + 1
+            continue
+        assert rec.finished is not None
+        first = min(first, rec.started)
+        last = max(last, rec.finished)
+    if bad:
+        raise BenchError(f"not every task succeeded on its first attempt: {bad}")
+    stats = space.stats()
+    if stats.total("succeeded") != len(handles) or stats.stale_finishes:
+        raise BenchError(f"store counts disagree: {stats}")
+    return first, last
+
+
+def bench_drain(
+    sandbox: Sandbox, config: QueueBench, concurrency: int, progress: Progress, label: str
+) -> DrainRun:
+    """Pre-submit ``config.tasks`` no-ops, then drain them with burst workers."""
+    with sandbox.space(f"drain-c{concurrency}") as space:
+        _, handles = submit_batched(space, config.tasks, config.batch, progress, label + " submit")
+        group = sandbox.workers(space, config.workers, concurrency, burst=True, tag="drain")
+        with _phase(progress, label, config.tasks) as bar:
+            launched_store = space.store.now()
+            start = time.perf_counter()
+            group.start()
+            try:
+                _watch(group, space, progress, bar)
+                group.join(timeout=60.0)
+            except BaseException:
+                group.kill()
+                raise
+            wall = time.perf_counter() - start
+        first, last = _verify(space, handles)
+    return DrainRun(concurrency, config.tasks, last - first, wall, first - launched_store)
+
+
+def _wait_registered(space: Space, group: WorkerGroup, count: int) -> None:
+    deadline = time.monotonic() + REGISTER_TIMEOUT_S
+    while len(space.workers()) < count:
+        if not group.alive():
+            group.join(timeout=5.0)
+            raise BenchError("workers exited before registering")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{count} workers did not register within {REGISTER_TIMEOUT_S} s")
+        time.sleep(0.05)
+
+
+def bench_roundtrip(
+    sandbox: Sandbox, config: QueueBench, concurrency: int, progress: Progress, label: str
+) -> RoundTripRun:
+    """Sequential submit→result pairs against idle, already-registered workers."""
+    with sandbox.space("roundtrip") as space:
+        task = space.get_task(NOOP)
+        group = sandbox.workers(space, config.workers, concurrency, burst=False, tag="rtt")
+        group.start()
+        samples: list[float] = []
+        try:
+            with _phase(progress, label + " (workers starting)", None):
+                _wait_registered(space, group, config.workers)
+            for i in range(WARMUP_ROUNDTRIPS):
+                task.submit(i).result(timeout=RESULT_TIMEOUT_S)
+            with _phase(progress, label, config.roundtrips) as bar:
+                for i in range(config.roundtrips):
+                    start = time.perf_counter()
+                    value = task.submit(i).result(timeout=RESULT_TIMEOUT_S)
+                    samples.append((time.perf_counter() - start) * 1000.0)
+                    if value != i:
+                        raise BenchError(f"round trip {i} returned {value!r}")
+                    progress.update(bar, completed=i + 1)
+        except BaseException:
+            group.kill()
+            raise
+        group.stop()  # SIGTERM for processes
+        group.join(timeout=60.0)
+    return RoundTripRun(samples)
+
+
+# -- driver and report -----------------------------------------------------------
+
+
+def _repeat(config: QueueBench, what: str, fn: Callable[[str], Any]) -> list[Any]:
+    return [fn(f"{what} [{r + 1}/{config.repeat}]") for r in range(config.repeat)]
+
+
+def run(config: QueueBench, console: Console) -> Results:
+    """Run every phase ``config.repeat`` times; return the raw figures."""
+    results = Results()
+    sandbox = Sandbox(config.backend, config.keep)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    try:
+        with progress:
+            results.single = _repeat(
+                config, "submit single",
+                lambda lb: bench_single(sandbox, config.singles, progress, lb),
+            )  # fmt: skip
+            results.batched = _repeat(
+                config, "submit_many",
+                lambda lb: bench_batched(sandbox, config.tasks, config.batch, progress, lb),
+            )  # fmt: skip
+            for k in config.concurrency:
+                results.drains[k] = _repeat(
+                    config, f"drain c={k}",
+                    lambda lb, k=k: bench_drain(sandbox, config, k, progress, lb),
+                )  # fmt: skip
+            best = max(config.concurrency, key=lambda k: _median(r.rate for r in results.drains[k]))
+            results.roundtrip_concurrency = best
+            results.roundtrips = _repeat(
+                config, "round trip",
+                lambda lb: bench_roundtrip(sandbox, config, best, progress, lb),
+            )  # fmt: skip
+    finally:
+        sandbox.cleanup()
+    if config.keep:
+        console.print(f"kept {sandbox.dir}")
+    return results
+
+
+def _median(values: Iterator[float] | Sequence[float]) -> float:
+    return statistics.median(list(values))
+
+
+def _runs(values: Sequence[float], fmt: str) -> str:
+    return "  ".join(format(v, fmt) for v in values)
+
+
+def _verdict(ok: bool) -> str:
+    return "[green]met[/]" if ok else "[red]MISSED[/]"
+
+
+def report(config: QueueBench, results: Results, console: Console) -> bool:
+    """Print the results table; return True if every target that applies was met."""
+    sqlite = config.backend == "sqlite"
+    kind = "processes" if sqlite else "in-process threads (memory:// lives in one process)"
+    table = Table(
+        title=f"taskspace queue benchmark — {config.backend}, median of {config.repeat} run(s)"
+    )
+    table.add_column("measure")
+    table.add_column("median", justify="right")
+    table.add_column("runs", justify="right", style="dim")
+    table.add_column("target" if sqlite else "target (SQLite only)", justify="right")
+    ok = True
+
+    table.add_row(
+        f"submit, single: {config.singles:,} sequential submit()",
+        f"{_median(results.single):,.0f} tasks/s", _runs(results.single, ",.0f"), "",
+    )  # fmt: skip
+    table.add_row(
+        f"submit, batched: submit_many × {config.batch:,} to {config.tasks:,}",
+        f"{_median(results.batched):,.0f} tasks/s", _runs(results.batched, ",.0f"), "",
+        end_section=True,
+    )  # fmt: skip
+    for k, runs in results.drains.items():
+        rates = [r.rate for r in runs]
+        met = _median(rates) >= TARGET_DRAIN_PER_S
+        ok = ok and (met or not sqlite)
+        target = f"≥ {TARGET_DRAIN_PER_S:,.0f}/s {_verdict(met)}" if sqlite else ""
+        prefix = f"drain {config.tasks:,} no-ops, {config.workers} {kind.split()[0]} × c={k}"
+        table.add_row(
+            f"{prefix}: throughput (first start → last finish)",
+            f"{_median(rates):,.0f} tasks/s", _runs(rates, ",.0f"), target,
+        )  # fmt: skip
+        walls = [r.wall_s for r in runs]
+        table.add_row(
+            "    wall time (launch → workers exited)",
+            f"{_median(walls):.2f} s", _runs(walls, ".2f"), "",
+        )  # fmt: skip
+        starts = [r.startup_s for r in runs]
+        table.add_row(
+            "    start-up (launch → first task started)",
+            f"{_median(starts):.2f} s", _runs(starts, ".2f"), "", end_section=True,
+        )  # fmt: skip
+    for label, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+        values = [r.quantile(q) for r in results.roundtrips]
+        target = ""
+        if q == 0.5:
+            met = _median(values) <= TARGET_RTT_P50_MS
+            ok = ok and (met or not sqlite)
+            target = f"≤ {TARGET_RTT_P50_MS:.0f} ms {_verdict(met)}" if sqlite else ""
+        table.add_row(
+            f"round trip submit→result {label} ({config.roundtrips} sequential)",
+            f"{_median(values):.2f} ms", _runs(values, ".2f"), target,
+        )  # fmt: skip
+    means = [r.mean for r in results.roundtrips]
+    table.add_row(
+        "round trip mean", f"{_median(means):.2f} ms", _runs(means, ".2f"), ""
+    )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"workers: {config.workers} {kind}; drain concurrency {_runs(config.concurrency, 'd')};"
+        f" round trip with idle workers at c={results.roundtrip_concurrency}"
+        " (the best drain median), after "
+        f"{WARMUP_ROUNDTRIPS} warm-up pairs"
+    )
+    console.print(
+        f"host: {os.cpu_count()} CPUs, Python {platform.python_version()},"
+        f" SQLite {sqlite3.sqlite_version}, {platform.platform(terse=True)}"
+    )
+    return ok
