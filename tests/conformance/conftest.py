@@ -24,9 +24,9 @@ from tests.conftest import backend_url
 # Leases, TTLs and delays used by expiry tests. On the memory backend time is a
 # ManualClock and moves only when a test advances it; elsewhere time is real, so
 # these stay small to keep the suite fast.
-TTL = 0.3
+TTL = 0.25
 # How far to advance to be safely past TTL (margin for real sleeps).
-PAST = TTL + 0.15
+PAST = TTL + 0.1
 
 
 @dataclass

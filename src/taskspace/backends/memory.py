@@ -328,8 +328,13 @@ class MemoryStore:
 
     def wait_for_tasks(self, queues: Sequence[str], timeout: float) -> None:
         with self._cond:
-            if not any(self._ready.get(q) for q in queues):
-                self._cond.wait(timeout)
+            now = self.now()
+            self._promote(now)
+            if any(self._ready.get(q) for q in queues):
+                return
+            if self._delayed:  # wake when the next delayed task falls due
+                timeout = min(timeout, max(self._delayed[0][0] - now, 0.001))
+            self._cond.wait(timeout)
 
     def wait_for_finish(self, task_ids: Sequence[str], timeout: float) -> None:
         with self._cond:

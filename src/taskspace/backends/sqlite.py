@@ -157,6 +157,13 @@ class _Waiter:
     def __init__(self, store: SQLiteStore) -> None:
         self._store = store
 
+    def baseline(self) -> None:
+        """Note the data version before a caller checks the database, so that a
+        commit by another connection after the check ends the next wait."""
+        store = self._store
+        if getattr(store._local, "data_version", None) is None:
+            store._local.data_version = store._conn().execute("PRAGMA data_version").fetchone()[0]
+
     def wait(self, timeout: float) -> None:
         store = self._store
         conn = store._conn()
@@ -189,17 +196,19 @@ class _SQLiteSubscription:
         self._marks = ",".join("?" * len(self._channels))
 
     def _fetch(self) -> None:
+        # Read the top id first, then only up to it: every message up to a visible
+        # id is committed (writers are serialised), so none can slip in between
+        # the two reads and be skipped.
+        top = int(self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0])
+        if top <= self._last:
+            return
         rows = self._conn.execute(
-            f"SELECT id, channel, data FROM messages WHERE id > ? AND channel IN ({self._marks})"
-            " ORDER BY id",
-            (self._last, *self._channels),
+            "SELECT channel, data FROM messages WHERE id > ? AND id <= ?"
+            f" AND channel IN ({self._marks}) ORDER BY id",
+            (self._last, top, *self._channels),
         ).fetchall()
-        for msg_id, channel, data in rows:
-            self._last = max(self._last, msg_id)
-            self._buffer.append(Message(channel, data))
-        if not rows:
-            top = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
-            self._last = max(self._last, int(top))
+        self._buffer.extend(Message(channel, data) for channel, data in rows)
+        self._last = top
 
     def get(self, timeout: float | None = None) -> Message | None:
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
@@ -401,7 +410,7 @@ class SQLiteStore:
         with self._write() as db:
             now = self.now()
             seqs: list[int] = []
-            for queue in queues:
+            for queue in dict.fromkeys(queues):  # a queue listed twice is claimed from once
                 rows = db.execute(
                     "SELECT seq FROM tasks WHERE state = 'queued' AND queue = ? AND ready_at <= ?"
                     " ORDER BY priority DESC, seq LIMIT ?",
@@ -540,9 +549,33 @@ class SQLiteStore:
         return QueueStats(counts, int(rows[0][0]) if rows else 0)
 
     def wait_for_tasks(self, queues: Sequence[str], timeout: float) -> None:
+        names = list(dict.fromkeys(queues))
+        if names:
+            self._waiter.baseline()
+            marks = ",".join("?" * len(names))
+            due = self._read(
+                f"SELECT MIN(ready_at) FROM tasks WHERE state = 'queued' AND queue IN ({marks})",
+                names,
+            )[0][0]
+            if due is not None:
+                until_due = due - self.now()
+                if until_due <= 0:
+                    return  # a task is claimable already
+                timeout = min(timeout, until_due)
         self._waiter.wait(timeout)
 
     def wait_for_finish(self, task_ids: Sequence[str], timeout: float) -> None:
+        ids = list(dict.fromkeys(task_ids))
+        if ids:
+            self._waiter.baseline()
+            marks = ",".join("?" * len(ids))
+            live = self._read(
+                f"SELECT COUNT(*) FROM tasks WHERE id IN ({marks})"
+                " AND state IN ('queued', 'running')",
+                ids,
+            )[0][0]
+            if live < len(ids):
+                return  # one of them has ended (or does not exist) already
         self._waiter.wait(timeout)
 
     # -- LeaseStore ---------------------------------------------------------
