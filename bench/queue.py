@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -45,9 +46,12 @@ BACKENDS = ("sqlite", "memory")
 TARGET_DRAIN_PER_S = 5000.0
 TARGET_RTT_P50_MS = 5.0
 WARMUP_ROUNDTRIPS = 20
-POLL_S = 0.25
+STATS_EVERY_S = 0.25  # progress display: how often to count finished tasks
+ALIVE_EVERY_S = 0.01  # how often to check whether the workers have exited (wall time)
 REGISTER_TIMEOUT_S = 60.0
 RESULT_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,8 @@ class Results:
     drains: dict[int, list[DrainRun]] = field(default_factory=dict)
     roundtrips: list[RoundTripRun] = field(default_factory=list)
     roundtrip_concurrency: int = 0
+    load_before: float = 0.0
+    load_after: float = 0.0
 
 
 class Sandbox:
@@ -194,11 +200,15 @@ def bench_batched(sandbox: Sandbox, n: int, batch: int, progress: Progress, labe
 
 def _watch(group: WorkerGroup, space: Space, progress: Progress, bar: TaskID) -> None:
     """Show progress until every worker has exited (burst mode)."""
+    next_stats = 0.0
     while group.alive():
-        stats = space.stats()
-        done = sum(stats.total(s) for s in ("succeeded", "failed", "dead", "cancelled"))
-        progress.update(bar, completed=done)
-        time.sleep(POLL_S)
+        now = time.monotonic()
+        if now >= next_stats:
+            stats = space.stats()
+            done = sum(stats.total(s) for s in ("succeeded", "failed", "dead", "cancelled"))
+            progress.update(bar, completed=done)
+            next_stats = now + STATS_EVERY_S
+        time.sleep(ALIVE_EVERY_S)
 
 
 def _verify(space: Space, handles: Sequence[Handle]) -> tuple[float, float]:
@@ -288,13 +298,14 @@ def bench_roundtrip(
 # -- driver and report -----------------------------------------------------------
 
 
-def _repeat(config: QueueBench, what: str, fn: Callable[[str], Any]) -> list[Any]:
+def _repeat(config: QueueBench, what: str, fn: Callable[[str], T]) -> list[T]:
+    """``fn(label)`` ``config.repeat`` times."""
     return [fn(f"{what} [{r + 1}/{config.repeat}]") for r in range(config.repeat)]
 
 
 def run(config: QueueBench, console: Console) -> Results:
     """Run every phase ``config.repeat`` times; return the raw figures."""
-    results = Results()
+    results = Results(load_before=os.getloadavg()[0])
     sandbox = Sandbox(config.backend, config.keep)
     progress = Progress(
         SpinnerColumn(),
@@ -307,27 +318,23 @@ def run(config: QueueBench, console: Console) -> Results:
     )
     try:
         with progress:
-            results.single = _repeat(
-                config, "submit single",
-                lambda lb: bench_single(sandbox, config.singles, progress, lb),
-            )  # fmt: skip
-            results.batched = _repeat(
-                config, "submit_many",
-                lambda lb: bench_batched(sandbox, config.tasks, config.batch, progress, lb),
-            )  # fmt: skip
-            for k in config.concurrency:
-                results.drains[k] = _repeat(
-                    config, f"drain c={k}",
-                    lambda lb, k=k: bench_drain(sandbox, config, k, progress, lb),
-                )  # fmt: skip
+            single = partial(bench_single, sandbox, config.singles, progress)
+            results.single = _repeat(config, "submit single", single)
+            batched = partial(bench_batched, sandbox, config.tasks, config.batch, progress)
+            results.batched = _repeat(config, "submit_many", batched)
+            # Interleave the concurrency levels so a noisy host's drift hits them all alike.
+            results.drains = {k: [] for k in config.concurrency}
+            for r in range(config.repeat):
+                for k in config.concurrency:
+                    label = f"drain c={k} [{r + 1}/{config.repeat}]"
+                    results.drains[k].append(bench_drain(sandbox, config, k, progress, label))
             best = max(config.concurrency, key=lambda k: _median(r.rate for r in results.drains[k]))
             results.roundtrip_concurrency = best
-            results.roundtrips = _repeat(
-                config, "round trip",
-                lambda lb: bench_roundtrip(sandbox, config, best, progress, lb),
-            )  # fmt: skip
+            roundtrip = partial(bench_roundtrip, sandbox, config, best, progress)
+            results.roundtrips = _repeat(config, "round trip", roundtrip)
     finally:
         sandbox.cleanup()
+    results.load_after = os.getloadavg()[0]
     if config.keep:
         console.print(f"kept {sandbox.dir}")
     return results
@@ -341,76 +348,66 @@ def _runs(values: Sequence[float], fmt: str) -> str:
     return "  ".join(format(v, fmt) for v in values)
 
 
-def _verdict(ok: bool) -> str:
-    return "[green]met[/]" if ok else "[red]MISSED[/]"
-
-
 def report(config: QueueBench, results: Results, console: Console) -> bool:
     """Print the results table; return True if every target that applies was met."""
     sqlite = config.backend == "sqlite"
-    kind = "processes" if sqlite else "in-process threads (memory:// lives in one process)"
-    table = Table(
-        title=f"taskspace queue benchmark — {config.backend}, median of {config.repeat} run(s)"
+    kind = (
+        "worker processes (python -m taskspace worker --burst)"
+        if sqlite
+        else "in-process worker threads (memory:// lives in one process)"
     )
+    table = Table(title=f"taskspace queue benchmark: {config.backend}")
     table.add_column("measure")
-    table.add_column("median", justify="right")
+    table.add_column(f"median of {config.repeat}", justify="right")
     table.add_column("runs", justify="right", style="dim")
-    table.add_column("target" if sqlite else "target (SQLite only)", justify="right")
+    table.add_column("target", justify="right")
     ok = True
 
-    table.add_row(
-        f"submit, single: {config.singles:,} sequential submit()",
-        f"{_median(results.single):,.0f} tasks/s", _runs(results.single, ",.0f"), "",
-    )  # fmt: skip
-    table.add_row(
-        f"submit, batched: submit_many × {config.batch:,} to {config.tasks:,}",
-        f"{_median(results.batched):,.0f} tasks/s", _runs(results.batched, ",.0f"), "",
-        end_section=True,
+    def row(
+        label: str, values: Sequence[float], unit: str, target: str = "", end: bool = False
+    ) -> None:
+        fmt = ",.0f" if unit == "tasks/s" else ".2f"
+        median = f"{_median(values):{fmt}} {unit}"
+        table.add_row(label, median, _runs(values, fmt), target, end_section=end)
+
+    def verdict(met: bool, text: str) -> str:
+        nonlocal ok
+        if not sqlite:
+            return ""
+        ok = ok and met
+        return f"{text} " + ("[green]met[/]" if met else "[red]MISSED[/]")
+
+    row(f"submit() x {config.singles:,} sequential", results.single, "tasks/s")
+    row(
+        f"submit_many, {config.tasks:,} in {config.batch:,}s",
+        results.batched, "tasks/s", end=True,
     )  # fmt: skip
     for k, runs in results.drains.items():
         rates = [r.rate for r in runs]
-        met = _median(rates) >= TARGET_DRAIN_PER_S
-        ok = ok and (met or not sqlite)
-        target = f"≥ {TARGET_DRAIN_PER_S:,.0f}/s {_verdict(met)}" if sqlite else ""
-        prefix = f"drain {config.tasks:,} no-ops, {config.workers} {kind.split()[0]} × c={k}"
-        table.add_row(
-            f"{prefix}: throughput (first start → last finish)",
-            f"{_median(rates):,.0f} tasks/s", _runs(rates, ",.0f"), target,
-        )  # fmt: skip
-        walls = [r.wall_s for r in runs]
-        table.add_row(
-            "    wall time (launch → workers exited)",
-            f"{_median(walls):.2f} s", _runs(walls, ".2f"), "",
-        )  # fmt: skip
-        starts = [r.startup_s for r in runs]
-        table.add_row(
-            "    start-up (launch → first task started)",
-            f"{_median(starts):.2f} s", _runs(starts, ".2f"), "", end_section=True,
-        )  # fmt: skip
+        target = verdict(_median(rates) >= TARGET_DRAIN_PER_S, f">= {TARGET_DRAIN_PER_S:,.0f}/s")
+        row(f"drain c={k}: throughput", rates, "tasks/s", target)
+        row("  wall time", [r.wall_s for r in runs], "s")
+        row("  start-up", [r.startup_s for r in runs], "s", end=True)
     for label, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
         values = [r.quantile(q) for r in results.roundtrips]
         target = ""
         if q == 0.5:
-            met = _median(values) <= TARGET_RTT_P50_MS
-            ok = ok and (met or not sqlite)
-            target = f"≤ {TARGET_RTT_P50_MS:.0f} ms {_verdict(met)}" if sqlite else ""
-        table.add_row(
-            f"round trip submit→result {label} ({config.roundtrips} sequential)",
-            f"{_median(values):.2f} ms", _runs(values, ".2f"), target,
-        )  # fmt: skip
-    means = [r.mean for r in results.roundtrips]
-    table.add_row(
-        "round trip mean", f"{_median(means):.2f} ms", _runs(means, ".2f"), ""
-    )  # fmt: skip
+            target = verdict(_median(values) <= TARGET_RTT_P50_MS, f"<= {TARGET_RTT_P50_MS:g} ms")
+        row(f"round trip {label}", values, "ms", target)
+    row("round trip mean", [r.mean for r in results.roundtrips], "ms")
     console.print(table)
     console.print(
-        f"workers: {config.workers} {kind}; drain concurrency {_runs(config.concurrency, 'd')};"
-        f" round trip with idle workers at c={results.roundtrip_concurrency}"
-        " (the best drain median), after "
-        f"{WARMUP_ROUNDTRIPS} warm-up pairs"
-    )
-    console.print(
+        f"drain: {config.tasks:,} pre-submitted no-op tasks, {config.workers} {kind},"
+        " c = --concurrency per worker. throughput = tasks / (max finished - min started)"
+        " from the store's records (store clock, start-up excluded); wall time = launch"
+        " until every worker exited; start-up = launch until the first task started.",
+        f"round trip: {config.roundtrips} sequential submit(); result() pairs after"
+        f" {WARMUP_ROUNDTRIPS} warm-up pairs, {config.workers} idle registered workers at"
+        f" c={results.roundtrip_concurrency} (the best drain median).",
+        "targets: " + ("SQLite, this host" if sqlite else "apply to SQLite only"),
         f"host: {os.cpu_count()} CPUs, Python {platform.python_version()},"
-        f" SQLite {sqlite3.sqlite_version}, {platform.platform(terse=True)}"
+        f" SQLite {sqlite3.sqlite_version}, {platform.platform(terse=True)};"
+        f" 1-min load average {results.load_before:.2f} before, {results.load_after:.2f} after",
+        sep="\n",
     )
     return ok

@@ -130,7 +130,9 @@ def worker(app: str, processes: int, concurrency: int, queues: str, burst: bool,
         "shutdown_grace": shutdown_grace,
     }  # fmt: skip
     if processes == 1:
-        space.run_worker(**options)
+        report = space.run_worker(**options)
+        if report.wedged:
+            sys.exit(3)  # a supervisor restarts us; stuck task threads die with the process
         return
     from taskspace.worker.config import WorkerConfig
     from taskspace.worker.supervisor import Supervisor

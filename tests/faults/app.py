@@ -30,16 +30,25 @@ def mark(marks: str, event: str, **extra: Any) -> None:
     partial.rename(final)  # atomic: a reader never sees a half-written marker
 
 
+def _duration(marks: str, first_s: float, then_s: float) -> float:
+    """``first_s`` for the first run of this task, ``then_s`` once an earlier run left a
+    marker (the attempt counter is no guide: a released claim does not count)."""
+    ctx = current_task()
+    mine = f"{ctx.id}.{ctx.fencing_token}.start"
+    earlier = any(p.name != mine for p in Path(marks).glob(f"{ctx.id}.*.start"))
+    return then_s if earlier else first_s
+
+
 def _attempt_result() -> dict[str, Any]:
     ctx = current_task()
     return {"pid": os.getpid(), "token": ctx.fencing_token, "attempt": ctx.attempt}
 
 
 def work(marks: str, first_s: float, then_s: float) -> dict[str, Any]:
-    """Sleep ``first_s`` on the first attempt and ``then_s`` on later ones (not cooperative:
+    """Sleep ``first_s`` on the first run and ``then_s`` on later ones (not cooperative:
     ignores cancellation, like a task stuck in a C call); returns who ran it."""
     mark(marks, "start")
-    time.sleep(first_s if current_task().attempt == 1 else then_s)
+    time.sleep(_duration(marks, first_s, then_s))
     mark(marks, "end")
     return _attempt_result()
 
@@ -48,7 +57,7 @@ def cooperative(marks: str, first_s: float, then_s: float) -> dict[str, Any]:
     """Like :func:`work`, but stops early (raising TaskCancelled) once cancelled."""
     mark(marks, "start")
     ctx = current_task()
-    deadline = time.monotonic() + (first_s if ctx.attempt == 1 else then_s)
+    deadline = time.monotonic() + _duration(marks, first_s, then_s)
     while time.monotonic() < deadline:
         ctx.check_cancelled()
         time.sleep(STEP_S)
@@ -88,4 +97,7 @@ def make_space(url: str | None = None) -> Space:
         retry_backoff=0.0,
         isolation="process",
     )
+    # The same functions under other options, for the scenarios that need them.
+    space.task(hang, name="faults.hang_untimed", lease=LEASE_S, max_attempts=3, isolation="process")
+    space.task(work, name="faults.work_timeout", lease=LEASE_S, timeout=0.2, max_attempts=1)
     return space

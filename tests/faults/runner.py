@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         idle_wait=IDLE_WAIT_S,
     )
     with make_space(args.url) as space:
-        Worker(space, config).run()
-    return 0
+        report = Worker(space, config).run()
+    return 3 if report.wedged else 0
 
 
 if __name__ == "__main__":

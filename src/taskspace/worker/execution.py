@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -41,6 +43,7 @@ from taskspace.tasks.retry import backoff_delay
 from taskspace.tasks.task import Task
 
 PROCESS_POLL_S = 0.05
+PR_SET_PDEATHSIG = 1
 
 
 def error_info(exc: BaseException, tb: str | None = None) -> ErrorInfo:
@@ -73,6 +76,7 @@ class Attempt:
     started: bool = False
     settled: bool = False
     lost: bool = False
+    timed_out: bool = False
     process: multiprocessing.process.BaseProcess | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -136,13 +140,25 @@ async def run_coroutine(
         unbind(token)
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Make the kernel SIGKILL this child if its worker dies (even by SIGKILL):
+    an orphaned attempt would keep running while the task is retried elsewhere."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _child_main(
     conn: multiprocessing.connection.Connection,
     attempt: Attempt,
     args: list[Any],
     kwargs: dict[str, Any],
     codec: Codec,
+    parent_pid: int,
 ) -> None:
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     attempt.ctx._report = lambda done, total: conn.send(("progress", done, total))
@@ -162,7 +178,9 @@ def run_in_process(
     """Run a task in a forked child; None if the worker killed it (timeout, cancel)."""
     mp = multiprocessing.get_context("fork")
     parent, child = mp.Pipe(duplex=False)
-    proc = mp.Process(target=_child_main, args=(child, attempt, args, kwargs, codec), daemon=True)
+    proc = mp.Process(
+        target=_child_main, args=(child, attempt, args, kwargs, codec, os.getpid()), daemon=True
+    )
     with attempt.lock:
         if attempt.settled:
             return None

@@ -30,7 +30,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
@@ -43,6 +42,7 @@ from taskspace.worker import execution as ex
 from taskspace.worker.config import WorkerConfig
 from taskspace.worker.execution import Attempt
 from taskspace.worker.registry import announce, withdraw
+from taskspace.worker.threads import DaemonThreadPool
 
 if TYPE_CHECKING:
     from taskspace.space import Space
@@ -51,7 +51,6 @@ log = logging.getLogger("taskspace.worker")
 T = TypeVar("T")
 
 TICK_S = 0.05
-ZOMBIE_THREAD_MARGIN = 16
 FINISH_BATCH_MAX = 1000
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 5.0
@@ -69,6 +68,7 @@ class WorkerReport:
     released: int = 0
     refused: int = 0
     leases_lost: int = 0
+    wedged: bool = False
 
     def count(self, outcome: Outcome, accepted: bool) -> None:
         """Tally one finish result."""
@@ -94,9 +94,10 @@ class Worker:
         self._stopping = threading.Event()
         self._ticker_stop = threading.Event()
         self._grace = self.config.shutdown_grace
-        self._pool = ThreadPoolExecutor(
-            self.config.concurrency + ZOMBIE_THREAD_MARGIN, thread_name_prefix="taskspace-task"
-        )
+        self._pool = DaemonThreadPool("taskspace-task")
+        # Threads still running an attempt the worker gave up on (timeout): they
+        # hold real resources, so they count against concurrency until they return.
+        self._zombies = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._started_wall = time.time()
@@ -152,10 +153,11 @@ class Worker:
         for attempt in self._snapshot():
             if not attempt.started:
                 self._settle(attempt, Outcome("release"))
-        deadline = time.monotonic() + self._grace
+        begun = time.monotonic()
         with self._cond:
-            while self._running and time.monotonic() < deadline:
-                self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            # Re-read the grace on every pass: a second signal cuts it to zero.
+            while self._running and time.monotonic() < begun + self._grace:
+                self._cond.wait(min(0.1, max(0.0, begun + self._grace - time.monotonic())))
         for attempt in self._snapshot():
             attempt.ctx._cancel.set()
             ex.kill_process(attempt)
@@ -165,7 +167,7 @@ class Worker:
         self._ticker_stop.set()
         ticker.join(timeout=5)
         self._retrying(lambda: withdraw(self.store, self.name), attempts=3)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         if self._loop is not None and self._loop_thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(timeout=5)
@@ -177,10 +179,10 @@ class Worker:
     def _claim_loop(self) -> None:
         queues = self.config.queues
         while not self._stopping.is_set():
-            free = self.config.concurrency - len(self._running)
+            free = self._free_slots()
             if free <= 0:
                 with self._cond:
-                    if self.config.concurrency - len(self._running) <= 0:
+                    if self._free_slots() <= 0:
                         self._cond.wait(self.config.idle_wait)
                 continue
             records = self._retrying(partial(self.store.claim, queues, self.name, free))
@@ -193,6 +195,9 @@ class Worker:
             if self.config.burst and self._drained():
                 return
             self._retrying(lambda: self.store.wait_for_tasks(queues, self.config.idle_wait))
+
+    def _free_slots(self) -> int:
+        return self.config.concurrency - len(self._running) - self._zombies
 
     def _drained(self) -> bool:
         if self._running or not self._finished.empty():
@@ -242,8 +247,13 @@ class Worker:
             return True
 
     def _run_thread(self, attempt: Attempt, args: list[Any], kwargs: dict[str, Any]) -> None:
-        if self._start(attempt, with_deadline=True):
-            self._settle(attempt, ex.run_inline(attempt, args, kwargs, self.space.codec))
+        if not self._start(attempt, with_deadline=True):
+            return
+        outcome = ex.run_inline(attempt, args, kwargs, self.space.codec)
+        if not self._settle(attempt, outcome) and attempt.timed_out:
+            with self._cond:
+                self._zombies -= 1
+                self._cond.notify_all()
 
     def _run_process(self, attempt: Attempt, args: list[Any], kwargs: dict[str, Any]) -> None:
         if not self._start(attempt, with_deadline=True):
@@ -355,10 +365,31 @@ class Worker:
 
     def _enforce_deadlines(self, now: float) -> None:
         for attempt in self._snapshot():
-            if attempt.deadline is not None and now >= attempt.deadline:
-                attempt.ctx._cancel.set()
-                ex.kill_process(attempt)
-                self._settle(attempt, ex.timeout_outcome(attempt))
+            if attempt.deadline is None or now < attempt.deadline:
+                continue
+            attempt.ctx._cancel.set()
+            ex.kill_process(attempt)
+            if attempt.process is None and attempt.task.isolation == "thread":
+                attempt.timed_out = True
+                with self._cond:
+                    self._zombies += 1
+            if self._settle(attempt, ex.timeout_outcome(attempt)):
+                self._check_wedged()
+            elif attempt.timed_out:
+                with self._cond:
+                    self._zombies -= 1
+
+    def _check_wedged(self) -> None:
+        if self._zombies >= self.config.concurrency:
+            # Every slot holds a thread stuck past its timeout: this process can do no
+            # more work. Exit (non-zero) so a supervisor starts a fresh one.
+            log.error(
+                "worker %s: all %d slots hold tasks stuck past their timeout; stopping",
+                self.name,
+                self.config.concurrency,
+            )
+            self.report.wedged = True
+            self.stop(0.0)
 
     def _maintain(self) -> None:
         self.store.requeue_expired()
