@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,12 +13,11 @@ from taskspace import Space
 from taskspace.backends import open_store
 from taskspace.backends.base import Store
 from taskspace.backends.memory import ManualClock, MemoryStore
-
-REQUIRE_SERVICES = os.environ.get("TASKSPACE_REQUIRE_SERVICES") == "1"
+from tests.services import close_shared, shared_redis
 
 # Backends every test parametrized with `backend` runs on. Redis and PostgreSQL
 # join here when their backends land; the tests themselves do not change.
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "redis"]
 
 
 def backend_url(backend: str, tmp_path: Path) -> str:
@@ -26,7 +26,16 @@ def backend_url(backend: str, tmp_path: Path) -> str:
         return "memory://"
     if backend == "sqlite":
         return f"sqlite:///{tmp_path}/space.db"
+    if backend == "redis":
+        external = os.environ.get("TASKSPACE_REDIS_URL")
+        if external:
+            return f"{external}?namespace=t{uuid.uuid4().hex[:12]}"
+        return shared_redis().namespaced_url()
     raise AssertionError(f"unknown backend {backend}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    close_shared()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -35,6 +35,7 @@ class Space:
     """A handle on one backend, named by URL, and the tasks registered on it.
 
     ``Space()`` uses ``$TASKSPACE_URL``, else ``sqlite:///.taskspace/space.db``.
+    ``namespace`` separates spaces sharing one Redis (default ``default``).
     ``serializer`` is ``json`` (default), ``msgpack`` or ``pickle``; pickle is
     an explicit opt-in, and only a Space that opted in decodes pickle payloads.
     """
@@ -45,6 +46,7 @@ class Space:
         *,
         serializer: str = "json",
         clock: Clock | None = None,
+        namespace: str | None = None,
     ) -> None:
         self.url = url if url is not None else os.environ.get(URL_ENV) or DEFAULT_URL
         self.scheme = validate_url(self.url)
@@ -53,6 +55,7 @@ class Space:
         self.codec: Codec = get_codec(serializer)
         self.allow_pickle = serializer == "pickle"
         self._clock = clock
+        self.namespace = namespace
         self._store: Store | None = None
         self._store_lock = threading.Lock()
         self._tasks: dict[str, Task[Any, Any]] = {}
@@ -66,12 +69,13 @@ class Space:
         if self._store is None:
             with self._store_lock:
                 if self._store is None:
-                    self._store = open_store(self.url, clock=self._clock)
+                    self._store = open_store(self.url, clock=self._clock, namespace=self.namespace)
         return self._store
 
     def with_url(self, url: str) -> Space:
         """The same tasks and serializer on another backend (the CLI's ``--url``)."""
-        other = Space(url, serializer=self.codec.name)
+        namespace = self.namespace if validate_url(url) == self.scheme else None
+        other = Space(url, serializer=self.codec.name, namespace=namespace)
         other._tasks = self._tasks
         return other
 

@@ -5,7 +5,10 @@ URLs follow SQLAlchemy's forms:
 - ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db``, options
   ``synchronous`` (``normal`` | ``full`` | ``off``), ``busy_timeout`` (seconds)
   and ``poll_ms`` (cap of the idle polling backoff, milliseconds);
-- ``memory://`` (a fresh store) or ``memory://name`` (shared in this process).
+- ``memory://`` (a fresh store) or ``memory://name`` (shared in this process);
+- ``redis://[:password@]host:port/db``, ``rediss://…`` (TLS) and
+  ``unix:///path/to/redis.sock`` as redis-py parses them, plus taskspace's own
+  ``namespace`` option (several spaces can share one Redis).
 
 Every scheme is imported explicitly here; an unknown scheme or option raises
 :class:`~taskspace.errors.InvalidURL` naming what would be valid.
@@ -20,7 +23,8 @@ from taskspace.backends.memory import MemoryStore, open_memory
 from taskspace.backends.sqlite import SQLiteSettings, SQLiteStore
 from taskspace.errors import InvalidURL
 
-SCHEMES = ("sqlite", "memory")
+SCHEMES = ("sqlite", "memory", "redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 SQLITE_OPTIONS = ("synchronous", "busy_timeout", "poll_ms")
 SYNCHRONOUS_MODES = ("normal", "full", "off")
 
@@ -82,21 +86,43 @@ def scheme_of(url: str) -> str:
     return scheme
 
 
+def _check_redis_url(url: str) -> None:
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise InvalidURL(f"malformed port in Redis URL {url!r}") from None
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        raise InvalidURL(f"Redis database must be a number in {url!r}, got {db!r}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise InvalidURL(f"Redis URL {url!r} names no host")
+
+
 def validate_url(url: str) -> str:
     """Check ``url`` fully without opening anything; return its scheme."""
     scheme = scheme_of(url)
     if scheme == "sqlite":
         _sqlite_settings(url)
+    elif scheme in REDIS_SCHEMES:
+        _check_redis_url(url)
     elif urlsplit(url).query:
         raise InvalidURL(f"memory:// takes no options, got {url!r}")
     return scheme
 
 
-def open_store(url: str, clock: Clock | None = None) -> Store:
-    """Open the store that ``url`` names. ``clock`` applies to memory:// only."""
+def open_store(url: str, clock: Clock | None = None, namespace: str | None = None) -> Store:
+    """Open the store that ``url`` names. ``clock`` applies to memory:// only,
+    ``namespace`` to Redis only (a SQLite space is namespaced by its file)."""
     scheme = validate_url(url)
     if clock is not None and scheme != "memory":
         raise InvalidURL(f"an injected clock is only valid for memory://, not {url!r}")
+    if scheme in REDIS_SCHEMES:
+        from taskspace.backends.redis import RedisStore
+
+        return RedisStore(url, namespace=namespace)
+    if namespace is not None:
+        raise InvalidURL(f"namespace applies to Redis spaces only, not {url!r}")
     if scheme == "memory":
         name = url.split("://", 1)[1]
         return MemoryStore(clock=clock, url=url) if clock is not None else open_memory(name, url)

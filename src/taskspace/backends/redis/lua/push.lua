@@ -1,0 +1,33 @@
+-- ARGV: 11 fields per task: id name payload codec queue priority max_attempts
+-- lease_s timeout dedup_key delay ('' = none). Returns the id of each task.
+local now = clock()
+local out = {}
+local woken = {}
+for i = 1, #ARGV, 11 do
+  local id, queue, dedup = ARGV[i], ARGV[i + 4], ARGV[i + 9]
+  local existing = false
+  if dedup ~= '' then existing = redis.call('GET', P .. 'dedup:' .. dedup) end
+  if existing then
+    out[#out + 1] = existing
+  elseif redis.call('EXISTS', tkey(id)) == 1 then
+    out[#out + 1] = id
+  else
+    local seq = redis.call('INCR', P .. 'seq')
+    local ready_at = now + tonumber(ARGV[i + 10])
+    redis.call('HSET', tkey(id), 'id', id, 'name', ARGV[i + 1], 'payload', ARGV[i + 2],
+      'codec', ARGV[i + 3], 'queue', queue, 'priority', ARGV[i + 5],
+      'max_attempts', ARGV[i + 6], 'lease_s', ARGV[i + 7], 'state', 'queued',
+      'ready_at', ready_at, 'attempts', 0, 'lost', 0, 'token', 0, 'cancel', 0,
+      'created', now, 'seq', seq)
+    if ARGV[i + 8] ~= '' then redis.call('HSET', tkey(id), 'timeout', ARGV[i + 8]) end
+    if dedup ~= '' then
+      redis.call('HSET', tkey(id), 'dedup_key', dedup)
+      redis.call('SET', P .. 'dedup:' .. dedup, id)
+    end
+    count(queue, 'queued', 1)
+    enqueue(id, queue, ARGV[i + 5], seq, ready_at, now, woken)
+    out[#out + 1] = id
+  end
+end
+wake(woken)
+return out

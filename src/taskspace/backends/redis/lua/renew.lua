@@ -1,0 +1,17 @@
+-- ARGV: id, token pairs. Returns held | cancel_requested | lost for each.
+local now = clock()
+local out = {}
+for i = 1, #ARGV, 2 do
+  local id = ARGV[i]
+  local k = tkey(id)
+  local f = redis.call('HMGET', k, 'state', 'token', 'lease_expires', 'lease_s', 'cancel')
+  if f[1] == 'running' and f[2] == ARGV[i + 1] and tonumber(f[3]) > now then
+    local expires = now + tonumber(f[4])
+    redis.call('HSET', k, 'lease_expires', expires)
+    redis.call('ZADD', P .. 'running', expires, id)
+    out[#out + 1] = (f[5] == '1') and 'cancel_requested' or 'held'
+  else
+    out[#out + 1] = 'lost'
+  end
+end
+return out
