@@ -58,9 +58,14 @@ class TaskSpec:
     delay: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TaskRecord:
-    """A task as the store holds it. ``attempts`` counts claims; ``lost`` counts expired leases."""
+    """A task as the store holds it. ``attempts`` counts claims; ``lost`` counts expired leases.
+
+    A snapshot: changing it changes nothing in the store. (Not frozen only
+    because a frozen dataclass's ``__init__`` is several times slower, and
+    workers build one per claimed task.)
+    """
 
     id: str
     name: str

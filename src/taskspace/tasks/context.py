@@ -6,11 +6,10 @@ ContextVar, so threads and asyncio tasks each see their own).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from taskspace.errors import NoCurrentTask, TaskCancelled
 
@@ -36,18 +35,22 @@ class TaskContext:
     fencing_token: int
     worker: str
     _report: Callable[[float, float], None]
-    _cancel: threading.Event = field(default_factory=threading.Event)
+    _cancelled: bool = False
     _last_report: float = 0.0
 
     @property
     def cancelled(self) -> bool:
         """True once a cancel was requested or the worker lost this attempt's lease."""
-        return self._cancel.is_set()
+        return self._cancelled
 
     def check_cancelled(self) -> None:
         """Raise TaskCancelled if this attempt should stop."""
-        if self._cancel.is_set():
+        if self._cancelled:
             raise TaskCancelled(self.id, "cancelled", "TaskCancelled", "cancel requested")
+
+    def cancel(self) -> None:
+        """Ask this attempt to stop (set by the worker; tasks check ``cancelled``)."""
+        self._cancelled = True
 
     def progress(self, done: float, total: float) -> None:
         """Report progress; throttled to a few writes per second, the last one always kept."""

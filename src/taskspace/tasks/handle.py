@@ -7,12 +7,21 @@ from typing import TYPE_CHECKING, Any
 
 from taskspace.backends.base import FINAL_STATES, TaskRecord, TaskState
 from taskspace.codec import decoder_for
-from taskspace.errors import ConfigError, ResultTimeout, TaskCancelled, TaskFailed, TaskNotFound
+from taskspace.errors import (
+    BackendError,
+    ConfigError,
+    ResultTimeout,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
+)
 
 if TYPE_CHECKING:
     from taskspace.space import Space
 
 WAIT_SLICE_S = 1.0
+BACKOFF_START_S = 0.05
+BACKOFF_MAX_S = 2.0
 
 
 class Handle:
@@ -70,8 +79,21 @@ class Handle:
         if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
             raise ConfigError(f"timeout must be a number >= 0 or None, got {timeout!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
+        remaining: float = WAIT_SLICE_S if timeout is None else timeout
+        delay = BACKOFF_START_S
         while True:
-            record = self.info()
+            try:
+                # Waiting first saves a round trip: it returns at once if the task ended.
+                self.space.store.wait_for_finish([self.id], min(remaining, WAIT_SLICE_S))
+                record = self.info()
+            except BackendError:
+                # The backend is away (restart, failover): keep waiting until the deadline.
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            delay = BACKOFF_START_S
             if record.state in FINAL_STATES:
                 return self._value(record)
             remaining = WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
@@ -79,7 +101,6 @@ class Handle:
                 raise ResultTimeout(
                     f"task {self.id} still {record.state} after waiting {timeout} s"
                 )
-            self.space.store.wait_for_finish([self.id], min(remaining, WAIT_SLICE_S))
 
     def _value(self, record: TaskRecord) -> Any:
         if record.state == "succeeded":

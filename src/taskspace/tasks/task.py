@@ -42,6 +42,9 @@ class Task(Generic[P, R]):
         self.submit_opts = submit_options or SubmitOptions()
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
+        self.isolation: Isolation = options.isolation or (
+            "async" if inspect.iscoroutinefunction(fn) else "thread"
+        )
 
     def __repr__(self) -> str:
         return f"<Task {self.name} queue={self.queue}>"
@@ -52,13 +55,6 @@ class Task(Generic[P, R]):
     @property
     def queue(self) -> str:
         return self.submit_opts.queue or self.opts.queue
-
-    @property
-    def isolation(self) -> Isolation:
-        """Where the worker runs it: the declared isolation, else async for coroutines."""
-        if self.opts.isolation is not None:
-            return self.opts.isolation
-        return "async" if inspect.iscoroutinefunction(self.fn) else "thread"
 
     def options(self, **submit_options: Any) -> Task[P, R]:
         """A variant for submitting with per-call options: ``queue``, ``priority``,

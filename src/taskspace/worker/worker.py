@@ -52,6 +52,7 @@ T = TypeVar("T")
 
 TICK_S = 0.05
 FINISH_BATCH_MAX = 1000
+CLAIM_GATHER_S = 0.002
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 5.0
 
@@ -98,6 +99,7 @@ class Worker:
         # Threads still running an attempt the worker gave up on (timeout): they
         # hold real resources, so they count against concurrency until they return.
         self._zombies = 0
+        self._batch_min = max(1, self.config.concurrency // 4)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._started_wall = time.time()
@@ -159,7 +161,7 @@ class Worker:
             while self._running and time.monotonic() < begun + self._grace:
                 self._cond.wait(min(0.1, max(0.0, begun + self._grace - time.monotonic())))
         for attempt in self._snapshot():
-            attempt.ctx._cancel.set()
+            attempt.ctx.cancel()
             ex.kill_process(attempt)
             self._settle(attempt, Outcome("release"))
         self._finished.put(None)
@@ -185,6 +187,14 @@ class Worker:
                     if self._free_slots() <= 0:
                         self._cond.wait(self.config.idle_wait)
                 continue
+            if self._running and free < self._batch_min:
+                # A claim costs a round trip whatever its size: give other running
+                # tasks a moment to finish so that one claim fetches several.
+                with self._cond:
+                    self._cond.wait_for(
+                        lambda: self._free_slots() >= self._batch_min, CLAIM_GATHER_S
+                    )
+                free = self._free_slots()
             records = self._retrying(partial(self.store.claim, queues, self.name, free))
             if records is None:
                 continue
@@ -354,7 +364,7 @@ class Worker:
             attempt = attempts[task_id]
             if status == "held" or attempt.settled:
                 continue  # settled: it finished between the snapshot and the renew
-            attempt.ctx._cancel.set()
+            attempt.ctx.cancel()
             if status == "lost" and not attempt.lost:
                 attempt.lost = True
                 self.report.leases_lost += 1
@@ -367,7 +377,7 @@ class Worker:
         for attempt in self._snapshot():
             if attempt.deadline is None or now < attempt.deadline:
                 continue
-            attempt.ctx._cancel.set()
+            attempt.ctx.cancel()
             ex.kill_process(attempt)
             if attempt.process is None and attempt.task.isolation == "thread":
                 attempt.timed_out = True

@@ -9,6 +9,7 @@ for qi = 3, #ARGV do
   if not seen[q] and #out < n then
     seen[q] = true
     local popped = redis.call('ZPOPMIN', P .. 'ready:' .. q, n - #out)
+    local before = #out
     for j = 1, #popped, 2 do
       local id = popped[j]
       local k = tkey(id)
@@ -20,10 +21,12 @@ for qi = 3, #ARGV do
           'lease_expires', expires, 'started', now)
         redis.call('HINCRBY', k, 'attempts', 1)
         redis.call('ZADD', P .. 'running', expires, id)
-        count(q, 'queued', -1)
-        count(q, 'running', 1)
         out[#out + 1] = redis.call('HMGET', k, unpack(FIELDS))
       end
+    end
+    if #out > before then
+      count(q, 'queued', before - #out)
+      count(q, 'running', #out - before)
     end
   end
 end
