@@ -41,7 +41,7 @@ ErrorInfo = dict[str, Any]
 """``{"type": str, "message": str, "traceback": str}`` plus optional detail keys."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TaskSpec:
     """A task to enqueue; ``delay`` is seconds from the store's now until it may run."""
 

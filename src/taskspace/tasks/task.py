@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import uuid
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -20,8 +20,8 @@ R = TypeVar("R")
 
 
 def new_task_id() -> str:
-    """A fresh, globally unique task id."""
-    return uuid.uuid4().hex
+    """A fresh, globally unique task id: 128 random bits as 32 hex digits."""
+    return os.urandom(16).hex()
 
 
 class Task(Generic[P, R]):

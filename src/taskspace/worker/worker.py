@@ -92,6 +92,7 @@ class Worker:
         self._running: dict[str, Attempt] = {}
         self._cond = threading.Condition()
         self._finished: queue.SimpleQueue[tuple[Lease, Outcome] | None] = queue.SimpleQueue()
+        self._flushing = threading.Lock()
         self._stopping = threading.Event()
         self._ticker_stop = threading.Event()
         self._grace = self.config.shutdown_grace
@@ -220,7 +221,7 @@ class Worker:
         prepared = ex.prepare(record, task, self.space.allow_pickle)
         if isinstance(prepared, Outcome) or task is None:
             assert isinstance(prepared, Outcome)
-            self._finished.put((record.lease, prepared))
+            self._report_outcome((record.lease, prepared))
             return
         args, kwargs = prepared
         lease = record.lease
@@ -294,7 +295,7 @@ class Worker:
             self._running.pop(attempt.record.id, None)
             self._cond.notify_all()
         if outcome is not None:
-            self._finished.put((attempt.record.lease, outcome))
+            self._report_outcome((attempt.record.lease, outcome))
         return True
 
     def _snapshot(self) -> list[Attempt]:
@@ -309,24 +310,50 @@ class Worker:
 
     # -- finishing ----------------------------------------------------------
 
+    def _report_outcome(self, item: tuple[Lease, Outcome]) -> None:
+        """Finish right here if no other thread is finishing (no hand-off, lowest
+        latency); otherwise queue it for the finisher, which batches under load."""
+        if not self._flushing.acquire(blocking=False):
+            self._finished.put(item)
+            return
+        try:
+            drained = self._drain(FINISH_BATCH_MAX - 1)
+            items = [item, *(x for x in drained if x is not None)]
+            if None in drained:
+                self._finished.put(None)  # the shutdown sentinel belongs to the finisher
+            try:
+                accepted = self.store.finish(items)
+            except BackendError:
+                for queued in items:  # the finisher retries them until they land
+                    self._finished.put(queued)
+                return
+            self._tally(items, accepted)
+        finally:
+            self._flushing.release()
+
+    def _drain(self, limit: int) -> list[tuple[Lease, Outcome] | None]:
+        batch: list[tuple[Lease, Outcome] | None] = []
+        while len(batch) < limit:
+            try:
+                batch.append(self._finished.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
     def _finish_loop(self) -> None:
         while True:
-            batch = [self._finished.get()]
-            while len(batch) < FINISH_BATCH_MAX:
-                try:
-                    batch.append(self._finished.get_nowait())
-                except queue.Empty:
-                    break
+            batch = [self._finished.get(), *self._drain(FINISH_BATCH_MAX - 1)]
             items = [item for item in batch if item is not None]
             if items:
-                self._flush(items)
+                with self._flushing:
+                    # A finish must not be dropped on a backend error: retry until it lands.
+                    accepted = self._retrying(partial(self.store.finish, items), attempts=None)
+                    self._tally(items, accepted or [])
             if None in batch:
                 return
 
-    def _flush(self, items: list[tuple[Lease, Outcome]]) -> None:
-        # A finish must not be dropped on a backend error: retry until it lands.
-        accepted = self._retrying(lambda: self.store.finish(items), attempts=None)
-        for (lease, outcome), ok in zip(items, accepted or [], strict=False):
+    def _tally(self, items: list[tuple[Lease, Outcome]], accepted: list[bool]) -> None:
+        for (lease, outcome), ok in zip(items, accepted, strict=False):
             self.report.count(outcome, ok)
             if not ok:
                 log.warning("finish of task %s refused: lease %d is stale", *lease)

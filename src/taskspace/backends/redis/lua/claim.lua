@@ -1,33 +1,43 @@
 -- ARGV: worker, n, queue... Leases up to n ready tasks; returns their fields.
+-- Hot path: three calls per task, batched ZADD and counters.
 local now = clock()
 promote(now)
 local worker, n = ARGV[1], tonumber(ARGV[2])
 local out = {}
+local running = {}
 local seen = {}
 for qi = 3, #ARGV do
   local q = ARGV[qi]
   if not seen[q] and #out < n then
     seen[q] = true
     local popped = redis.call('ZPOPMIN', P .. 'ready:' .. q, n - #out)
-    local before = #out
+    local got = 0
+    local token = redis.call('INCRBY', P .. 'token', #popped / 2) - #popped / 2
     for j = 1, #popped, 2 do
       local id = popped[j]
       local k = tkey(id)
-      local f = redis.call('HMGET', k, 'state', 'lease_s')
-      if f[1] == 'queued' then
-        local token = redis.call('INCR', P .. 'token')
-        local expires = now + tonumber(f[2])
+      local f = redis.call('HMGET', k, unpack(FIELDS))
+      if f[11] == 'queued' then
+        token = token + 1
+        got = got + 1
+        local expires = fmt(now + tonumber(f[8]))
+        local attempts = tonumber(f[13]) + 1
         redis.call('HSET', k, 'state', 'running', 'token', token, 'worker', worker,
-          'lease_expires', expires, 'started', now)
-        redis.call('HINCRBY', k, 'attempts', 1)
-        redis.call('ZADD', P .. 'running', expires, id)
-        out[#out + 1] = redis.call('HMGET', k, unpack(FIELDS))
+          'lease_expires', expires, 'started', fmt(now), 'attempts', attempts)
+        f[11], f[13], f[15], f[16] = 'running', attempts, token, worker
+        f[17], f[24] = expires, fmt(now)
+        running[#running + 1] = expires
+        running[#running + 1] = id
+        out[#out + 1] = f
       end
     end
-    if #out > before then
-      count(q, 'queued', before - #out)
-      count(q, 'running', #out - before)
+    if got > 0 then
+      count(q, 'queued', -got)
+      count(q, 'running', got)
     end
   end
+end
+for i = 1, #running, 2000 do
+  redis.call('ZADD', P .. 'running', unpack(running, i, math.min(i + 1999, #running)))
 end
 return out

@@ -4,6 +4,8 @@ local now = clock()
 local out = {}
 local stale = 0
 local woken = {}
+local counts = {}
+local ended = {}
 for i = 1, #ARGV, 7 do
   local id, token, kind = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local k = tkey(id)
@@ -21,24 +23,37 @@ for i = 1, #ARGV, 7 do
     elseif attempts < max_attempts then state = 'queued'
     else state = 'failed' end
     local q = f[6]
-    redis.call('ZREM', P .. 'running', id)
+    ended[#ended + 1] = id
     redis.call('HDEL', k, 'lease_expires')
-    if ARGV[i + 5] ~= '' then redis.call('HSET', k, 'error', ARGV[i + 5]) end
-    count(q, 'running', -1)
-    count(q, state, 1)
+    local c = counts[q] or {}
+    counts[q] = c
+    c.running = (c.running or 0) - 1
+    c[state] = (c[state] or 0) + 1
+    local set = {'state', state}
+    if ARGV[i + 5] ~= '' then set[#set + 1] = 'error'; set[#set + 1] = ARGV[i + 5] end
     if state == 'queued' then
-      if kind == 'release' then redis.call('HSET', k, 'attempts', attempts - 1) end
+      if kind == 'release' then set[#set + 1] = 'attempts'; set[#set + 1] = attempts - 1 end
       local ready_at = now + tonumber(ARGV[i + 6])
-      redis.call('HSET', k, 'state', 'queued', 'ready_at', ready_at)
+      set[#set + 1] = 'ready_at'
+      set[#set + 1] = ready_at
+      redis.call('HSET', k, unpack(set))
       redis.call('HDEL', k, 'worker')
       enqueue(id, q, f[7], f[8], ready_at, now, woken)
     else
-      redis.call('HSET', k, 'state', state, 'finished', now)
-      if ARGV[i + 3] == '1' then redis.call('HSET', k, 'result', ARGV[i + 4]) end
+      set[#set + 1] = 'finished'
+      set[#set + 1] = now
+      if ARGV[i + 3] == '1' then set[#set + 1] = 'result'; set[#set + 1] = ARGV[i + 4] end
+      redis.call('HSET', k, unpack(set))
       settle(id, f[9])
     end
     out[#out + 1] = 1
   end
+end
+for i = 1, #ended, 4000 do
+  redis.call('ZREM', P .. 'running', unpack(ended, i, math.min(i + 3999, #ended)))
+end
+for q, c in pairs(counts) do
+  for state, delta in pairs(c) do count(q, state, delta) end
 end
 if stale > 0 then redis.call('INCRBY', P .. 'stale', stale) end
 wake(woken)

@@ -3,31 +3,35 @@
 local now = clock()
 local out = {}
 local woken = {}
+local added = {}
+local seq = redis.call('INCRBY', P .. 'seq', #ARGV / 11) - #ARGV / 11
 for i = 1, #ARGV, 11 do
   local id, queue, dedup = ARGV[i], ARGV[i + 4], ARGV[i + 9]
+  local k = tkey(id)
   local existing = false
   if dedup ~= '' then existing = redis.call('GET', P .. 'dedup:' .. dedup) end
   if existing then
     out[#out + 1] = existing
-  elseif redis.call('EXISTS', tkey(id)) == 1 then
-    out[#out + 1] = id
+  elseif redis.call('HSETNX', k, 'id', id) == 0 then
+    out[#out + 1] = id  -- pushed before (a retried push): never twice
   else
-    local seq = redis.call('INCR', P .. 'seq')
+    seq = seq + 1
     local ready_at = now + tonumber(ARGV[i + 10])
-    redis.call('HSET', tkey(id), 'id', id, 'name', ARGV[i + 1], 'payload', ARGV[i + 2],
+    redis.call('HSET', k, 'name', ARGV[i + 1], 'payload', ARGV[i + 2],
       'codec', ARGV[i + 3], 'queue', queue, 'priority', ARGV[i + 5],
       'max_attempts', ARGV[i + 6], 'lease_s', ARGV[i + 7], 'state', 'queued',
       'ready_at', ready_at, 'attempts', 0, 'lost', 0, 'token', 0, 'cancel', 0,
       'created', now, 'seq', seq)
-    if ARGV[i + 8] ~= '' then redis.call('HSET', tkey(id), 'timeout', ARGV[i + 8]) end
+    if ARGV[i + 8] ~= '' then redis.call('HSET', k, 'timeout', ARGV[i + 8]) end
     if dedup ~= '' then
-      redis.call('HSET', tkey(id), 'dedup_key', dedup)
+      redis.call('HSET', k, 'dedup_key', dedup)
       redis.call('SET', P .. 'dedup:' .. dedup, id)
     end
-    count(queue, 'queued', 1)
+    added[queue] = (added[queue] or 0) + 1
     enqueue(id, queue, ARGV[i + 5], seq, ready_at, now, woken)
     out[#out + 1] = id
   end
 end
+for queue, n in pairs(added) do count(queue, 'queued', n) end
 wake(woken)
 return out
