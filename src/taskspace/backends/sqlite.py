@@ -253,6 +253,7 @@ class SQLiteStore:
         self._conns_lock = threading.Lock()
         self._pid = os.getpid()
         self._commits = threading.Condition()
+        self._write_lock = threading.Lock()
         self._generation = 0
         self._publish_count = itertools.count()
         self._waiter = _Waiter(self)
@@ -288,6 +289,7 @@ class SQLiteStore:
             self._conns = []
             self._conns_lock = threading.Lock()
             self._commits = threading.Condition()
+            self._write_lock = threading.Lock()
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._new_connection()
@@ -297,20 +299,23 @@ class SQLiteStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise BackendError(f"SQLite write lock not obtained: {exc}") from exc
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
-            raise BackendError(f"SQLite commit failed: {exc}") from exc
+        # Threads of one process queue on a Python lock rather than in SQLite's busy
+        # handler, which sleeps in millisecond steps; processes still contend in SQLite.
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise BackendError(f"SQLite write lock not obtained: {exc}") from exc
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK")
+                raise BackendError(f"SQLite commit failed: {exc}") from exc
         with self._commits:
             self._generation += 1
             self._commits.notify_all()
@@ -462,6 +467,15 @@ class SQLiteStore:
         with self._write() as db:
             now = self.now()
             for lease, outcome in items:
+                if outcome.kind == "succeeded":
+                    # The common case needs no decision: one fenced UPDATE.
+                    cur = db.execute(
+                        "UPDATE tasks SET state = 'succeeded', result = ?, lease_expires = NULL,"
+                        " finished = ? WHERE id = ? AND token = ? AND state = 'running'",
+                        (outcome.result, now, lease.task_id, lease.token),
+                    )
+                    accepted.append(cur.rowcount == 1)
+                    continue
                 rec = self._locked_record(db, lease.task_id)
                 if rec is None or rec.state != "running" or rec.token != lease.token:
                     accepted.append(False)
