@@ -12,6 +12,7 @@ import taskspace
 from taskspace import (
     ConfigError,
     InvalidURL,
+    MissingDependency,
     NoCurrentTask,
     SerializationError,
     Space,
@@ -229,3 +230,31 @@ def test_every_error_is_under_the_root() -> None:
             and obj.__module__ == errors.__name__
         ):
             assert issubclass(obj, TaskspaceError) or obj is errors.Retry, name
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("redis://127.0.0.1:notaport/0", "malformed port"),
+        ("redis://127.0.0.1:6379/zero", "Redis database must be a number"),
+        ("redis:///0", "names no host"),
+        ("redis://127.0.0.1:6379/0?namespace=a{b}", "namespace must be a non-empty"),
+    ],
+)
+def test_malformed_redis_urls(url: str, fragment: str) -> None:
+    with pytest.raises(InvalidURL) as info:
+        Space(url).stats()
+    assert fragment in str(info.value)
+
+
+def test_namespace_only_for_redis() -> None:
+    with pytest.raises(InvalidURL, match="namespace applies to Redis spaces only"):
+        Space("memory://", namespace="x").stats()
+
+
+def test_missing_redis_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if redis-py were not installed
+    with pytest.raises(MissingDependency, match=r"pip install 'taskspace\[redis\]'"):
+        Space("redis://127.0.0.1:6379/0").stats()
