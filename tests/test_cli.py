@@ -81,22 +81,25 @@ def test_submit_worker_status_round_trip(app_dir: Path) -> None:
 
 
 def test_submit_wait_prints_result_and_failure(app_dir: Path) -> None:
+    log = (app_dir / "worker.log").open("w")
     worker = subprocess.Popen(
         [sys.executable, "-m", "taskspace", "worker", "cliapp:space", "--processes", "2"],
         cwd=app_dir,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
     )
     try:
         ok = run_cli("submit", "cliapp:space", "add", "--args", "[1, 2]", "--wait",
                      "--timeout", "30", cwd=app_dir)  # fmt: skip
         assert ok.returncode == 0, ok.stderr
-        assert ok.stdout.splitlines()[-1] == "3"
+        assert ok.stdout.splitlines()[-1] == "3", ok.stdout
         bad = run_cli("submit", "cliapp:space", "fail", "--wait", "--timeout", "30", cwd=app_dir)
-        assert bad.returncode == 1
+        assert bad.returncode == 1, bad.stderr
         assert "failed: ValueError: no luck" in bad.stderr
     finally:
         worker.terminate()
-        assert worker.wait(timeout=30) == 0
+        code = worker.wait(timeout=30)
+        log.close()
+        assert code == 0, (app_dir / "worker.log").read_text()
 
 
 @pytest.mark.parametrize(

@@ -201,10 +201,16 @@ class QueueStore(Protocol):
         """
         ...
 
-    def claim(self, queues: Sequence[str], worker: str, n: int) -> list[TaskRecord]:
+    def claim(
+        self, queues: Sequence[str], worker: str, n: int, request_id: str | None = None
+    ) -> list[TaskRecord]:
         """Lease up to ``n`` ready tasks: earlier queues first, then higher
         priority, then FIFO. Each claim increments ``attempts``, gets a fresh
-        fencing token and a lease of the task's ``lease_s``."""
+        fencing token and a lease of the task's ``lease_s``.
+
+        A retry with the same ``request_id`` (after an error that may have
+        hidden a reply) returns what the first call leased instead of leasing
+        more; backends whose replies cannot be lost may ignore it."""
         ...
 
     def renew(self, leases: Sequence[Lease]) -> dict[str, LeaseStatus]:

@@ -181,7 +181,10 @@ class MemoryStore:
                 moved += 1
         return moved
 
-    def claim(self, queues: Sequence[str], worker: str, n: int) -> list[TaskRecord]:
+    def claim(
+        self, queues: Sequence[str], worker: str, n: int, request_id: str | None = None
+    ) -> list[TaskRecord]:
+        # request_id needs no handling here: this backend's replies cannot be lost.
         claimed: list[TaskRecord] = []
         with self._cond:
             now = self.now()

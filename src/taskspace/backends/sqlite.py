@@ -409,7 +409,10 @@ class SQLiteStore:
         )  # fmt: skip
         return spec.id
 
-    def claim(self, queues: Sequence[str], worker: str, n: int) -> list[TaskRecord]:
+    def claim(
+        self, queues: Sequence[str], worker: str, n: int, request_id: str | None = None
+    ) -> list[TaskRecord]:
+        # request_id needs no handling here: this backend's replies cannot be lost.
         if n <= 0:
             return []
         with self._write() as db:

@@ -93,6 +93,7 @@ class Worker:
         self._cond = threading.Condition()
         self._finished: queue.SimpleQueue[tuple[Lease, Outcome] | None] = queue.SimpleQueue()
         self._flushing = threading.Lock()
+        self._reporting = 0  # outcomes settled but not yet finished or queued
         self._stopping = threading.Event()
         self._ticker_stop = threading.Event()
         self._grace = self.config.shutdown_grace
@@ -165,6 +166,11 @@ class Worker:
             attempt.ctx.cancel()
             ex.kill_process(attempt)
             self._settle(attempt, Outcome("release"))
+        with self._cond:
+            # An outcome being finished in a task thread must land (or be queued for
+            # the finisher) before the finisher is told to stop.
+            while self._reporting:
+                self._cond.wait(0.1)
         self._finished.put(None)
         finisher.join()
         self._ticker_stop.set()
@@ -196,7 +202,8 @@ class Worker:
                         lambda: self._free_slots() >= self._batch_min, CLAIM_GATHER_S
                     )
                 free = self._free_slots()
-            records = self._retrying(partial(self.store.claim, queues, self.name, free))
+            request = os.urandom(8).hex()  # the same id on every retry of this claim
+            records = self._retrying(partial(self.store.claim, queues, self.name, free, request))
             if records is None:
                 continue
             for record in records:
@@ -293,9 +300,16 @@ class Worker:
             attempt.settled = True
         with self._cond:
             self._running.pop(attempt.record.id, None)
+            if outcome is not None:
+                self._reporting += 1
             self._cond.notify_all()
         if outcome is not None:
-            self._report_outcome((attempt.record.lease, outcome))
+            try:
+                self._report_outcome((attempt.record.lease, outcome))
+            finally:
+                with self._cond:
+                    self._reporting -= 1
+                    self._cond.notify_all()
         return True
 
     def _snapshot(self) -> list[Attempt]:

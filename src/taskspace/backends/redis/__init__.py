@@ -17,9 +17,11 @@ push fills (bounded); result waiters register interest and block in
 someone registered. Nothing sleep-polls.
 
 Faults: every Redis error surfaces as :class:`~taskspace.errors.BackendError`;
-workers retry with backoff and resume when Redis returns. (A finish whose
-reply was lost and that is retried is refused as stale the second time; the
-first one took effect.) Durability is Redis's: with ``appendonly yes`` and ``appendfsync
+workers retry with backoff and resume when Redis returns. A claim whose
+reply was lost is retried with the same request id and returns the tasks the
+first call leased, so no task is leased to nobody. (A finish whose reply was
+lost and that is retried is refused as stale the second time; the first one
+took effect.) Durability is Redis's: with ``appendonly yes`` and ``appendfsync
 always`` nothing acknowledged is lost across a Redis crash; with
 ``everysec`` up to about one second of acknowledged writes can be.
 """
@@ -232,10 +234,13 @@ class RedisStore:
                      repr(float(s.delay))]  # fmt: skip
         return [i.decode() for i in self._run("push", args)]
 
-    def claim(self, queues: Sequence[str], worker: str, n: int) -> list[TaskRecord]:
+    def claim(
+        self, queues: Sequence[str], worker: str, n: int, request_id: str | None = None
+    ) -> list[TaskRecord]:
         if n <= 0:
             return []
-        return [_record(row) for row in self._run("claim", [worker, n, *queues])]
+        rows = self._run("claim", [worker, n, request_id or "", *queues])
+        return [_record(row) for row in rows]
 
     def renew(self, leases: Sequence[Lease]) -> dict[str, LeaseStatus]:
         if not leases:

@@ -1,12 +1,25 @@
--- ARGV: worker, n, queue... Leases up to n ready tasks; returns their fields.
--- Hot path: three calls per task, batched ZADD and counters.
+-- ARGV: worker, n, request_id ('' = none), queue... Leases up to n ready
+-- tasks; returns their fields. Hot path: three calls per task, batched ZADD
+-- and counters. A repeat of a request id (its reply was lost, the worker
+-- retried) returns the tasks the first call leased, never new ones.
+local worker, n, request = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local out = {}
+if request ~= '' then
+  local rk = P .. 'claimreq:' .. request
+  local granted = redis.call('LRANGE', rk, 0, -1)
+  if #granted > 0 then
+    for _, id in ipairs(granted) do
+      local f = redis.call('HMGET', tkey(id), unpack(FIELDS))
+      if f[11] == 'running' and f[16] == worker then out[#out + 1] = f end
+    end
+    return out
+  end
+end
 local now = clock()
 promote(now)
-local worker, n = ARGV[1], tonumber(ARGV[2])
-local out = {}
 local running = {}
 local seen = {}
-for qi = 3, #ARGV do
+for qi = 4, #ARGV do
   local q = ARGV[qi]
   if not seen[q] and #out < n then
     seen[q] = true
@@ -39,5 +52,10 @@ for qi = 3, #ARGV do
 end
 for i = 1, #running, 2000 do
   redis.call('ZADD', P .. 'running', unpack(running, i, math.min(i + 1999, #running)))
+end
+if request ~= '' and #out > 0 then
+  local rk = P .. 'claimreq:' .. request
+  for i = 1, #out do redis.call('RPUSH', rk, out[i][1]) end
+  redis.call('EXPIRE', rk, 600)
 end
 return out
