@@ -88,6 +88,14 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=15)
 
+    def restart(self) -> RedisServer:
+        """Start again on the same port and directory after :meth:`stop` or :meth:`kill`.
+        With AOF on, Redis replays its log before it answers PING, so once this
+        returns the data is back."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"redis-server on port {self.port} is still running")
+        return self.start()
+
     def close(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)

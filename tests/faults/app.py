@@ -100,4 +100,5 @@ def make_space(url: str | None = None) -> Space:
     # The same functions under other options, for the scenarios that need them.
     space.task(hang, name="faults.hang_untimed", lease=LEASE_S, max_attempts=3, isolation="process")
     space.task(work, name="faults.work_timeout", lease=LEASE_S, timeout=0.2, max_attempts=1)
+    space.task(work, name="faults.once", lease=LEASE_S, max_attempts=1)
     return space

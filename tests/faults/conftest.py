@@ -10,12 +10,14 @@ import pytest
 
 from taskspace import Space
 from tests.faults.app import make_space
-from tests.faults.harness import FAULT_BACKENDS, FIGURES, Fleet, backend_url
+from tests.faults.harness import FAULT_BACKENDS, FIGURES, Fleet, fault_backend
 
 
 @pytest.fixture(params=FAULT_BACKENDS)
-def fault_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return backend_url(str(request.param), tmp_path)
+def fault_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A private URL per test: SQLite in the test's directory, or a Redis of its own."""
+    with fault_backend(str(request.param), tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,12 +23,14 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from taskspace import Space
+from taskspace.backends.base import TaskRecord
+from tests.services import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.faults.app:make_space"
 
-# Backends the fault tests run on; Redis joins here (the tests do not change).
-FAULT_BACKENDS = ["sqlite"]
+# Backends the fault tests run on (the tests do not change).
+FAULT_BACKENDS = ["sqlite", "redis"]
 
 # Figure lines printed by tests; conftest.py repeats them in the terminal summary.
 FIGURES: list[str] = []
@@ -34,11 +38,23 @@ FIGURES: list[str] = []
 T = TypeVar("T")
 
 
-def backend_url(backend: str, tmp_path: Path) -> str:
-    """A fresh, private URL on ``backend``."""
+@contextlib.contextmanager
+def fault_backend(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh, private URL on ``backend``, valid while inside.
+
+    Redis: a redis-server of the test's own (a few milliseconds to start), so a
+    test that stops, kills or stalls things shares nothing with any other test;
+    it is killed and its directory removed on the way out."""
     if backend == "sqlite":
-        return f"sqlite:///{tmp_path}/space.db"
-    raise AssertionError(f"no fault-test URL for backend {backend!r}")
+        yield f"sqlite:///{tmp_path}/space.db"
+    elif backend == "redis":
+        server = RedisServer().start()
+        try:
+            yield server.namespaced_url()
+        finally:
+            server.close()
+    else:
+        raise AssertionError(f"no fault-test URL for backend {backend!r}")
 
 
 def wait_for(
@@ -109,6 +125,31 @@ def markers_of(marks: Path, task_id: str, event: str | None = None) -> list[Mark
     """Markers of one task (optionally of one event), oldest token first."""
     found = [m for m in read_markers(marks) if m.task_id == task_id]
     return sorted((m for m in found if event is None or m.event == event), key=lambda m: m.token)
+
+
+def square_violations(
+    i: int, record: TaskRecord, value: object, attempts: list[Marker]
+) -> list[str]:
+    """Everything wrong with task ``i`` of ``faults.square`` (its stored record and
+    result, and every marker its attempts left); an empty list when it ended exactly once."""
+    found = []
+    starts = {m.token: m.pid for m in attempts if m.event == "start"}
+    ends = {m.token: m.pid for m in attempts if m.event == "end"}
+    if record.state != "succeeded":
+        return [f"task {i} ended {record.state}: {record.error}"]
+    expected = {"x": i, "square": i * i, "pid": ends.get(record.token), "token": record.token,
+                "attempt": record.attempts}  # fmt: skip
+    if value != expected:
+        found.append(f"task {i}: stored result {value} is not its last attempt's {expected}")
+    if record.token not in starts or starts[record.token] != ends.get(record.token):
+        found.append(f"task {i}: accepted token {record.token} matches no attempt {starts}")
+    if any(token > record.token for token in starts):
+        found.append(f"task {i}: an attempt ran after the accepted one: {sorted(starts)}")
+    if len(starts) > record.attempts:
+        found.append(f"task {i}: {len(starts)} attempts ran but {record.attempts} were claimed")
+    if record.attempts != record.lost + 1:
+        found.append(f"task {i}: attempts {record.attempts} != lost {record.lost} + 1")
+    return found
 
 
 # -- worker processes -----------------------------------------------------------
@@ -189,10 +230,14 @@ class Fleet:
         self.workers.append(worker)
         return worker
 
-    def start(self, *, concurrency: int = 1, grace: float = 30.0) -> WorkerProc:
-        """A worker with fault-test timings (fast maintenance), via tests.faults.runner."""
+    def start(
+        self, *, concurrency: int = 1, grace: float = 30.0, slow_finish: float = 0.0
+    ) -> WorkerProc:
+        """A worker with fault-test timings (fast maintenance), via tests.faults.runner;
+        ``slow_finish`` delays each of its finish calls (a slow store)."""
         command = [sys.executable, "-m", "tests.faults.runner", "--url", self.url,
-                   "--concurrency", str(concurrency), "--grace", str(grace)]  # fmt: skip
+                   "--concurrency", str(concurrency), "--grace", str(grace),
+                   "--slow-finish", str(slow_finish)]  # fmt: skip
         return self._spawn(command, "runner")
 
     def start_cli(self, *extra: str, concurrency: int = 1, grace: float = 30.0) -> WorkerProc:
@@ -273,3 +318,66 @@ def pause(worker: WorkerProc, url: str) -> None:
 
 def resume(worker: WorkerProc) -> None:
     worker.send(signal.SIGCONT)
+
+
+# -- the network between a client and Redis ------------------------------------------
+
+
+class ReplyDropper:
+    """A TCP proxy in front of a server on loopback that, once armed, swallows the first
+    reply containing ``trigger``: it closes that connection (both ways) instead of
+    forwarding the reply. The command ran on the server, its answer never arrives, as
+    when the network fails after the server acted. Everything else passes through."""
+
+    def __init__(self, upstream_port: int, trigger: bytes) -> None:
+        self.upstream_port = upstream_port
+        self.trigger = trigger
+        self.armed = threading.Event()
+        self.dropped = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    def url(self, url: str) -> str:
+        """``url`` (of the upstream server) rewritten to go through the proxy."""
+        return url.replace(f":{self.upstream_port}/", f":{self.port}/", 1)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            for src, dst, replies in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(src, dst, replies), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if replies and self.armed.is_set() and self.trigger in data:
+                    self.armed.clear()
+                    self.dropped.set()
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()

@@ -1,9 +1,11 @@
 """Run one worker of :mod:`tests.faults.app` with fault-test timings.
 
-``python -m tests.faults.runner --url URL [--concurrency N] [--grace S]``.
-The CLI has no flags for the maintenance, heartbeat and idle intervals, so
-this runner builds the :class:`~taskspace.WorkerConfig` itself; everything
-else (signal handling, shutdown) is the real worker's.
+``python -m tests.faults.runner --url URL [--concurrency N] [--grace S]
+[--slow-finish S]``. The CLI has no flags for the maintenance, heartbeat and
+idle intervals, so this runner builds the :class:`~taskspace.WorkerConfig`
+itself; everything else (signal handling, shutdown) is the real worker's.
+``--slow-finish`` makes every ``store.finish`` call take that much longer, as
+on a slow disk or network.
 """
 
 from __future__ import annotations
@@ -11,13 +13,28 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
+from collections.abc import Sequence
+from typing import Any
 
 from taskspace import Worker, WorkerConfig
+from taskspace.backends.base import Store
 from tests.faults.app import make_space
 
 MAINTENANCE_S = 0.1
 HEARTBEAT_S = 0.25
 IDLE_WAIT_S = 0.05
+
+
+def slow_down_finish(store: Store, delay: float) -> None:
+    """Make every ``finish`` of ``store`` take ``delay`` seconds longer."""
+    finish = store.finish
+
+    def slow_finish(items: Sequence[Any]) -> list[bool]:
+        time.sleep(delay)
+        return finish(items)
+
+    store.finish = slow_finish  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--grace", type=float, default=30.0)
     parser.add_argument("--burst", action="store_true")
+    parser.add_argument("--slow-finish", type=float, default=0.0)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING,
@@ -41,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         idle_wait=IDLE_WAIT_S,
     )
     with make_space(args.url) as space:
+        if args.slow_finish:
+            slow_down_finish(space.store, args.slow_finish)
         report = Worker(space, config).run()
     return 3 if report.wedged else 0
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from taskspace import Space
-from taskspace.backends.base import TaskRecord
 from tests.faults.harness import (
     FIGURES,
     Fleet,
@@ -22,6 +21,7 @@ from tests.faults.harness import (
     pause,
     read_markers,
     resume,
+    square_violations,
 )
 
 pytestmark = pytest.mark.fault
@@ -84,28 +84,6 @@ class Injector:
         self.resume_due(float("inf"))
 
 
-def _violations(i: int, record: TaskRecord, value: object, attempts: list[Marker]) -> list[str]:
-    """Everything wrong with one task; an empty list when it ended exactly once."""
-    found = []
-    starts = {m.token: m.pid for m in attempts if m.event == "start"}
-    ends = {m.token: m.pid for m in attempts if m.event == "end"}
-    if record.state != "succeeded":
-        return [f"task {i} ended {record.state}: {record.error}"]
-    expected = {"x": i, "square": i * i, "pid": ends.get(record.token), "token": record.token,
-                "attempt": record.attempts}  # fmt: skip
-    if value != expected:
-        found.append(f"task {i}: stored result {value} is not its last attempt's {expected}")
-    if record.token not in starts or starts[record.token] != ends.get(record.token):
-        found.append(f"task {i}: accepted token {record.token} matches no attempt {starts}")
-    if any(token > record.token for token in starts):
-        found.append(f"task {i}: an attempt ran after the accepted one: {sorted(starts)}")
-    if len(starts) > record.attempts:
-        found.append(f"task {i}: {len(starts)} attempts ran but {record.attempts} were claimed")
-    if record.attempts != record.lost + 1:
-        found.append(f"task {i}: attempts {record.attempts} != lost {record.lost} + 1")
-    return found
-
-
 @pytest.mark.timeout(150)
 def test_thousand_tasks_survive_random_sigkills_and_stalls(
     fault_url: str, fault_space: Space, fleet: Fleet, marks: Path
@@ -140,7 +118,7 @@ def test_thousand_tasks_survive_random_sigkills_and_stalls(
     for i, handle in enumerate(handles):
         record = handle.info()
         value = handle.result(timeout=0) if record.state == "succeeded" else None
-        violations += _violations(i, record, value, by_task[handle.id])
+        violations += square_violations(i, record, value, by_task[handle.id])
         retried += record.lost > 0
         returned_unaccepted += sum(
             m.event == "end" and m.token != record.token for m in by_task[handle.id]
