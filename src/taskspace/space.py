@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from taskspace.backends import open_store, validate_url
-from taskspace.backends.base import Clock, QueueStats, Store, TaskSpec
+from taskspace.backends.base import Clock, Closeable, QueueStats, Store, TaskSpec
 from taskspace.codec import SERIALIZERS, Codec, get_codec
 from taskspace.errors import ConfigError, TaskNotFound, UnknownTask
 from taskspace.tasks.handle import Handle
@@ -31,7 +30,7 @@ DEFAULT_URL = "sqlite:///.taskspace/space.db"
 URL_ENV = "TASKSPACE_URL"
 
 
-class Space:
+class Space(Closeable):
     """A handle on one backend, named by URL, and the tasks registered on it.
 
     ``Space()`` uses ``$TASKSPACE_URL``, else ``sqlite:///.taskspace/space.db``.
@@ -85,17 +84,6 @@ class Space:
             if self._store is not None:
                 self._store.close()
                 self._store = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- tasks --------------------------------------------------------------
 

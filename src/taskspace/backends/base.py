@@ -344,6 +344,24 @@ class StreamStore(Protocol):
         ...
 
 
+class Closeable:
+    """Mixin: ``with obj:`` closes ``obj`` on exit."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class Subscription(Protocol):
     """A live subscription; messages published after it was made are delivered."""
 

@@ -16,13 +16,12 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from types import TracebackType
-from typing import Self
 
 from taskspace.backends.base import (
     FINAL_STATES,
     LIVE_STATES,
     Clock,
+    Closeable,
     Grant,
     Lease,
     LeaseStatus,
@@ -70,7 +69,7 @@ class _Slot:
     seq: int
 
 
-class _MemorySubscription:
+class _MemorySubscription(Closeable):
     def __init__(self, owner: MemoryStore, channels: Sequence[str]) -> None:
         self.channels = frozenset(channels)
         self._queue: queue_mod.SimpleQueue[Message] = queue_mod.SimpleQueue()
@@ -92,17 +91,6 @@ class _MemorySubscription:
         if not self._closed:
             self._closed = True
             self._owner._unsubscribe(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class MemoryStore:

@@ -32,12 +32,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, cast
 
 import orjson
 
 from taskspace.backends.base import (
+    Closeable,
     Grant,
     Lease,
     LeaseStatus,
@@ -184,7 +184,7 @@ class _Waiter:
         store._local.data_version = conn.execute("PRAGMA data_version").fetchone()[0]
 
 
-class _SQLiteSubscription:
+class _SQLiteSubscription(Closeable):
     def __init__(self, store: SQLiteStore, channels: Sequence[str]) -> None:
         self._store = store
         self._channels = list(channels)
@@ -229,17 +229,6 @@ class _SQLiteSubscription:
         if not self._closed:
             self._closed = True
             self._conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class SQLiteStore:

@@ -30,6 +30,16 @@ def _check_number(name: str, value: Any, *, positive: bool, allow_none: bool) ->
         raise ConfigError(f"{name} must be {need}{' or None' if allow_none else ''}, got {value!r}")
 
 
+def reject_unknown(kind: str, options: dict[str, Any], config: Any) -> None:
+    """Raise ConfigError naming every option that the dataclass ``config`` lacks."""
+    known = {f.name for f in fields(config)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown {kind} option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+        )
+
+
 def check_queue(queue: Any) -> None:
     """A queue name is a non-empty string without commas or whitespace."""
     if not isinstance(queue, str) or not queue or any(c in queue for c in ", \t\n"):
@@ -77,12 +87,7 @@ class TaskOptions:
 
     def updated(self, **options: Any) -> TaskOptions:
         """A copy with ``options`` changed, refusing unknown ones by name."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown task option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
-            )
+        reject_unknown("task", options, self)
         return replace(self, **options)
 
 
@@ -114,12 +119,7 @@ class SubmitOptions:
     @classmethod
     def build(cls, **options: Any) -> SubmitOptions:
         """Construct from keyword options, refusing unknown ones by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown submit option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
-            )
+        reject_unknown("submit", options, cls)
         return cls(**options)
 
     def delay(self) -> float:

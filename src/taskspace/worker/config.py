@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from taskspace.errors import ConfigError
-from taskspace.tasks.options import check_queue
+from taskspace.tasks.options import check_queue, reject_unknown
 
 DEFAULT_CONCURRENCY = 8
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
@@ -56,12 +56,7 @@ class WorkerConfig:
     @classmethod
     def build(cls, **options: Any) -> WorkerConfig:
         """From keyword options; ``queues`` may be a comma-separated string."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown worker option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
-            )
+        reject_unknown("worker", options, cls)
         queues = options.get("queues")
         if isinstance(queues, str):
             options["queues"] = tuple(q.strip() for q in queues.split(",") if q.strip())

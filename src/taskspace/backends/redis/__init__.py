@@ -31,13 +31,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from importlib import resources
-from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
 from taskspace.backends.base import (
+    Closeable,
     Grant,
     Lease,
     LeaseStatus,
@@ -129,7 +129,7 @@ def _number(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
 
-class _RedisSubscription:
+class _RedisSubscription(Closeable):
     def __init__(self, store: RedisStore, channels: Sequence[str]) -> None:
         self._prefix = store.prefix + "ch:"
         self._pubsub = store.client.pubsub(ignore_subscribe_messages=True)
@@ -164,17 +164,6 @@ class _RedisSubscription:
             self._closed = True
             with contextlib.suppress(Exception):
                 self._pubsub.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class RedisStore:
