@@ -1,14 +1,20 @@
-"""``python -m bench queue --backend sqlite|memory``: see :mod:`bench.queue`."""
+"""``python -m bench queue --backend sqlite|memory|redis`` (see :mod:`bench.queue`) and
+``python -m bench peers`` (see :mod:`bench.peers`)."""
 
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 
 import click
 from rich.console import Console
 
+from bench import peers as peers_bench
 from bench.queue import BACKENDS, QueueBench, report, run
 from bench.workers import BenchError
+
+WIDE_CONSOLE = 200
 
 
 def _concurrency(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -42,14 +48,20 @@ def main() -> None:
               help="Sequential single submits.")  # fmt: skip
 @click.option("--batch", default=1_000, show_default=True, type=click.IntRange(min=1),
               help="submit_many chunk size.")  # fmt: skip
+@click.option("--url", default="",
+              help="redis: a Redis URL whose database is FLUSHED before every phase"
+                   " (default: start a private redis-server).")  # fmt: skip
 @click.option("--keep", is_flag=True, help="Keep the temporary directory (SQLite files, logs).")
 @click.option("--check", is_flag=True, help="Exit 1 if a SQLite target is missed.")
 def queue(backend: str, tasks: int, workers: int, concurrency: tuple[int, ...], roundtrips: int,
-          repeat: int, singles: int, batch: int, keep: bool, check: bool) -> None:  # fmt: skip
+          repeat: int, singles: int, batch: int, url: str, keep: bool,
+          check: bool) -> None:  # fmt: skip
     """Submit rate, drain throughput and submit→result latency of no-op tasks."""
+    if url and backend != "redis":
+        raise click.BadParameter("--url applies to --backend redis only", param_hint="--url")
     config = QueueBench(backend=backend, tasks=tasks, workers=workers, concurrency=concurrency,
                         roundtrips=roundtrips, repeat=repeat, singles=singles, batch=batch,
-                        keep=keep)  # fmt: skip
+                        keep=keep, url=url)  # fmt: skip
     console = Console()
     try:
         results = run(config, console)
@@ -59,6 +71,59 @@ def queue(backend: str, tasks: int, workers: int, concurrency: tuple[int, ...], 
     met = report(config, results, console)
     if check and not met:
         sys.exit(1)
+
+
+def _names(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    try:
+        peers_bench.select(names)
+    except BenchError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return names
+
+
+@main.command()
+@click.option("--tasks", default=20_000, show_default=True, type=click.IntRange(min=1),
+              help="No-op tasks for the batched enqueue and the drain.")  # fmt: skip
+@click.option("--roundtrips", default=300, show_default=True, type=click.IntRange(min=2),
+              help="Sequential submit→result pairs.")  # fmt: skip
+@click.option("--singles", default=2_000, show_default=True, type=click.IntRange(min=1),
+              help="Sequential single enqueues.")  # fmt: skip
+@click.option("--batch", default=1_000, show_default=True, type=click.IntRange(min=1),
+              help="Tasks per bulk enqueue call.")  # fmt: skip
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Worker processes for every system.")  # fmt: skip
+@click.option("--concurrency", default=32, show_default=True, type=click.IntRange(min=1),
+              help="taskspace: tasks at once per worker process.")  # fmt: skip
+@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Rounds over every system (interleaved); medians are shown.")  # fmt: skip
+@click.option("--only", default="", callback=_names,
+              help="Comma list of rows: " + ",".join(peers_bench.NAMES)
+                   + " (a name includes its variants: huey = huey,huey-notify).")  # fmt: skip
+@click.option("--skip-install", is_flag=True,
+              help="Use the peers' venvs as they are; fail if one is missing.")  # fmt: skip
+@click.option("--venv-root", type=click.Path(path_type=Path), default=peers_bench.VENV_ROOT,
+              show_default=True, help="Where the peers' virtual environments live.")  # fmt: skip
+def peers(tasks: int, roundtrips: int, singles: int, batch: int, workers: int, concurrency: int,
+          repeat: int, only: tuple[str, ...], skip_install: bool,
+          venv_root: Path) -> None:  # fmt: skip
+    """taskspace against Celery, RQ, Dramatiq, Huey and arq on one private Redis."""
+    opts = peers_bench.PeersBench(
+        tasks=tasks, roundtrips=roundtrips, singles=min(singles, tasks), batch=batch,
+        workers=workers, concurrency=concurrency, repeat=repeat, only=only,
+        skip_install=skip_install,
+        venv_root=venv_root,
+    )  # fmt: skip
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: keep the wide table readable
+        console = Console(width=WIDE_CONSOLE)
+    with tempfile.TemporaryDirectory(prefix="taskspace-bench-peers-") as work:
+        try:
+            outcome = peers_bench.run(opts, console, Path(work))
+        except BenchError as exc:
+            console.print(f"[red]benchmark failed:[/] {exc}")
+            sys.exit(2)
+        peers_bench.report(opts, outcome, console)
 
 
 if __name__ == "__main__":

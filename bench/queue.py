@@ -1,7 +1,8 @@
 """Queue benchmark: submit rate, drain throughput of no-op tasks, submit→result round trip.
 
 Every measured phase gets a fresh store (a new SQLite file in a temporary directory,
-removed at the end, or a fresh ``memory://`` store). Each phase is repeated
+removed at the end, a fresh ``memory://`` store, or a flushed Redis database: a private
+``redis-server`` unless ``--url`` names one). Each phase is repeated
 ``repeat`` times and the median is quoted next to every run's figure.
 
 Drain throughput is measured on the store's own clock: from the earliest
@@ -20,8 +21,8 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -39,10 +40,11 @@ from rich.progress import (
 from rich.table import Table
 
 from bench.apps import NOOP, make_space
+from bench.redis_server import RedisServer, flushdb
 from bench.workers import BenchError, ProcessWorkers, ThreadWorkers, WorkerGroup
 from taskspace import Handle, Space
 
-BACKENDS = ("sqlite", "memory")
+BACKENDS = ("sqlite", "memory", "redis")
 TARGET_DRAIN_PER_S = 5000.0
 TARGET_RTT_P50_MS = 5.0
 WARMUP_ROUNDTRIPS = 20
@@ -67,6 +69,7 @@ class QueueBench:
     singles: int = 2_000
     batch: int = 1_000
     keep: bool = False
+    url: str = ""  # redis: the server to use (flushed before every phase); "" starts one
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,13 @@ class Results:
 
 
 class Sandbox:
-    """Fresh stores for each phase; SQLite files live in one temporary directory."""
+    """Fresh stores for each phase; SQLite files live in one temporary directory, Redis
+    phases share ``url``'s database, flushed before each."""
 
-    def __init__(self, backend: str, keep: bool) -> None:
+    def __init__(self, backend: str, keep: bool, url: str = "") -> None:
         self.backend = backend
         self.keep = keep
+        self.redis_url = url
         self.dir = Path(tempfile.mkdtemp(prefix="taskspace-bench-", dir="/tmp"))
         self._count = 0
 
@@ -129,6 +134,9 @@ class Sandbox:
         self._count += 1
         if self.backend == "memory":
             return "memory://"  # a fresh store per Space
+        if self.backend == "redis":
+            flushdb(self.redis_url)
+            return self.redis_url
         return f"sqlite:///{self.dir / f'{self._count:02d}-{tag}.db'}"
 
     def space(self, tag: str) -> Space:
@@ -305,8 +313,26 @@ def _repeat(config: QueueBench, what: str, fn: Callable[[str], T]) -> list[T]:
 
 def run(config: QueueBench, console: Console) -> Results:
     """Run every phase ``config.repeat`` times; return the raw figures."""
+    with ExitStack() as stack:
+        if config.backend == "redis" and not config.url:
+            server = stack.enter_context(RedisServer())
+            console.print(f"[dim]private redis-server {server.version} on {server.url}")
+            config = replace(config, url=server.url)
+        return _run(config, console)
+
+
+def _probe(sandbox: Sandbox) -> None:
+    """Open the backend once, so a missing one fails with one line, not mid-phase."""
+    try:
+        with sandbox.space("probe"):
+            pass
+    except Exception as exc:
+        raise BenchError(f"backend {sandbox.backend} unavailable: {exc}") from exc
+
+
+def _run(config: QueueBench, console: Console) -> Results:
     results = Results(load_before=os.getloadavg()[0])
-    sandbox = Sandbox(config.backend, config.keep)
+    sandbox = Sandbox(config.backend, config.keep, config.url)
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -317,6 +343,7 @@ def run(config: QueueBench, console: Console) -> Results:
         transient=True,
     )
     try:
+        _probe(sandbox)
         with progress:
             single = partial(bench_single, sandbox, config.singles, progress)
             results.single = _repeat(config, "submit single", single)
@@ -353,7 +380,7 @@ def report(config: QueueBench, results: Results, console: Console) -> bool:
     sqlite = config.backend == "sqlite"
     kind = (
         "worker processes (python -m taskspace worker --burst)"
-        if sqlite
+        if config.backend != "memory"
         else "in-process worker threads (memory:// lives in one process)"
     )
     table = Table(title=f"taskspace queue benchmark: {config.backend}")
