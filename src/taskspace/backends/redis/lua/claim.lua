@@ -34,7 +34,7 @@ for qi = 4, #ARGV do
         token = token + 1
         got = got + 1
         local expires = fmt(now + tonumber(f[8]))
-        local attempts = tonumber(f[13]) + 1
+        local attempts = (tonumber(f[13]) or 0) + 1
         redis.call('HSET', k, 'state', 'running', 'token', token, 'worker', worker,
           'lease_expires', expires, 'started', fmt(now), 'attempts', attempts)
         f[11], f[13], f[15], f[16] = 'running', attempts, token, worker
