@@ -59,7 +59,10 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return 0 if all(c.proc is None or c.proc.returncode == 0 for c in self.children) else 1
+        # A child stopped by our SIGTERM before it installed its handlers (still
+        # starting up) exits with -SIGTERM: that is a clean stop too.
+        clean = (0, -signal.SIGTERM) if self._stopping.is_set() else (0,)
+        return 0 if all(c.proc is None or c.proc.returncode in clean for c in self.children) else 1
 
     def stop(self) -> None:
         """Forward SIGTERM to every child and stop restarting them."""
