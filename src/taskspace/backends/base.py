@@ -17,6 +17,7 @@ paused past its lease can always be recognised as stale and refused.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -344,11 +345,12 @@ class StreamStore(Protocol):
         ...
 
 
-class Closeable:
+class Closeable(ABC):
     """Mixin: ``with obj:`` closes ``obj`` on exit."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Release what the object holds; idempotent."""
 
     def __enter__(self) -> Self:
         return self
