@@ -12,7 +12,10 @@
      ├── NoCurrentTask          current_task() called outside a running task
      ├── TaskTimeout            (recorded) an attempt ran past the task's timeout
      ├── ProcessDied            (recorded) a process-isolated attempt died without reporting
+     ├── PayloadTooLarge        an argument or result above ``max_payload`` (also a ValueError)
+     ├── SpaceNotFound          a read-only command named a space that does not exist
      ├── BackendError           the store is unreachable or refused the operation
+     │    └── SubscriptionLost  a subscription's connection dropped: messages may be missed
      └── MissingDependency      an optional extra is not installed (also an ImportError)
 
 Control flow (not errors, not under the root): :class:`Retry` asks the worker
@@ -111,6 +114,18 @@ class ProcessDied(TaskspaceError, RuntimeError):
 
 class BackendError(TaskspaceError):
     """The backend is unreachable or failed; the operation may be retried."""
+
+
+class PayloadTooLarge(TaskspaceError, ValueError):
+    """An encoded argument or result is larger than the Space's ``max_payload``."""
+
+
+class SpaceNotFound(TaskspaceError, LookupError):
+    """There is no space at this URL (read-only commands never create one)."""
+
+
+class SubscriptionLost(BackendError):
+    """A subscription lost its connection; messages may have been missed, so re-sync."""
 
 
 class MissingDependency(TaskspaceError, ImportError):

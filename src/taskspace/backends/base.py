@@ -18,7 +18,7 @@ paused past its lease can always be recognised as stale and refused.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, NamedTuple, Protocol, Self, runtime_checkable
@@ -34,6 +34,15 @@ TASK_STATES: tuple[TaskState, ...] = (
 )
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "dead", "cancelled"})
 LIVE_STATES: frozenset[str] = frozenset({"queued", "running"})
+
+# Priorities every backend orders exactly (Redis folds priority and FIFO
+# sequence into one double score, exact while |priority| < 2**20).
+PRIORITY_MIN = -1_000_000
+PRIORITY_MAX = 1_000_000
+# Finished tasks are kept this long by default (``TaskSpec.result_ttl``).
+DEFAULT_RESULT_TTL_S = 7 * 24 * 3600.0
+# Errors of earlier attempts kept flat in a task's error (``history``).
+ERROR_HISTORY_MAX = 5
 
 OutcomeKind = Literal["succeeded", "failed", "retry", "cancelled", "release"]
 LeaseStatus = Literal["held", "cancel_requested", "lost"]
@@ -57,6 +66,7 @@ class TaskSpec:
     timeout: float | None = None
     dedup_key: str | None = None
     delay: float = 0.0
+    result_ttl: float | None = DEFAULT_RESULT_TTL_S
 
 
 @dataclass(slots=True)
@@ -92,6 +102,7 @@ class TaskRecord:
     created: float = 0.0
     started: float | None = None
     finished: float | None = None
+    result_ttl: float | None = DEFAULT_RESULT_TTL_S
 
     @property
     def lease(self) -> Lease:
@@ -203,15 +214,27 @@ class QueueStore(Protocol):
         ...
 
     def claim(
-        self, queues: Sequence[str], worker: str, n: int, request_id: str | None = None
+        self,
+        queues: Sequence[str],
+        worker: str,
+        n: int,
+        request_id: str | None = None,
+        names: Collection[str] | None = None,
     ) -> list[TaskRecord]:
         """Lease up to ``n`` ready tasks: earlier queues first, then higher
         priority, then FIFO. Each claim increments ``attempts``, gets a fresh
         fencing token and a lease of the task's ``lease_s``.
 
-        A retry with the same ``request_id`` (after an error that may have
-        hidden a reply) returns what the first call leased instead of leasing
-        more; backends whose replies cannot be lost may ignore it."""
+        ``names``: only tasks with one of these names are leased (a worker
+        claims only what it can run, so several apps share a space); tasks of
+        other names stay queued, in order, and cost a claim little however
+        many there are. None: any name.
+
+        A repeat of a ``request_id`` (after an error that may have hidden a
+        reply) returns what the first call leased instead of leasing more,
+        and a request id the store has seen before never leases anything new
+        (a late duplicate of a claim leases nothing); backends whose replies
+        cannot be lost may ignore it."""
         ...
 
     def renew(self, leases: Sequence[Lease]) -> dict[str, LeaseStatus]:
@@ -249,6 +272,41 @@ class QueueStore(Protocol):
 
     def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None."""
+        ...
+
+    def state(self, task_id: str) -> TaskState | None:
+        """Only the task's state (never its payload or result), or None."""
+        ...
+
+    def list(
+        self,
+        state: str | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[TaskRecord]:
+        """Tasks matching every filter given, in submission order, at most
+        ``limit``; ``after`` (a task id from an earlier page) continues after
+        that task. Records carry no payload or result (``b""``/None); use
+        ``get`` for those."""
+        ...
+
+    def retry(self, task_id: str) -> TaskState | None:
+        """Requeue a ``failed`` or ``dead`` task with fresh attempts
+        (``attempts = lost = 0``, ready now, its last error kept). Returns the
+        state after the call (unchanged for any other state), or None."""
+        ...
+
+    def purge(self, queue: str, states: Collection[str]) -> int:
+        """Delete the tasks of ``queue`` in ``states`` (never ``running``:
+        those belong to a worker); return how many were deleted."""
+        ...
+
+    def reap(self, limit: int = 1000) -> int:
+        """Delete up to ``limit`` finished tasks whose ``result_ttl`` has
+        passed since they finished, and expired KV entries (with their index
+        entries); return how many were deleted. Safe to run concurrently."""
         ...
 
     def stats(self) -> QueueStats:
@@ -368,7 +426,13 @@ class Subscription(Protocol):
     """A live subscription; messages published after it was made are delivered."""
 
     def get(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None after ``timeout`` seconds."""
+        """The next message, or None after ``timeout`` seconds.
+
+        Raises :class:`~taskspace.errors.SubscriptionLost` when the connection
+        behind the subscription was lost: messages may have been missed, and
+        the caller must re-sync from the store. The subscription resubscribes
+        by itself; the next ``get`` delivers what is published after that
+        (or raises BackendError while the backend is still away)."""
         ...
 
     def close(self) -> None:

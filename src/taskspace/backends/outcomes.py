@@ -6,7 +6,7 @@ decides, it never touches a store.
 
 from __future__ import annotations
 
-from taskspace.backends.base import ErrorInfo, Outcome, TaskRecord, TaskState
+from taskspace.backends.base import ERROR_HISTORY_MAX, ErrorInfo, Outcome, TaskRecord, TaskState
 
 
 def outcome_state(outcome: Outcome, rec: TaskRecord) -> TaskState:
@@ -31,8 +31,19 @@ def expired_state(rec: TaskRecord) -> TaskState:
     return "queued" if rec.attempts < rec.max_attempts else "dead"
 
 
+def with_history(error: ErrorInfo, previous: ErrorInfo | None) -> ErrorInfo:
+    """``error`` carrying the errors before it, flat and bounded: at most
+    ERROR_HISTORY_MAX earlier errors (newest first, without their own
+    history), so a task that fails thousands of times stores a bounded error."""
+    if not previous:
+        return error
+    earlier = {k: v for k, v in previous.items() if k != "history"}
+    history = [earlier, *previous.get("history", [])][:ERROR_HISTORY_MAX]
+    return {**error, "history": history}
+
+
 def lease_lost_error(rec: TaskRecord) -> ErrorInfo:
-    """The error recorded when a lease expires; keeps the previous error, if any."""
+    """The error recorded when a lease expires; keeps a bounded history of earlier errors."""
     error: ErrorInfo = {
         "type": "WorkerLost",
         "message": (
@@ -41,6 +52,4 @@ def lease_lost_error(rec: TaskRecord) -> ErrorInfo:
         ),
         "traceback": "",
     }
-    if rec.error:
-        error["previous"] = rec.error
-    return error
+    return with_history(error, rec.error)
