@@ -45,7 +45,7 @@ DEFAULT_RESULT_TTL_S = 7 * 24 * 3600.0
 ERROR_HISTORY_MAX = 5
 
 OutcomeKind = Literal["succeeded", "failed", "retry", "cancelled", "release"]
-LeaseStatus = Literal["held", "cancel_requested", "lost"]
+LeaseStatus = Literal["held", "cancel_requested", "terminate_requested", "lost"]
 
 ErrorInfo = dict[str, Any]
 """``{"type": str, "message": str, "traceback": str}`` plus optional detail keys."""
@@ -239,8 +239,10 @@ class QueueStore(Protocol):
 
     def renew(self, leases: Sequence[Lease]) -> dict[str, LeaseStatus]:
         """Extend every lease still held by its task's ``lease_s``; report each
-        task as ``held``, ``cancel_requested`` (held, and a cancel was asked)
-        or ``lost`` (stale token or expired and requeued)."""
+        task as ``held``, ``cancel_requested`` (held, and a cancel was asked),
+        ``terminate_requested`` (held, and a cancel with ``terminate``) or
+        ``lost`` (stale token, or expired: the worker must abandon the
+        attempt, never finish it as cancelled)."""
         ...
 
     def finish(self, items: Sequence[tuple[Lease, Outcome]]) -> list[bool]:
@@ -264,10 +266,13 @@ class QueueStore(Protocol):
         filters by ETA directly may do nothing and return 0."""
         ...
 
-    def cancel(self, task_id: str) -> TaskState | None:
+    def cancel(self, task_id: str, terminate: bool = False) -> TaskState | None:
         """Cancel a task: a queued one becomes ``cancelled`` and never runs; a
-        running one gets ``cancel_requested`` (its worker sees it on renew).
-        Returns the state after the call, or None if there is no such task."""
+        running one gets a cancel request that its worker sees on renew
+        (``cancel_requested``, or ``terminate_requested`` when ``terminate``:
+        the worker kills a process-isolated attempt; a later cancel without
+        ``terminate`` never downgrades it). Returns the state after the call,
+        or None if there is no such task."""
         ...
 
     def get(self, task_id: str) -> TaskRecord | None:
