@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 
 from bench import peers as peers_bench
-from bench.queue import BACKENDS, QueueBench, report, run
+from bench.queue import BACKENDS, QueueBench, report, report_delayed, run
 from bench.workers import BenchError
 
 WIDE_CONSOLE = 200
@@ -51,24 +51,32 @@ def main() -> None:
 @click.option("--url", default="",
               help="redis: a Redis URL whose database is FLUSHED before every phase"
                    " (default: start a private redis-server).")  # fmt: skip
+@click.option("--delayed", default=100_000, show_default=True, type=click.IntRange(min=0),
+              help="Delayed tasks queued before the claim-latency phase (0: skip).")  # fmt: skip
+@click.option("--claims", default=1_000, show_default=True, type=click.IntRange(min=2),
+              help="One-task claims timed in the claim-latency phase.")  # fmt: skip
+@click.option("--claims-only", is_flag=True, help="Run only the claim-latency phase.")
 @click.option("--keep", is_flag=True, help="Keep the temporary directory (SQLite files, logs).")
 @click.option("--check", is_flag=True, help="Exit 1 if a SQLite target is missed.")
 def queue(backend: str, tasks: int, workers: int, concurrency: tuple[int, ...], roundtrips: int,
-          repeat: int, singles: int, batch: int, url: str, keep: bool,
-          check: bool) -> None:  # fmt: skip
+          repeat: int, singles: int, batch: int, url: str, delayed: int, claims: int,
+          claims_only: bool, keep: bool, check: bool) -> None:  # fmt: skip
     """Submit rate, drain throughput and submit→result latency of no-op tasks."""
     if url and backend != "redis":
         raise click.BadParameter("--url applies to --backend redis only", param_hint="--url")
     config = QueueBench(backend=backend, tasks=tasks, workers=workers, concurrency=concurrency,
                         roundtrips=roundtrips, repeat=repeat, singles=singles, batch=batch,
-                        keep=keep, url=url)  # fmt: skip
+                        keep=keep, url=url, delayed=delayed, claims=claims,
+                        claims_only=claims_only)  # fmt: skip
     console = Console()
     try:
         results = run(config, console)
     except BenchError as exc:
         console.print(f"[red]benchmark failed:[/] {exc}")
         sys.exit(2)
-    met = report(config, results, console)
+    met = claims_only or report(config, results, console)
+    if results.delayed:
+        report_delayed(config, results, console)
     if check and not met:
         sys.exit(1)
 

@@ -43,6 +43,8 @@ from bench.apps import NOOP, make_space
 from bench.redis_server import RedisServer, flushdb
 from bench.workers import BenchError, ProcessWorkers, ThreadWorkers, WorkerGroup
 from taskspace import Handle, Space
+from taskspace.backends import open_store
+from taskspace.backends.base import Outcome, TaskSpec
 
 BACKENDS = ("sqlite", "memory", "redis")
 TARGET_DRAIN_PER_S = 5000.0
@@ -70,6 +72,9 @@ class QueueBench:
     batch: int = 1_000
     keep: bool = False
     url: str = ""  # redis: the server to use (flushed before every phase); "" starts one
+    delayed: int = 100_000  # future tasks queued ahead of the claim-latency phase (0: skip it)
+    claims: int = 1_000  # one-task claims timed in that phase
+    claims_only: bool = False  # run only the claim-latency phase
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ class Results:
     drains: dict[int, list[DrainRun]] = field(default_factory=dict)
     roundtrips: list[RoundTripRun] = field(default_factory=list)
     roundtrip_concurrency: int = 0
+    delayed: dict[int, list[DelayedRun]] = field(default_factory=dict)
     load_before: float = 0.0
     load_after: float = 0.0
 
@@ -303,6 +309,55 @@ def bench_roundtrip(
     return RoundTripRun(samples)
 
 
+# -- claims behind delayed tasks ----------------------------------------------------
+
+DELAYED_DELAY_S = 7 * 24 * 3600.0  # far in the future: never due during the run
+DELAYED_PUSH_BATCH = 5_000
+
+
+@dataclass(frozen=True)
+class DelayedRun:
+    """Claim latency (ms) with ``delayed`` future tasks sitting in the same queue."""
+
+    delayed: int
+    samples_ms: list[float]
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.samples_ms)
+
+
+def _spec(i: int, delay: float = 0.0) -> TaskSpec:
+    return TaskSpec(id=f"{delay:g}-{i}", name=NOOP, payload=b"[0]", delay=delay)
+
+
+def bench_claim_behind_delayed(
+    sandbox: Sandbox, delayed: int, claims: int, progress: Progress, label: str
+) -> DelayedRun:
+    """p50 of one-task claims (each followed by its finish) while ``delayed`` tasks
+    due in a week wait in the same queue, submitted before the ready ones."""
+    store = open_store(sandbox.url(f"delayed-{delayed}"))
+    try:
+        with _phase(progress, label + " submit", delayed) as bar:
+            for lo in range(0, delayed, DELAYED_PUSH_BATCH):
+                hi = min(delayed, lo + DELAYED_PUSH_BATCH)
+                store.push([_spec(i, DELAYED_DELAY_S) for i in range(lo, hi)])
+                progress.update(bar, completed=hi)
+        store.push([_spec(i) for i in range(claims)])
+        samples: list[float] = []
+        with _phase(progress, label, claims) as bar:
+            for i in range(claims):
+                start = time.perf_counter()
+                (record,) = store.claim(["default"], "bench", 1)
+                samples.append((time.perf_counter() - start) * 1000.0)
+                store.finish([(record.lease, Outcome("succeeded", result=b"0"))])
+                if i % 100 == 0:
+                    progress.update(bar, completed=i)
+        return DelayedRun(delayed, samples)
+    finally:
+        store.close()
+
+
 # -- driver and report -----------------------------------------------------------
 
 
@@ -345,26 +400,46 @@ def _run(config: QueueBench, console: Console) -> Results:
     try:
         _probe(sandbox)
         with progress:
-            single = partial(bench_single, sandbox, config.singles, progress)
-            results.single = _repeat(config, "submit single", single)
-            batched = partial(bench_batched, sandbox, config.tasks, config.batch, progress)
-            results.batched = _repeat(config, "submit_many", batched)
-            # Interleave the concurrency levels so a noisy host's drift hits them all alike.
-            results.drains = {k: [] for k in config.concurrency}
-            for r in range(config.repeat):
-                for k in config.concurrency:
-                    label = f"drain c={k} [{r + 1}/{config.repeat}]"
-                    results.drains[k].append(bench_drain(sandbox, config, k, progress, label))
-            best = max(config.concurrency, key=lambda k: _median(r.rate for r in results.drains[k]))
-            results.roundtrip_concurrency = best
-            roundtrip = partial(bench_roundtrip, sandbox, config, best, progress)
-            results.roundtrips = _repeat(config, "round trip", roundtrip)
+            if not config.claims_only:
+                _run_phases(config, sandbox, progress, results)
+            if config.delayed:
+                _run_delayed(config, sandbox, progress, results)
     finally:
         sandbox.cleanup()
     results.load_after = os.getloadavg()[0]
     if config.keep:
         console.print(f"kept {sandbox.dir}")
     return results
+
+
+def _run_delayed(
+    config: QueueBench, sandbox: Sandbox, progress: Progress, results: Results
+) -> None:
+    """Claim latency with no delayed task and with ``config.delayed`` of them."""
+    results.delayed = {0: [], config.delayed: []}
+    for r in range(config.repeat):
+        for count in results.delayed:
+            label = f"claims behind {count:,} delayed [{r + 1}/{config.repeat}]"
+            run = bench_claim_behind_delayed(sandbox, count, config.claims, progress, label)
+            results.delayed[count].append(run)
+
+
+def _run_phases(config: QueueBench, sandbox: Sandbox, progress: Progress, results: Results) -> None:
+    """Submit rates, drains and round trips, ``config.repeat`` times each."""
+    single = partial(bench_single, sandbox, config.singles, progress)
+    results.single = _repeat(config, "submit single", single)
+    batched = partial(bench_batched, sandbox, config.tasks, config.batch, progress)
+    results.batched = _repeat(config, "submit_many", batched)
+    # Interleave the concurrency levels so a noisy host's drift hits them all alike.
+    results.drains = {k: [] for k in config.concurrency}
+    for r in range(config.repeat):
+        for k in config.concurrency:
+            label = f"drain c={k} [{r + 1}/{config.repeat}]"
+            results.drains[k].append(bench_drain(sandbox, config, k, progress, label))
+    best = max(config.concurrency, key=lambda k: _median(r.rate for r in results.drains[k]))
+    results.roundtrip_concurrency = best
+    roundtrip = partial(bench_roundtrip, sandbox, config, best, progress)
+    results.roundtrips = _repeat(config, "round trip", roundtrip)
 
 
 def _median(values: Iterator[float] | Sequence[float]) -> float:
@@ -438,3 +513,22 @@ def report(config: QueueBench, results: Results, console: Console) -> bool:
         sep="\n",
     )
     return ok
+
+
+def report_delayed(config: QueueBench, results: Results, console: Console) -> None:
+    """Print claim latency without and with ``config.delayed`` future tasks queued."""
+    table = Table(title=f"claims behind delayed tasks: {config.backend}")
+    table.add_column("delayed tasks in the queue", justify="right")
+    table.add_column(f"claim p50, median of {config.repeat}", justify="right")
+    table.add_column("runs (p50, ms)", justify="right", style="dim")
+    table.add_column("claim p99", justify="right")
+    for count, runs in results.delayed.items():
+        p50s = [r.p50 for r in runs]
+        p99 = _median([RoundTripRun(r.samples_ms).quantile(0.99) for r in runs])
+        table.add_row(f"{count:,}", f"{_median(p50s):.3f} ms", _runs(p50s, ".3f"), f"{p99:.3f} ms")
+    console.print(table)
+    console.print(
+        f"{config.claims:,} one-task claims (each followed by its finish) with the delayed"
+        " tasks (due in 7 days, submitted first) in the same queue; store API called"
+        " in-process, no worker."
+    )
