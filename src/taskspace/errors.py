@@ -3,7 +3,8 @@
     TaskspaceError
      ├── ConfigError            bad option or argument (also a ValueError)
      │    └── InvalidURL        malformed or unsupported backend URL
-     ├── SerializationError     a value the codec cannot encode or decode (also a TypeError)
+     ├── SerializationError     a value the codec cannot encode exactly or decode (also a TypeError)
+     │    └── PayloadTooLarge   an argument or result above ``max_payload`` (also a ValueError)
      ├── UnknownTask            a task name not registered in this Space (also a LookupError)
      ├── TaskNotFound           a task id the store does not hold (also a LookupError)
      ├── TaskFailed             the task ended failed or dead: remote type, message, traceback
@@ -12,7 +13,6 @@
      ├── NoCurrentTask          current_task() called outside a running task
      ├── TaskTimeout            (recorded) an attempt ran past the task's timeout
      ├── ProcessDied            (recorded) a process-isolated attempt died without reporting
-     ├── PayloadTooLarge        an argument or result above ``max_payload`` (also a ValueError)
      ├── SpaceNotFound          a read-only command named a space that does not exist
      ├── BackendError           the store is unreachable or refused the operation
      │    └── SubscriptionLost  a subscription's connection dropped: messages may be missed
@@ -44,6 +44,10 @@ class InvalidURL(ConfigError):
 
 class SerializationError(TaskspaceError, TypeError):
     """A value could not be encoded or decoded by the configured codec."""
+
+
+class PayloadTooLarge(SerializationError, ValueError):
+    """An encoded argument or result is larger than the Space's ``max_payload``."""
 
 
 class UnknownTask(TaskspaceError, LookupError):
@@ -114,10 +118,6 @@ class ProcessDied(TaskspaceError, RuntimeError):
 
 class BackendError(TaskspaceError):
     """The backend is unreachable or failed; the operation may be retried."""
-
-
-class PayloadTooLarge(TaskspaceError, ValueError):
-    """An encoded argument or result is larger than the Space's ``max_payload``."""
 
 
 class SpaceNotFound(TaskspaceError, LookupError):

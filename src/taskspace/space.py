@@ -7,15 +7,28 @@ Space in an app module costs nothing until it is used.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from taskspace.backends import open_store, validate_url
-from taskspace.backends.base import Clock, Closeable, QueueStats, Store, TaskSpec
-from taskspace.codec import SERIALIZERS, Codec, get_codec
-from taskspace.errors import ConfigError, TaskNotFound, UnknownTask
+from taskspace.backends.base import (
+    DEFAULT_RESULT_TTL_S,
+    TASK_STATES,
+    Clock,
+    Closeable,
+    QueueStats,
+    Store,
+    TaskRecord,
+    TaskSpec,
+)
+from taskspace.codec import DEFAULT_MAX_PAYLOAD, SERIALIZERS, Codec, get_codec
+from taskspace.errors import BackendError, ConfigError, TaskNotFound, UnknownTask
 from taskspace.tasks.handle import Handle
 from taskspace.tasks.options import TaskOptions
 from taskspace.tasks.task import Task
@@ -28,6 +41,42 @@ R = TypeVar("R")
 
 DEFAULT_URL = "sqlite:///.taskspace/space.db"
 URL_ENV = "TASKSPACE_URL"
+# A push is written in chunks of at most this many tasks or bytes, so that no
+# single store operation (one Lua script, one SQLite transaction) holds the
+# backend for long; each chunk is atomic on its own.
+PUSH_CHUNK_TASKS = 1000
+PUSH_CHUNK_BYTES = 8 * 1024 * 1024
+# A push that fails with BackendError is retried with backoff for this long;
+# task ids make a retried push idempotent, so a lost reply never duplicates.
+PUSH_RETRY_S = 10.0
+PUSH_BACKOFF_START_S = 0.05
+PUSH_BACKOFF_MAX_S = 1.0
+LIST_LIMIT_MAX = 10_000
+
+log = logging.getLogger("taskspace")
+
+
+def _check_size(name: str, value: Any, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number{' or None' if allow_none else ''},"
+                          f" got {value!r}")  # fmt: skip
+
+
+def module_of(func: Callable[..., Any]) -> str:
+    """The module a worker will import ``func`` from: for a script run as
+    ``__main__``, its module name (``python -m pkg.app``) or file stem
+    (``python app.py`` → ``app``), as ``taskspace worker app:space`` imports it."""
+    module = str(func.__module__)
+    if module != "__main__":
+        return module
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        return str(spec.name)
+    path = getattr(main, "__file__", None)
+    return Path(path).stem if path else module  # interactive: only this process knows it
 
 
 class Space(Closeable):
@@ -46,15 +95,23 @@ class Space(Closeable):
         serializer: str = "json",
         clock: Clock | None = None,
         namespace: str | None = None,
+        max_payload: int | None = DEFAULT_MAX_PAYLOAD,
+        result_ttl: float | None = DEFAULT_RESULT_TTL_S,
+        create: bool = True,
     ) -> None:
         self.url = url if url is not None else os.environ.get(URL_ENV) or DEFAULT_URL
         self.scheme = validate_url(self.url)
         if serializer not in SERIALIZERS:
             raise ConfigError(f"unknown serializer {serializer!r}; valid: {', '.join(SERIALIZERS)}")
-        self.codec: Codec = get_codec(serializer)
+        _check_size("max_payload", max_payload, allow_none=True)
+        _check_size("result_ttl", result_ttl, allow_none=True)
+        self.max_payload = max_payload
+        self.result_ttl = result_ttl
+        self.codec: Codec = get_codec(serializer).limited(max_payload)
         self.allow_pickle = serializer == "pickle"
         self._clock = clock
         self.namespace = namespace
+        self.create = create
         self._store: Store | None = None
         self._store_lock = threading.Lock()
         self._tasks: dict[str, Task[Any, Any]] = {}
@@ -68,14 +125,19 @@ class Space(Closeable):
         if self._store is None:
             with self._store_lock:
                 if self._store is None:
-                    self._store = open_store(self.url, clock=self._clock, namespace=self.namespace)
+                    self._store = open_store(
+                        self.url, clock=self._clock, namespace=self.namespace, create=self.create
+                    )
         return self._store
 
-    def with_url(self, url: str) -> Space:
-        """The same tasks and serializer on another backend (the CLI's ``--url``)."""
+    def with_url(self, url: str, *, create: bool = True) -> Space:
+        """The same tasks and settings on another backend (the CLI's ``--url``).
+        Every task is bound to the new Space, so submitting acts on ``url`` only."""
         namespace = self.namespace if validate_url(url) == self.scheme else None
-        other = Space(url, serializer=self.codec.name, namespace=namespace)
-        other._tasks = self._tasks
+        other = Space(url, serializer=self.codec.name, namespace=namespace,
+                      max_payload=self.max_payload, result_ttl=self.result_ttl,
+                      create=create)  # fmt: skip
+        other._tasks = {name: task.bound_to(other) for name, task in self._tasks.items()}
         return other
 
     def close(self) -> None:
@@ -105,7 +167,7 @@ class Space(Closeable):
         def register(func: Callable[P, R]) -> Task[P, R]:
             if not callable(func):
                 raise ConfigError(f"@space.task needs a function, got {func!r}")
-            task_name = name or f"{func.__module__}.{func.__qualname__}"
+            task_name = name or f"{module_of(func)}.{func.__qualname__}"
             if not isinstance(task_name, str) or not task_name:
                 raise ConfigError(f"task name must be a non-empty string, got {task_name!r}")
             existing = self._tasks.get(task_name)
@@ -118,11 +180,18 @@ class Space(Closeable):
         return register(fn) if fn is not None else register
 
     def get_task(self, name: str) -> Task[Any, Any]:
-        """The task registered as ``name``; raises UnknownTask naming the registered ones."""
-        try:
-            return self._tasks[name]
-        except (KeyError, TypeError):
-            raise UnknownTask(str(name), list(self._tasks)) from None
+        """The task registered as ``name``, or the one task whose name ends in
+        ``.name`` (``train`` for ``app.train``); raises UnknownTask naming the
+        registered ones (also when a short name is ambiguous)."""
+        if not isinstance(name, str):
+            raise UnknownTask(str(name), list(self._tasks))
+        task = self._tasks.get(name)
+        if task is not None:
+            return task
+        matches = [t for full, t in self._tasks.items() if full.endswith("." + name)]
+        if len(matches) == 1:
+            return matches[0]
+        raise UnknownTask(name, [t.name for t in matches] or list(self._tasks))
 
     @property
     def task_names(self) -> list[str]:
@@ -134,15 +203,67 @@ class Space(Closeable):
         return self.get_task(name).submit(*args, **kwargs)
 
     def push(self, specs: Sequence[TaskSpec]) -> list[Handle]:
-        """Write encoded specs in one atomic step and return their handles."""
-        ids = self.store.push(specs)
+        """Write encoded specs and return their handles; durable once this returns.
+
+        Written in chunks (PUSH_CHUNK_TASKS tasks or PUSH_CHUNK_BYTES bytes),
+        each atomic: if a later chunk fails, earlier ones stay written. A
+        BackendError is retried with backoff for PUSH_RETRY_S seconds; a
+        retry carries the same task ids, so it never writes a task twice.
+        """
+        ids: list[str] = []
+        for chunk in _chunks(specs):
+            ids += self._push_chunk(chunk)
         return [Handle(self, task_id) for task_id in ids]
+
+    def _push_chunk(self, chunk: Sequence[TaskSpec]) -> list[str]:
+        deadline = time.monotonic() + PUSH_RETRY_S
+        delay = PUSH_BACKOFF_START_S
+        while True:
+            try:
+                return self.store.push(chunk)
+            except BackendError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("submit failed, retrying in %.2f s: %s", delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, PUSH_BACKOFF_MAX_S)
 
     def handle(self, task_id: str) -> Handle:
         """Re-attach to a task submitted anywhere; raises TaskNotFound if there is none."""
-        if not isinstance(task_id, str) or self.store.get(task_id) is None:
+        if not isinstance(task_id, str) or self.store.state(task_id) is None:
             raise TaskNotFound(str(task_id))
         return Handle(self, task_id)
+
+    def tasks(
+        self,
+        state: str | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[TaskRecord]:
+        """One page of tasks matching every filter given, in submission order;
+        pass the last id of a page as ``after`` for the next. Records carry
+        no payload or result: ``handle(id).info()`` has them."""
+        if state is not None and state not in TASK_STATES:
+            raise ConfigError(f"unknown state {state!r}; valid: {', '.join(TASK_STATES)}")
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= LIST_LIMIT_MAX
+        ):
+            raise ConfigError(f"limit must be an integer from 1 to {LIST_LIMIT_MAX}, got {limit!r}")
+        for label, value in (("queue", queue), ("name", name), ("after", after)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{label} must be a non-empty string, got {value!r}")
+        return self.store.list(state=state, queue=queue, name=name, limit=limit, after=after)
+
+    def iter_tasks(self, **filters: Any) -> Iterator[TaskRecord]:
+        """Every task matching ``filters`` (as :meth:`tasks`), page by page."""
+        after = None
+        while page := self.tasks(after=after, **filters):
+            yield from page
+            after = page[-1].id
 
     def stats(self) -> QueueStats:
         """Task counts by queue and state."""
@@ -161,3 +282,16 @@ class Space(Closeable):
         from taskspace.worker.worker import Worker
 
         return Worker(self, WorkerConfig.build(**options)).run()
+
+
+def _chunks(specs: Sequence[TaskSpec]) -> Iterator[Sequence[TaskSpec]]:
+    start = size = 0
+    for i, spec in enumerate(specs):
+        if i > start and (
+            i - start >= PUSH_CHUNK_TASKS or size + len(spec.payload) > PUSH_CHUNK_BYTES
+        ):
+            yield specs[start:i]
+            start, size = i, 0
+        size += len(spec.payload)
+    if start < len(specs):
+        yield specs[start:]

@@ -50,31 +50,54 @@ class Handle:
         return record
 
     def status(self) -> TaskState:
-        """queued | running | succeeded | failed | dead | cancelled."""
-        return self.info().state
+        """queued | running | succeeded | failed | dead | cancelled; reads only the state."""
+        state = self.space.store.state(self.id)
+        if state is None:
+            raise TaskNotFound(self.id)
+        return state
 
     def progress(self) -> tuple[float, float] | None:
         """(done, total) as last reported by the task, or None."""
         return self.info().progress
 
-    def cancel(self) -> TaskState:
-        """Cancel: a queued task never runs; a running one sees ``current_task().cancelled``.
-        Returns the state after the request."""
-        state = self.space.store.cancel(self.id)
+    def cancel(self, terminate: bool = False) -> TaskState:
+        """Cancel: a queued task never runs. A running one is asked to stop:
+        a thread task sees ``current_task().cancelled`` (Python cannot stop a
+        thread), an async task is cancelled on its event loop, a process task
+        gets SIGTERM, or SIGKILL with ``terminate=True``. Returns the state
+        after the request."""
+        if not isinstance(terminate, bool):
+            raise ConfigError(f"terminate must be True or False, got {terminate!r}")
+        state = self.space.store.cancel(self.id, terminate=terminate)
+        if state is None:
+            raise TaskNotFound(self.id)
+        return state
+
+    def retry(self) -> TaskState:
+        """Requeue a ``failed`` or ``dead`` task with fresh attempts; its last
+        error is kept until it runs. Raises ConfigError for any other state."""
+        before = self.status()
+        if before not in ("failed", "dead"):
+            raise ConfigError(
+                f"task {self.id} is {before}; only failed or dead tasks can be retried"
+            )
+        state = self.space.store.retry(self.id)
         if state is None:
             raise TaskNotFound(self.id)
         return state
 
     def done(self) -> bool:
         """True once the task is in a final state."""
-        return self.info().state in FINAL_STATES
+        return self.status() in FINAL_STATES
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the task and return its value.
 
         Raises TaskFailed (remote type, message, traceback) if it failed or
         died, TaskCancelled if cancelled, ResultTimeout (a TimeoutError) if
-        it has not ended within ``timeout`` seconds.
+        it has not ended within ``timeout`` seconds. The timeout is kept
+        through backend outages: it raises ResultTimeout (chained to the
+        BackendError) rather than wait past it.
         """
         if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
             raise ConfigError(f"timeout must be a number >= 0 or None, got {timeout!r}")
@@ -86,10 +109,13 @@ class Handle:
                 # Waiting first saves a round trip: it returns at once if the task ended.
                 self.space.store.wait_for_finish([self.id], min(remaining, WAIT_SLICE_S))
                 record = self.info()
-            except BackendError:
+            except BackendError as exc:
                 # The backend is away (restart, failover): keep waiting until the deadline.
                 if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise
+                    raise ResultTimeout(
+                        f"task {self.id}: no result within {timeout} s; the backend is"
+                        f" unreachable ({exc})"
+                    ) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue

@@ -6,8 +6,9 @@ import math
 import time
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
+from taskspace.backends.base import PRIORITY_MAX, PRIORITY_MIN
 from taskspace.errors import ConfigError
 
 Isolation = Literal["thread", "async", "process"]
@@ -47,9 +48,21 @@ def check_queue(queue: Any) -> None:
 
 
 def check_priority(priority: Any) -> None:
-    """Priorities are integers; higher runs first."""
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise ConfigError(f"priority must be an integer, got {priority!r}")
+    """Priorities are integers from PRIORITY_MIN to PRIORITY_MAX (every backend
+    orders that range exactly); higher runs first."""
+    if (
+        not isinstance(priority, int)
+        or isinstance(priority, bool)
+        or not PRIORITY_MIN <= priority <= PRIORITY_MAX
+    ):
+        raise ConfigError(
+            f"priority must be an integer from {PRIORITY_MIN:,} to {PRIORITY_MAX:,},"
+            f" got {priority!r}"
+        )
+
+
+SPACE_DEFAULT: Final = "space"
+"""``result_ttl`` value meaning: the Space's ``result_ttl``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +78,12 @@ class TaskOptions:
     retry_backoff: float = DEFAULT_RETRY_BACKOFF_S
     retry_backoff_max: float = DEFAULT_RETRY_BACKOFF_MAX_S
     retry_jitter: bool = True
+    result_ttl: float | Literal["space"] | None = SPACE_DEFAULT
 
     def __post_init__(self) -> None:
         check_queue(self.queue)
+        if self.result_ttl != SPACE_DEFAULT:
+            _check_number("result_ttl", self.result_ttl, positive=True, allow_none=True)
         check_priority(self.priority)
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise ConfigError(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")

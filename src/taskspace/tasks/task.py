@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 from taskspace.backends.base import TaskSpec
 from taskspace.errors import ConfigError
 from taskspace.tasks.handle import Handle
-from taskspace.tasks.options import Isolation, SubmitOptions, TaskOptions
+from taskspace.tasks.options import SPACE_DEFAULT, Isolation, SubmitOptions, TaskOptions
 
 if TYPE_CHECKING:
     from taskspace.space import Space
@@ -66,10 +66,16 @@ class Task(Generic[P, R]):
         merged.update(submit_options)
         return Task(self.space, self.fn, self.name, self.opts, SubmitOptions.build(**merged))
 
+    def bound_to(self, space: Space) -> Task[P, R]:
+        """This task, submitting to ``space`` instead."""
+        return Task(space, self.fn, self.name, self.opts, self.submit_opts)
+
     def spec(self, args: Sequence[Any], kwargs: dict[str, Any]) -> TaskSpec:
         """Encode one call into a TaskSpec; raises before anything is written."""
         so = self.submit_opts
-        payload = self.space.codec.encode([list(args), kwargs] if kwargs else [list(args)])
+        payload = self.space.codec.encode_call(args, kwargs)
+        ttl = self.opts.result_ttl
+        result_ttl = self.space.result_ttl if ttl == SPACE_DEFAULT else ttl
         return TaskSpec(
             id=new_task_id(),
             name=self.name,
@@ -82,6 +88,7 @@ class Task(Generic[P, R]):
             timeout=self.opts.timeout,
             dedup_key=so.dedup_key,
             delay=so.delay(),
+            result_ttl=result_ttl,
         )
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> Handle:
@@ -90,7 +97,14 @@ class Task(Generic[P, R]):
 
     def submit_many(self, calls: Iterable[Sequence[Any]]) -> list[Handle]:
         """Enqueue many calls (each a tuple of positional arguments) in one round trip.
-        All are encoded before anything is written: one bad argument writes nothing."""
+        All are encoded before anything is written: one bad argument writes nothing.
+        A large batch is written in chunks, each atomic (see :meth:`Space.push`).
+        A dedup key names one task, so ``options(dedup_key=…)`` is refused here."""
+        if self.submit_opts.dedup_key is not None:
+            raise ConfigError(
+                "submit_many with a dedup_key would collapse the whole batch into one task;"
+                " submit each call with its own options(dedup_key=...) instead"
+            )
         specs = []
         for i, call in enumerate(calls):
             if not isinstance(call, tuple | list):

@@ -1,82 +1,43 @@
-"""The ``taskspace`` command line: worker, status, submit, demo.
+"""The ``taskspace`` command line: worker, submit, status, tasks, queues, demo.
 
 APP arguments name a Space as ``module:attribute`` (``attribute`` defaults to
 ``space``); the attribute may also be a function returning a Space (a
-factory). ``--url`` points the app's tasks at another backend.
+factory). ``--url`` points the app's tasks at another backend, and then every
+action of the command happens there only. Heavy modules (rich, the worker,
+the demo) are imported by the commands that use them, so ``--help`` is quick.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-import os
 import sys
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-import orjson
-from rich.console import Console
-from rich.table import Table
 
-from taskspace.backends.base import TASK_STATES
-from taskspace.errors import ConfigError, TaskFailed, TaskspaceError
-from taskspace.space import Space
+from taskspace import __version__
+from taskspace.cli import manage
+from taskspace.cli.common import guard, load_space
+from taskspace.errors import ConfigError, TaskFailed
 
-F = TypeVar("F", bound=Callable[..., Any])
+__all__ = ["load_space", "main"]
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
-def load_space(app: str, url: str | None = None) -> Space:
-    """Import ``module:attribute`` and return its Space (calling it if it is a factory)."""
-    module_name, _, attr = app.partition(":")
-    attr = attr or "space"
-    if not module_name:
-        raise ConfigError(f"APP must look like module:attribute, got {app!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import app module {module_name!r}: {exc}") from exc
-    target = getattr(module, attr, None)
-    if target is None:
-        raise ConfigError(f"module {module_name!r} has no attribute {attr!r}")
-    if not isinstance(target, Space) and callable(target):
-        target = target()
-    if not isinstance(target, Space):
-        raise ConfigError(f"{app!r} is a {type(target).__name__}, not a taskspace.Space")
-    return target.with_url(url) if url else target
+def _setup_logging(level: str, fmt: str) -> None:
+    from taskspace.worker.logfmt import setup_logging
 
-
-def _guard(fn: F) -> F:
-    """Turn taskspace errors into one clear line on stderr and exit code 2."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except TaskspaceError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(2)
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper  # type: ignore[return-value]
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(level, "json" if fmt == "json" else "text")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="taskspace")
+@click.version_option(__version__, prog_name="taskspace")
 def main() -> None:
-    """taskspace: durable tasks and workers for AI work, on SQLite, Redis or PostgreSQL."""
+    """taskspace: durable tasks and workers for AI work, on SQLite or Redis."""
+
+
+manage.register(main)
 
 
 @main.command()
@@ -119,11 +80,19 @@ def main() -> None:
     show_default=True,
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
 )
-@_guard
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(LOG_FORMATS),
+    help="json: one JSON object per line, for log shippers.",
+)
+@guard
 def worker(app: str, processes: int, concurrency: int, queues: str, burst: bool,
-           url: str | None, shutdown_grace: float, log_level: str) -> None:  # fmt: skip
+           url: str | None, shutdown_grace: float, log_level: str,
+           log_format: str) -> None:  # fmt: skip
     """Run workers for APP (module:attribute naming a Space)."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     space = load_space(app, url)
     options: dict[str, Any] = {
         "queues": queues, "concurrency": concurrency, "burst": burst,
@@ -140,52 +109,16 @@ def worker(app: str, processes: int, concurrency: int, queues: str, burst: bool,
     WorkerConfig.build(**options)  # validate once, before starting anything
     command = [sys.executable, "-m", "taskspace", "worker", app, "--processes", "1",
                "--concurrency", str(concurrency), "--queues", queues, "--url", space.url,
-               "--shutdown-grace", str(shutdown_grace), "--log-level", log_level]  # fmt: skip
+               "--shutdown-grace", str(shutdown_grace), "--log-level", log_level,
+               "--log-format", log_format]  # fmt: skip
     if burst:
         command.append("--burst")
     sys.exit(Supervisor(command, processes, burst).run())
 
 
-def _status_tables(space: Space) -> tuple[Table, Table]:
-    stats = space.stats()
-    queues = Table(title=f"queues on {space.url}")
-    queues.add_column("queue")
-    for state in TASK_STATES:
-        queues.add_column(state, justify="right")
-    for name in sorted(stats.counts):
-        queues.add_row(name, *(str(stats.counts[name].get(s, 0)) for s in TASK_STATES))
-    workers = Table(title="live workers")
-    for column in ("name", "queues", "concurrency", "running", "succeeded", "up"):
-        workers.add_column(column)
-    for info in sorted(space.workers(), key=lambda w: str(w["name"])):
-        up = f"{time.time() - float(info['started']):.0f} s"
-        workers.add_row(str(info["name"]), ",".join(info["queues"]), str(info["concurrency"]),
-                        str(info["running"]), str(info["succeeded"]), up)  # fmt: skip
-    return queues, workers
-
-
-@main.command()
-@click.option(
-    "--url", default=None, help="Backend URL (default: $TASKSPACE_URL or the SQLite default)."
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-@_guard
-def status(url: str | None, as_json: bool) -> None:
-    """Print queue depths by state and the live workers."""
-    space = Space(url)
-    if as_json:
-        stats = space.stats()
-        doc = {"url": space.url, "queues": stats.counts, "stale_finishes": stats.stale_finishes,
-               "workers": space.workers()}  # fmt: skip
-        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
-        return
-    console = Console()
-    for table in _status_tables(space):
-        console.print(table)
-    console.print(f"stale finishes refused: {space.stats().stale_finishes}")
-
-
 def _json_option(value: str, what: str) -> Any:
+    import orjson
+
     try:
         return orjson.loads(value)
     except orjson.JSONDecodeError as exc:
@@ -216,11 +149,16 @@ def _json_option(value: str, what: str) -> Any:
 @click.option("--queue", default=None, help="Queue, overriding the task's.")
 @click.option("--dedup-key", default=None, help="Return the live task with this key instead.")
 @click.option("--url", default=None, help="Backend URL, overriding the app's.")
-@_guard
+@guard
 def submit(app: str, task_name: str, args_json: str, kwargs_json: str, wait: bool,
            timeout: float | None, countdown: float | None, priority: int | None,
            queue: str | None, dedup_key: str | None, url: str | None) -> None:  # fmt: skip
-    """Submit TASK_NAME of APP; prints the task id (and the result with --wait)."""
+    """Submit TASK_NAME of APP (its full or short name); prints the task id
+    (and the result with --wait)."""
+    if timeout is not None and timeout < 0:
+        raise ConfigError(f"--timeout must be >= 0 seconds, got {timeout}")
+    if timeout is not None and not wait:
+        raise ConfigError("--timeout applies to --wait; add --wait or drop --timeout")
     args = _json_option(args_json, "--args")
     kwargs = _json_option(kwargs_json, "--kwargs")
     if not isinstance(args, list):
@@ -243,7 +181,9 @@ def submit(app: str, task_name: str, args_json: str, kwargs_json: str, wait: boo
             if exc.remote_traceback:
                 click.echo(exc.remote_traceback, err=True)
             sys.exit(1)
-        click.echo(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode())
+        import orjson
+
+        click.echo(orjson.dumps(value).decode())
 
 
 @main.command()
