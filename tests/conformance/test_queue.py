@@ -528,7 +528,7 @@ def test_requeue_expired_returns_task_to_queue_then_dead(timed):
     )  # fmt: skip
     assert r.finished is None
     assert r.error["type"] == "WorkerLost"
-    assert r.error["previous"] == ERR_A
+    assert r.error["history"] == [ERR_A]  # flat: earlier errors, newest first
     assert s.finish([(rec.lease, SUCCEEDED)]) == [False]  # the lost lease is stale
     assert s.stats().stale_finishes == 1
 
@@ -542,8 +542,9 @@ def test_requeue_expired_returns_task_to_queue_then_dead(timed):
     assert dead.lease_expires is None
     assert dead.finished is not None
     assert dead.error["type"] == "WorkerLost"
-    assert dead.error["previous"]["type"] == "WorkerLost"
-    assert dead.error["previous"]["previous"] == ERR_A
+    assert [e["type"] for e in dead.error["history"]] == ["WorkerLost", "ValueError"]
+    assert dead.error["history"][1] == ERR_A
+    assert all("history" not in e for e in dead.error["history"])
     assert s.claim(["default"], "w", 1) == []
     assert s.renew([rec.lease]) == {task_id: "lost"}
     assert s.finish([(rec.lease, SUCCEEDED)]) == [False]

@@ -6,7 +6,17 @@ decides, it never touches a store.
 
 from __future__ import annotations
 
-from taskspace.backends.base import ERROR_HISTORY_MAX, ErrorInfo, Outcome, TaskRecord, TaskState
+from collections.abc import Collection
+
+from taskspace.backends.base import (
+    ERROR_HISTORY_MAX,
+    TASK_STATES,
+    ErrorInfo,
+    Outcome,
+    TaskRecord,
+    TaskState,
+)
+from taskspace.errors import ConfigError
 
 
 def outcome_state(outcome: Outcome, rec: TaskRecord) -> TaskState:
@@ -53,3 +63,28 @@ def lease_lost_error(rec: TaskRecord) -> ErrorInfo:
         "traceback": "",
     }
     return with_history(error, rec.error)
+
+
+def check_list_filters(state: str | None, limit: int) -> None:
+    """Refuse a ``list`` call that could only be a mistake, before it touches a store."""
+    if state is not None and state not in TASK_STATES:
+        raise ConfigError(f"unknown task state {state!r}; valid: {', '.join(TASK_STATES)}")
+    if limit < 0:
+        raise ConfigError(f"limit={limit} must be >= 0")
+
+
+def check_purge_states(states: Collection[str]) -> frozenset[str]:
+    """The states a ``purge`` may delete; refuses unknown states and ``running``
+    (a running task belongs to its worker, which would finish a deleted task)."""
+    wanted = frozenset(states)
+    unknown = sorted(wanted - set(TASK_STATES))
+    if unknown:
+        raise ConfigError(
+            f"unknown task state(s) {', '.join(unknown)}; valid: {', '.join(TASK_STATES)}"
+        )
+    if "running" in wanted:
+        raise ConfigError(
+            "purge cannot delete running tasks: they belong to their workers;"
+            " cancel them, or purge after they end"
+        )
+    return wanted
