@@ -1,28 +1,39 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.base
+DEMO_STAMP := $(VENV)/.demo
+DEV_STAMP := $(VENV)/.dev
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+# The venv alone; each target below installs only what it needs into it.
+$(BASE):
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(BASE)
 
-demo: $(STAMP)
+# The demo needs the package and scikit-learn, nothing else.
+$(DEMO_STAMP): $(BASE) pyproject.toml
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[demo]'
+	touch $(DEMO_STAMP)
+
+# Tests and lint need the dev tools and every optional driver.
+$(DEV_STAMP): $(BASE) pyproject.toml
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(DEV_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/taskspace demo
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python -m bench queue --backend sqlite
 
 clean:

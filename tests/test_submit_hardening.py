@@ -280,7 +280,7 @@ def test_get_task_accepts_an_unambiguous_short_name() -> None:
     space.task(name="app.evaluate")(lambda: None)
     space.task(name="other.evaluate")(lambda: None)
     assert space.get_task("train").name == "app.train"
-    with pytest.raises(UnknownTask, match="app.evaluate"):
+    with pytest.raises(UnknownTask, match=r"app\.evaluate"):
         space.get_task("evaluate")
     with pytest.raises(UnknownTask):
         space.get_task("missing")

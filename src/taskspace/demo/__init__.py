@@ -80,7 +80,9 @@ def _records(space: Space, handles: list[Handle]) -> list[TaskRecord]:
     return [space.store.get(h.id) for h in handles]  # type: ignore[misc]
 
 
-def _leaderboard(records: list[TaskRecord], space: Space) -> Table:
+def _leaderboard(records: list[TaskRecord], space: Space, killed_pid: int | None) -> Table:
+    """The ten best trials, plus every trial retried after its worker was
+    killed (wherever it ranks), marked with its attempts."""
     table = Table(title="leaderboard (3-fold CV accuracy on digits)")
     for column in ("rank", "model", "parameters", "accuracy", "attempts"):
         table.add_column(column, justify="right" if column in ("rank", "accuracy") else "left")
@@ -89,11 +91,15 @@ def _leaderboard(records: list[TaskRecord], space: Space) -> Table:
         if rec.state == "succeeded" and rec.result is not None:
             results.append((space.codec.decode(rec.result), rec))
     results.sort(key=lambda item: -float(item[0]["accuracy"]))
-    for rank, (res, rec) in enumerate(results[:10], start=1):
+    for rank, (res, rec) in enumerate(results, start=1):
+        if rank > 10 and not rec.lost:
+            continue
         params = {k: v for k, v in res["params"].items() if k != "model"}
         shown = ", ".join(f"{k}={v}" for k, v in params.items())
-        retried = f"{rec.attempts} (worker lost)" if rec.lost else str(rec.attempts)
-        table.add_row(str(rank), res["params"]["model"], shown, f"{res['accuracy']:.4f}", retried)
+        attempts = str(rec.attempts)
+        if rec.lost:
+            attempts = f"[red]{rec.attempts} · retried: worker pid {killed_pid} killed[/red]"
+        table.add_row(str(rank), res["params"]["model"], shown, f"{res['accuracy']:.4f}", attempts)
     return table
 
 
@@ -127,7 +133,8 @@ def _watch(
 
 def run_demo(trials: int = 60, workers: int = 2, keep: bool = False) -> int:
     """Run the sweep; return 0 if nothing was lost (and a killed worker's trial was retried)."""
-    console = Console()
+    # Piped output (a log, CI) gets a wide console that never wraps mid-phrase.
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     workdir = tempfile.mkdtemp(prefix="taskspace-demo-")
     url = f"sqlite:///{workdir}/space.db"
     space = make_space(url)
@@ -141,7 +148,7 @@ def run_demo(trials: int = 60, workers: int = 2, keep: bool = False) -> int:
         records = _watch(space, handles, fleet, console)
     finally:
         fleet.stop()
-    console.print(_leaderboard(records, space))
+    console.print(_leaderboard(records, space, fleet.killed_pid))
     succeeded = sum(r.state == "succeeded" for r in records)
     failed = sum(r.state in ("failed", "dead", "cancelled") for r in records)
     retried = sum(r.lost > 0 for r in records)
