@@ -1,0 +1,92 @@
+"""Storage stays bounded: finished tasks past their result_ttl and expired KV
+entries are reaped, and the footprint stops growing from round to round."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from taskspace import Space
+from tests.services import RedisServer
+
+ROUNDS = 4
+TASKS = 1500
+TTL = 0.3
+
+
+def _reap_all(space: Space) -> int:
+    total = 0
+    while n := space.store.reap(1000):
+        total += n
+    return total
+
+
+def _sqlite_footprint(path: Path) -> Callable[[], int]:
+    def measure() -> int:
+        with sqlite3.connect(path) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            rows = conn.execute("SELECT (SELECT COUNT(*) FROM tasks) + (SELECT COUNT(*) FROM kv)")
+            assert rows.fetchone()[0] <= 64  # only what is still live (worker registry)
+        return path.stat().st_size
+
+    return measure
+
+
+def _redis_footprint(space: Space) -> Callable[[], int]:
+    client = space.store.client  # type: ignore[attr-defined]
+
+    def measure() -> int:
+        keys = client.dbsize()
+        assert keys <= 64, keys
+        return int(client.info("memory")["used_memory"])
+
+    return measure
+
+
+def _rounds(space: Space, measure: Callable[[], int]) -> list[int]:
+    space.task(name="noop", result_ttl=TTL)(lambda i: i)
+    noop = space.get_task("noop")
+    sizes = []
+    for r in range(ROUNDS):
+        noop.submit_many([(i,) for i in range(TASKS)])
+        for i in range(200):
+            space.store.kv_put(f"cache/{r}/{i}", b"x" * 100, ttl=TTL)
+        space.run_worker(burst=True, concurrency=16, install_signal_handlers=False)
+        time.sleep(TTL + 0.1)
+        reaped = _reap_all(space)
+        assert reaped >= TASKS + 200
+        assert space.stats().total("succeeded") == 0
+        sizes.append(measure())
+    return sizes
+
+
+def test_sqlite_footprint_stops_growing(tmp_path: Path) -> None:
+    path = tmp_path / "space.db"
+    space = Space(f"sqlite:///{path}")
+    sizes = _rounds(space, _sqlite_footprint(path))
+    # Free pages are reused: later rounds fit in what the first one allocated.
+    assert sizes[-1] <= sizes[0] * 1.1, sizes
+
+
+def test_redis_footprint_stops_growing() -> None:
+    server = RedisServer().start()
+    try:
+        space = Space(server.namespaced_url())
+        sizes = _rounds(space, _redis_footprint(space))
+        assert sizes[-1] <= sizes[0] * 1.1 + 200_000, sizes
+    finally:
+        server.close()
+
+
+def test_result_ttl_none_keeps_forever(tmp_path: Path) -> None:
+    space = Space(f"sqlite:///{tmp_path}/s.db", result_ttl=0.1)
+    kept = space.task(name="kept", result_ttl=None)(lambda: 1)
+    dropped = space.task(name="dropped")(lambda: 2)
+    h_kept, h_dropped = kept.submit(), dropped.submit()
+    space.run_worker(burst=True, install_signal_handlers=False)
+    time.sleep(0.2)
+    _reap_all(space)
+    assert h_kept.result(timeout=1) == 1
+    assert space.store.state(h_dropped.id) is None
