@@ -10,6 +10,8 @@ def train(params: dict) -> dict: ...
 train.submit({"C": 1.0}).result(timeout=60)
 """
 
+from typing import TYPE_CHECKING, Any
+
 from taskspace.backends.base import TaskRecord
 from taskspace.backends.memory import ManualClock
 from taskspace.errors import (
@@ -34,7 +36,21 @@ from taskspace.errors import (
 )
 from taskspace.space import Space
 from taskspace.tasks import Handle, Task, TaskContext, current_task
-from taskspace.worker import Worker, WorkerConfig, WorkerReport
+
+if TYPE_CHECKING:
+    from taskspace.worker import Worker, WorkerConfig, WorkerReport
+
+_LAZY = {"Worker", "WorkerConfig", "WorkerReport"}
+
+
+def __getattr__(name: str) -> Any:
+    # The worker (threads, asyncio, multiprocessing) is imported on first use,
+    # so that `import taskspace` and the CLI's --help stay quick.
+    if name in _LAZY:
+        import taskspace.worker
+
+        return getattr(taskspace.worker, name)
+    raise AttributeError(f"module 'taskspace' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
