@@ -24,8 +24,12 @@ class TaskContext:
 
     ``fencing_token`` increases with every claim of the task: pass it along
     with writes to other systems so they can refuse a stale attempt.
-    ``cancelled`` turns true when a cancel was requested or the lease was
-    lost; long tasks should check it (or call :meth:`check_cancelled`).
+    ``cancelled`` turns true when this attempt should stop: a cancel was
+    requested (``cancel_requested``), the worker lost the attempt's lease
+    (``lease_lost``: the task may already run elsewhere, and whatever this
+    attempt returns is discarded), or the worker is shutting down or gave up
+    on it at its timeout. Long tasks should check it (or call
+    :meth:`check_cancelled`).
     """
 
     id: str
@@ -36,20 +40,43 @@ class TaskContext:
     worker: str
     _report: Callable[[float, float], None]
     _cancelled: bool = False
+    _cancel_requested: bool = False
+    _lease_lost: bool = False
     _last_report: float = 0.0
 
     @property
     def cancelled(self) -> bool:
-        """True once a cancel was requested or the worker lost this attempt's lease."""
+        """True once this attempt should stop (cancel request, lost lease, shutdown, timeout)."""
         return self._cancelled
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once a user asked to cancel the task (the attempt then ends ``cancelled``)."""
+        return self._cancel_requested
+
+    @property
+    def lease_lost(self) -> bool:
+        """True once the worker lost this attempt's lease: it is abandoned, never finished."""
+        return self._lease_lost
 
     def check_cancelled(self) -> None:
         """Raise TaskCancelled if this attempt should stop."""
         if self._cancelled:
-            raise TaskCancelled(self.id, "cancelled", "TaskCancelled", "cancel requested")
+            reason = "lease lost" if self._lease_lost else "cancel requested"
+            raise TaskCancelled(self.id, "cancelled", "TaskCancelled", reason)
 
     def cancel(self) -> None:
-        """Ask this attempt to stop (set by the worker; tasks check ``cancelled``)."""
+        """Record a cancel request for the task (set by the worker on renew)."""
+        self._cancel_requested = True
+        self._cancelled = True
+
+    def lose_lease(self) -> None:
+        """Record that the attempt's lease was lost (set by the worker on renew)."""
+        self._lease_lost = True
+        self._cancelled = True
+
+    def stop(self) -> None:
+        """Ask the attempt to stop without a cancel request (shutdown, timeout)."""
         self._cancelled = True
 
     def progress(self, done: float, total: float) -> None:

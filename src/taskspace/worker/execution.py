@@ -6,10 +6,15 @@ Isolation:
   worker gives up on it: the attempt is recorded as timed out, its slot is
   freed and its cancel flag set; whatever it returns later is discarded.
 - ``async``: the worker's event loop, under ``asyncio.wait_for`` (a real
-  cancellation at the timeout).
-- ``process``: a forked child process per attempt; a timeout or cancel
-  SIGKILLs it. The child reports progress and its result over a pipe and
-  never touches the store.
+  cancellation at the timeout, and at a cancel request).
+- ``process``: a forked child process per attempt; a timeout or a cancel
+  with ``terminate`` SIGKILLs it, a plain cancel request SIGTERMs it. The
+  child reports progress and its result over a pipe and never touches the
+  store.
+
+An attempt whose lease was lost is abandoned: whatever cancellation it ends
+with is never recorded as ``cancelled`` (the task is requeued by lease
+expiry, or already runs elsewhere).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from taskspace.backends.base import ErrorInfo, Outcome, TaskRecord
+from taskspace.backends.base import ErrorInfo, Lease, Outcome, TaskRecord
 from taskspace.codec import Codec, decoder_for
 from taskspace.errors import (
     ProcessDied,
@@ -78,13 +83,24 @@ class Attempt:
     lost: bool = False
     timed_out: bool = False
     process: multiprocessing.process.BaseProcess | None = None
+    aio_task: asyncio.Task[Any] | None = None
+    cancel_sent: bool = False  # the cancel request reached the code (asyncio, SIGTERM)
+    began: float = 0.0  # monotonic start, for the duration in the log
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def lease(self) -> Lease:
+        """The lease of this attempt; it keys the attempt (a task re-claimed by the
+        same worker after a pause has two attempts, with different tokens)."""
+        return self.record.lease
 
 
 def outcome_for_error(attempt: Attempt, exc: BaseException, tb: str | None = None) -> Outcome:
     """How a raised exception ends the attempt: retry with backoff (the store
     turns it into ``failed`` once attempts are exhausted), or final."""
-    if isinstance(exc, TaskCancelled) and attempt.ctx.cancelled:
+    ctx = attempt.ctx
+    cancel = ctx.cancel_requested or ctx.lease_lost  # the worker abandons the latter
+    if isinstance(exc, TaskCancelled | asyncio.CancelledError) and cancel:
         return Outcome("cancelled", error=error_info(exc, tb))
     if isinstance(exc, SerializationError | UnknownTask):
         return Outcome("failed", error=error_info(exc, tb))
@@ -118,7 +134,7 @@ def run_inline(attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec:
     token = bind(attempt.ctx)
     try:
         return success(codec, attempt.task.fn(*args, **kwargs))
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - whatever the task raises is its outcome
         return outcome_for_error(attempt, exc)
     finally:
         unbind(token)
@@ -134,7 +150,7 @@ async def run_coroutine(
         return success(codec, value)
     except TimeoutError:
         return timeout_outcome(attempt)
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - whatever the task raises is its outcome
         return outcome_for_error(attempt, exc)
     finally:
         unbind(token)
@@ -228,3 +244,24 @@ def prepare(
         return decode_call(record, allow_pickle)
     except SerializationError as exc:
         return Outcome("failed", error=error_info(exc, tb=""))
+
+
+def signal_process(attempt: Attempt, sig: signal.Signals) -> bool:
+    """Send ``sig`` to the attempt's child process; True if it was sent."""
+    proc = attempt.process
+    if proc is None or proc.pid is None or not proc.is_alive():
+        return False
+    try:
+        os.kill(proc.pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def after_cancel(attempt: Attempt, outcome: Outcome) -> Outcome:
+    """A process attempt that ended without a result after a cancel request (its
+    child was signalled, or stopped on its own) ends ``cancelled``, not retried."""
+    if not attempt.ctx.cancel_requested or outcome.kind not in ("retry", "failed"):
+        return outcome
+    exc = TaskCancelled(attempt.record.id, "cancelled", "TaskCancelled", "cancel requested")
+    return Outcome("cancelled", error=error_info(exc, tb=""))

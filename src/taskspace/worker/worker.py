@@ -2,18 +2,30 @@
 
 Guarantees (at-least-once):
 
-- A claimed task is leased. A ticker thread renews every running lease in
-  one store call at a third of the shortest lease. If the worker dies or is
-  paused past the lease, the store requeues the task (any worker's
-  maintenance does it) and a later ``finish`` from this worker is refused.
-- A finished attempt is reported by a finisher thread that batches every
-  outcome available into one ``finish`` call; a backend outage is retried
-  with backoff, never dropped (until the process itself dies, in which case
-  the lease expires and the task runs again).
+- A claimed task is leased. A renewer thread of its own (with a Redis
+  connection of its own) renews every running lease in one store call at a
+  third of the shortest lease, so no slow maintenance step, finish or claim
+  can delay it. If the worker dies or is paused past the lease, the store
+  requeues the task (any worker's maintenance does it) and a later
+  ``finish`` from this worker is refused.
+- Attempts are keyed by lease (task id and fencing token): a worker that
+  re-claims a task it lost during a pause runs and renews the new attempt,
+  and abandons the old one.
+- A lost lease is not a cancel: the attempt's flag turns on (cooperative
+  tasks stop), the attempt is abandoned and never finished ``cancelled``.
+  A cancel request is seen on renew: thread tasks see the flag, async tasks
+  are cancelled on their event loop, process tasks get SIGTERM (SIGKILL for
+  a cancel with ``terminate``); they end ``cancelled``.
+- A finished attempt's outcome is kept in the outbox and retried with backoff
+  until the store accepts it or its lease is reported lost (see
+  :mod:`taskspace.worker.outbox`). No background thread dies of an
+  exception: each logs it, backs off and carries on.
 - SIGTERM (or :meth:`Worker.stop`) stops claiming, releases attempts that
   never started at once, waits ``shutdown_grace`` seconds for running ones,
-  then releases those too. A released task goes back to its queue without
-  spending an attempt.
+  then releases those too (without spending an attempt). The grace is a
+  promise: about a second past it the worker exits even if the backend is
+  down, logging how many outcomes it could not record (their tasks run again
+  once their leases expire). A second signal cuts the grace.
 
 Maintenance (requeue expired leases, promote due tasks) runs in every
 worker; each step is one atomic store operation, so concurrent runs are safe.
@@ -24,23 +36,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from taskspace.backends.base import Lease, Outcome, TaskRecord
-from taskspace.errors import BackendError
+from taskspace.backends import REDIS_SCHEMES, open_store
+from taskspace.backends.base import Lease, LeaseStatus, Outcome, Store, TaskRecord
 from taskspace.tasks.context import TaskContext
 from taskspace.worker import execution as ex
+from taskspace.worker import tasklog
 from taskspace.worker.config import WorkerConfig
 from taskspace.worker.execution import Attempt
+from taskspace.worker.health import BackendHealth, Backoff, Failed
+from taskspace.worker.outbox import Outbox
 from taskspace.worker.registry import announce, withdraw
 from taskspace.worker.threads import DaemonThreadPool
 
@@ -48,13 +62,12 @@ if TYPE_CHECKING:
     from taskspace.space import Space
 
 log = logging.getLogger("taskspace.worker")
-T = TypeVar("T")
 
 TICK_S = 0.05
-FINISH_BATCH_MAX = 1000
 CLAIM_GATHER_S = 0.002
-BACKOFF_START_S = 0.05
-BACKOFF_MAX_S = 5.0
+# After the grace, outcomes (the releases above all) get this long to land.
+FINAL_FLUSH_S = 1.0
+THREAD_JOIN_S = 1.0
 
 
 @dataclass
@@ -69,6 +82,7 @@ class WorkerReport:
     released: int = 0
     refused: int = 0
     leases_lost: int = 0
+    abandoned: int = 0
     wedged: bool = False
 
     def count(self, outcome: Outcome, accepted: bool) -> None:
@@ -80,22 +94,37 @@ class WorkerReport:
         setattr(self, field, getattr(self, field) + 1)
 
 
-class Worker:
-    """Runs tasks of one Space from a set of queues (see the module docstring)."""
+def newest_per_task(leases: Sequence[Lease]) -> tuple[list[Lease], list[Lease]]:
+    """Split leases into the newest per task and the older ones (stale by fencing)."""
+    newest: dict[str, Lease] = {}
+    for lease in leases:
+        if lease.task_id not in newest or lease.token > newest[lease.task_id].token:
+            newest[lease.task_id] = lease
+    keep = set(newest.values())
+    return list(keep), [lease for lease in leases if lease not in keep]
 
-    def __init__(self, space: Space, config: WorkerConfig | None = None) -> None:
+
+class Worker:
+    """Runs tasks of one Space from a set of queues (see the module docstring).
+
+    ``store``: the store to use instead of ``space.store`` (tests inject
+    faults through it); renewal then uses it too."""
+
+    def __init__(
+        self, space: Space, config: WorkerConfig | None = None, *, store: Store | None = None
+    ) -> None:
         self.space = space
         self.config = config or WorkerConfig()
         self.name = self.config.name
-        self.store = space.store
+        self.store = store if store is not None else space.store
+        self._injected = store is not None
+        self.health = BackendHealth(self.name)
         self.report = WorkerReport(self.name)
-        self._running: dict[str, Attempt] = {}
+        self._running: dict[Lease, Attempt] = {}
         self._cond = threading.Condition()
-        self._finished: queue.SimpleQueue[tuple[Lease, Outcome] | None] = queue.SimpleQueue()
-        self._flushing = threading.Lock()
-        self._reporting = 0  # outcomes settled but not yet finished or queued
+        self._outbox = Outbox(self.store, self.health, self._tally)
         self._stopping = threading.Event()
-        self._ticker_stop = threading.Event()
+        self._threads_stop = threading.Event()
         self._grace = self.config.shutdown_grace
         self._pool = DaemonThreadPool("taskspace-task")
         # Threads still running an attempt the worker gave up on (timeout): they
@@ -105,24 +134,36 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._started_wall = time.time()
+        self._names: list[str] = []
+        self._renew_store = self.store
+        self._next_renew = self._next_maintenance = 0.0
+        self._next_beat = 0.0
 
     # -- lifecycle ----------------------------------------------------------
 
     def run(self) -> WorkerReport:
         """Work until stopped (or drained, in burst mode); return what was done."""
         restore = self._install_signal_handlers()
-        self._retrying(self._heartbeat, attempts=1)
-        finisher = threading.Thread(target=self._finish_loop, name="taskspace-finisher")
-        ticker = threading.Thread(target=self._tick_loop, name="taskspace-ticker", daemon=True)
-        finisher.start()
-        ticker.start()
-        log.info("worker %s started on queues %s", self.name, ",".join(self.config.queues))
+        self._names = self.space.task_names
+        self._renew_store = self._open_renew_store()
+        self.health.call("heartbeat", self._heartbeat)
+        self._next_beat = time.monotonic() + self.config.heartbeat_interval
+        self._outbox.start()
+        threads = [
+            self._background("taskspace-renewer", self._renew_step),
+            self._background("taskspace-ticker", self._maintenance_step),
+        ]
+        log.info(
+            "worker %s started on queues %s with tasks %s",
+            self.name, ",".join(self.config.queues), ",".join(self._names),
+            extra={"worker": self.name},
+        )  # fmt: skip
         try:
             self._claim_loop()
         finally:
-            self._shutdown(finisher, ticker)
+            self._shutdown(threads)
             restore()
-        log.info("worker %s stopped: %s", self.name, self.report)
+        log.info("worker %s stopped: %s", self.name, self.report, extra={"worker": self.name})
         return self.report
 
     def stop(self, grace: float | None = None) -> None:
@@ -133,6 +174,14 @@ class Worker:
         with self._cond:
             self._cond.notify_all()
 
+    def _open_renew_store(self) -> Store:
+        """Redis: a client of its own, so that no call of another thread (a blocking
+        wait, a stalled socket) can hold up renewal. SQLite already gives each
+        thread its own connection; memory has no connection."""
+        if self._injected or self.space.scheme not in REDIS_SCHEMES:
+            return self.store
+        return open_store(self.space.url, namespace=self.space.namespace)
+
     def _install_signal_handlers(self) -> Callable[[], None]:
         if not self.config.install_signal_handlers or (
             threading.current_thread() is not threading.main_thread()
@@ -140,9 +189,19 @@ class Worker:
             return lambda: None
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            already = self._stopping.is_set()
-            log.warning("worker %s got signal %d: shutting down", self.name, signum)
-            self.stop(0.0 if already else None)
+            if self._stopping.is_set():
+                log.warning(
+                    "worker %s got signal %d again: cutting the shutdown grace, stopping now",
+                    self.name, signum, extra={"worker": self.name},
+                )  # fmt: skip
+                self.stop(0.0)
+                return
+            log.warning(
+                "worker %s got signal %d: shutting down (grace %.1f s; "
+                "send it again to stop at once)",
+                self.name, signum, self._grace, extra={"worker": self.name},
+            )  # fmt: skip
+            self.stop()
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -152,31 +211,45 @@ class Worker:
 
         return restore
 
-    def _shutdown(self, finisher: threading.Thread, ticker: threading.Thread) -> None:
+    def _shutdown(self, threads: list[threading.Thread]) -> None:
         self._stopping.set()
         for attempt in self._snapshot():
             if not attempt.started:
-                self._settle(attempt, Outcome("release"))
+                self._settle(attempt, Outcome("release"), inline=False)
         begun = time.monotonic()
         with self._cond:
             # Re-read the grace on every pass: a second signal cuts it to zero.
             while self._running and time.monotonic() < begun + self._grace:
                 self._cond.wait(min(0.1, max(0.0, begun + self._grace - time.monotonic())))
         for attempt in self._snapshot():
-            attempt.ctx.cancel()
+            attempt.ctx.stop()
             ex.kill_process(attempt)
-            self._settle(attempt, Outcome("release"))
-        with self._cond:
-            # An outcome being finished in a task thread must land (or be queued for
-            # the finisher) before the finisher is told to stop.
-            while self._reporting:
-                self._cond.wait(0.1)
-        self._finished.put(None)
-        finisher.join()
-        self._ticker_stop.set()
-        ticker.join(timeout=5)
-        self._retrying(lambda: withdraw(self.store, self.name), attempts=3)
+            self._settle(attempt, Outcome("release"), inline=False)
+        deadline = max(begun + self._grace, time.monotonic() + FINAL_FLUSH_S)
+        self._abandon(self._outbox.close(deadline))
+        self._threads_stop.set()
+        for thread in threads:
+            thread.join(timeout=THREAD_JOIN_S)
+        if not self.health.down:
+            _bounded(partial(self.health.call, "withdraw", self._withdraw), THREAD_JOIN_S)
+        self._close_runtime()
+
+    def _abandon(self, count: int) -> None:
+        if count:
+            self.report.abandoned += count
+            log.warning(
+                "worker %s: %d outcome(s) not recorded within the shutdown grace (backend "
+                "unreachable); their tasks run again once their leases expire",
+                self.name, count, extra={"worker": self.name},
+            )  # fmt: skip
+
+    def _withdraw(self) -> None:
+        withdraw(self.store, self.name)
+
+    def _close_runtime(self) -> None:
         self._pool.shutdown()
+        if self._renew_store is not self.store:
+            self._renew_store.close()
         if self._loop is not None and self._loop_thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(timeout=5)
@@ -187,40 +260,63 @@ class Worker:
 
     def _claim_loop(self) -> None:
         queues = self.config.queues
+        backoff = Backoff()
         while not self._stopping.is_set():
-            free = self._free_slots()
+            free = self._wait_for_slots()
             if free <= 0:
-                with self._cond:
-                    if self._free_slots() <= 0:
-                        self._cond.wait(self.config.idle_wait)
                 continue
-            if self._running and free < self._batch_min:
-                # A claim costs a round trip whatever its size: give other running
-                # tasks a moment to finish so that one claim fetches several.
-                with self._cond:
-                    self._cond.wait_for(
-                        lambda: self._free_slots() >= self._batch_min, CLAIM_GATHER_S
-                    )
-                free = self._free_slots()
-            request = os.urandom(8).hex()  # the same id on every retry of this claim
-            records = self._retrying(partial(self.store.claim, queues, self.name, free, request))
-            if records is None:
-                continue
+            records = self._claim(free, backoff)
             for record in records:
                 self._dispatch(record)
-            if records:
+            if records or self._stopping.is_set():
                 continue
             if self.config.burst and self._drained():
                 return
-            self._retrying(lambda: self.store.wait_for_tasks(queues, self.config.idle_wait))
+            waited = self.health.call(
+                "wait", lambda: self.store.wait_for_tasks(queues, self.config.idle_wait)
+            )
+            if isinstance(waited, Failed):
+                self._stopping.wait(self.config.idle_wait)
+
+    def _wait_for_slots(self) -> int:
+        free = self._free_slots()
+        if free <= 0:
+            with self._cond:
+                if self._free_slots() <= 0:
+                    self._cond.wait(self.config.idle_wait)
+            return 0
+        if self._running and free < self._batch_min:
+            # A claim costs a round trip whatever its size: give other running
+            # tasks a moment to finish so that one claim fetches several.
+            with self._cond:
+                self._cond.wait_for(lambda: self._free_slots() >= self._batch_min, CLAIM_GATHER_S)
+            free = self._free_slots()
+        return free
+
+    def _claim(self, n: int, backoff: Backoff) -> list[TaskRecord]:
+        """Claim up to ``n`` tasks of the registered names, retrying through an outage
+        with the same request id (a lost reply then returns what it leased)."""
+        request = os.urandom(8).hex()
+        claim = partial(
+            self.store.claim, self.config.queues, self.name, n, request, **_names_kw(self)
+        )
+        while not self._stopping.is_set():
+            records = self.health.call("claim", claim)
+            if not isinstance(records, Failed):
+                backoff.reset()
+                return records
+            self._stopping.wait(backoff.next())
+        return []
 
     def _free_slots(self) -> int:
         return self.config.concurrency - len(self._running) - self._zombies
 
     def _drained(self) -> bool:
-        if self._running or not self._finished.empty():
+        if self._running or len(self._outbox):
             return False
-        stats = self.store.stats()
+        stats = self.health.call("stats", self.store.stats)
+        if isinstance(stats, Failed):
+            return False
         return not any(stats.total(s, self.config.queues) for s in ("queued", "running"))
 
     def _dispatch(self, record: TaskRecord) -> None:
@@ -228,7 +324,8 @@ class Worker:
         prepared = ex.prepare(record, task, self.space.allow_pickle)
         if isinstance(prepared, Outcome) or task is None:
             assert isinstance(prepared, Outcome)
-            self._report_outcome((record.lease, prepared))
+            self._outbox.add(record.lease, prepared, record.lease_s)
+            self._outbox.send(inline=True)
             return
         args, kwargs = prepared
         lease = record.lease
@@ -243,7 +340,7 @@ class Worker:
         )
         attempt = Attempt(record, task, ctx, deadline=None)
         with self._cond:
-            self._running[record.id] = attempt
+            self._running[lease] = attempt
         isolation = task.isolation
         if isolation == "async":
             asyncio.run_coroutine_threadsafe(
@@ -259,10 +356,12 @@ class Worker:
             if attempt.settled:
                 return False
             attempt.started = True
+            attempt.began = time.monotonic()
             timeout = attempt.record.timeout
             if with_deadline and timeout is not None:
-                attempt.deadline = time.monotonic() + timeout
-            return True
+                attempt.deadline = attempt.began + timeout
+        tasklog.started(attempt, self.name)
+        return True
 
     def _run_thread(self, attempt: Attempt, args: list[Any], kwargs: dict[str, Any]) -> None:
         if not self._start(attempt, with_deadline=True):
@@ -278,10 +377,11 @@ class Worker:
             return
         outcome = ex.run_in_process(attempt, args, kwargs, self.space.codec, attempt.ctx._report)
         if outcome is not None:
-            self._settle(attempt, outcome)
+            self._settle(attempt, ex.after_cancel(attempt, outcome))
 
     async def _run_async(self, attempt: Attempt, args: list[Any], kwargs: dict[str, Any]) -> None:
         if self._start(attempt, with_deadline=False):
+            attempt.aio_task = asyncio.current_task()
             self._settle(attempt, await ex.run_coroutine(attempt, args, kwargs, self.space.codec))
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
@@ -292,24 +392,24 @@ class Worker:
             self._loop, self._loop_thread = loop, thread
         return self._loop
 
-    def _settle(self, attempt: Attempt, outcome: Outcome | None) -> bool:
-        """Record the end of an attempt once; None frees the slot without a finish."""
+    def _settle(self, attempt: Attempt, outcome: Outcome | None, inline: bool = True) -> bool:
+        """Record the end of an attempt once; None frees the slot without a finish.
+        ``inline``: this thread may call the store (never the renewer's)."""
         with attempt.lock:
             if attempt.settled:
                 return False
             attempt.settled = True
+        if outcome is not None and outcome.kind == "cancelled" and attempt.ctx.lease_lost:
+            outcome = None  # the lease is gone: abandoned, never "cancelled"
+        tasklog.ended(attempt, outcome, self.name)
+        if outcome is not None:
+            # In the outbox before it leaves _running: shutdown waits for one, then the other.
+            self._outbox.add(attempt.lease, outcome, attempt.record.lease_s)
         with self._cond:
-            self._running.pop(attempt.record.id, None)
-            if outcome is not None:
-                self._reporting += 1
+            self._running.pop(attempt.lease, None)
             self._cond.notify_all()
         if outcome is not None:
-            try:
-                self._report_outcome((attempt.record.lease, outcome))
-            finally:
-                with self._cond:
-                    self._reporting -= 1
-                    self._cond.notify_all()
+            self._outbox.send(inline)
         return True
 
     def _snapshot(self) -> list[Attempt]:
@@ -317,114 +417,123 @@ class Worker:
             return list(self._running.values())
 
     def _report_progress(self, lease: Lease, done: float, total: float) -> None:
-        try:
-            self.store.progress(lease, done, total)
-        except BackendError as exc:
-            log.warning("progress of task %s not recorded: %s", lease.task_id, exc)
-
-    # -- finishing ----------------------------------------------------------
-
-    def _report_outcome(self, item: tuple[Lease, Outcome]) -> None:
-        """Finish right here if no other thread is finishing (no hand-off, lowest
-        latency); otherwise queue it for the finisher, which batches under load."""
-        if not self._flushing.acquire(blocking=False):
-            self._finished.put(item)
-            return
-        try:
-            drained = self._drain(FINISH_BATCH_MAX - 1)
-            items = [item, *(x for x in drained if x is not None)]
-            if None in drained:
-                self._finished.put(None)  # the shutdown sentinel belongs to the finisher
-            try:
-                accepted = self.store.finish(items)
-            except BackendError:
-                for queued in items:  # the finisher retries them until they land
-                    self._finished.put(queued)
-                return
-            self._tally(items, accepted)
-        finally:
-            self._flushing.release()
-
-    def _drain(self, limit: int) -> list[tuple[Lease, Outcome] | None]:
-        batch: list[tuple[Lease, Outcome] | None] = []
-        while len(batch) < limit:
-            try:
-                batch.append(self._finished.get_nowait())
-            except queue.Empty:
-                break
-        return batch
-
-    def _finish_loop(self) -> None:
-        while True:
-            batch = [self._finished.get(), *self._drain(FINISH_BATCH_MAX - 1)]
-            items = [item for item in batch if item is not None]
-            if items:
-                with self._flushing:
-                    # A finish must not be dropped on a backend error: retry until it lands.
-                    accepted = self._retrying(partial(self.store.finish, items), attempts=None)
-                    self._tally(items, accepted or [])
-            if None in batch:
-                return
+        # Runs in the task's own code: a store failure must never reach it.
+        self.health.call("progress", lambda: self.store.progress(lease, done, total))
 
     def _tally(self, items: list[tuple[Lease, Outcome]], accepted: list[bool]) -> None:
         for (lease, outcome), ok in zip(items, accepted, strict=False):
             self.report.count(outcome, ok)
             if not ok:
-                log.warning("finish of task %s refused: lease %d is stale", *lease)
+                log.warning(
+                    "finish of task %s refused: lease %d is stale", *lease,
+                    extra={"task_id": lease.task_id, "worker": self.name},
+                )  # fmt: skip
 
-    # -- ticking: renew, deadlines, maintenance, heartbeat -------------------
+    # -- background threads: renewal (with deadlines), maintenance, heartbeat --
 
-    def _tick_loop(self) -> None:
-        next_renew = next_maintenance = 0.0
-        next_beat = time.monotonic() + self.config.heartbeat_interval
-        while not self._ticker_stop.wait(TICK_S):
-            now = time.monotonic()
-            self._enforce_deadlines(now)
-            if now >= next_renew:
-                self._renew()
-                next_renew = now + self._renew_interval()
-            if now >= next_maintenance:
-                self._retrying(self._maintain, attempts=1)
-                next_maintenance = now + self.config.maintenance_interval
-            if now >= next_beat:
-                self._retrying(self._heartbeat, attempts=1)
-                next_beat = now + self.config.heartbeat_interval
+    def _background(self, name: str, step: Callable[[float], None]) -> threading.Thread:
+        thread = threading.Thread(target=self._loop_forever, args=(step,), name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def _loop_forever(self, step: Callable[[float], None]) -> None:
+        """Run ``step(now)`` every tick until shutdown; an error is logged and backed
+        off, never the end of the thread."""
+        backoff = Backoff()
+        while not self._threads_stop.wait(TICK_S):
+            try:
+                step(time.monotonic())
+                backoff.reset()
+            except Exception:
+                log.exception(
+                    "unexpected error in %s; carrying on", threading.current_thread().name
+                )
+                self._threads_stop.wait(backoff.next())
+
+    def _renew_step(self, now: float) -> None:
+        self._enforce_deadlines(now)
+        if now >= self._next_renew:
+            self._renew()
+            self._next_renew = now + self._renew_interval()
+
+    def _maintenance_step(self, now: float) -> None:
+        if now >= self._next_maintenance:
+            self.health.call("maintenance", self._maintain)
+            self._next_maintenance = now + self.config.maintenance_interval
+        if now >= self._next_beat:
+            self.health.call("heartbeat", self._heartbeat)
+            self._next_beat = now + self.config.heartbeat_interval
 
     def _renew_interval(self) -> float:
         leases = [a.record.lease_s for a in self._snapshot()]
+        leases += self._outbox.leases().values()
         return max(TICK_S, min(leases, default=3.0) / 3.0)
 
     def _renew(self) -> None:
-        attempts = {a.record.id: a for a in self._snapshot()}
-        if not attempts:
+        """Renew every running attempt and every outcome still waiting to be recorded."""
+        attempts = {a.lease: a for a in self._snapshot()}
+        leases, stale = newest_per_task([*attempts, *self._outbox.leases()])
+        statuses: dict[str, LeaseStatus] = {}
+        if leases:
+            renewed = self.health.call("renew", lambda: self._renew_store.renew(leases))
+            if isinstance(renewed, Failed):
+                return
+            statuses = renewed
+        lost = [lease for lease in leases if statuses.get(lease.task_id) == "lost"]
+        for lease in [*stale, *lost]:
+            self._lost(lease, attempts.get(lease))
+        for lease in leases:
+            status = statuses.get(lease.task_id)
+            attempt = attempts.get(lease)
+            if attempt is not None and status in ("cancel_requested", "terminate_requested"):
+                self._cancel(attempt, terminate=status == "terminate_requested")
+
+    def _lost(self, lease: Lease, attempt: Attempt | None) -> None:
+        if self._outbox.drop(lease):
+            log.warning(
+                "lease of task %s lost before its outcome was recorded (worker %s)",
+                lease.task_id, self.name, extra={"task_id": lease.task_id, "worker": self.name},
+            )  # fmt: skip
+        if attempt is None or attempt.settled or attempt.ctx.lease_lost:
             return
-        statuses = self._retrying(
-            lambda: self.store.renew([a.record.lease for a in attempts.values()]), attempts=1
-        )
-        for task_id, status in (statuses or {}).items():
-            attempt = attempts[task_id]
-            if status == "held" or attempt.settled:
-                continue  # settled: it finished between the snapshot and the renew
-            attempt.ctx.cancel()
-            if status == "lost" and not attempt.lost:
-                attempt.lost = True
-                self.report.leases_lost += 1
-                log.warning("lease of task %s lost (worker %s)", task_id, self.name)
-            if attempt.process is not None:
+        attempt.ctx.lose_lease()
+        self.report.leases_lost += 1
+        log.warning(
+            "lease of task %s lost (worker %s): abandoning the attempt",
+            lease.task_id, self.name, extra={"task_id": lease.task_id, "worker": self.name},
+        )  # fmt: skip
+        if attempt.process is not None:
+            ex.kill_process(attempt)
+            self._settle(attempt, None, inline=False)
+        elif attempt.aio_task is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(attempt.aio_task.cancel)
+
+    def _cancel(self, attempt: Attempt, terminate: bool) -> None:
+        """A cancel request: the flag for every attempt, and for async and process
+        ones a real stop (asyncio cancel; SIGTERM, or SIGKILL with ``terminate``)."""
+        if attempt.settled:
+            return
+        attempt.ctx.cancel()
+        if attempt.process is not None:
+            if terminate:
                 ex.kill_process(attempt)
-                self._settle(attempt, None if status == "lost" else Outcome("cancelled"))
+            elif not attempt.cancel_sent:
+                attempt.cancel_sent = ex.signal_process(attempt, signal.SIGTERM)
+        elif attempt.aio_task is not None and self._loop is not None and not attempt.cancel_sent:
+            attempt.cancel_sent = True
+            self._loop.call_soon_threadsafe(attempt.aio_task.cancel)
 
     def _enforce_deadlines(self, now: float) -> None:
         for attempt in self._snapshot():
             if attempt.deadline is None or now < attempt.deadline:
                 continue
-            attempt.ctx.cancel()
+            attempt.ctx.stop()
             ex.kill_process(attempt)
             if attempt.process is None and attempt.task.isolation == "thread":
                 attempt.timed_out = True
                 with self._cond:
                     self._zombies += 1
-            if self._settle(attempt, ex.timeout_outcome(attempt)):
+            if self._settle(attempt, ex.timeout_outcome(attempt), inline=False):
                 self._check_wedged()
             elif attempt.timed_out:
                 with self._cond:
@@ -436,9 +545,8 @@ class Worker:
             # more work. Exit (non-zero) so a supervisor starts a fresh one.
             log.error(
                 "worker %s: all %d slots hold tasks stuck past their timeout; stopping",
-                self.name,
-                self.config.concurrency,
-            )
+                self.name, self.config.concurrency, extra={"worker": self.name},
+            )  # fmt: skip
             self.report.wedged = True
             self.stop(0.0)
 
@@ -452,6 +560,7 @@ class Worker:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "queues": list(self.config.queues),
+            "tasks": self._names,
             "concurrency": self.config.concurrency,
             "running": len(self._running),
             "started": self._started_wall,
@@ -460,21 +569,17 @@ class Worker:
         }
         announce(self.store, self.name, info, ttl=self.config.heartbeat_interval * 3)
 
-    # -- backend errors -----------------------------------------------------
 
-    def _retrying(self, op: Callable[[], T], attempts: int | None = 20) -> T | None:
-        """Run ``op``, retrying BackendError with backoff; None if it kept failing.
-        ``attempts=None`` retries until it succeeds."""
-        delay = BACKOFF_START_S
-        tried = 0
-        while True:
-            try:
-                return op()
-            except BackendError as exc:
-                tried += 1
-                if attempts is not None and tried >= attempts:
-                    log.error("backend error, giving up on this step: %s", exc)
-                    return None
-                log.warning("backend error, retrying in %.2f s: %s", delay, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_S)
+def _names_kw(worker: Worker) -> dict[str, Any]:  # TEMP until every backend takes names=
+    import inspect
+
+    params = inspect.signature(worker.store.claim).parameters
+    return {"names": worker._names} if "names" in params else {}
+
+
+def _bounded(op: Callable[[], object], timeout: float) -> None:
+    """Run ``op`` on a daemon thread and wait at most ``timeout`` for it: a call on a
+    stalled connection must not hold up an exit that was promised."""
+    thread = threading.Thread(target=op, name="taskspace-exit-call", daemon=True)
+    thread.start()
+    thread.join(timeout)
