@@ -1,47 +1,95 @@
--- ARGV: worker, n, request_id ('' = none), queue... Leases up to n ready
--- tasks; returns their fields. Hot path: three calls per task, batched ZADD
--- and counters. A repeat of a request id (its reply was lost, the worker
--- retried) returns the tasks the first call leased, never new ones.
+-- ARGV: worker, n, request_id ('' = none), k (-1 = any name), k names,
+-- queue... Leases up to n ready tasks: earlier queues first, then by score
+-- (priority, then FIFO) across the ready sets of the wanted names, merged
+-- here. Cost: O(names x n), whatever number of tasks of other names waits.
+-- Every request id is remembered (with the tasks it leased, maybe none) for
+-- CLAIM_REQUEST_TTL: a repeat returns what the first call leased and never
+-- leases more, so neither a retry nor a late duplicate leases to nobody.
+local CLAIM_REQUEST_TTL = 600
 local worker, n, request = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local k = tonumber(ARGV[4])
+local names = nil
+if k >= 0 then
+  names = {}
+  for i = 1, k do names[i] = ARGV[4 + i] end
+end
+local first_queue = 5 + math.max(k, 0)
 local out = {}
+local rk = P .. 'claimreq:' .. request
 if request ~= '' then
-  local rk = P .. 'claimreq:' .. request
-  local granted = redis.call('LRANGE', rk, 0, -1)
-  if #granted > 0 then
-    for _, id in ipairs(granted) do
+  local granted = redis.call('GET', rk)
+  if granted then
+    for id, token in string.gmatch(granted, '([^\n]+)\t([^\n]+)\n') do
       local f = redis.call('HMGET', tkey(id), unpack(FIELDS))
-      if f[11] == 'running' and f[16] == worker then out[#out + 1] = f end
+      if f[11] == 'running' and f[15] == token and f[16] == worker then out[#out + 1] = f end
     end
     return out
   end
 end
+
+-- The ids of the `want` best ready tasks of queue q over `wanted` names,
+-- removed from their ready sets.
+local function take(q, wanted, want, tidy)
+  if #wanted == 1 then
+    local popped = redis.call('ZPOPMIN', rkey(q, wanted[1]), want)
+    local ids = {}
+    for j = 1, #popped, 2 do ids[#ids + 1] = popped[j] end
+    return ids
+  end
+  local cands, keys = {}, {}
+  for _, name in ipairs(wanted) do
+    local key = rkey(q, name)
+    local head = redis.call('ZRANGE', key, 0, want - 1, 'WITHSCORES')
+    if #head > 0 then
+      keys[#keys + 1] = {key, 0}
+      for j = 1, #head, 2 do cands[#cands + 1] = {tonumber(head[j + 1]), head[j], #keys} end
+    elseif tidy then
+      redis.call('SREM', P .. 'qnames:' .. q, name)  -- re-added by the next enqueue
+    end
+  end
+  if #keys > 1 then table.sort(cands, function(a, b) return a[1] < b[1] end) end
+  local ids = {}
+  for j = 1, math.min(want, #cands) do
+    ids[j] = cands[j][2]
+    local key = keys[cands[j][3]]
+    key[2] = key[2] + 1
+  end
+  -- The taken members of each set are its lowest-ranked ones.
+  for _, key in ipairs(keys) do
+    if key[2] > 0 then redis.call('ZREMRANGEBYRANK', key[1], 0, key[2] - 1) end
+  end
+  return ids
+end
+
 local now = clock()
 promote(now)
 local running = {}
 local seen = {}
-for qi = 4, #ARGV do
+local granted = {}
+for qi = first_queue, #ARGV do
   local q = ARGV[qi]
   if not seen[q] and #out < n then
     seen[q] = true
-    local popped = redis.call('ZPOPMIN', P .. 'ready:' .. q, n - #out)
+    local wanted = names or redis.call('SMEMBERS', P .. 'qnames:' .. q)
+    local ids = take(q, wanted, n - #out, names == nil)
     local got = 0
-    local token = redis.call('INCRBY', P .. 'token', #popped / 2) - #popped / 2
-    for j = 1, #popped, 2 do
-      local id = popped[j]
-      local k = tkey(id)
-      local f = redis.call('HMGET', k, unpack(FIELDS))
+    local token = redis.call('INCRBY', P .. 'token', #ids) - #ids
+    for _, id in ipairs(ids) do
+      local tk = tkey(id)
+      local f = redis.call('HMGET', tk, unpack(FIELDS))
       if f[11] == 'queued' then
         token = token + 1
         got = got + 1
         local expires = fmt(now + tonumber(f[8]))
         local attempts = (tonumber(f[13]) or 0) + 1
-        redis.call('HSET', k, 'state', 'running', 'token', token, 'worker', worker,
+        redis.call('HSET', tk, 'state', 'running', 'token', token, 'worker', worker,
           'lease_expires', expires, 'started', fmt(now), 'attempts', attempts)
         f[11], f[13], f[15], f[16] = 'running', attempts, token, worker
         f[17], f[24] = expires, fmt(now)
         running[#running + 1] = expires
         running[#running + 1] = id
         out[#out + 1] = f
+        granted[#granted + 1] = id .. '\t' .. token .. '\n'
       end
     end
     if got > 0 then
@@ -53,9 +101,7 @@ end
 for i = 1, #running, 2000 do
   redis.call('ZADD', P .. 'running', unpack(running, i, math.min(i + 1999, #running)))
 end
-if request ~= '' and #out > 0 then
-  local rk = P .. 'claimreq:' .. request
-  for i = 1, #out do redis.call('RPUSH', rk, out[i][1]) end
-  redis.call('EXPIRE', rk, 600)
+if request ~= '' then
+  redis.call('SET', rk, table.concat(granted), 'EX', CLAIM_REQUEST_TTL)
 end
 return out

@@ -1,11 +1,22 @@
 -- Shared by every script (prepended at load time). KEYS[1] is the space's key
 -- prefix, carrying a hash tag so that every key of a space lives in one slot.
+--
+-- Keys under the prefix: t:<id> (task hash), ready:<queue>\n<name> (claimable
+-- tasks of one name, by score), qnames:<queue> (names that may have ready
+-- tasks), delayed (by ready_at), running (by lease expiry), idx (every task,
+-- by seq: submission order), expiry (finished tasks with a result_ttl, by reap
+-- time; member state\nqueue\nid, so counts stay right even after the backstop
+-- EXPIRE removed the hash), counts, wake:<queue>[\n<name>], claimreq:<id>,
+-- kv:<key>, kvidx (by key), kvexp (by expiry).
 local P = KEYS[1]
 local FIELDS = {'id', 'name', 'payload', 'codec', 'queue', 'priority', 'max_attempts', 'lease_s',
   'timeout', 'dedup_key', 'state', 'ready_at', 'attempts', 'lost', 'token', 'worker',
   'lease_expires', 'result', 'error', 'pdone', 'ptotal', 'cancel', 'created', 'started',
-  'finished'}
+  'finished', 'result_ttl'}
 local WAKE_MAX = 64
+-- A settled task's hash expires this long after its reap time: a backstop for
+-- a space nobody reaps. Reap still fixes counts and indexes from `expiry`.
+local BACKSTOP_S = 3600
 
 -- The store clock: the server's TIME, never a client's.
 local function clock()
@@ -18,32 +29,58 @@ local function fmt(x) return string.format('%.6f', x) end
 
 local function tkey(id) return P .. 't:' .. id end
 
+local function rkey(queue, name) return P .. 'ready:' .. queue .. '\n' .. name end
+
 local function count(queue, state, delta)
   redis.call('HINCRBY', P .. 'counts', queue .. '\n' .. state, delta)
 end
 
--- Higher priority first, then FIFO by submission sequence; exact in a double
--- while |priority| < 2^20 and seq < 2^32.
+-- Higher priority first, then FIFO by submission sequence. Exact in a double
+-- (Redis passes Lua numbers on as %.17g) for |priority| <= 2^20 and
+-- seq < 2^32: |score| < 2^52 + 2^32 < 2^53. The API bounds priority to
+-- base.PRIORITY_MIN..PRIORITY_MAX (+-1,000,000 < 2^20); a space has room
+-- for 2^32 (4.29e9) submissions.
 local function score(priority, seq)
   return -tonumber(priority) * 4294967296 + tonumber(seq)
 end
 
--- Wake-up tokens for idle workers blocked in BLPOP; bounded, so stale tokens
--- cost at most a few spurious wake-ups.
+-- Wake-up tokens for idle workers blocked in BLPOP, per queue and per
+-- (queue, name); bounded, so stale tokens cost at most a few spurious wake-ups.
+local function wake_list(key, n)
+  local ones = {}
+  for i = 1, math.min(n, WAKE_MAX) do ones[i] = '1' end
+  redis.call('RPUSH', key, unpack(ones))
+  redis.call('LTRIM', key, -WAKE_MAX, -1)
+end
+
 local function wake(woken)
-  for queue, n in pairs(woken) do
-    local key = P .. 'wake:' .. queue
-    for _ = 1, math.min(n, WAKE_MAX) do redis.call('RPUSH', key, '1') end
-    redis.call('LTRIM', key, -WAKE_MAX, -1)
+  for queue, names in pairs(woken) do
+    local total = 0
+    for name, n in pairs(names) do
+      wake_list(P .. 'wake:' .. queue .. '\n' .. name, n)
+      total = total + n
+    end
+    wake_list(P .. 'wake:' .. queue, total)
   end
 end
 
-local function enqueue(id, queue, priority, seq, ready_at, now, woken)
+local function woke(woken, queue, name, n)
+  local names = woken[queue] or {}
+  woken[queue] = names
+  names[name] = (names[name] or 0) + (n or 1)
+end
+
+local function make_ready(id, queue, name, priority, seq, woken)
+  redis.call('ZADD', rkey(queue, name), score(priority, seq), id)
+  redis.call('SADD', P .. 'qnames:' .. queue, name)
+  woke(woken, queue, name)
+end
+
+local function enqueue(id, queue, name, priority, seq, ready_at, now, woken)
   if ready_at > now then
     redis.call('ZADD', P .. 'delayed', ready_at, id)
   else
-    redis.call('ZADD', P .. 'ready:' .. queue, score(priority, seq), id)
-    woken[queue] = (woken[queue] or 0) + 1
+    make_ready(id, queue, name, priority, seq, woken)
   end
 end
 
@@ -52,18 +89,18 @@ local function promote(now)
   local woken = {}
   for _, id in ipairs(due) do
     redis.call('ZREM', P .. 'delayed', id)
-    local f = redis.call('HMGET', tkey(id), 'state', 'queue', 'priority', 'seq')
-    if f[1] == 'queued' then
-      redis.call('ZADD', P .. 'ready:' .. f[2], score(f[3], f[4]), id)
-      woken[f[2]] = (woken[f[2]] or 0) + 1
-    end
+    local f = redis.call('HMGET', tkey(id), 'state', 'queue', 'priority', 'seq', 'name')
+    if f[1] == 'queued' then make_ready(id, f[2], f[5], f[3], f[4], woken) end
   end
   wake(woken)
   return #due
 end
 
--- A task reached a final state: free its dedup key, wake registered waiters.
-local function settle(id, dedup_key)
+local function expiry_member(state, queue, id) return state .. '\n' .. queue .. '\n' .. id end
+
+-- A task reached a final state: free its dedup key, wake registered waiters,
+-- schedule its deletion after result_ttl ('' or false: kept forever).
+local function settle(id, dedup_key, queue, state, now, result_ttl)
   if dedup_key then
     local dk = P .. 'dedup:' .. dedup_key
     if redis.call('GET', dk) == id then redis.call('DEL', dk) end
@@ -76,4 +113,15 @@ local function settle(id, dedup_key)
     redis.call('EXPIRE', dk, 60)
     redis.call('DEL', wk)
   end
+  if result_ttl and result_ttl ~= '' then
+    local ttl = tonumber(result_ttl)
+    redis.call('ZADD', P .. 'expiry', now + ttl, expiry_member(state, queue, id))
+    redis.call('EXPIRE', tkey(id), math.ceil(ttl) + BACKSTOP_S)
+  end
+end
+
+-- Remove a task from whichever claimable set holds it.
+local function unready(id, queue, name)
+  redis.call('ZREM', rkey(queue, name), id)
+  redis.call('ZREM', P .. 'delayed', id)
 end

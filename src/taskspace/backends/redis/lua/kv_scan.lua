@@ -18,7 +18,8 @@ for _, key in ipairs(keys) do
     out[#out + 1] = (ttl >= 0) and fmt(now + ttl / 1000) or ''
     found = found + 1
   else
-    redis.call('ZREM', P .. 'kvidx', key)  -- expired: drop it from the index
+    redis.call('ZREM', P .. 'kvidx', key)  -- expired: drop it from the indexes
+    redis.call('ZREM', P .. 'kvexp', key)
   end
 end
 return out

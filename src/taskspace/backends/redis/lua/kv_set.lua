@@ -12,6 +12,12 @@ if ARGV[2] == 'cas' then
 end
 local version = redis.call('INCR', P .. 'kvver')
 redis.call('HSET', k, 'v', ARGV[4], 'ver', version)
-if ARGV[5] ~= '' then redis.call('PEXPIRE', k, ARGV[5]) else redis.call('PERSIST', k) end
+if ARGV[5] ~= '' then
+  redis.call('PEXPIRE', k, ARGV[5])
+  redis.call('ZADD', P .. 'kvexp', clock() + tonumber(ARGV[5]) / 1000, key)
+else
+  redis.call('PERSIST', k)
+  redis.call('ZREM', P .. 'kvexp', key)
+end
 redis.call('ZADD', P .. 'kvidx', 0, key)
 return version

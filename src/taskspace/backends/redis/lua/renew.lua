@@ -1,6 +1,8 @@
--- ARGV: id, token pairs. Returns held | cancel_requested | lost for each.
+-- ARGV: id, token pairs. Returns held | cancel_requested | terminate_requested
+-- | lost for each.
 local now = clock()
 local out = {}
+local REQUESTS = {['1'] = 'cancel_requested', ['2'] = 'terminate_requested'}
 for i = 1, #ARGV, 2 do
   local id = ARGV[i]
   local k = tkey(id)
@@ -9,7 +11,7 @@ for i = 1, #ARGV, 2 do
     local expires = now + tonumber(f[4])
     redis.call('HSET', k, 'lease_expires', expires)
     redis.call('ZADD', P .. 'running', expires, id)
-    out[#out + 1] = (f[5] == '1') and 'cancel_requested' or 'held'
+    out[#out + 1] = REQUESTS[f[5] or ''] or 'held'
   else
     out[#out + 1] = 'lost'
   end

@@ -1,25 +1,57 @@
--- Expired leases: back to the queue (lost + 1), or dead once attempts are spent.
+-- ARGV: history_max (base.ERROR_HISTORY_MAX). Expired leases: back to the
+-- queue (lost + 1), or dead once attempts are spent; the error keeps a flat,
+-- bounded history (outcomes.with_history). Everything a task's move needs is
+-- computed before anything is written, so an unreadable earlier error can
+-- never leave a task half-moved or stop the other tasks being handled.
+local HISTORY_MAX = tonumber(ARGV[1])
 local now = clock()
 local ids = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, 1000)
 local handled = 0
 local woken = {}
+
+-- with_history(error, previous), from the earlier error's JSON (or false).
+local function with_history(err, previous_json)
+  if not previous_json then return cjson.encode(err) end
+  local ok, previous = pcall(cjson.decode, previous_json)
+  if not ok or type(previous) ~= 'table' then
+    previous = {type = 'UnreadableError', message = 'an earlier error could not be read',
+      traceback = ''}
+  end
+  local earlier = {}
+  for key, value in pairs(previous) do
+    -- `previous` nested the history before it was bounded: never carried on.
+    if key ~= 'history' and key ~= 'previous' then earlier[key] = value end
+  end
+  local history = {earlier}
+  if type(previous.history) == 'table' then
+    for _, h in ipairs(previous.history) do
+      if #history >= HISTORY_MAX then break end
+      history[#history + 1] = h
+    end
+  end
+  err.history = history
+  local encoded, text = pcall(cjson.encode, err)
+  if encoded then return text end
+  err.history = nil
+  return cjson.encode(err)
+end
+
 for _, id in ipairs(ids) do
   local k = tkey(id)
   local f = redis.call('HMGET', k, 'state', 'lease_expires', 'attempts', 'max_attempts',
-    'cancel', 'queue', 'priority', 'seq', 'dedup_key', 'worker', 'error')
-  redis.call('ZREM', P .. 'running', id)
+    'cancel', 'queue', 'priority', 'seq', 'dedup_key', 'worker', 'error', 'name', 'result_ttl')
   if f[1] == 'running' and tonumber(f[2]) <= now then
-    handled = handled + 1
     local attempts, max_attempts, q = tonumber(f[3]), tonumber(f[4]), f[6]
     local state
-    if f[5] == '1' then state = 'cancelled'
+    if f[5] then state = 'cancelled'
     elseif attempts < max_attempts then state = 'queued'
     else state = 'dead' end
-    local err = {type = 'WorkerLost', traceback = '', message = string.format(
+    local err = with_history({type = 'WorkerLost', traceback = '', message = string.format(
       'lease expired on attempt %d of %d (worker %s); the worker died or stalled',
-      attempts, max_attempts, f[10] or 'None')}
-    if f[11] then err.previous = cjson.decode(f[11]) end
-    redis.call('HSET', k, 'state', state, 'error', cjson.encode(err))
+      attempts, max_attempts, f[10] or 'None')}, f[11])
+    handled = handled + 1
+    redis.call('ZREM', P .. 'running', id)
+    redis.call('HSET', k, 'state', state, 'error', err)
     redis.call('HINCRBY', k, 'lost', 1)
     redis.call('HDEL', k, 'lease_expires')
     count(q, 'running', -1)
@@ -27,11 +59,15 @@ for _, id in ipairs(ids) do
     if state == 'queued' then
       redis.call('HDEL', k, 'worker')
       redis.call('HSET', k, 'ready_at', now)
-      enqueue(id, q, f[7], f[8], now, now, woken)
+      enqueue(id, q, f[12], f[7], f[8], now, now, woken)
     else
       redis.call('HSET', k, 'finished', now)
-      settle(id, f[9])
+      settle(id, f[9], q, state, now, f[13])
     end
+  elseif f[1] == 'running' then
+    redis.call('ZADD', P .. 'running', f[2], id)  -- renewed meanwhile: keep its real expiry
+  else
+    redis.call('ZREM', P .. 'running', id)  -- finished meanwhile
   end
 end
 wake(woken)

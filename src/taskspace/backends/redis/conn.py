@@ -1,0 +1,140 @@
+"""Connections to one Redis: clients, scripts, error mapping and bounded waits.
+
+Two clients share the URL: ``client`` (socket timeout SOCKET_TIMEOUT_S) runs
+the scripts that change state, and ``reads`` (READ_TIMEOUT_S) serves reads and
+blocking waits, so that a call made with a timeout, or a read behind a
+stalled connection, returns (or raises BackendError) within about that
+timeout rather than after the long socket timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from taskspace.errors import BackendError, InvalidURL, MissingDependency
+
+T = TypeVar("T")
+SCRIPTS = (
+    "push", "claim", "renew", "finish", "progress", "requeue", "promote", "cancel", "watch",
+    "next_due", "retry", "purge", "reap", "list", "lease_acquire", "lease_renew",
+    "lease_release", "lease_holders", "kv_get", "kv_set", "kv_incr", "kv_delete", "kv_scan",
+    "append",
+)  # fmt: skip
+DEFAULT_NAMESPACE = "default"
+SOCKET_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 2.0
+# Reads and the steps of a wait: short, so a stalled connection is noticed
+# within about a second (Redis answers a healthy read in well under that).
+READ_TIMEOUT_S = 1.0
+# How long past a BLPOP's own timeout its reply may take before the
+# connection counts as stalled.
+BLOCK_MARGIN_S = 0.5
+
+
+def import_redis() -> Any:
+    """The redis-py module, or MissingDependency naming the extra to install."""
+    try:
+        import redis
+    except ImportError:
+        raise MissingDependency(
+            "the Redis backend needs redis-py: pip install 'taskspace[redis]'"
+        ) from None
+    return redis
+
+
+def split_namespace(url: str) -> tuple[str, str | None]:
+    """The URL without taskspace's ``namespace`` option, and that option."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    namespace = next((v for k, v in query if k == "namespace"), None)
+    rest = urlencode([(k, v) for k, v in query if k != "namespace"])
+    return urlunsplit(parts._replace(query=rest)), namespace
+
+
+def check_namespace(namespace: str) -> str:
+    """A namespace is a non-empty name without braces (they delimit the hash tag)."""
+    if not namespace or any(c in namespace for c in "{}") or not namespace.isprintable():
+        raise InvalidURL(
+            f"namespace must be a non-empty printable name without braces, got {namespace!r}"
+        )
+    return namespace
+
+
+def _client(redis_mod: Any, url: str, plain: str, timeout: float, connect: float) -> Any:
+    try:
+        return redis_mod.Redis.from_url(
+            plain, socket_timeout=timeout, socket_connect_timeout=connect,
+            health_check_interval=30,
+        )  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        raise InvalidURL(f"malformed Redis URL {url!r}: {exc}") from None
+
+
+class RedisConnection:
+    """The clients and scripts of one space on one Redis; every Redis failure
+    (command, pipeline, script load, NOSCRIPT after a restart, socket) surfaces
+    as BackendError."""
+
+    def __init__(self, url: str, namespace: str | None = None) -> None:
+        redis_mod = import_redis()
+        self.url = url
+        plain, in_url = split_namespace(url)
+        self.namespace = check_namespace(namespace or in_url or DEFAULT_NAMESPACE)
+        self.prefix = f"ts:{{{self.namespace}}}:"
+        self.client: Any = _client(redis_mod, url, plain, SOCKET_TIMEOUT_S, CONNECT_TIMEOUT_S)
+        self.reads: Any = _client(redis_mod, url, plain, READ_TIMEOUT_S, READ_TIMEOUT_S)
+        self._errors: tuple[type[BaseException], ...] = (redis_mod.RedisError, OSError)
+        lua = resources.files(__package__).joinpath("lua")
+        common = lua.joinpath("common.lua").read_text()
+        self._scripts = {
+            name: self.client.register_script(common + lua.joinpath(f"{name}.lua").read_text())
+            for name in SCRIPTS
+        }
+
+    def call(self, op: Callable[[], T]) -> T:
+        """Run one Redis operation, turning any Redis failure into BackendError."""
+        try:
+            return op()
+        except self._errors as exc:
+            raise BackendError(f"Redis at {self.url}: {type(exc).__name__}: {exc}") from exc
+
+    def run(self, script: str, args: Sequence[Any], read: bool = False) -> Any:
+        """Run a script (on the short-timeout client when ``read``)."""
+        fn = self._scripts[script]
+        client = self.reads if read else self.client
+        return self.call(lambda: fn(keys=[self.prefix], args=list(args), client=client))
+
+    def block(self, keys: Sequence[str], timeout: float) -> None:
+        """BLPOP ``keys`` for up to ``timeout`` s; BackendError if no reply comes
+        within BLOCK_MARGIN_S after that (a stalled connection)."""
+        self.call(lambda: self._blpop(keys, max(timeout, 0.001)))
+
+    def _blpop(self, keys: Sequence[str], timeout: float) -> None:
+        pool = self.reads.connection_pool
+        try:
+            conn = pool.get_connection()
+        except TypeError:  # redis-py < 6 wants a command name
+            conn = pool.get_connection("BLPOP")
+        try:
+            conn.send_command("BLPOP", *keys, f"{timeout:.3f}")
+            if not conn.can_read(timeout=timeout + BLOCK_MARGIN_S):
+                raise BackendError(
+                    f"Redis at {self.url}: no reply to a {timeout:.3f} s wait within "
+                    f"{BLOCK_MARGIN_S} s after it (stalled connection)"
+                )
+            conn.read_response()
+        except BaseException:
+            conn.disconnect()  # its reply may still arrive: never reuse it
+            raise
+        finally:
+            pool.release(conn)
+
+    def close(self) -> None:
+        """Close both clients; idempotent."""
+        for client in (self.client, self.reads):
+            with contextlib.suppress(*self._errors):  # a connection that is already gone
+                client.close()
