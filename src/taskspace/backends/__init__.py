@@ -16,12 +16,13 @@ Every scheme is imported explicitly here; an unknown scheme or option raises
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from taskspace.backends.base import Clock, Store
 from taskspace.backends.memory import MemoryStore, open_memory
 from taskspace.backends.sqlite import SQLiteSettings, SQLiteStore
-from taskspace.errors import InvalidURL
+from taskspace.errors import InvalidURL, SpaceNotFound
 
 SCHEMES = ("sqlite", "memory", "redis", "rediss", "unix")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -111,9 +112,15 @@ def validate_url(url: str) -> str:
     return scheme
 
 
-def open_store(url: str, clock: Clock | None = None, namespace: str | None = None) -> Store:
+def open_store(
+    url: str, clock: Clock | None = None, namespace: str | None = None, create: bool = True
+) -> Store:
     """Open the store that ``url`` names. ``clock`` applies to memory:// only,
-    ``namespace`` to Redis only (a SQLite space is namespaced by its file)."""
+    ``namespace`` to Redis only (a SQLite space is namespaced by its file).
+
+    ``create=False`` (read-only commands): a SQLite file that does not exist
+    raises SpaceNotFound and nothing is created (Redis and memory spaces
+    always exist)."""
     scheme = validate_url(url)
     if clock is not None and scheme != "memory":
         raise InvalidURL(f"an injected clock is only valid for memory://, not {url!r}")
@@ -126,7 +133,10 @@ def open_store(url: str, clock: Clock | None = None, namespace: str | None = Non
     if scheme == "memory":
         name = url.split("://", 1)[1]
         return MemoryStore(clock=clock, url=url) if clock is not None else open_memory(name, url)
-    return SQLiteStore(_sqlite_settings(url), url)
+    settings = _sqlite_settings(url)
+    if not create and settings.path != ":memory:" and not Path(settings.path).is_file():
+        raise SpaceNotFound(f"no space at {url}: file {settings.path} does not exist")
+    return SQLiteStore(settings, url)
 
 
 __all__ = ["SCHEMES", "MemoryStore", "SQLiteStore", "open_store", "scheme_of", "validate_url"]

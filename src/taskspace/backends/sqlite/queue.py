@@ -1,0 +1,333 @@
+"""QueueStore of the SQLite backend."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Collection, Sequence
+from typing import cast
+
+from taskspace.backends.base import (
+    Lease,
+    LeaseStatus,
+    Outcome,
+    QueueStats,
+    TaskRecord,
+    TaskSpec,
+    TaskState,
+)
+from taskspace.backends.outcomes import (
+    check_list_filters,
+    check_purge_states,
+    expired_state,
+    lease_lost_error,
+    outcome_state,
+)
+from taskspace.backends.sqlite.base import SQLiteBase
+from taskspace.backends.sqlite.schema import LIST_COLUMNS, TASK_COLUMNS, error_blob, record
+from taskspace.errors import ConfigError
+
+READY = "state = 'queued' AND waiting = 0"
+# cancel_requested: 0 none, 1 cancel, 2 cancel and terminate.
+LEASE_STATUS: dict[int, LeaseStatus] = {0: "held", 1: "cancel_requested", 2: "terminate_requested"}
+
+
+class SQLiteQueue(SQLiteBase):
+    """Tasks in one table; ready tasks sit in two partial indexes (by priority, and
+    by name then priority) that hold no delayed task, so claims stay flat."""
+
+    def push(self, specs: Sequence[TaskSpec]) -> list[str]:
+        with self._write() as db:
+            now = self.now()
+            return [self._push_one(db, spec, now) for spec in specs]
+
+    def _push_one(self, db: sqlite3.Connection, spec: TaskSpec, now: float) -> str:
+        if spec.dedup_key is not None:
+            row = db.execute(
+                "SELECT id FROM tasks WHERE dedup_key = ? AND state IN ('queued', 'running')",
+                (spec.dedup_key,),
+            ).fetchone()
+            if row is not None:
+                return str(row[0])
+        db.execute(
+            "INSERT INTO tasks (id, name, payload, codec, queue, priority, max_attempts,"
+            " lease_s, timeout, dedup_key, state, ready_at, waiting, created, result_ttl)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)"
+            " ON CONFLICT(id) DO NOTHING",
+            (spec.id, spec.name, spec.payload, spec.codec, spec.queue, spec.priority,
+             spec.max_attempts, spec.lease_s, spec.timeout, spec.dedup_key,
+             now + spec.delay, int(spec.delay > 0), now, spec.result_ttl),
+        )  # fmt: skip
+        return spec.id
+
+    def _promote(self, db: sqlite3.Connection, now: float) -> int:
+        cur = db.execute(
+            "UPDATE tasks SET waiting = 0 WHERE state = 'queued' AND waiting = 1 AND ready_at <= ?",
+            (now,),
+        )
+        return cur.rowcount
+
+    def claim(
+        self,
+        queues: Sequence[str],
+        worker: str,
+        n: int,
+        request_id: str | None = None,
+        names: Collection[str] | None = None,
+    ) -> list[TaskRecord]:
+        # request_id needs no handling: a local transaction's reply cannot be lost.
+        if n <= 0 or (names is not None and not names):
+            return []
+        wanted = None if names is None else sorted(set(names))
+        with self._write() as db:
+            now = self.now()
+            self._promote(db, now)
+            seqs: list[int] = []
+            for queue in dict.fromkeys(queues):  # a queue listed twice is claimed from once
+                seqs.extend(self._ready(db, queue, wanted, n - len(seqs)))
+                if len(seqs) >= n:
+                    break
+            return self._lease_rows(db, seqs, worker, now) if seqs else []
+
+    def _ready(
+        self, db: sqlite3.Connection, queue: str, names: list[str] | None, n: int
+    ) -> list[int]:
+        """The first ``n`` ready tasks of ``queue`` (of ``names``), best first."""
+        if names is None:
+            sql = (
+                f"SELECT seq FROM tasks WHERE {READY} AND queue = ?"
+                " ORDER BY priority DESC, seq LIMIT ?"
+            )
+            return [r[0] for r in db.execute(sql, (queue, n))]
+        # One short index range per name, merged: never a walk past other names' tasks.
+        part = (
+            f"SELECT * FROM (SELECT priority, seq FROM tasks WHERE {READY} AND queue = ?"
+            " AND name = ? ORDER BY priority DESC, seq LIMIT ?)"
+        )
+        sql = " UNION ALL ".join([part] * len(names)) + " ORDER BY priority DESC, seq LIMIT ?"
+        params = [x for name in names for x in (queue, name, n)]
+        return [r[1] for r in db.execute(sql, (*params, n))]
+
+    def _lease_rows(
+        self, db: sqlite3.Connection, seqs: list[int], worker: str, now: float
+    ) -> list[TaskRecord]:
+        last = self._bump(db, "token", len(seqs))
+        claimed = []
+        for token, seq in enumerate(seqs, start=last - len(seqs) + 1):
+            row = db.execute(
+                "UPDATE tasks SET state = 'running', attempts = attempts + 1, token = ?,"
+                " worker = ?, lease_expires = ? + lease_s, started = ?"
+                f" WHERE seq = ? RETURNING {TASK_COLUMNS}",
+                (token, worker, now, now, seq),
+            ).fetchone()
+            claimed.append(record(row))
+        return claimed
+
+    def renew(self, leases: Sequence[Lease]) -> dict[str, LeaseStatus]:
+        out: dict[str, LeaseStatus] = {}
+        if not leases:
+            return out
+        with self._write() as db:
+            now = self.now()
+            for lease in leases:
+                row = db.execute(
+                    "UPDATE tasks SET lease_expires = ? + lease_s WHERE id = ? AND token = ?"
+                    " AND state = 'running' AND lease_expires > ? RETURNING cancel_requested",
+                    (now, lease.task_id, lease.token, now),
+                ).fetchone()
+                out[lease.task_id] = "lost" if row is None else LEASE_STATUS[int(row[0])]
+        return out
+
+    def _locked_record(self, db: sqlite3.Connection, task_id: str) -> TaskRecord | None:
+        row = db.execute(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return None if row is None else record(row)
+
+    def finish(self, items: Sequence[tuple[Lease, Outcome]]) -> list[bool]:
+        accepted: list[bool] = []
+        if not items:
+            return accepted
+        with self._write() as db:
+            now = self.now()
+            for lease, outcome in items:
+                if outcome.kind == "succeeded":
+                    # The common case needs no decision: one fenced UPDATE.
+                    cur = db.execute(
+                        "UPDATE tasks SET state = 'succeeded', result = ?, lease_expires = NULL,"
+                        " finished = ?, reap_at = ? + result_ttl"
+                        " WHERE id = ? AND token = ? AND state = 'running'",
+                        (outcome.result, now, now, lease.task_id, lease.token),
+                    )
+                    accepted.append(cur.rowcount == 1)
+                    continue
+                rec = self._locked_record(db, lease.task_id)
+                if rec is None or rec.state != "running" or rec.token != lease.token:
+                    accepted.append(False)
+                    continue
+                self._apply(db, rec, outcome, now)
+                accepted.append(True)
+            stale = accepted.count(False)
+            if stale:
+                self._bump(db, "stale_finishes", stale)
+        return accepted
+
+    def _apply(self, db: sqlite3.Connection, rec: TaskRecord, outcome: Outcome, now: float) -> None:
+        state = outcome_state(outcome, rec)
+        error = error_blob(outcome.error or rec.error)
+        if state == "queued":
+            released = outcome.kind == "release"
+            # A released task never started: it keeps no progress and no attempt.
+            db.execute(
+                "UPDATE tasks SET state = 'queued', attempts = attempts - ?, worker = NULL,"
+                " lease_expires = NULL, ready_at = ?, waiting = ?, error = ?,"
+                " progress_done = CASE WHEN ? THEN NULL ELSE progress_done END,"
+                " progress_total = CASE WHEN ? THEN NULL ELSE progress_total END WHERE id = ?",
+                (int(released), now + outcome.delay, int(outcome.delay > 0), error,
+                 released, released, rec.id),
+            )  # fmt: skip
+        else:
+            db.execute(
+                "UPDATE tasks SET state = ?, result = ?, error = ?, lease_expires = NULL,"
+                " finished = ?, reap_at = ? + result_ttl WHERE id = ?",
+                (state, outcome.result, error, now, now, rec.id),
+            )
+
+    def progress(self, lease: Lease, done: float, total: float) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE tasks SET progress_done = ?, progress_total = ?"
+                " WHERE id = ? AND token = ? AND state = 'running'",
+                (done, total, lease.task_id, lease.token),
+            )
+            return cur.rowcount == 1
+
+    def requeue_expired(self) -> int:
+        with self._write() as db:
+            now = self.now()
+            rows = db.execute(
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'running' AND lease_expires <= ?",
+                (now,),
+            ).fetchall()
+            for row in rows:
+                rec = record(row)
+                state = expired_state(rec)
+                live = state == "queued"
+                db.execute(
+                    "UPDATE tasks SET state = ?, lost = lost + 1, error = ?, lease_expires = NULL,"
+                    " worker = CASE WHEN ? THEN NULL ELSE worker END, ready_at = ?, waiting = 0,"
+                    " finished = CASE WHEN ? THEN NULL ELSE ? END,"
+                    " reap_at = CASE WHEN ? THEN NULL ELSE ? + result_ttl END WHERE id = ?",
+                    (state, error_blob(lease_lost_error(rec)), live, now, live, now, live, now,
+                     rec.id),
+                )  # fmt: skip
+            return len(rows)
+
+    def promote_due(self) -> int:
+        with self._write() as db:
+            return self._promote(db, self.now())
+
+    def cancel(self, task_id: str, terminate: bool = False) -> TaskState | None:
+        with self._write() as db:
+            row = db.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None:
+                return None
+            if row[0] == "queued":
+                now = self.now()
+                db.execute(
+                    "UPDATE tasks SET state = 'cancelled', finished = ?, reap_at = ? + result_ttl"
+                    " WHERE id = ?",
+                    (now, now, task_id),
+                )
+                return "cancelled"
+            if row[0] == "running":
+                db.execute(
+                    "UPDATE tasks SET cancel_requested = MAX(cancel_requested, ?) WHERE id = ?",
+                    (2 if terminate else 1, task_id),
+                )
+            return cast(TaskState, row[0])
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        rows = self._read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
+        return record(rows[0]) if rows else None
+
+    def state(self, task_id: str) -> TaskState | None:
+        rows = self._read("SELECT state FROM tasks WHERE id = ?", (task_id,))
+        return cast(TaskState, rows[0][0]) if rows else None
+
+    def list(
+        self,
+        state: str | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[TaskRecord]:
+        check_list_filters(state, limit)
+        where = ["seq > ?"]
+        params: list[object] = [self._seq_of(after) if after is not None else 0]
+        for column, value in (("state", state), ("queue", queue), ("name", name)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        rows = self._read(
+            f"SELECT {LIST_COLUMNS} FROM tasks WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
+            (*params, limit),
+        )
+        return [record(row) for row in rows]
+
+    def _seq_of(self, task_id: str) -> int:
+        rows = self._read("SELECT seq FROM tasks WHERE id = ?", (task_id,))
+        if not rows:
+            raise ConfigError(f"after={task_id!r}: no such task (it may have been deleted)")
+        return int(rows[0][0])
+
+    def retry(self, task_id: str) -> TaskState | None:
+        with self._write() as db:
+            row = db.execute(
+                "SELECT state, dedup_key FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+            if row is None or row[0] not in ("failed", "dead"):
+                return None if row is None else cast(TaskState, row[0])
+            taken = (
+                row[1] is not None
+                and db.execute(
+                    "SELECT 1 FROM tasks WHERE dedup_key = ? AND state IN ('queued', 'running')",
+                    (row[1],),
+                ).fetchone()
+            )
+            # A live task holds the key now: this one runs again without it.
+            db.execute(
+                "UPDATE tasks SET state = 'queued', attempts = 0, lost = 0, ready_at = ?,"
+                " waiting = 0, worker = NULL, lease_expires = NULL, result = NULL,"
+                " progress_done = NULL, progress_total = NULL, cancel_requested = 0,"
+                " started = NULL, finished = NULL, reap_at = NULL,"
+                " dedup_key = CASE WHEN ? THEN NULL ELSE dedup_key END WHERE id = ?",
+                (self.now(), bool(taken), task_id),
+            )
+            return "queued"
+
+    def purge(self, queue: str, states: Collection[str]) -> int:
+        wanted = sorted(check_purge_states(states))
+        if not wanted:
+            return 0
+        with self._write() as db:
+            marks = ",".join("?" * len(wanted))
+            cur = db.execute(
+                f"DELETE FROM tasks WHERE queue = ? AND state IN ({marks})", (queue, *wanted)
+            )
+            return cur.rowcount
+
+    def _reap_tasks(self, db: sqlite3.Connection, now: float, limit: int) -> int:
+        cur = db.execute(
+            "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE reap_at <= ?"
+            " ORDER BY reap_at LIMIT ?)",
+            (now, limit),
+        )
+        return cur.rowcount
+
+    def stats(self) -> QueueStats:
+        counts: dict[str, dict[str, int]] = {}
+        for queue, state, count in self._read(
+            "SELECT queue, state, COUNT(*) FROM tasks GROUP BY queue, state"
+        ):
+            counts.setdefault(queue, {})[state] = count
+        rows = self._read("SELECT value FROM meta WHERE key = 'stale_finishes'")
+        return QueueStats(counts, int(rows[0][0]) if rows else 0)
