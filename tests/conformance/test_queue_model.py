@@ -22,11 +22,22 @@ from hypothesis.stateful import (
 )
 
 from taskspace.backends import open_store
-from taskspace.backends.base import FINAL_STATES, Lease, Outcome, TaskSpec
+from taskspace.backends.base import (
+    FINAL_STATES,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    Lease,
+    Outcome,
+    TaskSpec,
+)
 from tests.conftest import backend_url
 
 QUEUES = ["q0", "q1"]
 KINDS = ["succeeded", "failed", "retry", "cancelled", "release"]
+# The whole bounded range: its extremes and their neighbours often (so ties, and
+# hence FIFO within a priority, are common there), anything in between sometimes.
+EDGES = [PRIORITY_MIN, PRIORITY_MIN + 1, -1, 0, 1, PRIORITY_MAX - 1, PRIORITY_MAX]
+PRIORITIES = st.one_of(st.sampled_from(EDGES), st.integers(PRIORITY_MIN, PRIORITY_MAX))
 
 
 @dataclass
@@ -35,11 +46,13 @@ class Model:
     priority: int
     max_attempts: int
     dedup_key: str | None
+    seq: int  # submission order
     state: str = "queued"
     attempts: int = 0
     token: int = 0
     old_tokens: list[int] = field(default_factory=list)
     cancel_requested: bool = False
+    fresh: bool = True  # never claimed: FIFO among these is exact on every backend
 
 
 def _expected_state(task: Model, kind: str) -> str:
@@ -82,7 +95,7 @@ class QueueMachine(RuleBasedStateMachine):
         specs=st.lists(
             st.tuples(
                 st.sampled_from(QUEUES),
-                st.integers(-1, 1),
+                PRIORITIES,
                 st.integers(1, 3),
                 st.sampled_from([None, None, "k1", "k2"]),
             ),
@@ -105,7 +118,8 @@ class QueueMachine(RuleBasedStateMachine):
                 assert got == live
             else:
                 assert got == s.id
-                self.tasks[s.id] = Model(s.queue, s.priority, s.max_attempts, s.dedup_key)
+                seq = len(self.tasks)
+                self.tasks[s.id] = Model(s.queue, s.priority, s.max_attempts, s.dedup_key, seq)
 
     @rule(queues=st.permutations(QUEUES).flatmap(lambda p: st.sampled_from([p, p[:1]])),
           n=st.integers(1, 4))  # fmt: skip
@@ -115,6 +129,7 @@ class QueueMachine(RuleBasedStateMachine):
         records = self.store.claim(list(queues), "w", n)
         assert [(queues.index(r.queue), -r.priority) for r in records] == expected
         assert len({r.id for r in records}) == len(records)
+        self._check_fifo(records)
         for r in records:
             t = self.tasks[r.id]
             assert t.state == "queued"
@@ -123,6 +138,23 @@ class QueueMachine(RuleBasedStateMachine):
                 t.old_tokens.append(t.token)
             t.state, t.attempts, t.token = "running", t.attempts + 1, r.token
             assert r.attempts == t.attempts
+
+    def _check_fifo(self, records) -> None:
+        """Within a queue and priority, no fresh task was passed over for a later one."""
+        got = {r.id for r in records}
+        for r in records:
+            t = self.tasks[r.id]
+            if not t.fresh:
+                continue  # a requeued task's place among equals is backend-defined
+            skipped = [
+                task_id
+                for task_id, o in self.tasks.items()
+                if o.fresh and o.state == "queued" and task_id not in got
+                and (o.queue, o.priority) == (t.queue, t.priority) and o.seq < t.seq
+            ]  # fmt: skip
+            assert not skipped, (r.id, skipped)
+        for r in records:
+            self.tasks[r.id].fresh = False
 
     def _lease(self, data) -> tuple[str, Lease, bool]:
         task_id = data.draw(st.sampled_from(list(self.tasks)))
