@@ -3,7 +3,7 @@
 Atomicity: every store operation is one Lua script (``lua/``), which Redis
 runs without interleaving any other command; reads that need no decision
 are single commands. Exceptions, each documented where it happens: a large
-``push`` runs as several scripts of at most 2,000 tasks (atomic and durable
+``push`` runs as several scripts of at most 1,000 tasks (atomic and durable
 per chunk, so no script blocks Redis for more than about 50 ms), and
 ``list``/``purge`` walk the task index in steps (atomic per step).
 

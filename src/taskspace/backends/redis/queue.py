@@ -24,8 +24,8 @@ from taskspace.errors import ConfigError
 
 # A push runs as one script per chunk of at most this many tasks or bytes of
 # payload, so that no script blocks Redis for more than about 50 ms
-# (2,000 tasks take about 15-25 ms); atomicity is per chunk.
-PUSH_CHUNK_TASKS = 2000
+# (1,000 tasks take about 10-20 ms on a 2-core machine); atomicity is per chunk.
+PUSH_CHUNK_TASKS = 1000
 PUSH_CHUNK_BYTES = 8 * 1024 * 1024
 # Index entries one list/purge script looks at before handing back a cursor.
 SCAN_BUDGET = 1000

@@ -1,0 +1,189 @@
+"""The network between a client and Redis misbehaves (issue 6 items 9 and 12):
+a claim delayed in the network must lease nothing once its retry came back,
+and a stalled connection must not hold a call past its timeout."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from taskspace.backends.base import Outcome, TaskSpec
+from taskspace.backends.redis import RedisStore
+from taskspace.backends.redis.conn import BLOCK_MARGIN_S, READ_TIMEOUT_S
+from taskspace.errors import BackendError
+from tests.services import RedisServer
+
+
+class Proxy:
+    """A TCP proxy in front of Redis. ``hold(marker)``: the next client bytes
+    containing ``marker`` (and everything after them on that connection) wait
+    until ``release()``. ``stall=True``: connections are accepted and never
+    forwarded, like a peer that stopped answering."""
+
+    def __init__(self, upstream_port: int, stall: bool = False) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.stall = stall
+        self.held = threading.Event()
+        self._marker: bytes | None = None
+        self._release = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, namespace: str) -> str:
+        return f"redis://127.0.0.1:{self.port}/0?namespace={namespace}"
+
+    def hold(self, marker: bytes) -> None:
+        self._marker = marker
+
+    def release(self) -> None:
+        self._release.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            self._socks.append(client)
+            if self.stall:
+                continue
+            upstream = socket.create_connection(self.upstream)
+            self._socks.append(upstream)
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if outbound and self._marker is not None and self._marker in data:
+                    self._marker = None
+                    self.held.set()
+                    self._release.wait(20)
+                dst.sendall(data)
+        except OSError:
+            pass  # either side went away: this connection is over
+        finally:
+            for s in (src, dst):
+                s.close()
+
+    def close(self) -> None:
+        self._release.set()
+        self._listener.close()
+        for s in self._socks:
+            s.close()
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer().start()
+    yield srv
+    srv.close()
+
+
+def spec(**kw: object) -> TaskSpec:
+    return TaskSpec(id=uuid.uuid4().hex, name="job", payload=b"[]", **kw)  # type: ignore[arg-type]
+
+
+# -- item 9: a late claim leases nothing -----------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_claim_delayed_in_the_network_leases_nothing_after_its_retry_came_back(
+    server: RedisServer,
+) -> None:
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    proxy = Proxy(server.port)
+    delayed = RedisStore(proxy.url(namespace))
+    direct = RedisStore(f"{server.url}?namespace={namespace}")
+    try:
+        assert direct.claim(["default"], "w1", 1) == []  # loads the script
+        proxy.hold(direct._scripts["claim"].sha.encode())
+        late: list[object] = []
+        original = threading.Thread(
+            target=lambda: late.append(delayed.claim(["default"], "w1", 1, request_id="r1"))
+        )
+        original.start()
+        assert proxy.held.wait(5), "the claim never reached the proxy"
+        # The worker gave up on the first call and retried it on a new connection.
+        assert direct.claim(["default"], "w1", 1, request_id="r1") == []
+        (task_id,) = direct.push([spec(max_attempts=1)])
+        proxy.release()  # the original finally reaches Redis
+        original.join(10)
+        assert late == [[]], "the late duplicate of a claim leased a task"
+        rec = direct.get(task_id)
+        assert rec is not None and rec.state == "queued" and rec.attempts == 0
+        (rec,) = direct.claim(["default"], "w1", 1, request_id="r2")
+        assert direct.finish([(rec.lease, Outcome("succeeded", result=b"1"))]) == [True]
+        assert direct.state(task_id) == "succeeded"
+    finally:
+        proxy.close()
+        delayed.close()
+        direct.close()
+
+
+def test_a_repeated_claim_returns_what_the_first_leased_and_nothing_more(
+    server: RedisServer,
+) -> None:
+    store = RedisStore(server.namespaced_url())
+    try:
+        store.push([spec(), spec()])
+        (first,) = store.claim(["default"], "w", 1, request_id="r")
+        (again,) = store.claim(["default"], "w", 5, request_id="r")
+        assert again.id == first.id and again.token == first.token
+        assert store.stats().counts["default"] == {"queued": 1, "running": 1}
+    finally:
+        store.close()
+
+
+# -- item 12: a timeout is a promise, even behind a stalled connection -----------------
+
+
+@pytest.fixture
+def stalled(server: RedisServer) -> Iterator[RedisStore]:
+    proxy = Proxy(server.port, stall=True)
+    store = RedisStore(proxy.url("stalled"))
+    yield store
+    store.close()
+    proxy.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("timeout", [0.2, 2.0])
+def test_wait_for_finish_behind_a_stalled_connection_raises_within_its_timeout(
+    stalled: RedisStore, timeout: float
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(BackendError):
+        stalled.wait_for_finish(["some-task"], timeout)
+    assert time.monotonic() - started < max(timeout, READ_TIMEOUT_S) + 1.0
+
+
+@pytest.mark.timeout(30)
+def test_reads_behind_a_stalled_connection_raise_quickly(stalled: RedisStore) -> None:
+    for read in (lambda: stalled.get("x"), lambda: stalled.state("x"), stalled.stats):
+        started = time.monotonic()
+        with pytest.raises(BackendError):
+            read()
+        assert time.monotonic() - started < READ_TIMEOUT_S + 1.0
+
+
+@pytest.mark.timeout(30)
+def test_a_wait_blocks_for_its_timeout_then_returns(server: RedisServer) -> None:
+    store = RedisStore(server.namespaced_url())
+    try:
+        (task_id,) = store.push([spec()])
+        store.wait_for_finish([task_id], 0.1)  # connections made and scripts loaded
+        for timeout in (0.3, READ_TIMEOUT_S + 1.0):  # also longer than the read timeout
+            started = time.monotonic()
+            store.wait_for_finish([task_id], timeout)
+            elapsed = time.monotonic() - started
+            assert timeout - 0.05 <= elapsed < timeout + BLOCK_MARGIN_S
+    finally:
+        store.close()
