@@ -732,7 +732,7 @@ def _later(delay: float, fn) -> threading.Thread:
         time.sleep(delay)
         try:
             fn()
-        except BaseException as exc:  # surfaced by join_ok
+        except BaseException as exc:  # noqa: BLE001 - any failure in the thread is re-raised by _join_ok
             errors.append(exc)
 
     t = threading.Thread(target=run, daemon=True)
