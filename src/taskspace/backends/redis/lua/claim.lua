@@ -15,9 +15,11 @@ if k >= 0 then
 end
 local first_queue = 5 + math.max(k, 0)
 local out = {}
-local rk = P .. 'claimreq:' .. request
+-- Request ids live in one hash (id -> grants) and one zset (id -> expiry),
+-- pruned a few at a time by each claim, so the keyspace stays small.
+local rk, rx = P .. 'claimreq', P .. 'claimreqexp'
 if request ~= '' then
-  local granted = redis.call('GET', rk)
+  local granted = redis.call('HGET', rk, request)
   if granted then
     for id, token in string.gmatch(granted, '([^\n]+)\t([^\n]+)\n') do
       local f = redis.call('HMGET', tkey(id), unpack(FIELDS))
@@ -102,6 +104,12 @@ for i = 1, #running, 2000 do
   redis.call('ZADD', P .. 'running', unpack(running, i, math.min(i + 1999, #running)))
 end
 if request ~= '' then
-  redis.call('SET', rk, table.concat(granted), 'EX', CLAIM_REQUEST_TTL)
+  redis.call('HSET', rk, request, table.concat(granted))
+  redis.call('ZADD', rx, now + CLAIM_REQUEST_TTL, request)
+  local old = redis.call('ZRANGEBYSCORE', rx, '-inf', now, 'LIMIT', 0, 8)
+  if #old > 0 then
+    redis.call('ZREM', rx, unpack(old))
+    redis.call('HDEL', rk, unpack(old))
+  end
 end
 return out

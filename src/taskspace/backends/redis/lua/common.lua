@@ -6,7 +6,7 @@
 -- tasks), delayed (by ready_at), running (by lease expiry), idx (every task,
 -- by seq: submission order), expiry (finished tasks with a result_ttl, by reap
 -- time; member state\nqueue\nid, so counts stay right even after the backstop
--- EXPIRE removed the hash), counts, wake:<queue>[\n<name>], claimreq:<id>,
+-- EXPIRE removed the hash), counts, wake:<queue>[\n<name>], claimreq and claimreqexp,
 -- kv:<key>, kvidx (by key), kvexp (by expiry).
 local P = KEYS[1]
 local FIELDS = {'id', 'name', 'payload', 'codec', 'queue', 'priority', 'max_attempts', 'lease_s',
