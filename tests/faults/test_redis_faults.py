@@ -155,7 +155,7 @@ class Submitter(threading.Thread):
                 handles = self._until(partial(self.space.push, chunk), writes=True)
                 assert [h.id for h in handles] == [s.id for s in chunk]
                 self.handles += handles
-        except BaseException as exc:  # reported by done()
+        except BaseException as exc:  # noqa: BLE001 - any failure, even an assert, is reported by done()
             self.failure = exc
 
     def _room(self) -> bool:
