@@ -185,7 +185,7 @@ def test_claim_reads_only_ready_rows_however_many_are_delayed(
     statements, steps_full = _traced(store, claim_one)
     assert steps_full < steps_empty * 1.5 + 50, (steps_empty, steps_full)
     plans = _plans(store, statements, keyword="FROM tasks WHERE state = 'queued'")
-    index = "tasks_ready_now" if names is None else "tasks_ready_by_name"
+    index = "tasks_ready_by_name"
     assert plans and all(index in plan for plan in plans), plans
     promote = _plans(store, statements, keyword="SET waiting = 0")
     assert promote and all("tasks_waiting" in plan for plan in promote), promote

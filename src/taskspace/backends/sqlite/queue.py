@@ -27,6 +27,15 @@ from taskspace.backends.sqlite.schema import LIST_COLUMNS, TASK_COLUMNS, error_b
 from taskspace.errors import ConfigError
 
 READY = "state = 'queued' AND waiting = 0"
+# The names of a queue's ready tasks, one index seek per name (a loose index scan).
+NAMES_SQL = f"""
+WITH RECURSIVE names(name) AS (
+    SELECT MIN(name) FROM tasks WHERE {READY} AND queue = ?
+    UNION ALL
+    SELECT (SELECT MIN(name) FROM tasks WHERE {READY} AND queue = ? AND name > names.name)
+    FROM names WHERE names.name IS NOT NULL
+) SELECT name FROM names WHERE name IS NOT NULL
+"""
 # cancel_requested: 0 none, 1 cancel, 2 cancel and terminate.
 LEASE_STATUS: dict[int, LeaseStatus] = {0: "held", 1: "cancel_requested", 2: "terminate_requested"}
 
@@ -93,11 +102,9 @@ class SQLiteQueue(SQLiteBase):
     ) -> list[int]:
         """The first ``n`` ready tasks of ``queue`` (of ``names``), best first."""
         if names is None:
-            sql = (
-                f"SELECT seq FROM tasks WHERE {READY} AND queue = ?"
-                " ORDER BY priority DESC, seq LIMIT ?"
-            )
-            return [r[0] for r in db.execute(sql, (queue, n))]
+            names = [r[0] for r in db.execute(NAMES_SQL, (queue, queue))]
+        if not names:
+            return []
         # One short index range per name, merged: never a walk past other names' tasks.
         part = (
             f"SELECT * FROM (SELECT priority, seq FROM tasks WHERE {READY} AND queue = ?"

@@ -70,11 +70,10 @@ ADDED_COLUMNS = (
     ("reap_at", "REAL"),
 )
 
-# A claim reads the first rows of one of the two ready indexes and nothing else.
+# A claim reads the first rows of each (queue, name) range of the ready index and
+# nothing else: no delayed task, no task of a name it did not ask for.
 INDEXES = """
 DROP INDEX IF EXISTS tasks_ready;
-CREATE INDEX IF NOT EXISTS tasks_ready_now ON tasks(queue, priority DESC, seq)
-    WHERE state = 'queued' AND waiting = 0;
 CREATE INDEX IF NOT EXISTS tasks_ready_by_name ON tasks(queue, name, priority DESC, seq)
     WHERE state = 'queued' AND waiting = 0;
 CREATE INDEX IF NOT EXISTS tasks_waiting ON tasks(ready_at)
