@@ -36,6 +36,7 @@ WITH RECURSIVE names(name) AS (
     FROM names WHERE names.name IS NOT NULL
 ) SELECT name FROM names WHERE name IS NOT NULL
 """
+ONE_NAME = f"SELECT seq, priority FROM tasks WHERE {READY} AND queue = ? AND name = ?"
 # cancel_requested: 0 none, 1 cancel, 2 cancel and terminate.
 LEASE_STATUS: dict[int, LeaseStatus] = {0: "held", 1: "cancel_requested", 2: "terminate_requested"}
 
@@ -105,6 +106,9 @@ class SQLiteQueue(SQLiteBase):
             names = [r[0] for r in db.execute(NAMES_SQL, (queue, queue))]
         if not names:
             return []
+        if len(names) == 1:
+            sql = f"{ONE_NAME} ORDER BY priority DESC, seq LIMIT ?"
+            return [r[0] for r in db.execute(sql, (queue, names[0], n))]
         # One short index range per name, merged: never a walk past other names' tasks.
         part = (
             f"SELECT * FROM (SELECT priority, seq FROM tasks WHERE {READY} AND queue = ?"
