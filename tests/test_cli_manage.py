@@ -178,7 +178,7 @@ def test_url_option_acts_on_that_url_only(app_dir: Path) -> None:
         assert not (app_dir / ".taskspace").exists()
     finally:
         worker.terminate()
-        worker.wait(timeout=30)
+        worker.communicate(timeout=30)
 
 
 def test_help_is_light() -> None:

@@ -378,16 +378,20 @@ def test_result_timeout_is_a_timeout_error(space: Space) -> None:
     assert 0.15 <= time.monotonic() - started < 2
 
 
-def test_unknown_task_in_store_is_failed_not_run(space: Space) -> None:
+def test_a_task_no_worker_knows_stays_queued_until_one_does(space: Space) -> None:
     @space.task(name="only-here")
-    def only_here() -> None: ...
+    def only_here() -> str:
+        return "ran"
 
     handle = only_here.submit()
-    space._tasks.clear()  # the worker's app no longer knows the name
+    known = dict(space._tasks)
+    space._tasks.clear()  # this worker's app does not know the name
     drain(space)
-    with pytest.raises(TaskFailed) as info:
-        handle.result(timeout=5)
-    assert info.value.remote_type == "UnknownTask"
+    assert handle.status() == "queued"
+    assert handle.info().attempts == 0
+    space._tasks.update(known)  # a worker that registers it
+    drain(space)
+    assert handle.result(timeout=5) == "ran"
 
 
 def test_worker_result_waiter_wakes_promptly(space: Space) -> None:
