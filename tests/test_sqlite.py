@@ -15,7 +15,7 @@ from taskspace.backends import open_store
 from taskspace.backends.base import Outcome, TaskSpec
 from taskspace.backends.sqlite import SQLiteStore
 from taskspace.backends.sqlite.schema import TABLES
-from taskspace.errors import BackendError, SpaceNotFound
+from taskspace.errors import BackendError, SpaceNotFound, SubscriptionLost
 
 DAY = 24 * 3600.0
 SUCCEEDED = Outcome("succeeded", result=b"1")
@@ -225,40 +225,51 @@ def test_locked_database_raises_backend_error_and_recovers(tmp_path: Path) -> No
     store.close()
 
 
-def _fill(store: SQLiteStore, blob: bytes, limit: int = 10_000) -> BackendError:
-    """Push big tasks until the disk is full; return the error that said so."""
+def _fill(store: SQLiteStore, limit: int = 10_000) -> int:
+    """Push 64 KiB tasks until the disk is full; return how many were accepted."""
     for i in range(limit):
         try:
-            store.push([TaskSpec(f"fill{i}", "t", blob)])
+            store.push([TaskSpec(f"fill{i}", "t", b"x" * 65_536, queue="fill")])
         except BackendError as exc:
-            return exc
-    raise AssertionError("the database never filled up")
+            assert "full" in str(exc), exc
+            return i
+    raise AssertionError("the disk never filled up")
 
 
-def _check_full_then_recover(store: SQLiteStore, free: Callable[[], None]) -> None:
-    store.push([spec("kept-queued"), spec("kept-running")])
-    running = store.claim(["default"], "w", 2)
-    error = _fill(store, b"x" * 65_536)
-    assert "full" in str(error), error
-    assert not isinstance(error, sqlite3.Error)
-    with pytest.raises(BackendError, match="full"):
-        store.push([TaskSpec("big", "t", b"y" * 1_000_000)])
+def _check_full_then_recover(
+    store: SQLiteStore, make_full: Callable[[], object], free: Callable[[], object]
+) -> None:
+    store.push([spec("a-running"), spec("b-queued")])
+    (running,) = store.claim(["default"], "w", 1)
+    for i in range(3):
+        make_full()
+        with pytest.raises(BackendError, match="full") as info:
+            store.push([TaskSpec(f"big{i}", "t", b"y" * 1_000_000)])
+        assert isinstance(info.value.__cause__, sqlite3.Error)
+        assert "cannot rollback" not in str(info.value)
     free()
-    assert store.finish([(r.lease, SUCCEEDED) for r in running]) == [True, True]
+    assert store.finish([(running.lease, SUCCEEDED)]) == [True]
     store.push([spec("after")])
-    assert store.state("after") == "queued"
-    assert {r.id for r in running} == {"kept-queued", "kept-running"}
-    assert all(store.state(r.id) == "succeeded" for r in running)
+    assert [r.id for r in store.claim(["default"], "w", 5)] == ["b-queued", "after"]
+    assert [store.get(f"big{i}") for i in range(3)] == [None] * 3
+    assert store.state("a-running") == "succeeded"
     store.close()
 
 
 def test_database_full_raises_backend_error_and_recovers(tmp_path: Path) -> None:
-    """SQLITE_FULL injected with SQLite's own page limit on the store's connection."""
+    """SQLITE_FULL injected with SQLite's own page limit on the store's connection
+    (set again before each call: the store replaces a connection after an error)."""
     store = sqlite_store(f"sqlite:///{tmp_path}/s.db")
-    conn = store._conn()
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count = {pages + 64}")
-    _check_full_then_recover(store, lambda: conn.execute("PRAGMA max_page_count = 1000000"))
+
+    def make_full() -> None:
+        conn = store._conn()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+
+    def free() -> None:
+        store._conn().execute("PRAGMA max_page_count = 1000000")
+
+    _check_full_then_recover(store, make_full, free)
 
 
 @pytest.fixture
@@ -284,11 +295,64 @@ def test_full_disk_raises_backend_error_and_recovers_when_space_returns(small_di
     import subprocess
 
     store = sqlite_store(f"sqlite:///{small_disk}/s.db")
+    filled: list[int] = []
+
+    def make_full() -> None:
+        if not filled:
+            filled.append(_fill(store))
 
     def grow() -> None:
         subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
 
-    _check_full_then_recover(store, grow)
+    _check_full_then_recover(store, make_full, grow)
+    store = sqlite_store(f"sqlite:///{small_disk}/s.db")
+    assert store.stats().counts["fill"] == {"queued": filled[0]}  # every accepted push kept
+    store.close()
+
+
+def test_a_broken_connection_raises_backend_error_and_is_replaced(tmp_path: Path) -> None:
+    """Every entry point, including reads, kv_get and the wait loops, maps a driver
+    error and works again on the next call (the connection is closed under it)."""
+    store = sqlite_store(f"sqlite:///{tmp_path}/s.db")
+    store.push([spec("a")])
+    store.kv_put("k", b"v")
+    calls: list[Callable[[], object]] = [
+        lambda: store.get("a"),
+        lambda: store.state("a"),
+        lambda: store.kv_get("k"),
+        lambda: store.kv_scan("k"),
+        lambda: store.list(),
+        store.stats,
+        lambda: store.wait_for_tasks(["empty"], 0.01),
+        lambda: store.wait_for_finish(["a"], 0.01),
+        lambda: store.push([spec("b")]),
+        store.requeue_expired,
+    ]
+    for call in calls:
+        store._conn().close()  # injected: the driver's connection is broken
+        with pytest.raises(BackendError) as info:
+            call()
+        assert isinstance(info.value.__cause__, sqlite3.Error)
+        call()
+    assert store.kv_get("k") is not None
+    assert [r.id for r in store.claim(["default"], "w", 5)] == ["a", "b"]
+    store.close()
+
+
+def test_a_subscription_that_lost_its_connection_says_so_and_carries_on(tmp_path: Path) -> None:
+    store = sqlite_store(f"sqlite:///{tmp_path}/s.db")
+    sub = store.subscribe(["c"])
+    store.publish("c", b"1")
+    assert sub.get(1.0) is not None
+    assert sub._conn is not None
+    sub._conn.close()  # injected
+    store.publish("c", b"2")
+    with pytest.raises(SubscriptionLost):
+        sub.get(0.01)
+    message = sub.get(1.0)  # reconnected: nothing published meanwhile is lost
+    assert message is not None and message.data == b"2"
+    sub.close()
+    store.close()
 
 
 # -- bounded storage (issue "Storage stays bounded") ------------------------------------

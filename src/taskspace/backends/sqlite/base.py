@@ -133,6 +133,13 @@ class SQLiteBase:
             log.warning("SQLite ROLLBACK failed (%s); reopening the connection", exc)
             self._discard(conn)
 
+    def _failed(self, conn: sqlite3.Connection) -> None:
+        """After a driver error: roll back, and replace the connection, whose state
+        after an I/O error or a full disk is not worth trusting (errors are rare,
+        and a fresh connection costs well under a millisecond)."""
+        self._rollback(conn)
+        self._discard(conn)
+
     # -- transactions -----------------------------------------------------------
 
     @contextmanager
@@ -145,14 +152,14 @@ class SQLiteBase:
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                self._rollback(conn)
+                self._failed(conn)
                 raise driver_error("BEGIN (taking the write lock)", exc) from exc
             try:
                 yield conn
                 self._advance_hwm(conn)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._rollback(conn)
+                self._failed(conn)
                 raise driver_error("write", exc) from exc
             except OverflowError as exc:
                 self._rollback(conn)
@@ -173,7 +180,7 @@ class SQLiteBase:
         try:
             return fn(conn)
         except sqlite3.Error as exc:
-            self._rollback(conn)
+            self._failed(conn)
             raise driver_error("read", exc) from exc
 
     def _bump(self, db: sqlite3.Connection, key: str, by: int = 1) -> int:

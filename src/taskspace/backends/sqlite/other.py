@@ -6,9 +6,11 @@ import itertools
 import sqlite3
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from taskspace.backends.base import Closeable, Grant, Message, StreamEntry, Versioned
-from taskspace.backends.sqlite.base import SQLiteBase, driver_error
+from taskspace.backends.sqlite.base import SQLiteBase
+from taskspace.errors import SubscriptionLost
 
 MESSAGE_RETENTION_S = 60.0
 
@@ -52,23 +54,39 @@ class Waiter:
 
 
 class SQLiteSubscription(Closeable):
-    """Polls the ``messages`` table on a connection of its own."""
+    """Polls the ``messages`` table on a connection of its own.
+
+    A driver error raises SubscriptionLost once and drops the connection; the
+    next ``get`` reopens it and carries on after the last message delivered
+    (messages are kept MESSAGE_RETENTION_S, so a short outage loses none)."""
 
     def __init__(self, store: SQLiteBase, channels: Sequence[str]) -> None:
         self._store = store
         self._channels = list(channels)
-        self._conn = store._new_connection()
+        self._conn: sqlite3.Connection | None = None
         self._buffer: list[Message] = []
         self._closed = False
         self._marks = ",".join("?" * len(self._channels))
         self._last = self._top()
 
-    def _top(self) -> int:
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = self._store._new_connection()
+        return self._conn
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        conn = self._connection()
         try:
-            row = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()
+            return conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            raise driver_error("subscription read", exc) from exc
-        return int(row[0])
+            self._conn = None
+            self._store._discard(conn)
+            raise SubscriptionLost(
+                f"SQLite subscription lost its connection ({exc}); re-sync from the store"
+            ) from exc
+
+    def _top(self) -> int:
+        return int(self._query("SELECT COALESCE(MAX(id), 0) FROM messages")[0][0])
 
     def _fetch(self) -> None:
         # Read the top id first, then only up to it: every message up to a visible
@@ -77,14 +95,11 @@ class SQLiteSubscription(Closeable):
         top = self._top()
         if top <= self._last:
             return
-        try:
-            rows = self._conn.execute(
-                "SELECT channel, data FROM messages WHERE id > ? AND id <= ?"
-                f" AND channel IN ({self._marks}) ORDER BY id",
-                (self._last, top, *self._channels),
-            ).fetchall()
-        except sqlite3.Error as exc:
-            raise driver_error("subscription read", exc) from exc
+        rows = self._query(
+            "SELECT channel, data FROM messages WHERE id > ? AND id <= ?"
+            f" AND channel IN ({self._marks}) ORDER BY id",
+            (self._last, top, *self._channels),
+        )
         self._buffer.extend(Message(channel, data) for channel, data in rows)
         self._last = top
 
@@ -106,7 +121,9 @@ class SQLiteSubscription(Closeable):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._conn.close()
+            if self._conn is not None:
+                self._store._discard(self._conn)
+                self._conn = None
 
 
 class SQLiteOther(SQLiteBase):
