@@ -348,3 +348,23 @@ def _expire(timed, lease_expires: float) -> None:
         return
     while s.now() <= lease_expires:
         time.sleep(0.0005)
+
+
+# -- wait_for_tasks(names=...): an extension of memory and SQLite -------------------
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_wait_for_tasks_by_names_ignores_other_names(kind, tmp_path):
+    from taskspace.backends import open_store
+    from tests.conftest import backend_url
+
+    store = open_store(backend_url(kind, tmp_path))
+    store.push([spec("other")])
+    start = time.monotonic()
+    store.wait_for_tasks(["default"], 0.3, names=["mine"])
+    assert time.monotonic() - start >= 0.25  # nothing it may claim: it waited
+    store.push([spec("mine")])
+    start = time.monotonic()
+    store.wait_for_tasks(["default"], 5.0, names=["mine"])
+    assert time.monotonic() - start < 1.0
+    store.close()

@@ -358,12 +358,19 @@ class MemoryQueue(MemoryState):
                 by_state[slot.record.state] = by_state.get(slot.record.state, 0) + 1
             return QueueStats(counts, self._stale_finishes)
 
-    def wait_for_tasks(self, queues: Sequence[str], timeout: float) -> None:
+    def wait_for_tasks(
+        self, queues: Sequence[str], timeout: float, names: Collection[str] | None = None
+    ) -> None:
+        """As the contract says; ``names`` (an extension): only tasks of these names
+        count as claimable, so a worker that claims by name does not spin while
+        other apps' tasks wait in its queues."""
         with self._cond:
             now = self.now()
             self._promote(now)
             for queue in queues:
-                if any(self._ready.get(queue, {}).values()):
+                by_name = self._ready.get(queue, {})
+                wanted = by_name.keys() if names is None else names
+                if any(by_name.get(name) for name in wanted):
                     return
             if self._delayed:  # wake when the next delayed task falls due
                 timeout = min(timeout, max(self._delayed[0][0] - now, 0.001))

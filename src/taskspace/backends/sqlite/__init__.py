@@ -30,7 +30,7 @@ in the same process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from taskspace.backends.sqlite.base import BOOT_ID_PATH, SQLiteSettings, boot_id
 from taskspace.backends.sqlite.other import SQLiteOther, SQLiteSubscription, Waiter
@@ -50,17 +50,16 @@ class SQLiteStore(SQLiteQueue, SQLiteOther):
             deleted = self._reap_tasks(db, now, limit)
             return deleted + self._reap_kv(db, now, limit - deleted)
 
-    def wait_for_tasks(self, queues: Sequence[str], timeout: float) -> None:
-        names = list(dict.fromkeys(queues))
-        if names:
+    def wait_for_tasks(
+        self, queues: Sequence[str], timeout: float, names: Collection[str] | None = None
+    ) -> None:
+        """As the contract says; ``names`` (an extension): only tasks of these names
+        count as claimable, so a worker that claims by name does not spin while
+        other apps' tasks wait in its queues."""
+        queue_list = list(dict.fromkeys(queues))
+        if queue_list:
             self._waiter.baseline()
-            marks = ",".join("?" * len(names))
-            ready = self._read(
-                f"SELECT 1 FROM tasks WHERE state = 'queued' AND waiting = 0 AND queue IN ({marks})"
-                " LIMIT 1",
-                names,
-            )
-            if ready:
+            if self._any_ready(queue_list, names):
                 return  # a task is claimable already
             due = self._read(
                 "SELECT MIN(ready_at) FROM tasks WHERE state = 'queued' AND waiting = 1"
@@ -71,6 +70,15 @@ class SQLiteStore(SQLiteQueue, SQLiteOther):
                     return  # the next claim promotes it
                 timeout = min(timeout, until_due)
         self._waiter.wait(timeout)
+
+    def _any_ready(self, queues: list[str], names: Collection[str] | None) -> bool:
+        sql = "SELECT 1 FROM tasks WHERE state = 'queued' AND waiting = 0"
+        sql += f" AND queue IN ({','.join('?' * len(queues))})"
+        params = list(queues)
+        if names is not None:
+            sql += f" AND name IN ({','.join('?' * len(names))})"
+            params += list(names)
+        return bool(self._read(sql + " LIMIT 1", params))
 
     def wait_for_finish(self, task_ids: Sequence[str], timeout: float) -> None:
         ids = list(dict.fromkeys(task_ids))
