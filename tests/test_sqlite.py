@@ -397,3 +397,15 @@ def test_open_store_without_create_never_creates_a_space(tmp_path: Path) -> None
     store = open_store(url, create=False)
     assert store.stats().counts == {}
     store.close()
+
+
+def test_a_number_beyond_64_bits_is_a_config_error_not_an_overflow(tmp_path: Path) -> None:
+    from taskspace.errors import ConfigError
+
+    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    with pytest.raises(ConfigError, match="64-bit"):
+        store.push([TaskSpec("huge", "t", b"[]", priority=2**63)])
+    assert store.get("huge") is None
+    store.push([spec("fine")])
+    assert store.state("fine") == "queued"
+    store.close()
