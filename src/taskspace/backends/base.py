@@ -318,9 +318,12 @@ class QueueStore(Protocol):
         """Task counts by queue and state, and the stale-finish counter."""
         ...
 
-    def wait_for_tasks(self, queues: Sequence[str], timeout: float) -> None:
-        """Block until a task may have become claimable in ``queues`` or
-        ``timeout`` passes. May return early; callers re-check with ``claim``."""
+    def wait_for_tasks(
+        self, queues: Sequence[str], timeout: float, names: Collection[str] | None = None
+    ) -> None:
+        """Block until a task may have become claimable in ``queues`` (with one
+        of ``names``, when given) or ``timeout`` passes. Tasks of other names
+        do not end the wait. May return early; callers re-check with ``claim``."""
         ...
 
     def wait_for_finish(self, task_ids: Sequence[str], timeout: float) -> None:
