@@ -101,4 +101,6 @@ def make_space(url: str | None = None) -> Space:
     space.task(hang, name="faults.hang_untimed", lease=LEASE_S, max_attempts=3, isolation="process")
     space.task(work, name="faults.work_timeout", lease=LEASE_S, timeout=0.2, max_attempts=1)
     space.task(work, name="faults.once", lease=LEASE_S, max_attempts=1)
+    # A lease that outlives a short backend outage: its outcome must wait, not be lost.
+    space.task(work, name="faults.long_lease", lease=10.0, max_attempts=1)
     return space

@@ -1,8 +1,8 @@
 """Run one worker of :mod:`tests.faults.app` with fault-test timings.
 
 ``python -m tests.faults.runner --url URL [--concurrency N] [--grace S]
-[--slow-finish S]``. The CLI has no flags for the maintenance, heartbeat and
-idle intervals, so this runner builds the :class:`~taskspace.WorkerConfig`
+[--slow-finish S] [--log-level info]``. The CLI has no flags for the maintenance,
+heartbeat and idle intervals, so this runner builds the :class:`~taskspace.WorkerConfig`
 itself; everything else (signal handling, shutdown) is the real worker's.
 ``--slow-finish`` makes every ``store.finish`` call take that much longer, as
 on a slow disk or network.
@@ -11,7 +11,6 @@ on a slow disk or network.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 from taskspace import Worker, WorkerConfig
 from taskspace.backends.base import Store
+from taskspace.worker.logfmt import setup_logging
 from tests.faults.app import make_space
 
 MAINTENANCE_S = 0.1
@@ -44,12 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=30.0)
     parser.add_argument("--burst", action="store_true")
     parser.add_argument("--slow-finish", type=float, default=0.0)
+    parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level, "text")
     config = WorkerConfig.build(
         concurrency=args.concurrency,
         shutdown_grace=args.grace,

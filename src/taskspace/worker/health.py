@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 2.0
+# A kind of call that failed but was not retried for this long counts as recovered.
+STALE_S = 5.0
 
 
 class Failed:
@@ -37,17 +39,23 @@ FAILED = Failed()
 
 
 class BackendHealth:
-    """Whether the backend answers, as the worker's store calls last saw it."""
+    """Whether the backend answers, as the worker's store calls last saw it.
+
+    An outage begins when a store call fails while none was failing, and ends
+    when every kind of call (``step``) that failed has succeeded since (a step
+    not retried for STALE_S counts as recovered), so a backend that fails only
+    some calls (a full disk fails writes) is one outage, not one per retry."""
 
     def __init__(self, worker: str) -> None:
         self.worker = worker
-        self._down_since: float | None = None
+        self._failing: dict[str, float] = {}  # step -> monotonic time of its last failure
+        self._since = 0.0
         self._lock = threading.Lock()
 
     @property
     def down(self) -> bool:
-        """True between a failed store call and the next successful one."""
-        return self._down_since is not None
+        """True while some kind of store call fails."""
+        return bool(self._failing)
 
     def call(self, step: str, op: Callable[[], T]) -> T | Failed:
         """Run one store operation; FAILED (logged as an outage) if it raised anything."""
@@ -57,15 +65,17 @@ class BackendHealth:
             # escaped its backend included) is an outage to ride out, never a thread's death
             self.failed(step, exc)
             return FAILED
-        self.ok()
+        self.ok(step)
         return value
 
     def failed(self, step: str, exc: BaseException) -> None:
         """Record a failed store call; the first of an outage logs a WARNING."""
+        now = time.monotonic()
         with self._lock:
-            first = self._down_since is None
+            first = not self._failing
             if first:
-                self._down_since = time.monotonic()
+                self._since = now
+            self._failing[step] = now
         if first:
             log.warning(
                 "backend unreachable, retrying (backend error in %s: %s: %s)",
@@ -77,18 +87,20 @@ class BackendHealth:
         else:
             log.debug("backend still unreachable (%s: %s)", step, exc)
 
-    def ok(self) -> None:
-        """Record a successful store call; the first after an outage logs an INFO."""
-        if self._down_since is None:  # the hot path: no lock while healthy
+    def ok(self, step: str) -> None:
+        """Record a successful store call; the one that ends an outage logs an INFO."""
+        if not self._failing:  # the hot path: no lock while healthy
             return
+        now = time.monotonic()
         with self._lock:
-            since, self._down_since = self._down_since, None
-        if since is not None:
-            log.info(
-                "reconnected after %.1f s",
-                time.monotonic() - since,
-                extra={"worker": self.worker},
-            )
+            if not self._failing:
+                return
+            self._failing.pop(step, None)
+            for stale in [s for s, at in self._failing.items() if now - at > STALE_S]:
+                del self._failing[stale]
+            if self._failing:
+                return
+        log.info("reconnected after %.1f s", now - self._since, extra={"worker": self.worker})
 
 
 class Backoff:

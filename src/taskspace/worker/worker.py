@@ -312,12 +312,26 @@ class Worker:
         return self.config.concurrency - len(self._running) - self._zombies
 
     def _drained(self) -> bool:
+        """Burst mode: nothing left that this worker could run (tasks of names it
+        does not know belong to other apps' workers, and do not hold it up)."""
         if self._running or len(self._outbox):
             return False
         stats = self.health.call("stats", self.store.stats)
         if isinstance(stats, Failed):
             return False
-        return not any(stats.total(s, self.config.queues) for s in ("queued", "running"))
+        live = ("queued", "running")
+        if not any(stats.total(s, self.config.queues) for s in live):
+            return True
+        mine = self.health.call("list", lambda: self._any_task_of_mine(live))
+        return mine is False
+
+    def _any_task_of_mine(self, states: Sequence[str]) -> bool:
+        return any(
+            self.store.list(state=state, queue=queue, name=name, limit=1)
+            for state in states
+            for queue in self.config.queues
+            for name in self._names
+        )
 
     def _dispatch(self, record: TaskRecord) -> None:
         task = self.space._tasks.get(record.name)
