@@ -273,7 +273,8 @@ class Worker:
             if self.config.burst and self._drained():
                 return
             waited = self.health.call(
-                "wait", lambda: self.store.wait_for_tasks(queues, self.config.idle_wait)
+                "wait",
+                lambda: self.store.wait_for_tasks(queues, self.config.idle_wait, names=self._names),
             )
             if isinstance(waited, Failed):
                 self._stopping.wait(self.config.idle_wait)
@@ -298,7 +299,7 @@ class Worker:
         with the same request id (a lost reply then returns what it leased)."""
         request = os.urandom(8).hex()
         claim = partial(
-            self.store.claim, self.config.queues, self.name, n, request, **_names_kw(self)
+            self.store.claim, self.config.queues, self.name, n, request, names=self._names
         )
         while not self._stopping.is_set():
             records = self.health.call("claim", claim)
@@ -582,13 +583,6 @@ class Worker:
             "failed": self.report.failed,
         }
         announce(self.store, self.name, info, ttl=self.config.heartbeat_interval * 3)
-
-
-def _names_kw(worker: Worker) -> dict[str, Any]:  # TEMP until every backend takes names=
-    import inspect
-
-    params = inspect.signature(worker.store.claim).parameters
-    return {"names": worker._names} if "names" in params else {}
 
 
 def _bounded(op: Callable[[], object], timeout: float) -> None:
