@@ -4,6 +4,8 @@ renewed)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -209,3 +211,73 @@ def test_a_task_reclaimed_after_a_sigstop_by_the_same_worker_succeeds(
     assert (record.attempts, record.lost) == (2, 1)
     assert isinstance(value, dict) and value["attempt"] == 2
     assert worker.terminate() == 0
+
+
+# -- item 10: a full disk is ridden out like an outage ----------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs of the test's own (needs root; skipped elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of ``disk`` with one file; returns it."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size):
+                    pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.timeout(60)
+def test_sqlite_workers_ride_out_a_full_disk_and_resume_when_space_returns(
+    small_disk: Path, tmp_path: Path, marks: Path
+) -> None:
+    """Fails on the old worker: SQLITE_FULL escaped as sqlite3.OperationalError, the
+    worker exited with code 1 and its tasks stayed queued or running."""
+    url = f"sqlite:///{small_disk}/space.db"
+    with make_space(url) as space:
+        handles = space.get_task("faults.work").submit_many(
+            [(str(marks), 0.0, 0.0) for _ in range(200)]
+        )
+    filler = fill(small_disk)
+    fleet = Fleet(url, tmp_path)
+    try:
+        workers = [fleet.start(concurrency=4) for _ in range(2)]
+        for worker in workers:
+            wait_for(lambda w=worker: "backend unreachable" in w.log(), 20, "the full disk")
+        time.sleep(1.0)  # ride it out for a while
+        assert all(w.alive() for w in workers), fleet.logs()
+        filler.unlink()
+        with make_space(url) as space:
+            wait_for(
+                lambda: space.stats().total("succeeded") == len(handles),
+                30,
+                "every task to succeed once space returned",
+            )
+            assert space.stats().total("failed") == 0
+        for worker in workers:
+            assert "reconnected after" in worker.log()
+            assert worker.terminate() == 0
+    finally:
+        fleet.close()
+        print(fleet.logs())

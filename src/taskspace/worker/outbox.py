@@ -45,7 +45,7 @@ Tally = Callable[[list[tuple[Lease, Outcome]], list[bool]], None]
 class Outbox:
     """Pending outcomes keyed by lease, and the finisher thread that records them."""
 
-    def __init__(self, store: Store, health: BackendHealth, tally: Tally) -> None:
+    def __init__(self, store: Callable[[], Store], health: BackendHealth, tally: Tally) -> None:
         self._store = store
         self._health = health
         self._tally = tally
@@ -120,7 +120,7 @@ class Outbox:
             if not batch:
                 return True
             items = [(lease, pending.outcome) for lease, pending in batch]
-            accepted = self._health.call("finish", lambda: self._store.finish(items))
+            accepted = self._health.call("finish", lambda: self._store().finish(items))
             with self._cond:
                 self._in_flight.clear()
                 if not isinstance(accepted, Failed):

@@ -116,13 +116,13 @@ class Worker:
         self.space = space
         self.config = config or WorkerConfig()
         self.name = self.config.name
-        self.store = store if store is not None else space.store
+        self._store = store
         self._injected = store is not None
         self.health = BackendHealth(self.name)
         self.report = WorkerReport(self.name)
         self._running: dict[Lease, Attempt] = {}
         self._cond = threading.Condition()
-        self._outbox = Outbox(self.store, self.health, self._tally)
+        self._outbox = Outbox(lambda: self.store, self.health, self._tally)
         self._stopping = threading.Event()
         self._threads_stop = threading.Event()
         self._grace = self.config.shutdown_grace
@@ -135,17 +135,31 @@ class Worker:
         self._loop_thread: threading.Thread | None = None
         self._started_wall = time.time()
         self._names: list[str] = []
-        self._renew_store = self.store
+        self._renew_store: Store | None = None
         self._next_renew = self._next_maintenance = 0.0
         self._next_beat = 0.0
+
+    @property
+    def store(self) -> Store:
+        """The store the worker uses (``space.store`` unless one was given)."""
+        if self._store is None:
+            self._store = self.space.store
+        return self._store
 
     # -- lifecycle ----------------------------------------------------------
 
     def run(self) -> WorkerReport:
         """Work until stopped (or drained, in burst mode); return what was done."""
         restore = self._install_signal_handlers()
-        self._names = self.space.task_names
-        self._renew_store = self._open_renew_store()
+        try:
+            if self._open_stores():
+                self._work()
+        finally:
+            restore()
+        log.info("worker %s stopped: %s", self.name, self.report, extra={"worker": self.name})
+        return self.report
+
+    def _work(self) -> None:
         self.health.call("heartbeat", self._heartbeat)
         self._next_beat = time.monotonic() + self.config.heartbeat_interval
         self._outbox.start()
@@ -162,9 +176,6 @@ class Worker:
             self._claim_loop()
         finally:
             self._shutdown(threads)
-            restore()
-        log.info("worker %s stopped: %s", self.name, self.report, extra={"worker": self.name})
-        return self.report
 
     def stop(self, grace: float | None = None) -> None:
         """Stop claiming; running tasks get ``grace`` seconds (default: the config's)."""
@@ -173,6 +184,17 @@ class Worker:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
+
+    def _open_stores(self) -> bool:
+        """Open the store, retrying through an outage (a full disk can stop SQLite
+        from opening at all) until it opens or the worker is stopped."""
+        self._names = self.space.task_names
+        backoff = Backoff()
+        while isinstance(self.health.call("open", lambda: self.store), Failed):
+            if self._stopping.wait(backoff.next()):
+                return False
+        self._renew_store = self._open_renew_store()
+        return True
 
     def _open_renew_store(self) -> Store:
         """Redis: a client of its own, so that no call of another thread (a blocking
@@ -248,7 +270,7 @@ class Worker:
 
     def _close_runtime(self) -> None:
         self._pool.shutdown()
-        if self._renew_store is not self.store:
+        if self._renew_store is not None and self._renew_store is not self.store:
             self._renew_store.close()
         if self._loop is not None and self._loop_thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -490,7 +512,8 @@ class Worker:
         leases, stale = newest_per_task([*attempts, *self._outbox.leases()])
         statuses: dict[str, LeaseStatus] = {}
         if leases:
-            renewed = self.health.call("renew", lambda: self._renew_store.renew(leases))
+            store = self._renew_store or self.store
+            renewed = self.health.call("renew", lambda: store.renew(leases))
             if isinstance(renewed, Failed):
                 return
             statuses = renewed
