@@ -65,6 +65,18 @@ def cooperative(marks: str, first_s: float, then_s: float) -> dict[str, Any]:
     return _attempt_result()
 
 
+def spin(marks: str, first_s: float, then_s: float) -> dict[str, Any]:
+    """Like :func:`cooperative`, but checks the flag in a tight loop (no sleep), so it
+    stops the instant the flag turns on."""
+    mark(marks, "start")
+    ctx = current_task()
+    deadline = time.monotonic() + _duration(marks, first_s, then_s)
+    while time.monotonic() < deadline:
+        ctx.check_cancelled()
+    mark(marks, "end")
+    return _attempt_result()
+
+
 def square(marks: str, x: int, sleep_s: float) -> dict[str, Any]:
     """The soak task: records the attempt, works a little, returns x squared and who ran it."""
     mark(marks, "start")
@@ -87,6 +99,7 @@ def make_space(url: str | None = None) -> Space:
     space = Space(url)
     space.task(work, name="faults.work", lease=LEASE_S, max_attempts=3)
     space.task(cooperative, name="faults.cooperative", lease=LEASE_S, max_attempts=3)
+    space.task(spin, name="faults.spin", lease=LEASE_S, max_attempts=5, retry_backoff=0.0)
     space.task(square, name="faults.square", lease=LEASE_S, max_attempts=25, retry_backoff=0.0)
     space.task(
         hang,

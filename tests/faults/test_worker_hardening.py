@@ -22,7 +22,7 @@ from tests.services import RedisServer
 
 pytestmark = pytest.mark.fault
 
-SIGSTOP_RUNS = 5
+SIGSTOP_RUNS = 8
 PAUSE_S = 1.5
 
 
@@ -162,7 +162,7 @@ def test_sigstop_past_the_lease_never_ends_a_task_cancelled(
     fleet.wait_ready(worker, fault_space)
     ended: dict[str, int] = {}
     for _ in range(SIGSTOP_RUNS):
-        handle = fault_space.get_task("faults.cooperative").submit(str(marks), 60.0, 0.05)
+        handle = fault_space.get_task("faults.spin").submit(str(marks), 60.0, 0.05)
         wait_for(lambda h=handle: markers_of(marks, h.id, "start"), 20, "the task to start")
         pause(worker, fault_url)
         time.sleep(PAUSE_S)  # the fault itself: stopped for longer than the lease
