@@ -47,7 +47,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from taskspace.backends import REDIS_SCHEMES, open_store
-from taskspace.backends.base import Lease, LeaseStatus, Outcome, Store, TaskRecord
+from taskspace.backends.base import Lease, Outcome, Store, TaskRecord
 from taskspace.tasks.context import TaskContext
 from taskspace.worker import execution as ex
 from taskspace.worker import tasklog
@@ -56,6 +56,7 @@ from taskspace.worker.execution import Attempt
 from taskspace.worker.health import BackendHealth, Backoff, Failed
 from taskspace.worker.outbox import Outbox
 from taskspace.worker.registry import announce, withdraw
+from taskspace.worker.renewal import TICK_S, Renewer
 from taskspace.worker.threads import DaemonThreadPool
 
 if TYPE_CHECKING:
@@ -63,7 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("taskspace.worker")
 
-TICK_S = 0.05
 CLAIM_GATHER_S = 0.002
 # After the grace, outcomes (the releases above all) get this long to land.
 FINAL_FLUSH_S = 1.0
@@ -92,16 +92,6 @@ class WorkerReport:
             return
         field = {"retry": "retried", "release": "released"}.get(outcome.kind, outcome.kind)
         setattr(self, field, getattr(self, field) + 1)
-
-
-def newest_per_task(leases: Sequence[Lease]) -> tuple[list[Lease], list[Lease]]:
-    """Split leases into the newest per task and the older ones (stale by fencing)."""
-    newest: dict[str, Lease] = {}
-    for lease in leases:
-        if lease.task_id not in newest or lease.token > newest[lease.task_id].token:
-            newest[lease.task_id] = lease
-    keep = set(newest.values())
-    return list(keep), [lease for lease in leases if lease not in keep]
 
 
 class Worker:
@@ -136,7 +126,7 @@ class Worker:
         self._started_wall = time.time()
         self._names: list[str] = []
         self._renew_store: Store | None = None
-        self._next_renew = self._next_maintenance = 0.0
+        self._next_maintenance = 0.0
         self._next_beat = 0.0
 
     @property
@@ -164,7 +154,7 @@ class Worker:
         self._next_beat = time.monotonic() + self.config.heartbeat_interval
         self._outbox.start()
         threads = [
-            self._background("taskspace-renewer", self._renew_step),
+            self._background("taskspace-renewer", Renewer(self).step),
             self._background("taskspace-ticker", self._maintenance_step),
         ]
         log.info(
@@ -487,12 +477,6 @@ class Worker:
                 )
                 self._threads_stop.wait(backoff.next())
 
-    def _renew_step(self, now: float) -> None:
-        self._enforce_deadlines(now)
-        if now >= self._next_renew:
-            self._renew()
-            self._next_renew = now + self._renew_interval()
-
     def _maintenance_step(self, now: float) -> None:
         if now >= self._next_maintenance:
             self.health.call("maintenance", self._maintain)
@@ -500,93 +484,6 @@ class Worker:
         if now >= self._next_beat:
             self.health.call("heartbeat", self._heartbeat)
             self._next_beat = now + self.config.heartbeat_interval
-
-    def _renew_interval(self) -> float:
-        leases = [a.record.lease_s for a in self._snapshot()]
-        leases += self._outbox.leases().values()
-        return max(TICK_S, min(leases, default=3.0) / 3.0)
-
-    def _renew(self) -> None:
-        """Renew every running attempt and every outcome still waiting to be recorded."""
-        attempts = {a.lease: a for a in self._snapshot()}
-        leases, stale = newest_per_task([*attempts, *self._outbox.leases()])
-        statuses: dict[str, LeaseStatus] = {}
-        if leases:
-            store = self._renew_store or self.store
-            renewed = self.health.call("renew", lambda: store.renew(leases))
-            if isinstance(renewed, Failed):
-                return
-            statuses = renewed
-        lost = [lease for lease in leases if statuses.get(lease.task_id) == "lost"]
-        for lease in [*stale, *lost]:
-            self._lost(lease, attempts.get(lease))
-        for lease in leases:
-            status = statuses.get(lease.task_id)
-            attempt = attempts.get(lease)
-            if attempt is not None and status in ("cancel_requested", "terminate_requested"):
-                self._cancel(attempt, terminate=status == "terminate_requested")
-
-    def _lost(self, lease: Lease, attempt: Attempt | None) -> None:
-        if self._outbox.drop(lease):
-            log.warning(
-                "lease of task %s lost before its outcome was recorded (worker %s)",
-                lease.task_id, self.name, extra={"task_id": lease.task_id, "worker": self.name},
-            )  # fmt: skip
-        if attempt is None or attempt.settled or attempt.ctx.lease_lost:
-            return
-        attempt.ctx.lose_lease()
-        self.report.leases_lost += 1
-        log.warning(
-            "lease of task %s lost (worker %s): abandoning the attempt",
-            lease.task_id, self.name, extra={"task_id": lease.task_id, "worker": self.name},
-        )  # fmt: skip
-        if attempt.process is not None:
-            ex.kill_process(attempt)
-            self._settle(attempt, None, inline=False)
-        elif attempt.aio_task is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(attempt.aio_task.cancel)
-
-    def _cancel(self, attempt: Attempt, terminate: bool) -> None:
-        """A cancel request: the flag for every attempt, and for async and process
-        ones a real stop (asyncio cancel; SIGTERM, or SIGKILL with ``terminate``)."""
-        if attempt.settled:
-            return
-        attempt.ctx.cancel()
-        if attempt.process is not None:
-            if terminate:
-                ex.kill_process(attempt)
-            elif not attempt.cancel_sent:
-                attempt.cancel_sent = ex.signal_process(attempt, signal.SIGTERM)
-        elif attempt.aio_task is not None and self._loop is not None and not attempt.cancel_sent:
-            attempt.cancel_sent = True
-            self._loop.call_soon_threadsafe(attempt.aio_task.cancel)
-
-    def _enforce_deadlines(self, now: float) -> None:
-        for attempt in self._snapshot():
-            if attempt.deadline is None or now < attempt.deadline:
-                continue
-            attempt.ctx.stop()
-            ex.kill_process(attempt)
-            if attempt.process is None and attempt.task.isolation == "thread":
-                attempt.timed_out = True
-                with self._cond:
-                    self._zombies += 1
-            if self._settle(attempt, ex.timeout_outcome(attempt), inline=False):
-                self._check_wedged()
-            elif attempt.timed_out:
-                with self._cond:
-                    self._zombies -= 1
-
-    def _check_wedged(self) -> None:
-        if self._zombies >= self.config.concurrency:
-            # Every slot holds a thread stuck past its timeout: this process can do no
-            # more work. Exit (non-zero) so a supervisor starts a fresh one.
-            log.error(
-                "worker %s: all %d slots hold tasks stuck past their timeout; stopping",
-                self.name, self.config.concurrency, extra={"worker": self.name},
-            )  # fmt: skip
-            self.report.wedged = True
-            self.stop(0.0)
 
     def _maintain(self) -> None:
         self.store.requeue_expired()
