@@ -357,14 +357,12 @@ def test_redis_sigkill_with_aof_always_loses_nothing_and_tokens_never_go_back(
     # Fencing tokens, as the attempts themselves saw them (current_task().fencing_token).
     starts = [m for m in read_markers(marks) if m.event == "start"]
     regressions: list[str] = []
+    # A token handed out again after a restart shows up twice below (the same
+    # token in two attempts). Comparing each later start against the tokens
+    # seen before the kill raised false alarms: a task claimed just before the
+    # kill may write its start marker after the snapshot was taken.
     for k, granted in enumerate(before_kill):
         ceiling = max(token for _, token in granted)
-        regressions += [
-            f"kill {k + 1}: token {m.token} of task {m.task_id}, granted after the restart, "
-            f"is not above {ceiling}, the largest granted before the kill"
-            for m in starts
-            if (m.task_id, m.token) not in granted and m.token <= ceiling
-        ]
         before, after = counters[k]
         if after < max(before, ceiling):
             regressions.append(
@@ -378,6 +376,12 @@ def test_redis_sigkill_with_aof_always_loses_nothing_and_tokens_never_go_back(
         f"token {token} granted to several tasks: {sorted(ids)}"
         for token, ids in holders.items()
         if len(ids) > 1
+    ]
+    attempts = Counter((m.task_id, m.token) for m in starts)
+    regressions += [
+        f"token {token} granted twice to task {task_id}"
+        for (task_id, token), n in attempts.items()
+        if n > 1
     ]
     # A task's final (accepted) token is its largest: square_violations reports
     # "an attempt ran after the accepted one" otherwise.
