@@ -4,11 +4,12 @@ entries are reaped, and the footprint stops growing from round to round."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from taskspace import Space
+from taskspace import Space, Worker, WorkerConfig
 from tests.services import RedisServer
 
 ROUNDS = 4
@@ -90,3 +91,22 @@ def test_result_ttl_none_keeps_forever(tmp_path: Path) -> None:
     _reap_all(space)
     assert h_kept.result(timeout=1) == 1
     assert space.store.state(h_dropped.id) is None
+
+
+def test_worker_maintenance_reaps_expired_results(tmp_path: Path) -> None:
+    space = Space(f"sqlite:///{tmp_path}/s.db", result_ttl=0.2)
+    noop = space.task(name="noop")(lambda i: i)
+    handles = noop.submit_many([(i,) for i in range(50)])
+    config = WorkerConfig(maintenance_interval=0.05, install_signal_handlers=False)
+    worker = Worker(space, config)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while any(space.store.state(h.id) is not None for h in handles):
+            assert time.monotonic() < deadline, "finished tasks were never reaped"
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+        thread.join(timeout=10)
+    assert worker.report.succeeded == 50

@@ -124,7 +124,7 @@ def timeout_outcome(attempt: Attempt) -> Outcome:
 def success(codec: Codec, value: Any) -> Outcome:
     """A succeeded outcome, or failed if the value cannot be encoded."""
     try:
-        return Outcome("succeeded", result=codec.encode(value))
+        return Outcome("succeeded", result=codec.encode(value, "result"))
     except SerializationError as exc:
         return Outcome("failed", error=error_info(exc))
 

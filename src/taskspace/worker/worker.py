@@ -27,8 +27,9 @@ Guarantees (at-least-once):
   down, logging how many outcomes it could not record (their tasks run again
   once their leases expire). A second signal cuts the grace.
 
-Maintenance (requeue expired leases, promote due tasks) runs in every
-worker; each step is one atomic store operation, so concurrent runs are safe.
+Maintenance (requeue expired leases, promote due tasks, reap finished tasks
+past their ``result_ttl`` and expired KV entries) runs in every worker; each
+step is one atomic store operation, so concurrent runs are safe.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskspace.worker")
 
 CLAIM_GATHER_S = 0.002
+REAP_BATCH = 1000
+REAP_BATCHES_PER_PASS = 10
 # After the grace, outcomes (the releases above all) get this long to land.
 FINAL_FLUSH_S = 1.0
 THREAD_JOIN_S = 1.0
@@ -488,6 +491,12 @@ class Worker:
     def _maintain(self) -> None:
         self.store.requeue_expired()
         self.store.promote_due()
+        # Retention: finished tasks past their result_ttl and expired KV
+        # entries. Bounded per pass so that maintenance stays short; a backlog
+        # is worked off over the next passes.
+        for _ in range(REAP_BATCHES_PER_PASS):
+            if self.store.reap(REAP_BATCH) < REAP_BATCH:
+                break
 
     def _heartbeat(self) -> None:
         info = {
