@@ -11,6 +11,7 @@ import pytest
 from taskspace import Space
 from tests.faults.app import make_space
 from tests.faults.harness import FAULT_BACKENDS, FIGURES, Fleet, fault_backend
+from tests.services import RedisServer
 
 
 @pytest.fixture(params=FAULT_BACKENDS)
@@ -33,6 +34,42 @@ def fault_space(fault_url: str) -> Iterator[Space]:
 def fleet(fault_url: str, tmp_path: Path) -> Iterator[Fleet]:
     """Worker processes of the test; every one is killed and reaped at teardown."""
     workers = Fleet(fault_url, tmp_path)
+    yield workers
+    workers.close()
+    print(workers.logs())  # shown by pytest only when the test failed
+
+
+# -- a Redis of the test's own, for tests that stop and restart it ---------------------
+
+
+@pytest.fixture
+def appendfsync() -> str | None:
+    """No AOF unless a test parametrizes this (``everysec`` or ``always``)."""
+    return None
+
+
+@pytest.fixture
+def redis_server(appendfsync: str | None) -> Iterator[RedisServer]:
+    server = RedisServer(appendfsync=appendfsync).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.namespaced_url()
+
+
+@pytest.fixture
+def redis_space(redis_url: str) -> Iterator[Space]:
+    space = make_space(redis_url)
+    yield space
+    space.close()
+
+
+@pytest.fixture
+def redis_fleet(redis_url: str, tmp_path: Path) -> Iterator[Fleet]:
+    workers = Fleet(redis_url, tmp_path)
     yield workers
     workers.close()
     print(workers.logs())  # shown by pytest only when the test failed

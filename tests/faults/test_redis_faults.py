@@ -27,7 +27,6 @@ from taskspace import Handle, Space, TaskFailed
 from taskspace.backends.base import TaskRecord
 from taskspace.backends.redis import RedisStore
 from taskspace.errors import BackendError
-from tests.faults.app import make_space
 from tests.faults.harness import (
     FIGURES,
     Fleet,
@@ -55,42 +54,6 @@ OUTAGE_S = 5.0
 KILLS = 2
 SETTLE_S = 0.3
 DEADLINE_S = 60.0
-
-
-# -- fixtures: a Redis of the test's own ----------------------------------------------
-
-
-@pytest.fixture
-def appendfsync() -> str | None:
-    """No AOF unless a test parametrizes this (``everysec`` or ``always``)."""
-    return None
-
-
-@pytest.fixture
-def redis_server(appendfsync: str | None) -> Iterator[RedisServer]:
-    server = RedisServer(appendfsync=appendfsync).start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    return redis_server.namespaced_url()
-
-
-@pytest.fixture
-def redis_space(redis_url: str) -> Iterator[Space]:
-    space = make_space(redis_url)
-    yield space
-    space.close()
-
-
-@pytest.fixture
-def redis_fleet(redis_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    workers = Fleet(redis_url, tmp_path)
-    yield workers
-    workers.close()
-    print(workers.logs())  # shown by pytest only when the test failed
 
 
 # -- helpers --------------------------------------------------------------------------

@@ -27,31 +27,9 @@ PAUSE_S = 1.5
 
 
 @pytest.fixture
-def aof_redis() -> Iterator[RedisServer]:
-    """A private Redis that keeps its data across a stop and restart."""
-    server = RedisServer(appendfsync="always").start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def redis_url(aof_redis: RedisServer) -> str:
-    return aof_redis.namespaced_url()
-
-
-@pytest.fixture
-def redis_space(redis_url: str) -> Iterator[Space]:
-    space = make_space(redis_url)
-    yield space
-    space.close()
-
-
-@pytest.fixture
-def redis_fleet(redis_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    workers = Fleet(redis_url, tmp_path)
-    yield workers
-    workers.close()
-    print(workers.logs())  # shown by pytest only when the test failed
+def appendfsync() -> str:
+    """Redis keeps its data across the stops and restarts of these tests."""
+    return "always"
 
 
 def exit_within(worker: WorkerProc, timeout: float) -> tuple[int | None, float]:
@@ -69,7 +47,7 @@ def exit_within(worker: WorkerProc, timeout: float) -> tuple[int | None, float]:
 
 @pytest.mark.timeout(60)
 def test_redis_stopped_mid_finish_the_outcome_lands_after_the_restart(
-    aof_redis: RedisServer, redis_space: Space, redis_fleet: Fleet, marks: Path
+    redis_server: RedisServer, redis_space: Space, redis_fleet: Fleet, marks: Path
 ) -> None:
     """The task has ended and its finish is on its way (slowed to 1 s) when Redis stops.
     The worker keeps the outcome, retries it with backoff, and records it once Redis is
@@ -79,9 +57,9 @@ def test_redis_stopped_mid_finish_the_outcome_lands_after_the_restart(
     redis_fleet.wait_ready(worker, redis_space)
     handle = redis_space.get_task("faults.long_lease").submit(str(marks), 0.0, 0.0)
     wait_for(lambda: markers_of(marks, handle.id, "end"), 20, "the task to end")
-    aof_redis.stop()  # the finish is still sleeping in slow_finish: it will hit the outage
+    redis_server.stop()  # the finish is still sleeping in slow_finish: it will hit the outage
     wait_for(lambda: "backend unreachable" in worker.log(), 10, "the worker to see the outage")
-    aof_redis.restart()
+    redis_server.restart()
 
     value = handle.result(timeout=20)
     record = handle.info()
@@ -100,7 +78,7 @@ def test_redis_stopped_mid_finish_the_outcome_lands_after_the_restart(
 
 @pytest.mark.timeout(60)
 def test_sigterm_with_redis_down_exits_within_the_grace_and_counts_what_it_abandoned(
-    aof_redis: RedisServer, redis_space: Space, redis_fleet: Fleet, marks: Path
+    redis_server: RedisServer, redis_space: Space, redis_fleet: Fleet, marks: Path
 ) -> None:
     """Fails on the old worker: its finisher retried forever and shutdown waited for it,
     so with Redis down it was still running 20 s after a SIGTERM with a 2 s grace."""
@@ -109,7 +87,7 @@ def test_sigterm_with_redis_down_exits_within_the_grace_and_counts_what_it_aband
     redis_fleet.wait_ready(worker, redis_space)
     handle = redis_space.get_task("faults.cooperative").submit(str(marks), 60.0, 0.05)
     wait_for(lambda: markers_of(marks, handle.id, "start"), 20, "the task to start")
-    aof_redis.stop()
+    redis_server.stop()
     wait_for(lambda: "backend unreachable" in worker.log(), 10, "the worker to see the outage")
     worker.send(signal.SIGTERM)
 
@@ -120,20 +98,20 @@ def test_sigterm_with_redis_down_exits_within_the_grace_and_counts_what_it_aband
     assert code == 0, f"worker still running {took:.1f} s after SIGTERM with a {grace} s grace"
     assert took < grace + 2.0, f"worker took {took:.1f} s to exit with a {grace} s grace"
     assert "1 outcome(s) not recorded" in worker.log()
-    aof_redis.restart()
+    redis_server.restart()
     record = handle.info()  # left to lease expiry: it runs again, nothing is lost
     assert record.state in ("running", "queued"), record.state
 
 
 @pytest.mark.timeout(60)
 def test_second_signal_with_redis_down_cuts_the_grace_and_says_so(
-    aof_redis: RedisServer, redis_space: Space, redis_fleet: Fleet, marks: Path
+    redis_server: RedisServer, redis_space: Space, redis_fleet: Fleet, marks: Path
 ) -> None:
     worker = redis_fleet.start(grace=30.0)
     redis_fleet.wait_ready(worker, redis_space)
     handle = redis_space.get_task("faults.cooperative").submit(str(marks), 60.0, 0.05)
     wait_for(lambda: markers_of(marks, handle.id, "start"), 20, "the task to start")
-    aof_redis.stop()
+    redis_server.stop()
     worker.send(signal.SIGTERM)
     wait_for(lambda: "got signal 15" in worker.log(), 10, "the worker to log the SIGTERM")
     worker.send(signal.SIGINT)
