@@ -85,7 +85,7 @@ def soak(space: Space, measure: Callable[[], int], tasks: int, rounds: int, ttl:
               type=click.Choice(["sqlite", "redis"]), show_default=True)  # fmt: skip
 def main(tasks: int, rounds: int, ttl: float, backends: tuple[str, ...]) -> None:
     """Show that the footprint stops growing once finished tasks expire."""
-    console = Console()
+    console = Console(width=160)
     for backend in backends:
         if backend == "sqlite":
             with tempfile.TemporaryDirectory() as tmp:
