@@ -3,7 +3,8 @@
 -- a later plain cancel never downgrades 2.
 local id = ARGV[1]
 local k = tkey(id)
-local f = redis.call('HMGET', k, 'state', 'queue', 'dedup_key', 'name', 'result_ttl', 'cancel')
+local f = redis.call('HMGET', k, 'state', 'queue', 'dedup_key', 'name', 'result_ttl', 'cancel',
+  'waiters')
 if not f[1] then return false end
 if f[1] == 'queued' then
   local now = clock()
@@ -11,7 +12,9 @@ if f[1] == 'queued' then
   redis.call('HSET', k, 'state', 'cancelled', 'finished', now)
   count(f[2], 'queued', -1)
   count(f[2], 'cancelled', 1)
-  settle(id, f[3], f[2], 'cancelled', now, f[5])
+  local expiring = {}
+  settle(id, f[3], f[2], 'cancelled', now, f[5], expiring, f[7])
+  zadd_pairs(P .. 'expiry', expiring)
   return 'cancelled'
 end
 if f[1] == 'running' then

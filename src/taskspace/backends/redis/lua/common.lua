@@ -44,13 +44,25 @@ local function score(priority, seq)
   return -tonumber(priority) * 4294967296 + tonumber(seq)
 end
 
+-- ZADD of flat score, member pairs, in variadic calls of at most 1,000 pairs
+-- (one call per batch rather than one per task).
+local function zadd_pairs(key, flat)
+  for i = 1, #flat, 2000 do
+    redis.call('ZADD', key, unpack(flat, i, math.min(i + 1999, #flat)))
+  end
+end
+
 -- Wake-up tokens for idle workers blocked in BLPOP, per queue and per
 -- (queue, name); bounded, so stale tokens cost at most a few spurious wake-ups.
 local function wake_list(key, n)
   local ones = {}
   for i = 1, math.min(n, WAKE_MAX) do ones[i] = '1' end
-  redis.call('RPUSH', key, unpack(ones))
-  redis.call('LTRIM', key, -WAKE_MAX, -1)
+  -- RPUSH returns the new length: trim back to WAKE_MAX only past twice that,
+  -- so an enqueue costs one call per list (a trim every WAKE_MAX enqueues at
+  -- most) and a list never holds more than 2 * WAKE_MAX tokens.
+  if redis.call('RPUSH', key, unpack(ones)) > 2 * WAKE_MAX then
+    redis.call('LTRIM', key, -WAKE_MAX, -1)
+  end
 end
 
 local function wake(woken)
@@ -99,23 +111,27 @@ end
 local function expiry_member(state, queue, id) return state .. '\n' .. queue .. '\n' .. id end
 
 -- A task reached a final state: free its dedup key, wake registered waiters,
--- schedule its deletion after result_ttl ('' or false: kept forever).
-local function settle(id, dedup_key, queue, state, now, result_ttl)
+-- schedule its deletion after result_ttl ('' or false: kept forever) by
+-- adding its reap entry to `expiring` (flat score, member pairs), which the
+-- caller writes with one zadd_pairs(P .. 'expiry', expiring) per script.
+-- `waiters` is the task's 'waiters' field (see watch.lua), read by the
+-- caller with the rest of the task, so an unwatched task costs no lookup.
+local function settle(id, dedup_key, queue, state, now, result_ttl, expiring, waiters)
   if dedup_key then
     local dk = P .. 'dedup:' .. dedup_key
     if redis.call('GET', dk) == id then redis.call('DEL', dk) end
   end
-  local wk = P .. 'waiting:' .. id
-  local n = tonumber(redis.call('GET', wk) or '0')
+  local n = tonumber(waiters or '0')
   if n > 0 then
     local dk = P .. 'done:' .. id
     for _ = 1, math.min(n, 16) do redis.call('RPUSH', dk, '1') end
     redis.call('EXPIRE', dk, 60)
-    redis.call('DEL', wk)
+    redis.call('HDEL', tkey(id), 'waiters')
   end
   if result_ttl and result_ttl ~= '' then
     local ttl = tonumber(result_ttl)
-    redis.call('ZADD', P .. 'expiry', now + ttl, expiry_member(state, queue, id))
+    expiring[#expiring + 1] = now + ttl
+    expiring[#expiring + 1] = expiry_member(state, queue, id)
     redis.call('EXPIRE', tkey(id), math.ceil(ttl) + BACKSTOP_S)
   end
 end

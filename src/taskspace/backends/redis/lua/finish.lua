@@ -6,11 +6,12 @@ local stale = 0
 local woken = {}
 local counts = {}
 local ended = {}
+local expiring = {}
 for i = 1, #ARGV, 7 do
   local id, token, kind = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local k = tkey(id)
   local f = redis.call('HMGET', k, 'state', 'token', 'attempts', 'max_attempts', 'cancel',
-    'queue', 'priority', 'seq', 'dedup_key', 'name', 'result_ttl')
+    'queue', 'priority', 'seq', 'dedup_key', 'name', 'result_ttl', 'waiters')
   if f[1] ~= 'running' or f[2] ~= token then
     stale = stale + 1
     out[#out + 1] = 0
@@ -47,7 +48,7 @@ for i = 1, #ARGV, 7 do
       if ARGV[i + 3] == '1' then set[#set + 1] = 'result'; set[#set + 1] = ARGV[i + 4] end
       redis.call('HSET', k, unpack(set))
       redis.call('HDEL', k, 'lease_expires')
-      settle(id, f[9], q, state, now, f[11])
+      settle(id, f[9], q, state, now, f[11], expiring, f[12])
     end
     out[#out + 1] = 1
   end
@@ -58,6 +59,7 @@ end
 for q, c in pairs(counts) do
   for state, delta in pairs(c) do count(q, state, delta) end
 end
+zadd_pairs(P .. 'expiry', expiring)
 if stale > 0 then redis.call('INCRBY', P .. 'stale', stale) end
 wake(woken)
 return out

@@ -22,16 +22,25 @@ for i = 1, #ARGV, N do
   else
     seq = seq + 1
     local ready_at = now + tonumber(ARGV[i + 10])
-    redis.call('HSET', k, 'name', name, 'payload', ARGV[i + 2],
-      'codec', ARGV[i + 3], 'queue', queue, 'priority', ARGV[i + 5],
-      'max_attempts', ARGV[i + 6], 'lease_s', ARGV[i + 7], 'state', 'queued',
-      'ready_at', ready_at, 'created', now, 'seq', seq)  -- absent counters read as 0
-    if ARGV[i + 8] ~= '' then redis.call('HSET', k, 'timeout', ARGV[i + 8]) end
-    if ARGV[i + 11] ~= '' then redis.call('HSET', k, 'result_ttl', ARGV[i + 11]) end
+    -- One HSET per task, optional fields included; absent counters read as 0.
+    local fields = {'name', name, 'payload', ARGV[i + 2], 'codec', ARGV[i + 3],
+      'queue', queue, 'priority', ARGV[i + 5], 'max_attempts', ARGV[i + 6],
+      'lease_s', ARGV[i + 7], 'state', 'queued', 'ready_at', ready_at, 'created', now,
+      'seq', seq}
+    if ARGV[i + 8] ~= '' then
+      fields[#fields + 1] = 'timeout'
+      fields[#fields + 1] = ARGV[i + 8]
+    end
+    if ARGV[i + 11] ~= '' then
+      fields[#fields + 1] = 'result_ttl'
+      fields[#fields + 1] = ARGV[i + 11]
+    end
     if dedup ~= '' then
-      redis.call('HSET', k, 'dedup_key', dedup)
+      fields[#fields + 1] = 'dedup_key'
+      fields[#fields + 1] = dedup
       redis.call('SET', P .. 'dedup:' .. dedup, id)
     end
+    redis.call('HSET', k, unpack(fields))
     added[queue] = (added[queue] or 0) + 1
     index[#index + 1] = seq
     index[#index + 1] = id
@@ -52,14 +61,8 @@ for i = 1, #ARGV, N do
     out[#out + 1] = id
   end
 end
-for key, batch in pairs(ready) do
-  for j = 1, #batch, 2000 do
-    redis.call('ZADD', P .. 'ready:' .. key, unpack(batch, j, math.min(j + 1999, #batch)))
-  end
-end
-for j = 1, #index, 2000 do
-  redis.call('ZADD', P .. 'idx', unpack(index, j, math.min(j + 1999, #index)))
-end
+for key, batch in pairs(ready) do zadd_pairs(P .. 'ready:' .. key, batch) end
+zadd_pairs(P .. 'idx', index)
 for queue, n in pairs(added) do count(queue, 'queued', n) end
 wake(woken)
 return out

@@ -8,6 +8,7 @@ local now = clock()
 local ids = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, 1000)
 local handled = 0
 local woken = {}
+local expiring = {}
 
 -- with_history(error, previous), from the earlier error's JSON (or false).
 local function with_history(err, previous_json)
@@ -39,7 +40,8 @@ end
 for _, id in ipairs(ids) do
   local k = tkey(id)
   local f = redis.call('HMGET', k, 'state', 'lease_expires', 'attempts', 'max_attempts',
-    'cancel', 'queue', 'priority', 'seq', 'dedup_key', 'worker', 'error', 'name', 'result_ttl')
+    'cancel', 'queue', 'priority', 'seq', 'dedup_key', 'worker', 'error', 'name', 'result_ttl',
+    'waiters')
   if f[1] == 'running' and tonumber(f[2]) <= now then
     local attempts, max_attempts, q = tonumber(f[3]), tonumber(f[4]), f[6]
     local state
@@ -62,7 +64,7 @@ for _, id in ipairs(ids) do
       enqueue(id, q, f[12], f[7], f[8], now, now, woken)
     else
       redis.call('HSET', k, 'finished', now)
-      settle(id, f[9], q, state, now, f[13])
+      settle(id, f[9], q, state, now, f[13], expiring, f[14])
     end
   elseif f[1] == 'running' then
     redis.call('ZADD', P .. 'running', f[2], id)  -- renewed meanwhile: keep its real expiry
@@ -70,5 +72,6 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', P .. 'running', id)  -- finished meanwhile
   end
 end
+zadd_pairs(P .. 'expiry', expiring)
 wake(woken)
 return handled

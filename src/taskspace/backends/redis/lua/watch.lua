@@ -4,8 +4,7 @@ for _, id in ipairs(ARGV) do
   local state = redis.call('HGET', tkey(id), 'state')
   if not state or (state ~= 'queued' and state ~= 'running') then return 1 end
 end
-for _, id in ipairs(ARGV) do
-  redis.call('INCR', P .. 'waiting:' .. id)
-  redis.call('EXPIRE', P .. 'waiting:' .. id, 300)
-end
+-- The count lives in the task's hash (field 'waiters'), so settling reads it
+-- with the fields it reads anyway; settle() clears it.
+for _, id in ipairs(ARGV) do redis.call('HINCRBY', tkey(id), 'waiters', 1) end
 return 0
