@@ -10,7 +10,7 @@ timeout rather than after the long socket timeout.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -30,6 +30,9 @@ CONNECT_TIMEOUT_S = 2.0
 # Reads and the steps of a wait: short, so a stalled connection is noticed
 # within about a second (Redis answers a healthy read in well under that).
 READ_TIMEOUT_S = 1.0
+# Script calls of one run_many in flight at once: two overlap the client's
+# encoding of a call with Redis running the one before.
+RUN_MANY_WINDOW = 2
 # How long past a BLPOP's own timeout its reply may take before the
 # connection counts as stalled.
 BLOCK_MARGIN_S = 0.5
@@ -107,6 +110,42 @@ class RedisConnection:
         fn = self._scripts[script]
         client = self.reads if read else self.client
         return self.call(lambda: fn(keys=[self.prefix], args=list(args), client=client))
+
+    def run_many(self, script: str, arg_lists: Iterable[Sequence[Any]]) -> list[Any]:
+        """Run ``script`` once per argument list, in order, each call atomic on
+        its own, keeping up to RUN_MANY_WINDOW calls in flight on one
+        connection, so that the client encodes the next call while Redis runs
+        this one. The first call goes alone (it loads the script after a
+        Redis restart: NOSCRIPT)."""
+        lists = iter(arg_lists)
+        first = next(lists, None)
+        if first is None:
+            return []
+        replies = [self.run(script, first)]
+        return replies + self.call(lambda: self._pipelined(script, lists))
+
+    def _pipelined(self, script: str, lists: Iterator[Sequence[Any]]) -> list[Any]:
+        sha, pool = self._scripts[script].sha, self.client.connection_pool
+        try:
+            conn = pool.get_connection()
+        except TypeError:  # redis-py < 6 wants a command name
+            conn = pool.get_connection("EVALSHA")
+        replies: list[Any] = []
+        sent = 0
+        try:
+            for args in lists:
+                conn.send_command("EVALSHA", sha, 1, self.prefix, *args)
+                sent += 1
+                if sent - len(replies) >= RUN_MANY_WINDOW:
+                    replies.append(conn.read_response())
+            while len(replies) < sent:
+                replies.append(conn.read_response())
+        except BaseException:
+            conn.disconnect()  # replies may still be on the way: never reuse it
+            raise
+        finally:
+            pool.release(conn)
+        return replies
 
     def block(self, keys: Sequence[str], timeout: float) -> None:
         """BLPOP ``keys`` for up to ``timeout`` s; BackendError if no reply comes

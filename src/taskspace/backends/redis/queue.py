@@ -47,6 +47,16 @@ def push_chunks(specs: Sequence[TaskSpec]) -> list[Sequence[TaskSpec]]:
     return chunks
 
 
+def push_args(chunk: Sequence[TaskSpec]) -> list[Any]:
+    """The push script's arguments for ``chunk`` (12 per task, see lua/push.lua)."""
+    args: list[Any] = []
+    for s in chunk:
+        args += [s.id, s.name, s.payload, s.codec, s.queue, s.priority, s.max_attempts,
+                 repr(float(s.lease_s)), number(s.timeout), s.dedup_key or "",
+                 repr(float(s.delay)), number(s.result_ttl)]  # fmt: skip
+    return args
+
+
 def check_states(states: Collection[str]) -> list[str]:
     """``states`` without repeats; ConfigError naming any that is not a task state."""
     wanted = list(dict.fromkeys(states))
@@ -71,18 +81,13 @@ class QueueOps(RedisConnection):
 
     def push(self, specs: Sequence[TaskSpec]) -> list[str]:
         """Enqueue ``specs``; atomic per chunk (see PUSH_CHUNK_TASKS), each
-        chunk durable and deduplicated once its script returns."""
+        chunk durable and deduplicated once its script returns. Chunks are
+        pipelined (conn.RUN_MANY_WINDOW): when one fails, the next may have run
+        too, as with any lost reply; a retried push adds no task twice."""
         if not specs:
             return []
-        ids: list[str] = []
-        for chunk in push_chunks(specs):
-            args: list[Any] = []
-            for s in chunk:
-                args += [s.id, s.name, s.payload, s.codec, s.queue, s.priority, s.max_attempts,
-                         repr(float(s.lease_s)), number(s.timeout), s.dedup_key or "",
-                         repr(float(s.delay)), number(s.result_ttl)]  # fmt: skip
-            ids += [i.decode() for i in self.run("push", args)]
-        return ids
+        replies = self.run_many("push", map(push_args, push_chunks(specs)))
+        return [i.decode() for reply in replies for i in reply]
 
     def claim(
         self,
