@@ -106,6 +106,8 @@ def test_list_pages_in_submission_order_without_payload_or_result(store):
     assert ids(page2) == pushed[10:20]
     assert ids(page3) == pushed[20:]
     assert store.list(after=pushed[-1]) == []
+    with pytest.raises(ConfigError, match="no such task"):
+        store.list(after="never-there")  # paging restarts, never ends silently
     assert all(r.payload == b"" and r.result is None for r in page1 + page2 + page3)
     done = next(r for r in page1 if r.id == "t02")
     assert (done.state, done.attempts, done.name, done.priority) == ("succeeded", 1, "job", 2)

@@ -293,8 +293,9 @@ class QueueStore(Protocol):
     ) -> list[TaskRecord]:
         """Tasks matching every filter given, in submission order, at most
         ``limit``; ``after`` (a task id from an earlier page) continues after
-        that task. Records carry no payload or result (``b""``/None); use
-        ``get`` for those."""
+        that task (ConfigError if no such task exists any more: paging
+        restarts rather than silently ending). Records carry no payload or
+        result (``b""``/None); use ``get`` for those."""
         ...
 
     def retry(self, task_id: str) -> TaskState | None:

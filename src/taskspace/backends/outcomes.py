@@ -73,6 +73,11 @@ def check_list_filters(state: str | None, limit: int) -> None:
         raise ConfigError(f"limit={limit} must be >= 0")
 
 
+def unknown_cursor(task_id: str) -> ConfigError:
+    """The error of a ``list`` whose ``after`` names no task (deleted, reaped or never there)."""
+    return ConfigError(f"after={task_id!r}: no such task (it may have been deleted)")
+
+
 def check_purge_states(states: Collection[str]) -> frozenset[str]:
     """The states a ``purge`` may delete; refuses unknown states and ``running``
     (a running task belongs to its worker, which would finish a deleted task)."""

@@ -24,8 +24,8 @@ from taskspace.backends.outcomes import (
     expired_state,
     lease_lost_error,
     outcome_state,
+    unknown_cursor,
 )
-from taskspace.errors import ConfigError
 
 
 class MemoryQueue(MemoryState):
@@ -289,7 +289,7 @@ class MemoryQueue(MemoryState):
     def _seq_of(self, after: str) -> int:
         mark = self._tasks.get(after)
         if mark is None:
-            raise ConfigError(f"after={after!r}: no such task (it may have been deleted)")
+            raise unknown_cursor(after)
         return mark.seq
 
     def retry(self, task_id: str) -> TaskState | None:

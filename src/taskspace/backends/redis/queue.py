@@ -18,6 +18,7 @@ from taskspace.backends.base import (
     TaskSpec,
     TaskState,
 )
+from taskspace.backends.outcomes import unknown_cursor
 from taskspace.backends.redis.conn import RedisConnection
 from taskspace.backends.redis.records import FIELDS, number, record
 from taskspace.errors import ConfigError
@@ -169,7 +170,9 @@ class QueueOps(RedisConnection):
         cursor: str | None = "0"
         if after is not None:
             seq = self.call(lambda: self.reads.zscore(self.prefix + "idx", after))
-            cursor = None if seq is None else repr(int(seq))
+            if seq is None:
+                raise unknown_cursor(after)
+            cursor = repr(int(seq))
         out: list[TaskRecord] = []
         filters = [state or "", queue or "", name or ""]
         while cursor is not None and len(out) < limit:

@@ -21,10 +21,10 @@ from taskspace.backends.outcomes import (
     expired_state,
     lease_lost_error,
     outcome_state,
+    unknown_cursor,
 )
 from taskspace.backends.sqlite.base import SQLiteBase
 from taskspace.backends.sqlite.schema import LIST_COLUMNS, TASK_COLUMNS, error_blob, record
-from taskspace.errors import ConfigError
 
 READY = "state = 'queued' AND waiting = 0"
 # The names of a queue's ready tasks, one index seek per name (a loose index scan).
@@ -287,7 +287,7 @@ class SQLiteQueue(SQLiteBase):
     def _seq_of(self, task_id: str) -> int:
         rows = self._read("SELECT seq FROM tasks WHERE id = ?", (task_id,))
         if not rows:
-            raise ConfigError(f"after={task_id!r}: no such task (it may have been deleted)")
+            raise unknown_cursor(task_id)
         return int(rows[0][0])
 
     def retry(self, task_id: str) -> TaskState | None:
