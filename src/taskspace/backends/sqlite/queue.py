@@ -41,6 +41,21 @@ ONE_NAME = f"SELECT seq, priority FROM tasks WHERE {READY} AND queue = ? AND nam
 LEASE_STATUS: dict[int, LeaseStatus] = {0: "held", 1: "cancel_requested", 2: "terminate_requested"}
 
 
+# A retried push (same ids) changes nothing: ON CONFLICT(id) DO NOTHING.
+INSERT_TASK = (
+    "INSERT INTO tasks (id, name, payload, codec, queue, priority, max_attempts,"
+    " lease_s, timeout, dedup_key, state, ready_at, waiting, created, result_ttl)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)"
+    " ON CONFLICT(id) DO NOTHING"
+)
+
+
+def _task_row(spec: TaskSpec, now: float) -> tuple[object, ...]:
+    return (spec.id, spec.name, spec.payload, spec.codec, spec.queue, spec.priority,
+            spec.max_attempts, spec.lease_s, spec.timeout, spec.dedup_key,
+            now + spec.delay, int(spec.delay > 0), now, spec.result_ttl)  # fmt: skip
+
+
 class SQLiteQueue(SQLiteBase):
     """Tasks in one table; ready tasks sit in two partial indexes (by priority, and
     by name then priority) that hold no delayed task, so claims stay flat."""
@@ -48,6 +63,10 @@ class SQLiteQueue(SQLiteBase):
     def push(self, specs: Sequence[TaskSpec]) -> list[str]:
         with self._write() as db:
             now = self.now()
+            if all(spec.dedup_key is None for spec in specs):
+                # The common case needs no per-task decision: one executemany.
+                db.executemany(INSERT_TASK, [_task_row(spec, now) for spec in specs])
+                return [spec.id for spec in specs]
             return [self._push_one(db, spec, now) for spec in specs]
 
     def _push_one(self, db: sqlite3.Connection, spec: TaskSpec, now: float) -> str:
@@ -58,15 +77,7 @@ class SQLiteQueue(SQLiteBase):
             ).fetchone()
             if row is not None:
                 return str(row[0])
-        db.execute(
-            "INSERT INTO tasks (id, name, payload, codec, queue, priority, max_attempts,"
-            " lease_s, timeout, dedup_key, state, ready_at, waiting, created, result_ttl)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)"
-            " ON CONFLICT(id) DO NOTHING",
-            (spec.id, spec.name, spec.payload, spec.codec, spec.queue, spec.priority,
-             spec.max_attempts, spec.lease_s, spec.timeout, spec.dedup_key,
-             now + spec.delay, int(spec.delay > 0), now, spec.result_ttl),
-        )  # fmt: skip
+        db.execute(INSERT_TASK, _task_row(spec, now))
         return spec.id
 
     def _promote(self, db: sqlite3.Connection, now: float) -> int:
