@@ -10,6 +10,7 @@ timeout rather than after the long socket timeout.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -122,7 +123,11 @@ class RedisConnection:
         if first is None:
             return []
         replies = [self.run(script, first)]
-        return replies + self.call(lambda: self._pipelined(script, lists))
+        second = next(lists, None)
+        if second is None:  # the common case: no pipeline, no second connection checkout
+            return replies
+        rest = itertools.chain([second], lists)
+        return replies + self.call(lambda: self._pipelined(script, rest))
 
     def _pipelined(self, script: str, lists: Iterator[Sequence[Any]]) -> list[Any]:
         sha, pool = self._scripts[script].sha, self.client.connection_pool
