@@ -17,11 +17,11 @@ from taskspace.backends.base import (
     ERROR_HISTORY_MAX,
     PRIORITY_MAX,
     PRIORITY_MIN,
+    PUSH_CHUNK_TASKS,
     Outcome,
     TaskSpec,
 )
 from taskspace.backends.redis import RedisStore
-from taskspace.backends.redis.queue import PUSH_CHUNK_TASKS
 from taskspace.errors import BackendError, SubscriptionLost
 from tests.services import RedisServer
 

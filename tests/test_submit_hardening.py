@@ -24,8 +24,7 @@ from taskspace import (
     TaskFailed,
     UnknownTask,
 )
-from taskspace.backends.base import PRIORITY_MAX, PRIORITY_MIN, TaskSpec
-from taskspace.space import PUSH_CHUNK_TASKS
+from taskspace.backends.base import PRIORITY_MAX, PRIORITY_MIN, PUSH_CHUNK_TASKS, TaskSpec
 from tests.services import RedisServer
 
 

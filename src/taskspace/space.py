@@ -26,6 +26,7 @@ from taskspace.backends.base import (
     Store,
     TaskRecord,
     TaskSpec,
+    push_chunks,
 )
 from taskspace.codec import DEFAULT_MAX_PAYLOAD, SERIALIZERS, Codec, get_codec
 from taskspace.errors import BackendError, ConfigError, TaskNotFound, UnknownTask
@@ -41,11 +42,6 @@ R = TypeVar("R")
 
 DEFAULT_URL = "sqlite:///.taskspace/space.db"
 URL_ENV = "TASKSPACE_URL"
-# A push is written in chunks of at most this many tasks or bytes, so that no
-# single store operation (one Lua script, one SQLite transaction) holds the
-# backend for long; each chunk is atomic on its own.
-PUSH_CHUNK_TASKS = 1000
-PUSH_CHUNK_BYTES = 8 * 1024 * 1024
 # A push that fails with BackendError is retried with backoff for this long;
 # task ids make a retried push idempotent, so a lost reply never duplicates.
 PUSH_RETRY_S = 10.0
@@ -211,7 +207,7 @@ class Space(Closeable):
         retry carries the same task ids, so it never writes a task twice.
         """
         ids: list[str] = []
-        for chunk in _chunks(specs):
+        for chunk in push_chunks(specs):
             ids += self._push_chunk(chunk)
         return [Handle(self, task_id) for task_id in ids]
 
@@ -282,16 +278,3 @@ class Space(Closeable):
         from taskspace.worker.worker import Worker
 
         return Worker(self, WorkerConfig.build(**options)).run()
-
-
-def _chunks(specs: Sequence[TaskSpec]) -> Iterator[Sequence[TaskSpec]]:
-    start = size = 0
-    for i, spec in enumerate(specs):
-        if i > start and (
-            i - start >= PUSH_CHUNK_TASKS or size + len(spec.payload) > PUSH_CHUNK_BYTES
-        ):
-            yield specs[start:i]
-            start, size = i, 0
-        size += len(spec.payload)
-    if start < len(specs):
-        yield specs[start:]

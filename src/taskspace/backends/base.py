@@ -69,6 +69,30 @@ class TaskSpec:
     result_ttl: float | None = DEFAULT_RESULT_TTL_S
 
 
+# A push is written in chunks of at most this many tasks or payload bytes, so
+# that no single store operation (one Lua script, one SQLite transaction)
+# holds the backend for long; each chunk is atomic on its own.
+PUSH_CHUNK_TASKS = 1000
+PUSH_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def push_chunks(specs: Sequence[TaskSpec]) -> list[Sequence[TaskSpec]]:
+    """``specs`` split into runs of at most PUSH_CHUNK_TASKS tasks and (unless a
+    single task is larger) PUSH_CHUNK_BYTES of payload."""
+    chunks: list[Sequence[TaskSpec]] = []
+    start, size = 0, 0
+    for i, spec in enumerate(specs):
+        if i > start and (
+            i - start >= PUSH_CHUNK_TASKS or size + len(spec.payload) > PUSH_CHUNK_BYTES
+        ):
+            chunks.append(specs[start:i])
+            start, size = i, 0
+        size += len(spec.payload)
+    if start < len(specs):
+        chunks.append(specs[start:])
+    return chunks
+
+
 @dataclass(slots=True)
 class TaskRecord:
     """A task as the store holds it. ``attempts`` counts claims; ``lost`` counts expired leases.

@@ -17,6 +17,7 @@ from taskspace.backends.base import (
     TaskRecord,
     TaskSpec,
     TaskState,
+    push_chunks,
 )
 from taskspace.backends.outcomes import unknown_cursor
 from taskspace.backends.redis.conn import RedisConnection
@@ -26,26 +27,8 @@ from taskspace.errors import ConfigError
 # A push runs as one script per chunk of at most this many tasks or bytes of
 # payload, so that no script blocks Redis for more than about 50 ms
 # (1,000 tasks take about 10-20 ms on a 2-core machine); atomicity is per chunk.
-PUSH_CHUNK_TASKS = 1000
-PUSH_CHUNK_BYTES = 8 * 1024 * 1024
 # Index entries one list/purge script looks at before handing back a cursor.
 SCAN_BUDGET = 1000
-
-
-def push_chunks(specs: Sequence[TaskSpec]) -> list[Sequence[TaskSpec]]:
-    """``specs`` split into runs of at most PUSH_CHUNK_TASKS tasks and (unless a
-    single task is larger) PUSH_CHUNK_BYTES of payload."""
-    chunks: list[Sequence[TaskSpec]] = []
-    start, size = 0, 0
-    for i, spec in enumerate(specs):
-        if i > start and (
-            i - start >= PUSH_CHUNK_TASKS or size + len(spec.payload) > PUSH_CHUNK_BYTES
-        ):
-            chunks.append(specs[start:i])
-            start, size = i, 0
-        size += len(spec.payload)
-    chunks.append(specs[start:])
-    return chunks
 
 
 def push_args(chunk: Sequence[TaskSpec]) -> list[Any]:
