@@ -10,6 +10,7 @@ process.
 from __future__ import annotations
 
 import threading
+from typing import Self
 
 from taskspace.backends.base import FINAL_STATES
 from taskspace.backends.memory.other import MemoryOther, MemorySubscription
@@ -19,6 +20,12 @@ from taskspace.backends.memory.state import ManualClock, MonotonicClock
 
 class MemoryStore(MemoryQueue, MemoryOther):
     """All five store protocols in one process, under one lock."""
+
+    # Transitional: callers use ``store.queue`` and ``store.clock`` (contract v2)
+    # while the per-protocol objects are being built.
+    @property
+    def queue(self) -> Self:
+        return self
 
     def close(self) -> None:
         for sub in list(self._subs):

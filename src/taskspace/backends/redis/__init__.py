@@ -41,6 +41,8 @@ first one took effect.) Durability is Redis's: with ``appendonly yes`` and
 
 from __future__ import annotations
 
+from typing import Self
+
 from taskspace.backends.redis.conn import check_namespace, split_namespace
 from taskspace.backends.redis.other import OtherOps
 from taskspace.backends.redis.queue import QueueOps
@@ -50,6 +52,16 @@ __all__ = ["RedisStore", "check_namespace", "split_namespace"]
 
 class RedisStore(QueueOps, OtherOps):
     """All five store protocols on Redis (see the module docstring)."""
+
+    # Transitional: callers use ``store.queue`` and ``store.clock`` (contract v2)
+    # while the per-protocol objects are being built.
+    @property
+    def queue(self) -> Self:
+        return self
+
+    @property
+    def clock(self) -> Self:
+        return self
 
     def now(self) -> float:
         seconds, micros = self.call(self.reads.time)

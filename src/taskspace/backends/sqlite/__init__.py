@@ -31,6 +31,7 @@ in the same process.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import Self
 
 from taskspace.backends.sqlite.base import BOOT_ID_PATH, SQLiteSettings, boot_id
 from taskspace.backends.sqlite.other import SQLiteOther, SQLiteSubscription, Waiter
@@ -39,6 +40,16 @@ from taskspace.backends.sqlite.queue import SQLiteQueue
 
 class SQLiteStore(SQLiteQueue, SQLiteOther):
     """All five store protocols on one SQLite file (see the module docstring)."""
+
+    # Transitional: callers use ``store.queue`` and ``store.clock`` (contract v2)
+    # while the per-protocol objects are being built.
+    @property
+    def queue(self) -> Self:
+        return self
+
+    @property
+    def clock(self) -> Self:
+        return self
 
     def __init__(self, settings: SQLiteSettings, url: str) -> None:
         super().__init__(settings, url)
