@@ -254,7 +254,7 @@ def bench_drain(
         _, handles = submit_batched(space, config.tasks, config.batch, progress, label + " submit")
         group = sandbox.workers(space, config.workers, concurrency, burst=True, tag="drain")
         with _phase(progress, label, config.tasks) as bar:
-            launched_store = space.store.now()
+            launched_store = space.store.clock.now()
             start = time.perf_counter()
             group.start()
             try:
@@ -341,16 +341,16 @@ def bench_claim_behind_delayed(
         with _phase(progress, label + " submit", delayed) as bar:
             for lo in range(0, delayed, DELAYED_PUSH_BATCH):
                 hi = min(delayed, lo + DELAYED_PUSH_BATCH)
-                store.push([_spec(i, DELAYED_DELAY_S) for i in range(lo, hi)])
+                store.queue.push([_spec(i, DELAYED_DELAY_S) for i in range(lo, hi)])
                 progress.update(bar, completed=hi)
-        store.push([_spec(i) for i in range(claims)])
+        store.queue.push([_spec(i) for i in range(claims)])
         samples: list[float] = []
         with _phase(progress, label, claims) as bar:
             for i in range(claims):
                 start = time.perf_counter()
-                (record,) = store.claim(["default"], "bench", 1)
+                (record,) = store.queue.claim(["default"], "bench", 1)
                 samples.append((time.perf_counter() - start) * 1000.0)
-                store.finish([(record.lease, Outcome("succeeded", result=b"0"))])
+                store.queue.finish([(record.lease, Outcome("succeeded", result=b"0"))])
                 if i % 100 == 0:
                     progress.update(bar, completed=i)
         return DelayedRun(delayed, samples)

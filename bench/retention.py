@@ -46,7 +46,7 @@ def _redis_bytes(url: str) -> Callable[[], int]:
 
 def _reap_all(space: Space) -> int:
     total = 0
-    while n := space.store.reap(10_000):
+    while n := space.store.queue.reap(10_000):
         total += n
     return total
 

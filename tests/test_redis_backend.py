@@ -53,10 +53,10 @@ def raw(store: RedisStore, *command: object) -> object:
 
 
 def lose_lease(store: RedisStore, task_id: str) -> None:
-    (rec,) = store.claim(["default"], "w", 1)
+    (rec,) = store.queue.claim(["default"], "w", 1)
     assert rec.id == task_id
     deadline = time.monotonic() + 2
-    while store.requeue_expired() == 0:
+    while store.queue.requeue_expired() == 0:
         assert time.monotonic() < deadline, "the lease never expired"
 
 
@@ -67,10 +67,10 @@ def lose_lease(store: RedisStore, task_id: str) -> None:
 def test_a_task_losing_its_lease_1100_times_keeps_a_flat_bounded_error(
     store: RedisStore,
 ) -> None:
-    (task_id,) = store.push([spec(max_attempts=LOSSES + 10, lease_s=0.002)])
+    (task_id,) = store.queue.push([spec(max_attempts=LOSSES + 10, lease_s=0.002)])
     for _ in range(LOSSES):
         lose_lease(store, task_id)
-    rec = store.get(task_id)
+    rec = store.queue.get(task_id)
     assert rec is not None and rec.state == "queued" and rec.lost == LOSSES
     assert rec.error is not None and rec.error["type"] == "WorkerLost"
     assert f"attempt {LOSSES} of" in rec.error["message"]
@@ -79,7 +79,7 @@ def test_a_task_losing_its_lease_1100_times_keeps_a_flat_bounded_error(
     assert all("history" not in h and "previous" not in h for h in history)
     assert f"attempt {LOSSES - 1} of" in history[0]["message"]
     assert len(orjson.dumps(rec.error)) < 4096
-    assert store.stats().counts["default"] == {"queued": 1}
+    assert store.queue.stats().counts["default"] == {"queued": 1}
 
 
 def test_an_unreadable_earlier_error_never_leaves_a_task_half_moved(store: RedisStore) -> None:
@@ -88,21 +88,21 @@ def test_an_unreadable_earlier_error_never_leaves_a_task_half_moved(store: Redis
     nested = '{"type": "E", "message": "m", "traceback": ""}'
     for _ in range(1500):
         nested = f'{{"type": "WorkerLost", "message": "m", "traceback": "", "previous": {nested}}}'
-    ids = store.push([spec(lease_s=0.002, max_attempts=5) for _ in range(3)])
-    recs = store.claim(["default"], "w", 3)
+    ids = store.queue.push([spec(lease_s=0.002, max_attempts=5) for _ in range(3)])
+    recs = store.queue.claim(["default"], "w", 3)
     assert len(recs) == 3
     raw(store, "HSET", f"{store.prefix}t:{ids[0]}", "error", nested)
     raw(store, "HSET", f"{store.prefix}t:{ids[1]}", "error", b"{not json")
     time.sleep(0.01)
-    assert store.requeue_expired() == 3
+    assert store.queue.requeue_expired() == 3
     for task_id in ids:
-        rec = store.get(task_id)
+        rec = store.queue.get(task_id)
         assert rec is not None and rec.state == "queued" and rec.lost == 1
         assert rec.error is not None and rec.error["type"] == "WorkerLost"
         assert len(rec.error.get("history", [])) <= 1
     assert raw(store, "ZCARD", f"{store.prefix}running") == 0
-    assert len(store.claim(["default"], "w", 10)) == 3
-    assert store.stats().counts["default"] == {"running": 3}
+    assert len(store.queue.claim(["default"], "w", 10)) == 3
+    assert store.queue.stats().counts["default"] == {"running": 3}
 
 
 # -- items 4 and 14: FIFO at the priority bounds ---------------------------------------
@@ -112,8 +112,8 @@ def test_fifo_is_exact_at_the_priority_bounds_near_seq_2_32(store: RedisStore) -
     raw(store, "SET", f"{store.prefix}seq", 2**32 - 20)  # the documented room: seq < 2^32
     order = [PRIORITY_MAX, PRIORITY_MIN, PRIORITY_MAX - 1, PRIORITY_MIN + 1, 0]
     specs = [spec(id=f"{p}-{i}", priority=p) for i in range(3) for p in order]
-    store.push(specs)
-    got = [r.id for r in store.claim(["default"], "w", len(specs))]
+    store.queue.push(specs)
+    got = [r.id for r in store.queue.claim(["default"], "w", len(specs))]
     expected = [f"{p}-{i}" for p in sorted(order, reverse=True) for i in range(3)]
     assert got == expected
 
@@ -122,12 +122,12 @@ def test_fifo_is_exact_at_the_priority_bounds_near_seq_2_32(store: RedisStore) -
 
 
 def test_a_large_push_runs_as_short_scripts(store: RedisStore) -> None:
-    store.push([spec()])  # loads the script: no NOSCRIPT round in what is measured
+    store.queue.push([spec()])  # loads the script: no NOSCRIPT round in what is measured
     raw(store, "CONFIG", "SET", "slowlog-log-slower-than", 0)
     raw(store, "CONFIG", "SET", "slowlog-max-len", 100_000)
     raw(store, "SLOWLOG", "RESET")
     n = 5 * PUSH_CHUNK_TASKS + 7
-    ids = store.push([spec(payload=b"[1, 2, 3]") for _ in range(n)])
+    ids = store.queue.push([spec(payload=b"[1, 2, 3]") for _ in range(n)])
     entries = store.call(lambda: store.client.slowlog_get(100_000))
     raw(store, "CONFIG", "SET", "slowlog-log-slower-than", 10_000)
     pushes = [e for e in entries if e["command"].startswith(b"EVALSHA")]
@@ -138,7 +138,7 @@ def test_a_large_push_runs_as_short_scripts(store: RedisStore) -> None:
     # Redis's own timing of each script; the median, since a loaded test machine
     # can stretch any single one.
     assert micros[len(micros) // 2] < 50_000
-    assert store.stats().counts["default"] == {"queued": n + 1}
+    assert store.queue.stats().counts["default"] == {"queued": n + 1}
 
 
 # -- items 3 and 12: every Redis error is a BackendError -------------------------------
@@ -147,30 +147,31 @@ def test_a_large_push_runs_as_short_scripts(store: RedisStore) -> None:
 def test_every_call_raises_backend_error_while_redis_is_down_and_works_after_restart(
     server: RedisServer, store: RedisStore
 ) -> None:
-    store.push([spec(id="before")])
+    store.queue.push([spec(id="before")])
     server.stop()
     calls = [
-        lambda: store.push([spec()]), lambda: store.claim(["default"], "w", 1),
-        store.stats, lambda: store.get("before"), lambda: store.state("before"),
-        lambda: store.list(), lambda: store.wait_for_tasks(["default"], 0.1),
-        lambda: store.wait_for_finish(["before"], 0.1), store.requeue_expired, store.reap,
-        lambda: store.subscribe(["c"]), lambda: store.kv_get("k"), store.now,
-        lambda: store.publish("c", b"x"), lambda: store.purge("default", ["queued"]),
+        lambda: store.queue.push([spec()]), lambda: store.queue.claim(["default"], "w", 1),
+        store.queue.stats, lambda: store.queue.get("before"), lambda: store.queue.state("before"),
+        lambda: store.queue.list(), lambda: store.queue.wait_for_tasks(["default"], 0.1),
+        lambda: store.queue.wait_for_finish(["before"], 0.1),
+        store.queue.requeue_expired, store.queue.reap,
+        lambda: store.subscribe(["c"]), lambda: store.kv_get("k"), store.clock.now,
+        lambda: store.publish("c", b"x"), lambda: store.queue.purge("default", ["queued"]),
     ]  # fmt: skip
     for call in calls:
         with pytest.raises(BackendError):
             call()
     server.restart()  # no persistence: empty, and its script cache too (NOSCRIPT)
-    (task_id,) = store.push([spec()])
-    (rec,) = store.claim(["default"], "w", 1)
-    assert store.finish([(rec.lease, Outcome("succeeded", result=b"1"))]) == [True]
-    assert store.state(task_id) == "succeeded"
+    (task_id,) = store.queue.push([spec()])
+    (rec,) = store.queue.claim(["default"], "w", 1)
+    assert store.queue.finish([(rec.lease, Outcome("succeeded", result=b"1"))]) == [True]
+    assert store.queue.state(task_id) == "succeeded"
 
 
 def test_a_script_error_is_a_backend_error(store: RedisStore) -> None:
     raw(store, "SET", f"{store.prefix}seq", "not a number")
     with pytest.raises(BackendError, match="ResponseError"):
-        store.push([spec()])
+        store.queue.push([spec()])
 
 
 # -- item 3: a subscription says when it lost its connection ---------------------------
@@ -212,8 +213,8 @@ def claim_micros(store: RedisStore, names: list[str], rounds: int = 20) -> float
     raw(store, "CONFIG", "SET", "slowlog-log-slower-than", 0)
     raw(store, "SLOWLOG", "RESET")
     for _ in range(rounds):
-        (rec,) = store.claim(["default"], "w", 1, names=names)
-        store.finish([(rec.lease, Outcome("release"))])
+        (rec,) = store.queue.claim(["default"], "w", 1, names=names)
+        store.queue.finish([(rec.lease, Outcome("release"))])
     entries = store.call(lambda: store.client.slowlog_get(10 * rounds))
     raw(store, "CONFIG", "SET", "slowlog-log-slower-than", 10_000)
     sha = store._scripts["claim"].sha.encode()
@@ -222,59 +223,59 @@ def claim_micros(store: RedisStore, names: list[str], rounds: int = 20) -> float
 
 
 def test_claim_by_names_costs_the_same_however_many_other_tasks_wait(store: RedisStore) -> None:
-    store.push([spec("mine") for _ in range(3)])
+    store.queue.push([spec("mine") for _ in range(3)])
     alone = claim_micros(store, ["mine", "also"])
     for _ in range(20):
-        store.push([spec("other") for _ in range(1000)])
+        store.queue.push([spec("other") for _ in range(1000)])
     crowded = claim_micros(store, ["mine", "also"])
     print(f"claim by names: {alone} us alone, {crowded} us behind 20,000 other tasks")
     assert crowded < max(3 * alone, 500)
-    assert store.stats().counts["default"] == {"queued": 20_003}
+    assert store.queue.stats().counts["default"] == {"queued": 20_003}
 
 
 @pytest.mark.timeout(30)
 def test_an_idle_wait_for_some_names_ignores_tasks_of_other_names(store: RedisStore) -> None:
-    store.push([spec("other")])
-    assert store.claim(["default"], "w", 1, names=["mine"]) == []
+    store.queue.push([spec("other")])
+    assert store.queue.claim(["default"], "w", 1, names=["mine"]) == []
     started = time.monotonic()
-    store.wait_for_tasks(["default"], 0.5)  # no spin on a task it cannot run
+    store.queue.wait_for_tasks(["default"], 0.5)  # no spin on a task it cannot run
     assert time.monotonic() - started >= 0.45
-    pusher = threading.Timer(0.2, lambda: store.push([spec("mine")]))
+    pusher = threading.Timer(0.2, lambda: store.queue.push([spec("mine")]))
     pusher.start()
     started = time.monotonic()
-    store.wait_for_tasks(["default"], 5)  # woken by its own name
+    store.queue.wait_for_tasks(["default"], 5)  # woken by its own name
     pusher.join()
     assert time.monotonic() - started < 2
-    assert len(store.claim(["default"], "w", 5, names=["mine"])) == 1
+    assert len(store.queue.claim(["default"], "w", 5, names=["mine"])) == 1
 
 
 def test_state_reads_only_the_state(store: RedisStore) -> None:
-    (task_id,) = store.push([spec(payload=b"x" * 20_000_000)])
+    (task_id,) = store.queue.push([spec(payload=b"x" * 20_000_000)])
 
     def sent() -> int:
         info = store.call(lambda: store.reads.info("stats"))
         return int(info["total_net_output_bytes"])
 
     before = sent()
-    assert store.state(task_id) == "queued"
+    assert store.queue.state(task_id) == "queued"
     assert sent() - before < 10_000
-    assert store.state("no-such-task") is None
+    assert store.queue.state("no-such-task") is None
 
 
 def test_a_settled_task_expires_as_a_backstop_and_reap_keeps_counts_right(
     store: RedisStore,
 ) -> None:
-    kept, reaped = store.push([spec(result_ttl=None), spec(result_ttl=0.05)])
-    for rec in store.claim(["default"], "w", 2):
-        store.finish([(rec.lease, Outcome("succeeded", result=b"1"))])
+    kept, reaped = store.queue.push([spec(result_ttl=None), spec(result_ttl=0.05)])
+    for rec in store.queue.claim(["default"], "w", 2):
+        store.queue.finish([(rec.lease, Outcome("succeeded", result=b"1"))])
     ttl = raw(store, "TTL", f"{store.prefix}t:{reaped}")
     assert isinstance(ttl, int) and 3600 <= ttl <= 3601  # well after the reap time
     assert raw(store, "TTL", f"{store.prefix}t:{kept}") == -1
     raw(store, "DEL", f"{store.prefix}t:{reaped}")  # as the backstop EXPIRE would
     time.sleep(0.06)
-    assert store.reap() == 1
-    assert store.stats().counts["default"] == {"succeeded": 1}
-    assert [r.id for r in store.list()] == [kept]
+    assert store.queue.reap() == 1
+    assert store.queue.stats().counts["default"] == {"succeeded": 1}
+    assert [r.id for r in store.queue.list()] == [kept]
     assert raw(store, "ZCARD", f"{store.prefix}idx") == 1
 
 
@@ -283,6 +284,6 @@ def test_reap_drops_expired_kv_keys_from_the_kv_index(store: RedisStore) -> None
     store.kv_incr("b", 1, ttl=0.05)
     store.kv_put("c", b"1")
     time.sleep(0.1)
-    assert store.reap() == 2
+    assert store.queue.reap() == 2
     assert raw(store, "ZRANGE", f"{store.prefix}kvidx", 0, -1) == [b"c"]
     assert raw(store, "ZCARD", f"{store.prefix}kvexp") == 0

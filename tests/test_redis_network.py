@@ -133,11 +133,11 @@ def test_a_repeated_claim_returns_what_the_first_leased_and_nothing_more(
 ) -> None:
     store = RedisStore(server.namespaced_url())
     try:
-        store.push([spec(), spec()])
-        (first,) = store.claim(["default"], "w", 1, request_id="r")
-        (again,) = store.claim(["default"], "w", 5, request_id="r")
+        store.queue.push([spec(), spec()])
+        (first,) = store.queue.claim(["default"], "w", 1, request_id="r")
+        (again,) = store.queue.claim(["default"], "w", 5, request_id="r")
         assert again.id == first.id and again.token == first.token
-        assert store.stats().counts["default"] == {"queued": 1, "running": 1}
+        assert store.queue.stats().counts["default"] == {"queued": 1, "running": 1}
     finally:
         store.close()
 
@@ -178,11 +178,11 @@ def test_reads_behind_a_stalled_connection_raise_quickly(stalled: RedisStore) ->
 def test_a_wait_blocks_for_its_timeout_then_returns(server: RedisServer) -> None:
     store = RedisStore(server.namespaced_url())
     try:
-        (task_id,) = store.push([spec()])
-        store.wait_for_finish([task_id], 0.1)  # connections made and scripts loaded
+        (task_id,) = store.queue.push([spec()])
+        store.queue.wait_for_finish([task_id], 0.1)  # connections made and scripts loaded
         for timeout in (0.3, READ_TIMEOUT_S + 1.0):  # also longer than the read timeout
             started = time.monotonic()
-            store.wait_for_finish([task_id], timeout)
+            store.queue.wait_for_finish([task_id], timeout)
             elapsed = time.monotonic() - started
             assert timeout - 0.05 <= elapsed < timeout + BLOCK_MARGIN_S
     finally:

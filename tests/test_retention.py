@@ -19,7 +19,7 @@ TTL = 0.3
 
 def _reap_all(space: Space) -> int:
     total = 0
-    while n := space.store.reap(1000):
+    while n := space.store.queue.reap(1000):
         total += n
     return total
 
@@ -90,7 +90,7 @@ def test_result_ttl_none_keeps_forever(tmp_path: Path) -> None:
     time.sleep(0.2)
     _reap_all(space)
     assert h_kept.result(timeout=1) == 1
-    assert space.store.state(h_dropped.id) is None
+    assert space.store.queue.state(h_dropped.id) is None
 
 
 def test_worker_maintenance_reaps_expired_results(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_worker_maintenance_reaps_expired_results(tmp_path: Path) -> None:
     thread.start()
     try:
         deadline = time.monotonic() + 10
-        while any(space.store.state(h.id) is not None for h in handles):
+        while any(space.store.queue.state(h.id) is not None for h in handles):
             assert time.monotonic() < deadline, "finished tasks were never reaped"
             time.sleep(0.05)
     finally:

@@ -48,34 +48,34 @@ def simulate_reboot(path: Path) -> None:
 def test_reboot_keeps_delays_and_ttls_and_expires_every_lease(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     store = open_store(url)
-    store.push([spec("week", delay=7 * DAY), spec("now")])
-    (claimed,) = store.claim(["default"], "w", 5)
+    store.queue.push([spec("week", delay=7 * DAY), spec("now")])
+    (claimed,) = store.queue.claim(["default"], "w", 5)
     assert claimed.id == "now"
     store.kv_put("month", b"v", ttl=30 * DAY)
     assert store.acquire("lock", "holder", 1, ttl=600) is not None
-    before = store.now()
+    before = store.clock.now()
     store.close()
     simulate_reboot(tmp_path / "s.db")
 
     store = open_store(url)
-    now = store.now()
+    now = store.clock.now()
     assert before <= now <= before + 5  # restarted from the high-water mark
-    week = store.get("week")
+    week = store.queue.get("week")
     assert week is not None and 7 * DAY - 10 < week.ready_at - now <= 7 * DAY
     month = store.kv_get("month")
     assert month is not None and month.expires is not None
     assert 30 * DAY - 10 < month.expires - now <= 30 * DAY
     assert store.holders("lock") == []
-    assert store.renew([claimed.lease]) == {"now": "lost"}
-    assert store.claim(["default"], "w", 5) == []  # the delayed task is still delayed
-    assert store.requeue_expired() == 1
-    (again,) = store.claim(["default"], "w2", 5)
+    assert store.queue.renew([claimed.lease]) == {"now": "lost"}
+    assert store.queue.claim(["default"], "w", 5) == []  # the delayed task is still delayed
+    assert store.queue.requeue_expired() == 1
+    (again,) = store.queue.claim(["default"], "w2", 5)
     assert (again.id, again.lost) == ("now", 1)
     assert again.token > claimed.token
     store.close()
 
     store = open_store(url)  # the same boot again: the clock just carries on
-    assert store.now() >= now
+    assert store.clock.now() >= now
     store.close()
 
 
@@ -93,8 +93,8 @@ def test_file_from_before_the_high_water_mark_is_migrated(tmp_path: Path) -> Non
                 (task_id, ready_at),
             )
     store = open_store(f"sqlite:///{path}")
-    assert [r.id for r in store.claim(["default"], "w", 5)] == ["due"]
-    assert store.get("later").result_ttl is None  # type: ignore[union-attr]
+    assert [r.id for r in store.queue.claim(["default"], "w", 5)] == ["due"]
+    assert store.queue.get("later").result_ttl is None  # type: ignore[union-attr]
     store.close()
 
 
@@ -111,7 +111,7 @@ def test_synchronous_setting_applies(tmp_path: Path) -> None:
 def _claim_all(url: str, worker: str, out: multiprocessing.Queue[list[str]]) -> None:
     store = open_store(url)
     got: list[str] = []
-    while batch := store.claim(["default"], worker, 7):
+    while batch := store.queue.claim(["default"], worker, 7):
         got.extend(r.id for r in batch)
     out.put(got)
     store.close()
@@ -120,7 +120,7 @@ def _claim_all(url: str, worker: str, out: multiprocessing.Queue[list[str]]) -> 
 def test_processes_claiming_concurrently_never_share_a_task(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     store = open_store(url)
-    store.push([spec(f"t{i}") for i in range(2000)])
+    store.queue.push([spec(f"t{i}") for i in range(2000)])
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue[list[str]] = ctx.Queue()
     procs = [ctx.Process(target=_claim_all, args=(url, f"w{i}", out)) for i in range(4)]
@@ -132,7 +132,7 @@ def test_processes_claiming_concurrently_never_share_a_task(tmp_path: Path) -> N
     ids = [task_id for batch in claimed for task_id in batch]
     assert len(ids) == 2000
     assert len(set(ids)) == 2000
-    assert store.stats().counts["default"] == {"running": 2000}
+    assert store.queue.stats().counts["default"] == {"running": 2000}
     store.close()
 
 
@@ -175,13 +175,13 @@ def test_claim_reads_only_ready_rows_however_many_are_delayed(
     store = sqlite_store(f"sqlite:///{tmp_path}/s.db")
 
     def claim_one() -> object:
-        (rec,) = store.claim(["default"], "w", 1, names=names)
-        return store.finish([(rec.lease, SUCCEEDED)])
+        (rec,) = store.queue.claim(["default"], "w", 1, names=names)
+        return store.queue.finish([(rec.lease, SUCCEEDED)])
 
-    store.push([TaskSpec(f"a{i}", "mine", b"[]") for i in range(5)])
+    store.queue.push([TaskSpec(f"a{i}", "mine", b"[]") for i in range(5)])
     _, steps_empty = _traced(store, claim_one)
-    store.push([TaskSpec(f"d{i}", "mine", b"[]", delay=DAY) for i in range(20_000)])
-    store.push([TaskSpec(f"o{i}", "other", b"[]") for i in range(20_000)])
+    store.queue.push([TaskSpec(f"d{i}", "mine", b"[]", delay=DAY) for i in range(20_000)])
+    store.queue.push([TaskSpec(f"o{i}", "other", b"[]") for i in range(20_000)])
     statements, steps_full = _traced(store, claim_one)
     assert steps_full < steps_empty * 1.5 + 50, (steps_empty, steps_full)
     plans = _plans(store, statements, keyword="FROM tasks WHERE state = 'queued'")
@@ -198,19 +198,19 @@ def test_claim_reads_only_ready_rows_however_many_are_delayed(
 def test_locked_database_raises_backend_error_and_recovers(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     store = open_store(f"sqlite:///{path}?busy_timeout=0.05")
-    store.push([spec("before")])
-    (running,) = store.claim(["default"], "w", 1)
-    store.push([spec("queued")])
+    store.queue.push([spec("before")])
+    (running,) = store.queue.claim(["default"], "w", 1)
+    store.queue.push([spec("queued")])
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         for attempt in (
-            lambda: store.push([spec("during")]),
-            lambda: store.claim(["default"], "w", 1),
-            lambda: store.finish([(running.lease, SUCCEEDED)]),
+            lambda: store.queue.push([spec("during")]),
+            lambda: store.queue.claim(["default"], "w", 1),
+            lambda: store.queue.finish([(running.lease, SUCCEEDED)]),
             lambda: store.kv_put("k", b"v"),
-            store.requeue_expired,
-            store.reap,
+            store.queue.requeue_expired,
+            store.queue.reap,
         ):
             with pytest.raises(BackendError, match="locked") as info:
                 attempt()
@@ -218,10 +218,10 @@ def test_locked_database_raises_backend_error_and_recovers(tmp_path: Path) -> No
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert store.finish([(running.lease, SUCCEEDED)]) == [True]
-    assert [r.id for r in store.claim(["default"], "w", 5)] == ["queued"]
-    assert store.get("during") is None
-    assert store.stats().counts["default"] == {"succeeded": 1, "running": 1}
+    assert store.queue.finish([(running.lease, SUCCEEDED)]) == [True]
+    assert [r.id for r in store.queue.claim(["default"], "w", 5)] == ["queued"]
+    assert store.queue.get("during") is None
+    assert store.queue.stats().counts["default"] == {"succeeded": 1, "running": 1}
     store.close()
 
 
@@ -229,7 +229,7 @@ def _fill(store: SQLiteStore, limit: int = 10_000) -> int:
     """Push 64 KiB tasks until the disk is full; return how many were accepted."""
     for i in range(limit):
         try:
-            store.push([TaskSpec(f"fill{i}", "t", b"x" * 65_536, queue="fill")])
+            store.queue.push([TaskSpec(f"fill{i}", "t", b"x" * 65_536, queue="fill")])
         except BackendError as exc:
             assert "full" in str(exc), exc
             return i
@@ -239,20 +239,20 @@ def _fill(store: SQLiteStore, limit: int = 10_000) -> int:
 def _check_full_then_recover(
     store: SQLiteStore, make_full: Callable[[], object], free: Callable[[], object]
 ) -> None:
-    store.push([spec("a-running"), spec("b-queued")])
-    (running,) = store.claim(["default"], "w", 1)
+    store.queue.push([spec("a-running"), spec("b-queued")])
+    (running,) = store.queue.claim(["default"], "w", 1)
     for i in range(3):
         make_full()
         with pytest.raises(BackendError, match="full") as info:
-            store.push([TaskSpec(f"big{i}", "t", b"y" * 1_000_000)])
+            store.queue.push([TaskSpec(f"big{i}", "t", b"y" * 1_000_000)])
         assert isinstance(info.value.__cause__, sqlite3.Error)
         assert "cannot rollback" not in str(info.value)
     free()
-    assert store.finish([(running.lease, SUCCEEDED)]) == [True]
-    store.push([spec("after")])
-    assert [r.id for r in store.claim(["default"], "w", 5)] == ["b-queued", "after"]
-    assert [store.get(f"big{i}") for i in range(3)] == [None] * 3
-    assert store.state("a-running") == "succeeded"
+    assert store.queue.finish([(running.lease, SUCCEEDED)]) == [True]
+    store.queue.push([spec("after")])
+    assert [r.id for r in store.queue.claim(["default"], "w", 5)] == ["b-queued", "after"]
+    assert [store.queue.get(f"big{i}") for i in range(3)] == [None] * 3
+    assert store.queue.state("a-running") == "succeeded"
     store.close()
 
 
@@ -306,7 +306,7 @@ def test_full_disk_raises_backend_error_and_recovers_when_space_returns(small_di
 
     _check_full_then_recover(store, make_full, grow)
     store = sqlite_store(f"sqlite:///{small_disk}/s.db")
-    assert store.stats().counts["fill"] == {"queued": filled[0]}  # every accepted push kept
+    assert store.queue.stats().counts["fill"] == {"queued": filled[0]}  # every accepted push kept
     store.close()
 
 
@@ -314,19 +314,19 @@ def test_a_broken_connection_raises_backend_error_and_is_replaced(tmp_path: Path
     """Every entry point, including reads, kv_get and the wait loops, maps a driver
     error and works again on the next call (the connection is closed under it)."""
     store = sqlite_store(f"sqlite:///{tmp_path}/s.db")
-    store.push([spec("a")])
+    store.queue.push([spec("a")])
     store.kv_put("k", b"v")
     calls: list[Callable[[], object]] = [
-        lambda: store.get("a"),
-        lambda: store.state("a"),
+        lambda: store.queue.get("a"),
+        lambda: store.queue.state("a"),
         lambda: store.kv_get("k"),
         lambda: store.kv_scan("k"),
-        lambda: store.list(),
-        store.stats,
-        lambda: store.wait_for_tasks(["empty"], 0.01),
-        lambda: store.wait_for_finish(["a"], 0.01),
-        lambda: store.push([spec("b")]),
-        store.requeue_expired,
+        lambda: store.queue.list(),
+        store.queue.stats,
+        lambda: store.queue.wait_for_tasks(["empty"], 0.01),
+        lambda: store.queue.wait_for_finish(["a"], 0.01),
+        lambda: store.queue.push([spec("b")]),
+        store.queue.requeue_expired,
     ]
     for call in calls:
         store._conn().close()  # injected: the driver's connection is broken
@@ -335,7 +335,7 @@ def test_a_broken_connection_raises_backend_error_and_is_replaced(tmp_path: Path
         assert isinstance(info.value.__cause__, sqlite3.Error)
         call()
     assert store.kv_get("k") is not None
-    assert [r.id for r in store.claim(["default"], "w", 5)] == ["a", "b"]
+    assert [r.id for r in store.queue.claim(["default"], "w", 5)] == ["a", "b"]
     store.close()
 
 
@@ -363,18 +363,20 @@ def test_reap_keeps_the_file_bounded_and_uses_its_indexes(tmp_path: Path) -> Non
     store = sqlite_store(f"sqlite:///{path}")
     sizes = []
     for rnd in range(6):
-        store.push([TaskSpec(f"{rnd}-{i}", "t", b"p" * 2000, result_ttl=0.0) for i in range(500)])
-        for rec in store.claim(["default"], "w", 500):
-            store.finish([(rec.lease, SUCCEEDED)])
+        store.queue.push(
+            [TaskSpec(f"{rnd}-{i}", "t", b"p" * 2000, result_ttl=0.0) for i in range(500)]
+        )
+        for rec in store.queue.claim(["default"], "w", 500):
+            store.queue.finish([(rec.lease, SUCCEEDED)])
         for i in range(200):
             store.kv_put(f"{rnd}-{i}", b"v" * 1000, ttl=0.0001)
-        while store.reap(limit=300):
+        while store.queue.reap(limit=300):
             pass
         store._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
         sizes.append(path.stat().st_size)
-    assert store.stats().counts == {}
+    assert store.queue.stats().counts == {}
     assert sizes[-1] <= sizes[1], sizes
-    statements, _ = _traced(store, store.reap)
+    statements, _ = _traced(store, store.queue.reap)
     plans = _plans(store, statements, keyword="DELETE")
     assert any("tasks_reap" in p for p in plans) and any("kv_expires" in p for p in plans), plans
     store.close()
@@ -395,7 +397,7 @@ def test_open_store_without_create_never_creates_a_space(tmp_path: Path) -> None
     url = f"sqlite:///{tmp_path}/made.db"
     open_store(url).close()  # create=True is the default
     store = open_store(url, create=False)
-    assert store.stats().counts == {}
+    assert store.queue.stats().counts == {}
     store.close()
 
 
@@ -404,8 +406,8 @@ def test_a_number_beyond_64_bits_is_a_config_error_not_an_overflow(tmp_path: Pat
 
     store = open_store(f"sqlite:///{tmp_path}/s.db")
     with pytest.raises(ConfigError, match="64-bit"):
-        store.push([TaskSpec("huge", "t", b"[]", priority=2**63)])
-    assert store.get("huge") is None
-    store.push([spec("fine")])
-    assert store.state("fine") == "queued"
+        store.queue.push([TaskSpec("huge", "t", b"[]", priority=2**63)])
+    assert store.queue.get("huge") is None
+    store.queue.push([spec("fine")])
+    assert store.queue.state("fine") == "queued"
     store.close()

@@ -163,7 +163,7 @@ def test_extreme_priorities_keep_fifo(space: Space) -> None:
         for i in range(3):
             order.append(prio)
             noop.options(priority=prio).submit(i)
-    claimed = space.store.claim(["default"], "w", 10)
+    claimed = space.store.queue.claim(["default"], "w", 10)
     assert [(r.priority) for r in claimed] == [PRIORITY_MAX] * 3 + [PRIORITY_MIN] * 3
     seqs = [r.payload for r in claimed]
     assert seqs[:3] == sorted(seqs[:3]) and seqs[3:] == sorted(seqs[3:])
@@ -172,25 +172,38 @@ def test_extreme_priorities_keep_fifo(space: Space) -> None:
 # -- submit under faults, batches, dedup ------------------------------------------------
 
 
-class LostReplyStore:
+class WrappedStore:
+    """A store whose ``queue`` is the wrapper itself; whatever the wrapper does
+    not define is the wrapped store's queue's (or, failing that, the store's)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    @property
+    def queue(self) -> Any:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        queue = self._store.queue
+        return getattr(queue if hasattr(queue, name) else self._store, name)
+
+
+class LostReplyStore(WrappedStore):
     """Wraps a store: the first ``failures`` pushes are written, then raise
     BackendError as if the reply had been lost."""
 
     def __init__(self, store: Any, failures: int) -> None:
-        self._store = store
+        super().__init__(store)
         self.failures = failures
         self.pushes: list[int] = []
 
     def push(self, specs: Sequence[TaskSpec]) -> list[str]:
         self.pushes.append(len(specs))
-        ids = self._store.push(specs)
+        ids = self._store.queue.push(specs)
         if self.failures:
             self.failures -= 1
             raise BackendError("connection reset (reply lost)")
         return list(ids)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
 
 def test_a_submit_whose_reply_was_lost_is_retried_without_a_duplicate(space: Space) -> None:
@@ -229,17 +242,11 @@ def test_submit_many_with_a_dedup_key_is_refused(space: Space) -> None:
     assert space.stats().total("queued") == 0
 
 
-class StateOnlyStore:
+class StateOnlyStore(WrappedStore):
     """Wraps a store and fails any full read of a task."""
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
 
     def get(self, task_id: str) -> Any:
         raise AssertionError("status() must not fetch the whole task")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
 
 def test_status_reads_only_the_state(space: Space) -> None:

@@ -89,7 +89,7 @@ def test_thread_task_sees_only_the_cooperative_flag(
     w = worker()
     handle = polite.submit()
     assert started.wait(10)
-    assert space.store.cancel(handle.id) == "running"
+    assert space.store.queue.cancel(handle.id) == "running"
     assert seen.wait(5)
     assert_cancelled(space, handle.id)
     assert w.report.cancelled == 1
@@ -117,7 +117,7 @@ def test_async_task_is_cancelled_on_its_event_loop(
     handle = waits.submit()
     assert started.wait(10)
     began = time.monotonic()
-    assert space.store.cancel(handle.id) == "running"
+    assert space.store.queue.cancel(handle.id) == "running"
     assert cancelled.wait(5), "the coroutine was never cancelled"
     assert_cancelled(space, handle.id)
     assert time.monotonic() - began < 5
@@ -142,7 +142,7 @@ def test_process_task_gets_sigterm_on_cancel(
     worker()
     handle = sleeper.submit(str(pid_file))
     child = int(wait_for_file(pid_file))
-    assert space.store.cancel(handle.id) == "running"
+    assert space.store.queue.cancel(handle.id) == "running"
     assert_cancelled(space, handle.id)
     assert Path(str(pid_file) + ".term").exists(), "the child never got SIGTERM"
     assert gone(child)
@@ -163,10 +163,10 @@ def test_process_task_ignoring_sigterm_is_killed_by_a_terminate_cancel(
     worker()
     handle = stubborn.submit(str(pid_file))
     child = int(wait_for_file(pid_file))
-    assert space.store.cancel(handle.id) == "running"
+    assert space.store.queue.cancel(handle.id) == "running"
     time.sleep(1.0)  # a few renewals: SIGTERM was sent and ignored
     assert handle.status() == "running"
     assert not gone(child, timeout=0.1)
-    assert space.store.cancel(handle.id, terminate=True) == "running"
+    assert space.store.queue.cancel(handle.id, terminate=True) == "running"
     assert_cancelled(space, handle.id)
     assert gone(child)

@@ -277,7 +277,7 @@ def test_a_maintenance_step_blocked_for_3x_the_lease_does_not_cost_a_lease(
     # Meanwhile another worker's maintenance (the test's own store) requeues any
     # lease that expires.
     while not handle.done():
-        space.store.requeue_expired()
+        space.store.queue.requeue_expired()
         time.sleep(0.05)
     record = handle.info()
     assert (record.state, record.attempts, record.lost) == ("succeeded", 1, 0), record.error

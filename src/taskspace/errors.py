@@ -128,6 +128,30 @@ class SubscriptionLost(BackendError):
     """A subscription lost its connection; messages may have been missed, so re-sync."""
 
 
+class SpaceLost(BackendError):
+    """The space at this URL was wiped or replaced since this client opened it
+    (FLUSHALL, a Redis restart without persistence, a deleted SQLite file):
+    what it held is gone. Never retried: a worker stops instead of serving a
+    new, empty space as if nothing had happened."""
+
+
+class Compacted(TaskspaceError, LookupError):
+    """A KV change feed was asked for changes it no longer keeps.
+
+    ``revision`` is the space's current revision and ``compacted`` the newest
+    revision the feed has dropped: re-list (``scan``), then follow the feed
+    from ``revision``."""
+
+    def __init__(self, message: str, revision: int, compacted: int) -> None:
+        super().__init__(message)
+        self.revision = revision
+        self.compacted = compacted
+
+
+class NotAnInteger(TaskspaceError, ValueError):
+    """``incr`` on a KV value that is not a decimal integer; nothing was written."""
+
+
 class MissingDependency(TaskspaceError, ImportError):
     """An optional dependency is missing; the message names the extra to install."""
 

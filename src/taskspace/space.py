@@ -216,7 +216,7 @@ class Space(Closeable):
         delay = PUSH_BACKOFF_START_S
         while True:
             try:
-                return self.store.push(chunk)
+                return self.store.queue.push(chunk)
             except BackendError as exc:
                 if time.monotonic() + delay > deadline:
                     raise
@@ -226,7 +226,7 @@ class Space(Closeable):
 
     def handle(self, task_id: str) -> Handle:
         """Re-attach to a task submitted anywhere; raises TaskNotFound if there is none."""
-        if not isinstance(task_id, str) or self.store.state(task_id) is None:
+        if not isinstance(task_id, str) or self.store.queue.state(task_id) is None:
             raise TaskNotFound(str(task_id))
         return Handle(self, task_id)
 
@@ -252,7 +252,7 @@ class Space(Closeable):
         for label, value in (("queue", queue), ("name", name), ("after", after)):
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"{label} must be a non-empty string, got {value!r}")
-        return self.store.list(state=state, queue=queue, name=name, limit=limit, after=after)
+        return self.store.queue.list(state=state, queue=queue, name=name, limit=limit, after=after)
 
     def iter_tasks(self, **filters: Any) -> Iterator[TaskRecord]:
         """Every task matching ``filters`` (as :meth:`tasks`), page by page."""
@@ -263,7 +263,7 @@ class Space(Closeable):
 
     def stats(self) -> QueueStats:
         """Task counts by queue and state."""
-        return self.store.stats()
+        return self.store.queue.stats()
 
     def workers(self) -> list[dict[str, Any]]:
         """Live workers as they last registered themselves."""

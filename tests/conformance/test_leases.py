@@ -15,7 +15,7 @@ LONG = 60.0
 
 
 def test_acquire_grants_a_slot(store):
-    before = store.now()
+    before = store.clock.now()
     g = store.acquire("res", "h1", 1, LONG)
     assert isinstance(g, Grant)
     assert (g.name, g.holder) == ("res", "h1")

@@ -34,13 +34,13 @@ def spec(queue: str = "default", **kw: object) -> TaskSpec:
 
 
 def claim_one(store, queue: str = "default", worker: str = "w") -> TaskRecord:
-    records = store.claim([queue], worker, 1)
+    records = store.queue.claim([queue], worker, 1)
     assert len(records) == 1, records
     return records[0]
 
 
 def push_one(store, **kw: object) -> str:
-    (task_id,) = store.push([spec(**kw)])
+    (task_id,) = store.queue.push([spec(**kw)])
     return task_id
 
 
@@ -62,11 +62,11 @@ def test_push_get_round_trip_every_field(store):
         dedup_key="dedup-full", delay=0.0,
     )  # fmt: skip
     bare = TaskSpec(id="task-bare", name="n", payload=b"")
-    before = store.now()
-    assert store.push([full, bare]) == ["task-full", "task-bare"]
-    after = store.now()
+    before = store.clock.now()
+    assert store.queue.push([full, bare]) == ["task-full", "task-bare"]
+    after = store.clock.now()
 
-    rec = store.get("task-full")
+    rec = store.queue.get("task-full")
     assert rec is not None
     assert (rec.id, rec.name, rec.payload, rec.codec) == (
         "task-full", "pkg.mod:fn", b"\x00\xff\x80binary", "msgpack",
@@ -88,23 +88,23 @@ def test_push_get_round_trip_every_field(store):
     assert rec.started is None
     assert rec.finished is None
 
-    b = store.get("task-bare")
+    b = store.queue.get("task-bare")
     assert b is not None
     assert (b.payload, b.codec, b.queue, b.priority) == (b"", "json", "default", 0)
     assert (b.max_attempts, b.lease_s, b.timeout, b.dedup_key) == (1, 30.0, None, None)
-    assert store.get("no-such-task") is None
+    assert store.queue.get("no-such-task") is None
 
 
 def test_push_returns_ids_in_spec_order(store):
     specs = [spec(id=f"t{i}") for i in range(20)]
-    assert store.push(specs) == [f"t{i}" for i in range(20)]
-    assert store.push([]) == []
-    assert all(store.get(f"t{i}") is not None for i in range(20))
+    assert store.queue.push(specs) == [f"t{i}" for i in range(20)]
+    assert store.queue.push([]) == []
+    assert all(store.queue.get(f"t{i}") is not None for i in range(20))
 
 
 def test_push_delay_sets_ready_at(store):
     task_id = push_one(store, delay=60.0)
-    rec = store.get(task_id)
+    rec = store.queue.get(task_id)
     assert rec.ready_at == pytest.approx(rec.created + 60.0, abs=0.01)
 
 
@@ -114,26 +114,26 @@ def test_push_delay_sets_ready_at(store):
 def test_dedup_returns_live_task_id(store):
     first = push_one(store, dedup_key="k")
     dup = spec(dedup_key="k")
-    assert store.push([dup]) == [first]
-    assert store.get(dup.id) is None
+    assert store.queue.push([dup]) == [first]
+    assert store.queue.get(dup.id) is None
     # also within one batch, and next to an unrelated spec
     other = spec(dedup_key="other")
     a, b = spec(dedup_key="k2"), spec(dedup_key="k2")
-    assert store.push([a, other, b]) == [a.id, other.id, a.id]
-    assert store.get(b.id) is None
-    assert store.stats().total("queued") == 3
+    assert store.queue.push([a, other, b]) == [a.id, other.id, a.id]
+    assert store.queue.get(b.id) is None
+    assert store.queue.stats().total("queued") == 3
 
 
 def test_dedup_holds_while_running_and_requeued(store):
     first = push_one(store, dedup_key="k", max_attempts=3)
     rec = claim_one(store)
-    assert store.push([spec(dedup_key="k")]) == [first]
-    assert store.finish([(rec.lease, retry())]) == [True]
-    assert store.push([spec(dedup_key="k")]) == [first]
+    assert store.queue.push([spec(dedup_key="k")]) == [first]
+    assert store.queue.finish([(rec.lease, retry())]) == [True]
+    assert store.queue.push([spec(dedup_key="k")]) == [first]
     rec = claim_one(store)
-    assert store.finish([(rec.lease, RELEASE)]) == [True]
-    assert store.push([spec(dedup_key="k")]) == [first]
-    assert store.stats().total("queued") == 1
+    assert store.queue.finish([(rec.lease, RELEASE)]) == [True]
+    assert store.queue.push([spec(dedup_key="k")]) == [first]
+    assert store.queue.stats().total("queued") == 1
 
 
 @pytest.mark.parametrize("ending", ["succeeded", "failed", "cancelled", "retry-exhausted"])
@@ -146,19 +146,19 @@ def test_dedup_key_freed_when_task_ends(store, ending):
         "cancelled": Outcome("cancelled"),
         "retry-exhausted": retry(error=ERR_A),
     }[ending]
-    assert store.finish([(rec.lease, outcome)]) == [True]
-    assert store.get(first).state in FINAL_STATES
+    assert store.queue.finish([(rec.lease, outcome)]) == [True]
+    assert store.queue.get(first).state in FINAL_STATES
     new = spec(dedup_key="k")
-    assert store.push([new]) == [new.id]
+    assert store.queue.push([new]) == [new.id]
     assert new.id != first
-    assert store.push([spec(dedup_key="k")]) == [new.id]
+    assert store.queue.push([spec(dedup_key="k")]) == [new.id]
 
 
 def test_dedup_key_freed_when_queued_task_cancelled(store):
     first = push_one(store, dedup_key="k")
-    assert store.cancel(first) == "cancelled"
+    assert store.queue.cancel(first) == "cancelled"
     new = spec(dedup_key="k")
-    assert store.push([new]) == [new.id]
+    assert store.queue.push([new]) == [new.id]
     assert claim_one(store).id == new.id
 
 
@@ -167,36 +167,36 @@ def test_concurrent_pushes_with_one_dedup_key_create_one_task(store):
 
     def pusher(_: int) -> set[str]:
         barrier.wait()
-        return {store.push([spec(dedup_key="shared")])[0] for _ in range(25)}
+        return {store.queue.push([spec(dedup_key="shared")])[0] for _ in range(25)}
 
     with ThreadPoolExecutor(4) as pool:
         ids = set().union(*pool.map(pusher, range(4)))
     assert len(ids) == 1
-    assert store.stats().total("queued") == 1
+    assert store.queue.stats().total("queued") == 1
 
 
 # -- claim ----------------------------------------------------------------------
 
 
 def test_claim_order_queue_then_priority_then_fifo(store):
-    store.push([spec("a", id="a-low", priority=-1)])
-    store.push([spec("a", id="a-p0-1"), spec("a", id="a-p5-1", priority=5)])
-    store.push([spec("a", id="a-p0-2")])
-    store.push([spec("a", id="a-p5-2", priority=5), spec("a", id="a-p9", priority=9)])
-    store.push([spec("b", id="b-p0"), spec("b", id="b-p1", priority=1)])
-    store.push([spec("c", id="c-p100", priority=100)])
+    store.queue.push([spec("a", id="a-low", priority=-1)])
+    store.queue.push([spec("a", id="a-p0-1"), spec("a", id="a-p5-1", priority=5)])
+    store.queue.push([spec("a", id="a-p0-2")])
+    store.queue.push([spec("a", id="a-p5-2", priority=5), spec("a", id="a-p9", priority=9)])
+    store.queue.push([spec("b", id="b-p0"), spec("b", id="b-p1", priority=1)])
+    store.queue.push([spec("c", id="c-p100", priority=100)])
 
-    got = [r.id for r in store.claim(["b", "a"], "w", 100)]
+    got = [r.id for r in store.queue.claim(["b", "a"], "w", 100)]
     assert got == ["b-p1", "b-p0", "a-p9", "a-p5-1", "a-p5-2", "a-p0-1", "a-p0-2", "a-low"]
-    assert store.claim(["b", "a"], "w", 100) == []
+    assert store.queue.claim(["b", "a"], "w", 100) == []
     assert claim_one(store, "c").id == "c-p100"
 
 
 def test_claim_one_at_a_time_follows_the_same_order(store):
-    store.push([spec("a", id="a1"), spec("b", id="b1", priority=-5)])
-    store.push([spec("a", id="a2", priority=3), spec("b", id="b2")])
+    store.queue.push([spec("a", id="a1"), spec("b", id="b1", priority=-5)])
+    store.queue.push([spec("a", id="a2", priority=3), spec("b", id="b2")])
     got = []
-    while records := store.claim(["b", "a"], "w", 1):
+    while records := store.queue.claim(["b", "a"], "w", 1):
         got.append(records[0].id)
     assert got == ["b2", "b1", "a2", "a1"]
 
@@ -213,7 +213,7 @@ def test_claim_order_property(store, tasks, order, n):
     run = uuid.uuid4().hex  # fresh queues per example: the store is shared
     queues = [f"{run}-{q}" for q in range(3)]
     specs = [spec(queues[q], id=f"{run}-{i}", priority=p) for i, (q, p) in enumerate(tasks)]
-    store.push(specs)
+    store.queue.push(specs)
     rank = {q: order.index(i) for i, q in enumerate(queues)}
     expected = [
         s.id
@@ -221,42 +221,42 @@ def test_claim_order_property(store, tasks, order, n):
     ]
     claim_queues = [queues[i] for i in order]
     got: list[str] = []
-    while records := store.claim(claim_queues, "w", n):
+    while records := store.queue.claim(claim_queues, "w", n):
         assert len(records) <= n
         got.extend(r.id for r in records)
     assert got == expected
 
 
 def test_claim_respects_n(store):
-    store.push([spec("a") for _ in range(2)] + [spec("b") for _ in range(2)] + [spec("c")])
-    assert store.claim(["a", "b"], "w", 0) == []
-    first = store.claim(["a", "b"], "w", 3)
+    store.queue.push([spec("a") for _ in range(2)] + [spec("b") for _ in range(2)] + [spec("c")])
+    assert store.queue.claim(["a", "b"], "w", 0) == []
+    first = store.queue.claim(["a", "b"], "w", 3)
     assert [r.queue for r in first] == ["a", "a", "b"]
-    assert len(store.claim(["a", "b", "c"], "w", 1)) == 1
-    assert [r.queue for r in store.claim(["a", "b", "c"], "w", 10)] == ["c"]
-    assert store.claim(["a", "b", "c"], "w", 10) == []
+    assert len(store.queue.claim(["a", "b", "c"], "w", 1)) == 1
+    assert [r.queue for r in store.queue.claim(["a", "b", "c"], "w", 10)] == ["c"]
+    assert store.queue.claim(["a", "b", "c"], "w", 10) == []
 
 
 def test_claim_ignores_other_queues_and_unknown_queues(store):
     push_one(store, queue="other")
-    assert store.claim(["default"], "w", 10) == []
-    assert store.claim([], "w", 10) == []
-    assert store.claim(["nope"], "w", 10) == []
-    assert len(store.claim(["other"], "w", 10)) == 1
+    assert store.queue.claim(["default"], "w", 10) == []
+    assert store.queue.claim([], "w", 10) == []
+    assert store.queue.claim(["nope"], "w", 10) == []
+    assert len(store.queue.claim(["other"], "w", 10)) == 1
 
 
 def test_claim_listing_a_queue_twice_claims_each_task_once(store):
-    store.push([spec("a") for _ in range(3)])
-    records = store.claim(["a", "a"], "w", 10)
+    store.queue.push([spec("a") for _ in range(3)])
+    records = store.queue.claim(["a", "a"], "w", 10)
     assert len(records) == 3
     assert len({r.id for r in records}) == 3
 
 
 def test_claim_sets_lease_fields(store):
     task_id = push_one(store, lease_s=17.0)
-    before = store.now()
+    before = store.clock.now()
     rec = claim_one(store, worker="worker-1")
-    after = store.now()
+    after = store.clock.now()
     assert rec.id == task_id
     assert rec.state == "running"
     assert rec.worker == "worker-1"
@@ -265,7 +265,7 @@ def test_claim_sets_lease_fields(store):
     assert rec.lease == Lease(task_id, rec.token)
     assert before - 0.01 <= rec.started <= after + 0.01
     assert rec.lease_expires == pytest.approx(rec.started + 17.0, abs=0.01)
-    assert store.get(task_id) == rec
+    assert store.queue.get(task_id) == rec
 
 
 def test_claim_increments_attempts_with_strictly_increasing_tokens(store):
@@ -278,15 +278,15 @@ def test_claim_increments_attempts_with_strictly_increasing_tokens(store):
         tokens.append(rec.token)
         attempts.append(rec.attempts)
         if outcome is not None:
-            assert store.finish([(rec.lease, outcome)]) == [True]
+            assert store.queue.finish([(rec.lease, outcome)]) == [True]
     assert all(a < b for a, b in itertools.pairwise(tokens))
     # release hands back the attempt, so the 4th claim is again attempt 3
     assert attempts == [1, 2, 3, 3, 4]
 
 
 def test_tokens_distinct_within_one_claim(store):
-    store.push([spec() for _ in range(5)])
-    records = store.claim(["default"], "w", 5)
+    store.queue.push([spec() for _ in range(5)])
+    records = store.queue.claim(["default"], "w", 5)
     assert len({r.token for r in records}) == 5
 
 
@@ -322,7 +322,7 @@ def test_retry_delay_postpones_next_claim(timed):
 
 def test_promote_due_returns_a_count(store):
     push_one(store, delay=60.0)
-    assert store.promote_due() == 0
+    assert store.queue.promote_due() == 0
 
 
 # -- renew ----------------------------------------------------------------------
@@ -359,18 +359,18 @@ def test_renew_reports_lost_after_expiry(timed):
 
 
 def test_renew_reports_each_lease(store):
-    store.push([spec(id="a"), spec(id="b"), spec(id="c")])
-    a, b, c = store.claim(["default"], "w", 3)
-    assert store.cancel(b.id) == "running"
-    assert store.finish([(c.lease, SUCCEEDED)]) == [True]
+    store.queue.push([spec(id="a"), spec(id="b"), spec(id="c")])
+    a, b, c = store.queue.claim(["default"], "w", 3)
+    assert store.queue.cancel(b.id) == "running"
+    assert store.queue.finish([(c.lease, SUCCEEDED)]) == [True]
     stale = Lease(a.id, a.token - 1)
-    assert store.renew([a.lease, b.lease, c.lease]) == {
+    assert store.queue.renew([a.lease, b.lease, c.lease]) == {
         "a": "held", "b": "cancel_requested", "c": "lost",
     }  # fmt: skip
-    assert store.renew([stale]) == {"a": "lost"}
-    assert store.renew([Lease("missing", 1)]) == {"missing": "lost"}
-    assert store.renew([]) == {}
-    assert store.get("a").state == "running"
+    assert store.queue.renew([stale]) == {"a": "lost"}
+    assert store.queue.renew([Lease("missing", 1)]) == {"missing": "lost"}
+    assert store.queue.renew([]) == {}
+    assert store.queue.get("a").state == "running"
 
 
 # -- finish -------------------------------------------------------------------
@@ -379,84 +379,83 @@ def test_renew_reports_each_lease(store):
 def test_finish_with_stale_token_changes_nothing_and_is_counted(store):
     task_id = push_one(store, max_attempts=3)
     old = claim_one(store)
-    assert store.finish([(old.lease, RELEASE)]) == [True]
+    assert store.queue.finish([(old.lease, RELEASE)]) == [True]
     current = claim_one(store)
     assert current.token > old.token
-    before = store.get(task_id)
-    assert store.stats().stale_finishes == 0
+    before = store.queue.get(task_id)
+    assert store.queue.stats().stale_finishes == 0
 
-    assert store.finish([(old.lease, SUCCEEDED)]) == [False]
-    assert store.finish([(old.lease, Outcome("failed", error=ERR_A))]) == [False]
-    assert store.get(task_id) == before
-    assert store.stats().stale_finishes == 2
-    assert store.progress(old.lease, 1, 2) is False
-    assert store.renew([current.lease]) == {task_id: "held"}
+    assert store.queue.finish([(old.lease, SUCCEEDED)]) == [False]
+    assert store.queue.finish([(old.lease, Outcome("failed", error=ERR_A))]) == [False]
+    assert store.queue.get(task_id) == before
+    assert store.queue.stats().stale_finishes == 2
+    assert store.queue.progress(old.lease, 1, 2) is False
+    assert store.queue.renew([current.lease]) == {task_id: "held"}
 
-    assert store.finish([(current.lease, SUCCEEDED)]) == [True]
-    done = store.get(task_id)
+    assert store.queue.finish([(current.lease, SUCCEEDED)]) == [True]
+    done = store.queue.get(task_id)
     # finishing again, even with the right token, is refused: the task no longer runs
-    assert store.finish([(current.lease, Outcome("failed", error=ERR_A))]) == [False]
-    assert store.get(task_id) == done
-    assert store.stats().stale_finishes == 3
+    assert store.queue.finish([(current.lease, Outcome("failed", error=ERR_A))]) == [False]
+    assert store.queue.get(task_id) == done
+    assert store.queue.stats().stale_finishes == 3
 
 
 def test_finish_refuses_unknown_and_unclaimed_tasks(store):
     queued = push_one(store)
-    before = store.get(queued)
-    assert store.finish([(Lease(queued, 0), SUCCEEDED), (Lease("missing", 1), SUCCEEDED)]) == [
-        False, False,
-    ]  # fmt: skip
-    assert store.get(queued) == before
-    assert store.get("missing") is None
-    assert store.stats().stale_finishes == 2
-    assert store.finish([]) == []
+    before = store.queue.get(queued)
+    items = [(Lease(queued, 0), SUCCEEDED), (Lease("missing", 1), SUCCEEDED)]
+    assert store.queue.finish(items) == [False, False]
+    assert store.queue.get(queued) == before
+    assert store.queue.get("missing") is None
+    assert store.queue.stats().stale_finishes == 2
+    assert store.queue.finish([]) == []
 
 
 def test_finish_batch_accepts_each_item_on_its_own(store):
-    store.push([spec(id="a"), spec(id="b")])
-    a, b = store.claim(["default"], "w", 2)
-    result = store.finish([
+    store.queue.push([spec(id="a"), spec(id="b")])
+    a, b = store.queue.claim(["default"], "w", 2)
+    result = store.queue.finish([
         (Lease(a.id, a.token + 1000), SUCCEEDED),
         (b.lease, Outcome("succeeded", result=b"B")),
         (a.lease, Outcome("succeeded", result=b"A")),
     ])  # fmt: skip
     assert result == [False, True, True]
-    assert store.get("a").result == b"A"
-    assert store.get("b").result == b"B"
-    assert store.stats().stale_finishes == 1
+    assert store.queue.get("a").result == b"A"
+    assert store.queue.get("b").result == b"B"
+    assert store.queue.stats().stale_finishes == 1
 
 
 def test_outcome_succeeded(store):
     task_id = push_one(store)
     rec = claim_one(store)
-    assert store.finish([(rec.lease, Outcome("succeeded", result=b"\x00value"))]) == [True]
-    done = store.get(task_id)
+    assert store.queue.finish([(rec.lease, Outcome("succeeded", result=b"\x00value"))]) == [True]
+    done = store.queue.get(task_id)
     assert done.state == "succeeded"
     assert done.result == b"\x00value"
     assert done.error is None
     assert done.lease_expires is None
     assert done.finished is not None and done.finished >= rec.started
     assert done.attempts == 1
-    assert store.claim(["default"], "w", 1) == []
+    assert store.queue.claim(["default"], "w", 1) == []
 
 
 def test_outcome_failed_is_final_even_with_attempts_left(store):
     task_id = push_one(store, max_attempts=5)
     rec = claim_one(store)
-    assert store.finish([(rec.lease, Outcome("failed", error=ERR_B))]) == [True]
-    done = store.get(task_id)
+    assert store.queue.finish([(rec.lease, Outcome("failed", error=ERR_B))]) == [True]
+    done = store.queue.get(task_id)
     assert done.state == "failed"
     assert done.error == ERR_B
     assert done.finished is not None
     assert done.lease_expires is None
-    assert store.claim(["default"], "w", 1) == []
+    assert store.queue.claim(["default"], "w", 1) == []
 
 
 def test_outcome_retry_until_max_attempts_then_failed(store):
     task_id = push_one(store, max_attempts=3)
     rec = claim_one(store)
-    assert store.finish([(rec.lease, retry(error=ERR_A))]) == [True]
-    r = store.get(task_id)
+    assert store.queue.finish([(rec.lease, retry(error=ERR_A))]) == [True]
+    r = store.queue.get(task_id)
     assert (r.state, r.attempts, r.error, r.worker, r.lease_expires) == (
         "queued", 1, ERR_A, None, None,
     )  # fmt: skip
@@ -465,34 +464,34 @@ def test_outcome_retry_until_max_attempts_then_failed(store):
     rec = claim_one(store)
     assert rec.attempts == 2
     assert rec.error == ERR_A
-    assert store.finish([(rec.lease, retry())]) == [True]
-    assert store.get(task_id).error == ERR_A  # a retry without error keeps the last one
+    assert store.queue.finish([(rec.lease, retry())]) == [True]
+    assert store.queue.get(task_id).error == ERR_A  # a retry without error keeps the last one
 
     rec = claim_one(store)
     assert rec.attempts == 3
-    assert store.finish([(rec.lease, retry(error=ERR_B))]) == [True]
-    done = store.get(task_id)
+    assert store.queue.finish([(rec.lease, retry(error=ERR_B))]) == [True]
+    done = store.queue.get(task_id)
     assert (done.state, done.attempts, done.error) == ("failed", 3, ERR_B)
     assert done.finished is not None
-    assert store.claim(["default"], "w", 1) == []
+    assert store.queue.claim(["default"], "w", 1) == []
 
 
 def test_outcome_retry_with_one_attempt_fails(store):
     task_id = push_one(store)
     rec = claim_one(store)
-    assert store.finish([(rec.lease, retry(delay=0.0, error=ERR_A))]) == [True]
-    assert store.get(task_id).state == "failed"
-    assert store.get(task_id).error == ERR_A
+    assert store.queue.finish([(rec.lease, retry(delay=0.0, error=ERR_A))]) == [True]
+    assert store.queue.get(task_id).state == "failed"
+    assert store.queue.get(task_id).error == ERR_A
 
 
 def test_outcome_cancelled(store):
     task_id = push_one(store, max_attempts=3)
     rec = claim_one(store)
-    assert store.finish([(rec.lease, Outcome("cancelled"))]) == [True]
-    done = store.get(task_id)
+    assert store.queue.finish([(rec.lease, Outcome("cancelled"))]) == [True]
+    done = store.queue.get(task_id)
     assert done.state == "cancelled"
     assert done.finished is not None
-    assert store.claim(["default"], "w", 1) == []
+    assert store.queue.claim(["default"], "w", 1) == []
 
 
 def test_outcome_release_does_not_consume_an_attempt(store):
@@ -500,13 +499,13 @@ def test_outcome_release_does_not_consume_an_attempt(store):
     for _ in range(3):
         rec = claim_one(store)
         assert rec.attempts == 1
-        assert store.finish([(rec.lease, RELEASE)]) == [True]
-        r = store.get(task_id)
+        assert store.queue.finish([(rec.lease, RELEASE)]) == [True]
+        r = store.queue.get(task_id)
         assert (r.state, r.attempts, r.worker, r.lease_expires) == ("queued", 0, None, None)
     rec = claim_one(store)
     # the single attempt is still available: a retry now fails rather than re-queues
-    assert store.finish([(rec.lease, retry())]) == [True]
-    assert store.get(task_id).state == "failed"
+    assert store.queue.finish([(rec.lease, retry())]) == [True]
+    assert store.queue.get(task_id).state == "failed"
 
 
 # -- requeue_expired ---------------------------------------------------------
@@ -598,59 +597,59 @@ def test_requeue_expired_concurrently_handles_each_task_once(timed):
 def test_cancel_queued_task_never_runs(store):
     task_id = push_one(store, max_attempts=3)
     delayed = push_one(store, delay=0.05)
-    assert store.cancel(task_id) == "cancelled"
-    assert store.cancel(delayed) == "cancelled"
-    rec = store.get(task_id)
+    assert store.queue.cancel(task_id) == "cancelled"
+    assert store.queue.cancel(delayed) == "cancelled"
+    rec = store.queue.get(task_id)
     assert rec.state == "cancelled"
     assert rec.finished is not None
     time.sleep(0.1)
-    store.promote_due()
-    assert store.claim(["default"], "w", 10) == []
-    assert store.cancel(task_id) == "cancelled"  # idempotent
-    assert store.stats().total("cancelled") == 2
+    store.queue.promote_due()
+    assert store.queue.claim(["default"], "w", 10) == []
+    assert store.queue.cancel(task_id) == "cancelled"  # idempotent
+    assert store.queue.stats().total("cancelled") == 2
 
 
 def test_cancel_unknown_task(store):
-    assert store.cancel("missing") is None
+    assert store.queue.cancel("missing") is None
 
 
 def test_cancel_final_task_changes_nothing(store):
     task_id = push_one(store)
     rec = claim_one(store)
-    store.finish([(rec.lease, SUCCEEDED)])
-    done = store.get(task_id)
-    assert store.cancel(task_id) == "succeeded"
-    assert store.get(task_id) == done
+    store.queue.finish([(rec.lease, SUCCEEDED)])
+    done = store.queue.get(task_id)
+    assert store.queue.cancel(task_id) == "succeeded"
+    assert store.queue.get(task_id) == done
 
 
 def test_cancel_running_task_requests_cancel(store):
     task_id = push_one(store, max_attempts=3)
     rec = claim_one(store)
-    assert store.cancel(task_id) == "running"
-    r = store.get(task_id)
+    assert store.queue.cancel(task_id) == "running"
+    r = store.queue.get(task_id)
     assert (r.state, r.cancel_requested) == ("running", True)
-    assert store.renew([rec.lease]) == {task_id: "cancel_requested"}
-    assert store.progress(rec.lease, 1, 2) is True
+    assert store.queue.renew([rec.lease]) == {task_id: "cancel_requested"}
+    assert store.queue.progress(rec.lease, 1, 2) is True
 
 
 @pytest.mark.parametrize("kind", ["retry", "release"])
 def test_cancel_requested_task_ends_cancelled_on_retry_or_release(store, kind):
     task_id = push_one(store, max_attempts=3)
     rec = claim_one(store)
-    store.cancel(task_id)
-    assert store.finish([(rec.lease, Outcome(kind))]) == [True]  # type: ignore[arg-type]
-    done = store.get(task_id)
+    store.queue.cancel(task_id)
+    assert store.queue.finish([(rec.lease, Outcome(kind))]) == [True]  # type: ignore[arg-type]
+    done = store.queue.get(task_id)
     assert done.state == "cancelled"
     assert done.finished is not None
-    assert store.claim(["default"], "w", 1) == []
+    assert store.queue.claim(["default"], "w", 1) == []
 
 
 def test_cancel_requested_task_may_still_succeed(store):
     task_id = push_one(store)
     rec = claim_one(store)
-    store.cancel(task_id)
-    assert store.finish([(rec.lease, SUCCEEDED)]) == [True]
-    assert store.get(task_id).state == "succeeded"
+    store.queue.cancel(task_id)
+    assert store.queue.finish([(rec.lease, SUCCEEDED)]) == [True]
+    assert store.queue.get(task_id).state == "succeeded"
 
 
 def test_cancel_requested_task_ends_cancelled_on_expiry(timed):
@@ -672,42 +671,42 @@ def test_cancel_requested_task_ends_cancelled_on_expiry(timed):
 def test_progress(store):
     task_id = push_one(store, max_attempts=2)
     rec = claim_one(store)
-    assert store.progress(rec.lease, 3, 10) is True
-    assert store.get(task_id).progress == (3.0, 10.0)
-    assert store.progress(rec.lease, 0.5, 1.5) is True
-    assert store.get(task_id).progress == (0.5, 1.5)
-    assert store.progress(Lease(task_id, rec.token + 1), 9, 10) is False
-    assert store.progress(Lease("missing", 1), 1, 1) is False
-    assert store.get(task_id).progress == (0.5, 1.5)
+    assert store.queue.progress(rec.lease, 3, 10) is True
+    assert store.queue.get(task_id).progress == (3.0, 10.0)
+    assert store.queue.progress(rec.lease, 0.5, 1.5) is True
+    assert store.queue.get(task_id).progress == (0.5, 1.5)
+    assert store.queue.progress(Lease(task_id, rec.token + 1), 9, 10) is False
+    assert store.queue.progress(Lease("missing", 1), 1, 1) is False
+    assert store.queue.get(task_id).progress == (0.5, 1.5)
 
-    assert store.finish([(rec.lease, RELEASE)]) == [True]
-    assert store.progress(rec.lease, 9, 10) is False  # no longer running
+    assert store.queue.finish([(rec.lease, RELEASE)]) == [True]
+    assert store.queue.progress(rec.lease, 9, 10) is False  # no longer running
     again = claim_one(store)
-    assert store.progress(rec.lease, 9, 10) is False  # stale token
-    assert store.progress(again.lease, 2, 10) is True
-    assert store.get(task_id).progress == (2.0, 10.0)
-    store.finish([(again.lease, SUCCEEDED)])
-    assert store.progress(again.lease, 10, 10) is False
-    assert store.get(task_id).progress == (2.0, 10.0)
-    assert store.stats().stale_finishes == 0  # refused progress is not a finish
+    assert store.queue.progress(rec.lease, 9, 10) is False  # stale token
+    assert store.queue.progress(again.lease, 2, 10) is True
+    assert store.queue.get(task_id).progress == (2.0, 10.0)
+    store.queue.finish([(again.lease, SUCCEEDED)])
+    assert store.queue.progress(again.lease, 10, 10) is False
+    assert store.queue.get(task_id).progress == (2.0, 10.0)
+    assert store.queue.stats().stale_finishes == 0  # refused progress is not a finish
 
 
 # -- stats ----------------------------------------------------------------------
 
 
 def test_stats_counts(store):
-    assert store.stats().total("queued") == 0
-    store.push([spec("a", max_attempts=2) for _ in range(6)] + [spec("b") for _ in range(3)])
-    a = store.claim(["a"], "w", 5)
-    b = store.claim(["b"], "w", 1)
-    store.finish([
+    assert store.queue.stats().total("queued") == 0
+    store.queue.push([spec("a", max_attempts=2) for _ in range(6)] + [spec("b") for _ in range(3)])
+    a = store.queue.claim(["a"], "w", 5)
+    b = store.queue.claim(["b"], "w", 1)
+    store.queue.finish([
         (a[0].lease, SUCCEEDED), (a[1].lease, SUCCEEDED), (a[2].lease, Outcome("failed")),
         (a[3].lease, retry()), (b[0].lease, Outcome("cancelled")),
     ])  # fmt: skip
-    store.cancel(store.push([spec("b")])[0])
-    store.finish([(Lease("missing", 1), SUCCEEDED)])
+    store.queue.cancel(store.queue.push([spec("b")])[0])
+    store.queue.finish([(Lease("missing", 1), SUCCEEDED)])
 
-    stats = store.stats()
+    stats = store.queue.stats()
     c = stats.counts
     assert {s: c["a"].get(s, 0) for s in ("queued", "running", "succeeded", "failed")} == {
         "queued": 2, "running": 1, "succeeded": 2, "failed": 1,
@@ -748,13 +747,13 @@ def _join_ok(t: threading.Thread) -> None:
 
 
 def test_wait_for_tasks_wakes_on_push(store):
-    t = _later(0.1, lambda: store.push([spec("q")]))
+    t = _later(0.1, lambda: store.queue.push([spec("q")]))
     start = time.monotonic()
-    store.wait_for_tasks(["q"], 5.0)
+    store.queue.wait_for_tasks(["q"], 5.0)
     elapsed = time.monotonic() - start
     _join_ok(t)
     assert elapsed < 2.5
-    assert len(store.claim(["q"], "w", 1)) == 1
+    assert len(store.queue.claim(["q"], "w", 1)) == 1
 
 
 def test_wait_for_tasks_wakes_on_push_by_another_client(peers):
@@ -772,35 +771,35 @@ def test_wait_for_tasks_wakes_on_push_by_another_client(peers):
 def test_wait_for_tasks_returns_at_once_when_a_task_is_ready(store):
     push_one(store, queue="q")
     start = time.monotonic()
-    store.wait_for_tasks(["q"], 5.0)
+    store.queue.wait_for_tasks(["q"], 5.0)
     assert time.monotonic() - start < 1.0
 
 
 def test_wait_for_tasks_returns_when_a_delayed_task_becomes_due(store):
     push_one(store, queue="q", delay=0.2)
     start = time.monotonic()
-    while not store.claim(["q"], "w", 1):
+    while not store.queue.claim(["q"], "w", 1):
         assert time.monotonic() - start < 2.5
-        store.wait_for_tasks(["q"], 5.0)
+        store.queue.wait_for_tasks(["q"], 5.0)
     assert time.monotonic() - start < 2.5
 
 
 def test_wait_for_tasks_times_out(store):
     start = time.monotonic()
-    store.wait_for_tasks(["q"], 0.2)
+    store.queue.wait_for_tasks(["q"], 0.2)
     assert time.monotonic() - start < 1.0
 
 
 def test_wait_for_finish_wakes_on_finish(store):
     task_id = push_one(store)
     rec = claim_one(store)
-    t = _later(0.1, lambda: store.finish([(rec.lease, SUCCEEDED)]))
+    t = _later(0.1, lambda: store.queue.finish([(rec.lease, SUCCEEDED)]))
     start = time.monotonic()
-    store.wait_for_finish([task_id], 5.0)
+    store.queue.wait_for_finish([task_id], 5.0)
     elapsed = time.monotonic() - start
     _join_ok(t)
     assert elapsed < 2.5
-    assert store.get(task_id).state == "succeeded"
+    assert store.queue.get(task_id).state == "succeeded"
 
 
 def test_wait_for_finish_wakes_on_finish_by_another_client(peers):
@@ -818,20 +817,20 @@ def test_wait_for_finish_wakes_on_finish_by_another_client(peers):
 
 def test_wait_for_finish_wakes_on_cancel_of_queued_task(store):
     task_id = push_one(store)
-    t = _later(0.1, lambda: store.cancel(task_id))
+    t = _later(0.1, lambda: store.queue.cancel(task_id))
     start = time.monotonic()
-    store.wait_for_finish([task_id], 5.0)
+    store.queue.wait_for_finish([task_id], 5.0)
     _join_ok(t)
     assert time.monotonic() - start < 2.5
 
 
 def test_wait_for_finish_returns_at_once_when_a_task_has_ended(store):
-    store.push([spec(id="live"), spec(id="done")])
-    rec = store.claim(["default"], "w", 2)[1]
+    store.queue.push([spec(id="live"), spec(id="done")])
+    rec = store.queue.claim(["default"], "w", 2)[1]
     assert rec.id == "done"
-    store.finish([(rec.lease, SUCCEEDED)])
+    store.queue.finish([(rec.lease, SUCCEEDED)])
     start = time.monotonic()
-    store.wait_for_finish(["live", "done"], 5.0)
+    store.queue.wait_for_finish(["live", "done"], 5.0)
     assert time.monotonic() - start < 1.0
 
 
@@ -839,9 +838,9 @@ def test_wait_for_finish_times_out(store):
     task_id = push_one(store)
     claim_one(store)
     start = time.monotonic()
-    store.wait_for_finish([task_id], 0.2)
+    store.queue.wait_for_finish([task_id], 0.2)
     assert time.monotonic() - start < 1.0
-    assert store.get(task_id).state == "running"
+    assert store.queue.get(task_id).state == "running"
 
 
 # -- concurrency ------------------------------------------------------------------
@@ -849,15 +848,17 @@ def test_wait_for_finish_times_out(store):
 
 def test_concurrent_claims_never_share_a_task(store):
     total, threads = 500, 4
-    store.push([spec(id=f"t{i:03d}", max_attempts=1) for i in range(total)])
+    store.queue.push([spec(id=f"t{i:03d}", max_attempts=1) for i in range(total)])
     barrier = threading.Barrier(threads)
 
     def worker(k: int) -> list[str]:
         got: list[str] = []
         barrier.wait()
-        while records := store.claim(["default"], f"w{k}", 1 + k % 3):
+        while records := store.queue.claim(["default"], f"w{k}", 1 + k % 3):
             got.extend(r.id for r in records)
-            assert store.finish([(r.lease, SUCCEEDED) for r in records]) == [True] * len(records)
+            assert store.queue.finish([(r.lease, SUCCEEDED) for r in records]) == [True] * len(
+                records
+            )
         return got
 
     with ThreadPoolExecutor(threads) as pool:
@@ -866,6 +867,6 @@ def test_concurrent_claims_never_share_a_task(store):
     assert sum(claimed.values()) == total
     assert set(claimed) == {f"t{i:03d}" for i in range(total)}
     assert max(claimed.values()) == 1
-    stats = store.stats()
+    stats = store.queue.stats()
     assert stats.total("succeeded") == total
     assert stats.stale_finishes == 0

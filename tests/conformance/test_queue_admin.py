@@ -30,24 +30,26 @@ def ids(records) -> list[str]:
 
 def run_to(store, task_id: str, kind: str, **kw: object) -> None:
     """Claim ``task_id`` (the only ready task of its queue) and end it with ``kind``."""
-    (rec,) = store.claim([store.get(task_id).queue], "w", 1)
+    (rec,) = store.queue.claim([store.queue.get(task_id).queue], "w", 1)
     assert rec.id == task_id
-    assert store.finish([(rec.lease, Outcome(kind, **kw))]) == [True]  # type: ignore[arg-type]
+    assert store.queue.finish([(rec.lease, Outcome(kind, **kw))]) == [True]  # type: ignore[arg-type]
 
 
 # -- claim(names=...) -------------------------------------------------------------
 
 
 def test_claim_by_names_leaves_other_names_queued_in_order(store):
-    store.push([spec("b", id="b1"), spec("a", id="a1"), spec("b", id="b2"), spec("a", id="a2")])
-    assert ids(store.claim(["default"], "w", 10, names={"a"})) == ["a1", "a2"]
-    assert store.claim(["default"], "w", 10, names=["a", "c"]) == []
-    assert store.state("b1") == "queued"
-    assert ids(store.claim(["default"], "w", 10)) == ["b1", "b2"]
+    store.queue.push(
+        [spec("b", id="b1"), spec("a", id="a1"), spec("b", id="b2"), spec("a", id="a2")]
+    )
+    assert ids(store.queue.claim(["default"], "w", 10, names={"a"})) == ["a1", "a2"]
+    assert store.queue.claim(["default"], "w", 10, names=["a", "c"]) == []
+    assert store.queue.state("b1") == "queued"
+    assert ids(store.queue.claim(["default"], "w", 10)) == ["b1", "b2"]
 
 
 def test_claim_by_names_orders_by_queue_then_priority_then_fifo_across_names(store):
-    store.push([
+    store.queue.push([
         spec("a", "q2", id="q2-a", priority=9),
         spec("x", "q1", id="q1-x-high", priority=5),
         spec("a", "q1", id="q1-a-low", priority=-3),
@@ -56,19 +58,19 @@ def test_claim_by_names_orders_by_queue_then_priority_then_fifo_across_names(sto
         spec("b", "q1", id="q1-b-2", priority=1),
         spec("b", "q1", id="q1-b-high", priority=4),
     ])  # fmt: skip
-    got = store.claim(["q1", "q2"], "w", 10, names=["a", "b"])
+    got = store.queue.claim(["q1", "q2"], "w", 10, names=["a", "b"])
     assert ids(got) == ["q1-b-high", "q1-b-1", "q1-a-1", "q1-b-2", "q1-a-low", "q2-a"]
-    assert store.state("q1-x-high") == "queued"
+    assert store.queue.state("q1-x-high") == "queued"
 
 
 def test_claim_by_names_one_at_a_time_behind_many_other_names(store):
-    store.push([spec("other") for _ in range(3000)])
-    store.push([spec("mine", id=f"m{i}") for i in range(3)])
-    store.push([spec("other") for _ in range(3000)])
+    store.queue.push([spec("other") for _ in range(3000)])
+    store.queue.push([spec("mine", id=f"m{i}") for i in range(3)])
+    store.queue.push([spec("other") for _ in range(3000)])
     for i in range(3):
-        assert ids(store.claim(["default"], "w", 1, names=["mine"])) == [f"m{i}"]
-    assert store.claim(["default"], "w", 5, names=["mine"]) == []
-    assert store.stats().counts["default"] == {"queued": 6000, "running": 3}
+        assert ids(store.queue.claim(["default"], "w", 1, names=["mine"])) == [f"m{i}"]
+    assert store.queue.claim(["default"], "w", 5, names=["mine"]) == []
+    assert store.queue.stats().counts["default"] == {"queued": 6000, "running": 3}
 
 
 def test_claim_by_names_sees_delayed_tasks_when_due(timed):
@@ -84,67 +86,67 @@ def test_claim_by_names_sees_delayed_tasks_when_due(timed):
 
 
 def test_state_follows_the_task(store):
-    (task_id,) = store.push([spec(max_attempts=2)])
-    assert store.state(task_id) == "queued"
-    (rec,) = store.claim(["default"], "w", 1)
-    assert store.state(task_id) == "running"
-    store.finish([(rec.lease, SUCCEEDED)])
-    assert store.state(task_id) == "succeeded"
-    assert store.state("missing") is None
+    (task_id,) = store.queue.push([spec(max_attempts=2)])
+    assert store.queue.state(task_id) == "queued"
+    (rec,) = store.queue.claim(["default"], "w", 1)
+    assert store.queue.state(task_id) == "running"
+    store.queue.finish([(rec.lease, SUCCEEDED)])
+    assert store.queue.state(task_id) == "succeeded"
+    assert store.queue.state("missing") is None
 
 
 # -- list -------------------------------------------------------------------------------
 
 
 def test_list_pages_in_submission_order_without_payload_or_result(store):
-    pushed = store.push([spec(id=f"t{i:02d}", priority=i % 3) for i in range(25)])
+    pushed = store.queue.push([spec(id=f"t{i:02d}", priority=i % 3) for i in range(25)])
     run_to(store, "t02", "succeeded", result=b"big result")  # claimed first (priority 2)
-    page1 = store.list(limit=10)
+    page1 = store.queue.list(limit=10)
     assert ids(page1) == pushed[:10]
-    page2 = store.list(limit=10, after=page1[-1].id)
-    page3 = store.list(limit=10, after=page2[-1].id)
+    page2 = store.queue.list(limit=10, after=page1[-1].id)
+    page3 = store.queue.list(limit=10, after=page2[-1].id)
     assert ids(page2) == pushed[10:20]
     assert ids(page3) == pushed[20:]
-    assert store.list(after=pushed[-1]) == []
+    assert store.queue.list(after=pushed[-1]) == []
     with pytest.raises(ConfigError, match="no such task"):
-        store.list(after="never-there")  # paging restarts, never ends silently
+        store.queue.list(after="never-there")  # paging restarts, never ends silently
     assert all(r.payload == b"" and r.result is None for r in page1 + page2 + page3)
     done = next(r for r in page1 if r.id == "t02")
     assert (done.state, done.attempts, done.name, done.priority) == ("succeeded", 1, "job", 2)
-    assert store.get("t02").result == b"big result"
+    assert store.queue.get("t02").result == b"big result"
 
 
 def test_list_filters_combine(store):
-    store.push([
+    store.queue.push([
         spec("a", "q1", id="a-q1"), spec("b", "q1", id="b-q1"), spec("a", "q2", id="a-q2"),
         spec("a", "q1", id="a-q1-2", max_attempts=1),
     ])  # fmt: skip
     run_to(store, "a-q1", "failed", error=ERR)
-    assert ids(store.list(queue="q1")) == ["a-q1", "b-q1", "a-q1-2"]
-    assert ids(store.list(name="a")) == ["a-q1", "a-q2", "a-q1-2"]
-    assert ids(store.list(state="queued", queue="q1", name="a")) == ["a-q1-2"]
-    assert ids(store.list(state="failed")) == ["a-q1"]
-    assert store.list(state="dead") == []
-    assert ids(store.list(name="a", limit=2)) == ["a-q1", "a-q2"]
-    assert ids(store.list(name="a", limit=2, after="a-q2")) == ["a-q1-2"]
-    assert store.list(queue="nope") == []
+    assert ids(store.queue.list(queue="q1")) == ["a-q1", "b-q1", "a-q1-2"]
+    assert ids(store.queue.list(name="a")) == ["a-q1", "a-q2", "a-q1-2"]
+    assert ids(store.queue.list(state="queued", queue="q1", name="a")) == ["a-q1-2"]
+    assert ids(store.queue.list(state="failed")) == ["a-q1"]
+    assert store.queue.list(state="dead") == []
+    assert ids(store.queue.list(name="a", limit=2)) == ["a-q1", "a-q2"]
+    assert ids(store.queue.list(name="a", limit=2, after="a-q2")) == ["a-q1-2"]
+    assert store.queue.list(queue="nope") == []
     with pytest.raises(ConfigError, match="state"):
-        store.list(state="bogus")
+        store.queue.list(state="bogus")
 
 
 # -- retry -----------------------------------------------------------------------------
 
 
 def test_retry_requeues_failed_task_with_fresh_attempts(store):
-    (task_id,) = store.push([spec(max_attempts=2)])
+    (task_id,) = store.queue.push([spec(max_attempts=2)])
     run_to(store, task_id, "failed", error=ERR)
-    assert store.retry(task_id) == "queued"
-    rec = store.get(task_id)
+    assert store.queue.retry(task_id) == "queued"
+    rec = store.queue.get(task_id)
     assert (rec.state, rec.attempts, rec.lost, rec.finished) == ("queued", 0, 0, None)
     assert rec.error == ERR  # the last error is kept
     run_to(store, task_id, "retry", error=ERR)  # attempt 1 of 2: back to the queue
     run_to(store, task_id, "succeeded", result=b"r")
-    assert store.get(task_id).state == "succeeded"
+    assert store.queue.get(task_id).state == "succeeded"
 
 
 def test_retry_requeues_dead_task(timed):
@@ -162,48 +164,52 @@ def test_retry_requeues_dead_task(timed):
 
 
 def test_retry_changes_nothing_for_other_states(store):
-    queued, running, done = store.push([spec("q", "q1"), spec("r", "q2"), spec("s", "q3")])
+    queued, running, done = store.queue.push([spec("q", "q1"), spec("r", "q2"), spec("s", "q3")])
     run_to(store, done, "succeeded", result=b"x")
-    store.claim(["q2"], "w", 1)
-    before = [store.get(i) for i in (queued, running, done)]
-    assert [store.retry(i) for i in (queued, running, done)] == ["queued", "running", "succeeded"]
-    assert [store.get(i) for i in (queued, running, done)] == before
-    assert store.retry("missing") is None
+    store.queue.claim(["q2"], "w", 1)
+    before = [store.queue.get(i) for i in (queued, running, done)]
+    assert [store.queue.retry(i) for i in (queued, running, done)] == [
+        "queued",
+        "running",
+        "succeeded",
+    ]
+    assert [store.queue.get(i) for i in (queued, running, done)] == before
+    assert store.queue.retry("missing") is None
 
 
 # -- purge -----------------------------------------------------------------------------
 
 
 def test_purge_deletes_only_the_given_states_of_the_given_queue(store):
-    store.push([spec(queue="q1", id="r1", dedup_key="k"), spec(queue="q1", id="r2")])
-    running = store.claim(["q1"], "w", 2)
-    store.push([spec(queue="q1", id="f"), spec(queue="q2", id="other")])
-    assert store.purge("q1", ["queued", "failed"]) == 1  # only "f": the others run
-    assert store.get("f") is None
-    assert store.state("other") == "queued"
-    store.finish([(rec.lease, Outcome("failed", error=ERR)) for rec in running])
-    assert store.purge("q1", {"failed"}) == 2
-    assert store.list(queue="q1") == []
-    assert store.push([spec(queue="q1", dedup_key="k", id="new")]) == ["new"]
-    assert store.purge("q2", []) == 0
-    assert store.stats().counts.get("q2") == {"queued": 1}
+    store.queue.push([spec(queue="q1", id="r1", dedup_key="k"), spec(queue="q1", id="r2")])
+    running = store.queue.claim(["q1"], "w", 2)
+    store.queue.push([spec(queue="q1", id="f"), spec(queue="q2", id="other")])
+    assert store.queue.purge("q1", ["queued", "failed"]) == 1  # only "f": the others run
+    assert store.queue.get("f") is None
+    assert store.queue.state("other") == "queued"
+    store.queue.finish([(rec.lease, Outcome("failed", error=ERR)) for rec in running])
+    assert store.queue.purge("q1", {"failed"}) == 2
+    assert store.queue.list(queue="q1") == []
+    assert store.queue.push([spec(queue="q1", dedup_key="k", id="new")]) == ["new"]
+    assert store.queue.purge("q2", []) == 0
+    assert store.queue.stats().counts.get("q2") == {"queued": 1}
 
 
 def test_purged_queued_tasks_are_never_claimed(store):
-    store.push([spec(id=f"t{i}") for i in range(5)])
-    assert store.purge("default", ["queued"]) == 5
-    assert store.claim(["default"], "w", 10) == []
-    assert store.stats().total("queued") == 0
+    store.queue.push([spec(id=f"t{i}") for i in range(5)])
+    assert store.queue.purge("default", ["queued"]) == 5
+    assert store.queue.claim(["default"], "w", 10) == []
+    assert store.queue.stats().total("queued") == 0
 
 
 def test_purge_refuses_running(store):
-    store.push([spec()])
-    store.claim(["default"], "w", 1)
+    store.queue.push([spec()])
+    store.queue.claim(["default"], "w", 1)
     with pytest.raises(ConfigError, match="running"):
-        store.purge("default", ["queued", "running"])
-    assert store.stats().total("running") == 1
+        store.queue.purge("default", ["queued", "running"])
+    assert store.queue.stats().total("running") == 1
     with pytest.raises(ConfigError, match="bogus"):
-        store.purge("default", ["bogus"])
+        store.queue.purge("default", ["bogus"])
 
 
 # -- reap and result_ttl ------------------------------------------------------------
@@ -277,37 +283,37 @@ def test_retried_task_is_not_reaped_and_its_ttl_counts_from_its_new_finish(timed
 
 
 def test_cancel_with_terminate_is_reported_on_renew_and_never_downgraded(store):
-    a, b = store.push([spec(id="a"), spec(id="b")])
-    la, lb = (r.lease for r in store.claim(["default"], "w", 2))
-    assert store.cancel(a, terminate=True) == "running"
-    assert store.renew([la]) == {a: "terminate_requested"}
-    assert store.cancel(a) == "running"  # a plain cancel later keeps terminate
-    assert store.renew([la]) == {a: "terminate_requested"}
-    assert store.get(a).cancel_requested is True
-    assert store.cancel(b) == "running"
-    assert store.renew([lb]) == {b: "cancel_requested"}
-    assert store.cancel(b, terminate=True) == "running"  # an upgrade is honoured
-    assert store.renew([lb]) == {b: "terminate_requested"}
-    assert store.finish([(la, Outcome("retry"))]) == [True]
-    assert store.state(a) == "cancelled"
+    a, b = store.queue.push([spec(id="a"), spec(id="b")])
+    la, lb = (r.lease for r in store.queue.claim(["default"], "w", 2))
+    assert store.queue.cancel(a, terminate=True) == "running"
+    assert store.queue.renew([la]) == {a: "terminate_requested"}
+    assert store.queue.cancel(a) == "running"  # a plain cancel later keeps terminate
+    assert store.queue.renew([la]) == {a: "terminate_requested"}
+    assert store.queue.get(a).cancel_requested is True
+    assert store.queue.cancel(b) == "running"
+    assert store.queue.renew([lb]) == {b: "cancel_requested"}
+    assert store.queue.cancel(b, terminate=True) == "running"  # an upgrade is honoured
+    assert store.queue.renew([lb]) == {b: "terminate_requested"}
+    assert store.queue.finish([(la, Outcome("retry"))]) == [True]
+    assert store.queue.state(a) == "cancelled"
 
 
 def test_cancel_with_terminate_of_queued_task_cancels_it(store):
-    (task_id,) = store.push([spec()])
-    assert store.cancel(task_id, terminate=True) == "cancelled"
-    assert store.claim(["default"], "w", 1) == []
+    (task_id,) = store.queue.push([spec()])
+    assert store.queue.cancel(task_id, terminate=True) == "cancelled"
+    assert store.queue.claim(["default"], "w", 1) == []
 
 
 # -- release ---------------------------------------------------------------------------
 
 
 def test_released_task_has_its_progress_reset(store):
-    (task_id,) = store.push([spec(max_attempts=2)])
-    (rec,) = store.claim(["default"], "w", 1)
-    assert store.progress(rec.lease, 3, 10) is True
-    assert store.finish([(rec.lease, Outcome("release"))]) == [True]
-    assert store.get(task_id).progress is None
-    (again,) = store.claim(["default"], "w", 1)
+    (task_id,) = store.queue.push([spec(max_attempts=2)])
+    (rec,) = store.queue.claim(["default"], "w", 1)
+    assert store.queue.progress(rec.lease, 3, 10) is True
+    assert store.queue.finish([(rec.lease, Outcome("release"))]) == [True]
+    assert store.queue.get(task_id).progress is None
+    (again,) = store.queue.claim(["default"], "w", 1)
     assert again.progress is None and again.attempts == 1
 
 
@@ -361,12 +367,12 @@ def test_wait_for_tasks_by_names_ignores_other_names(kind, tmp_path):
     from tests.conftest import backend_url
 
     store = open_store(backend_url(kind, tmp_path))
-    store.push([spec("other")])
+    store.queue.push([spec("other")])
     start = time.monotonic()
-    store.wait_for_tasks(["default"], 0.3, names=["mine"])
+    store.queue.wait_for_tasks(["default"], 0.3, names=["mine"])
     assert time.monotonic() - start >= 0.25  # nothing it may claim: it waited
-    store.push([spec("mine")])
+    store.queue.push([spec("mine")])
     start = time.monotonic()
-    store.wait_for_tasks(["default"], 5.0, names=["mine"])
+    store.queue.wait_for_tasks(["default"], 5.0, names=["mine"])
     assert time.monotonic() - start < 1.0
     store.close()

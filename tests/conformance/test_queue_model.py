@@ -111,7 +111,7 @@ class QueueMachine(RuleBasedStateMachine):
                      dedup_key=k, lease_s=300.0)
             for i, (q, p, m, k) in enumerate(specs)
         ]  # fmt: skip
-        ids = self.store.push(batch)
+        ids = self.store.queue.push(batch)
         for s, got in zip(batch, ids, strict=True):
             live = self._live_with(s.dedup_key)
             if live is not None:
@@ -126,7 +126,7 @@ class QueueMachine(RuleBasedStateMachine):
     def claim(self, queues, n):
         queued = [t for t in self.tasks.values() if t.state == "queued" and t.queue in queues]
         expected = sorted((queues.index(t.queue), -t.priority) for t in queued)[:n]
-        records = self.store.claim(list(queues), "w", n)
+        records = self.store.queue.claim(list(queues), "w", n)
         assert [(queues.index(r.queue), -r.priority) for r in records] == expected
         assert len({r.id for r in records}) == len(records)
         self._check_fifo(records)
@@ -170,7 +170,7 @@ class QueueMachine(RuleBasedStateMachine):
         task_id, lease, current = self._lease(data)
         err = {"type": "E", "message": "m", "traceback": ""} if error else None
         result = b"r" if kind == "succeeded" else None
-        accepted = self.store.finish([(lease, Outcome(kind, result=result, error=err))])
+        accepted = self.store.queue.finish([(lease, Outcome(kind, result=result, error=err))])
         assert accepted == [current]
         if not current:
             self.stale += 1
@@ -186,13 +186,13 @@ class QueueMachine(RuleBasedStateMachine):
         task_id, lease, current = self._lease(data)
         t = self.tasks[task_id]
         expected = ("cancel_requested" if t.cancel_requested else "held") if current else "lost"
-        assert self.store.renew([lease]) == {task_id: expected}
+        assert self.store.queue.renew([lease]) == {task_id: expected}
 
     @precondition(lambda self: self.tasks)
     @rule(data=st.data())
     def progress(self, data):
         _, lease, current = self._lease(data)
-        assert self.store.progress(lease, 1, 2) is current
+        assert self.store.queue.progress(lease, 1, 2) is current
 
     @precondition(lambda self: self.tasks)
     @rule(data=st.data())
@@ -203,18 +203,18 @@ class QueueMachine(RuleBasedStateMachine):
             t.state = "cancelled"
         elif t.state == "running":
             t.cancel_requested = True
-        assert self.store.cancel(task_id) == t.state
+        assert self.store.queue.cancel(task_id) == t.state
 
     @invariant()
     def matches(self):
         for task_id, t in self.tasks.items():
-            rec = self.store.get(task_id)
+            rec = self.store.queue.get(task_id)
             assert rec is not None
             assert (rec.state, rec.attempts, rec.cancel_requested) == (
                 t.state, t.attempts, t.cancel_requested,
             ), task_id  # fmt: skip
             assert (rec.finished is not None) == (t.state in FINAL_STATES)
-        stats = self.store.stats()
+        stats = self.store.queue.stats()
         assert stats.stale_finishes == self.stale
         for q in QUEUES:
             for state in ("queued", "running", "succeeded", "failed", "cancelled"):

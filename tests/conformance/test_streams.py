@@ -12,9 +12,9 @@ def _ids(entries):
 
 
 def test_append_and_read(store):
-    before = store.now()
+    before = store.clock.now()
     ids = [store.append("s", b"e%d" % i) for i in range(5)]
-    after = store.now()
+    after = store.clock.now()
     assert all(a < b for a, b in itertools.pairwise(ids))
     assert ids[0] > 0
     entries = store.read("s")

@@ -28,13 +28,13 @@ IDLE_WAIT_S = 0.05
 
 def slow_down_finish(store: Store, delay: float) -> None:
     """Make every ``finish`` of ``store`` take ``delay`` seconds longer."""
-    finish = store.finish
+    finish = store.queue.finish
 
     def slow_finish(items: Sequence[Any]) -> list[bool]:
         time.sleep(delay)
         return finish(items)
 
-    store.finish = slow_finish  # type: ignore[method-assign]
+    store.queue.finish = slow_finish  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:

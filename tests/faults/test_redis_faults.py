@@ -164,7 +164,7 @@ def audit(space: Space, handles: list[Handle], marks: Path) -> tuple[list[TaskRe
         by_task[marker.task_id].append(marker)
     records, violations = [], []
     for i, handle in enumerate(handles):
-        record = space.store.get(handle.id)
+        record = space.store.queue.get(handle.id)
         if record is None:
             violations.append(f"task {i} ({handle.id}) is gone from the store")
             continue

@@ -115,15 +115,18 @@ def validate_url(url: str) -> str:
 def open_store(
     url: str, clock: Clock | None = None, namespace: str | None = None, create: bool = True
 ) -> Store:
-    """Open the store that ``url`` names. ``clock`` applies to memory:// only,
-    ``namespace`` to Redis only (a SQLite space is namespaced by its file).
+    """Open the store that ``url`` names. ``clock`` (a test's ManualClock)
+    applies to memory:// and SQLite, ``namespace`` to Redis only (a SQLite
+    space is namespaced by its file).
 
     ``create=False`` (read-only commands): a SQLite file that does not exist
     raises SpaceNotFound and nothing is created (Redis and memory spaces
     always exist)."""
     scheme = validate_url(url)
-    if clock is not None and scheme != "memory":
-        raise InvalidURL(f"an injected clock is only valid for memory://, not {url!r}")
+    if clock is not None and scheme in REDIS_SCHEMES:
+        raise InvalidURL(
+            f"an injected clock is not valid for Redis (its clock is the server's): {url!r}"
+        )
     if scheme in REDIS_SCHEMES:
         from taskspace.backends.redis import RedisStore
 
@@ -136,7 +139,7 @@ def open_store(
     settings = _sqlite_settings(url)
     if not create and settings.path != ":memory:" and not Path(settings.path).is_file():
         raise SpaceNotFound(f"no space at {url}: file {settings.path} does not exist")
-    return SQLiteStore(settings, url)
+    return SQLiteStore(settings, url, clock=clock)
 
 
 __all__ = ["SCHEMES", "MemoryStore", "SQLiteStore", "open_store", "scheme_of", "validate_url"]

@@ -1,27 +1,60 @@
-"""The store contract: the few atomic operations every backend implements.
+"""The store contract (v2): the few atomic operations every backend implements.
 
-Every feature of taskspace (tasks, workers, locks, elections, registry,
-caches, logs) is written once on top of these protocols. Each method is
-**atomic**: it happens entirely or not at all, and no other client observes
-it half done (one SQL transaction, one Lua script, one lock-protected update).
+A store is one object per protocol: ``store.queue`` (tasks), ``store.leases``
+(named leases: locks, semaphores, elections), ``store.kv`` (versioned values
+with a change feed), ``store.streams`` (append-only logs), ``store.pubsub``
+(best-effort broadcast) and ``store.clock``. Every feature of taskspace is
+written once on top of them; the conformance suite (``tests/conformance``)
+proves that memory, SQLite and Redis agree.
 
-Times are the **store's clock** (:meth:`Clock.now`, seconds as a float), never
-the caller's, so a client whose wall clock jumps cannot extend or steal a
-lease. Durations passed in (``lease_s``, ``ttl``, ``delay``) are relative to
-the store clock at the moment the operation runs.
+**Atomicity.** Each method happens entirely or not at all, and no other
+client observes it half done (one SQL transaction, one Lua script, one
+lock-protected update). The few documented exceptions are split into steps
+that are each atomic (a push of many chunks, a paged purge).
 
-Fencing: every grant of a task lease or a named lease carries a token that
-only ever increases (per task and per lease name), so a holder that was
-paused past its lease can always be recognised as stale and refused.
+**Errors.** Every method may raise:
+
+- :class:`~taskspace.errors.BackendError`: the backend is unreachable or
+  failed. The call may or may not have taken effect; retry it. Calls whose
+  reply can be lost on a network backend are safe to retry: ``push`` by task
+  id, ``claim``/``kv.txn``/``kv.incr``/``streams.append_many`` by
+  ``request_id``, ``leases.acquire`` by ``grant_id``, ``finish`` by the
+  accepted token; the others are idempotent by nature.
+- :class:`~taskspace.errors.SpaceLost`: the space was wiped or replaced
+  (``store.check_space``); never retry, stop.
+- :class:`~taskspace.errors.ConfigError`: an argument that could only be a
+  mistake (named in the message); nothing was written.
+
+No method raises a driver's own exception.
+
+**Time: two clocks, never mixed.** ``clock.now()`` is the *lease clock*:
+seconds on the store's clock, never the caller's, so a client whose clock
+jumps cannot extend or steal a lease. It never goes backwards for a store,
+across restarts, reboots and a server whose clock steps back (the store keeps
+a high-water mark). Every expiry, ready time and TTL is on it (``ready_at``,
+``lease_expires``, ``Grant.expires``, ``Versioned.expires``); durations
+passed in (``lease_s``, ``ttl``, ``delay``) are relative to it at the moment
+the operation runs. ``clock.wall()`` is Unix epoch seconds, used for every
+time a person reads: ``TaskRecord.created/started/finished`` and
+``StreamEntry.time``, on every backend alike.
+
+**Fencing tokens never repeat.** Task claims and lease grants take their
+tokens from one counter per space: ``next = max(last + 1, wall
+microseconds)`` (:func:`next_token`). Tokens therefore increase strictly
+across every name and task of a space (a token also orders events), and a
+counter that lost its last writes (a wiped space, a Redis failover to a
+replica that missed them) restarts above every token handed out before, as
+long as the new server's wall clock is not behind the old one's by more than
+the time the loss took to happen. Tokens fit in 53 bits until the year 2255.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, NamedTuple, Protocol, Self, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, Self
 
 TaskState = Literal["queued", "running", "succeeded", "failed", "dead", "cancelled"]
 TASK_STATES: tuple[TaskState, ...] = (
@@ -113,7 +146,7 @@ class TaskRecord:
     timeout: float | None
     dedup_key: str | None
     state: TaskState
-    ready_at: float
+    ready_at: float  # lease clock, as is lease_expires
     attempts: int = 0
     lost: int = 0
     token: int = 0
@@ -123,7 +156,7 @@ class TaskRecord:
     error: ErrorInfo | None = None
     progress: tuple[float, float] | None = None
     cancel_requested: bool = False
-    created: float = 0.0
+    created: float = 0.0  # wall clock (epoch seconds), as are started and finished
     started: float | None = None
     finished: float | None = None
     result_ttl: float | None = DEFAULT_RESULT_TTL_S
@@ -151,12 +184,16 @@ class Outcome:
     - ``cancelled``: final, at the task's or a user's request.
     - ``release``: the worker gives the task back unstarted (shutdown); the
       claim does not count as an attempt.
+
+    ``followups`` are tasks pushed atomically with the outcome if, and only
+    if, the finish is accepted (a chain's next step, a saga's compensation).
     """
 
     kind: OutcomeKind
     result: bytes | None = None
     error: ErrorInfo | None = None
     delay: float = 0.0
+    followups: tuple[TaskSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,28 +212,147 @@ class QueueStats:
         )
 
 
+# Each grant, KV change and request id is kept for at most this long or count.
+REQUEST_ID_TTL_S = 600.0
+# The KV change feed keeps at least this many newest changes; ``reap`` drops
+# older ones (so between reaps it holds at most this plus what was written).
+KV_CHANGES_KEEP = 10_000
+# A subscription buffers at most this many undelivered messages; past that it
+# drops the oldest and reports a Gap.
+SUBSCRIPTION_BUFFER = 10_000
+
+
+def next_token(last: int, wall: float) -> int:
+    """The fencing token after ``last`` at wall time ``wall`` (epoch seconds):
+    strictly above ``last``, and never below the wall clock in microseconds,
+    so a counter that lost its state still starts above every earlier token."""
+    return max(last + 1, int(wall * 1_000_000))
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """One slot of a named lease. ``token`` increases with every grant of ``name``."""
+    """One acquisition of a slot of a named lease.
+
+    ``id`` names this acquisition (two acquisitions by equal ``holder``
+    strings are two grants); ``token`` is the space's fencing token, larger
+    than every token handed out before it; ``expires`` is on the lease clock;
+    ``data`` is what the holder attached (an election's leader identity).
+    """
 
     name: str
+    id: str
     holder: str
     token: int
     expires: float
+    data: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
 class Versioned:
-    """A KV value with its version (increases with every write of the key) and expiry."""
+    """A live KV value.
+
+    ``version`` increases with every write of the key and is never reused,
+    also across delete and re-create, so compare-and-set has no ABA;
+    ``revision`` is the space revision of the write that produced it;
+    ``expires`` is on the lease clock (None: no TTL).
+    """
 
     value: bytes
     version: int
+    revision: int
     expires: float | None = None
+
+
+ChangeKind = Literal["put", "delete", "expire"]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the KV change feed.
+
+    ``revision`` is unique and increasing per space; ``version`` is the key's
+    version after a put, or the version that was removed by a delete or an
+    expiry; ``value`` is the new value of a put (None otherwise).
+    """
+
+    revision: int
+    key: str
+    kind: ChangeKind
+    version: int
+    value: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionIs:
+    """Txn compare: the key's live version is ``version`` (None: the key is absent)."""
+
+    key: str
+    version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ValueIs:
+    """Txn compare: the key is live and its value is exactly ``value``."""
+
+    key: str
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Exists:
+    """Txn compare: the key is live (``exists=True``) or absent (False)."""
+
+    key: str
+    exists: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GrantHeld:
+    """Txn compare: ``grant`` is still current (not released, not expired, same
+    token); this is what makes a write *fenced*."""
+
+    grant: Grant
+
+
+Compare = VersionIs | ValueIs | Exists | GrantHeld
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Txn write: set ``key`` to ``value`` (``ttl`` seconds on the lease clock, None: none)."""
+
+    key: str
+    value: bytes
+    ttl: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Txn write: delete ``key`` (nothing if it is absent)."""
+
+    key: str
+
+
+Write = Put | Delete
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    """What a txn did. ``ok``: every compare held and every write was applied
+    at ``revision``; ``versions`` gives each Put's new version (in write
+    order). Otherwise nothing was written, ``failed`` is the index of the first
+    compare that did not hold, and ``revision`` is the current revision."""
+
+    ok: bool
+    revision: int
+    versions: tuple[int, ...] = ()
+    failed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
-    """One stream entry; ids increase within a stream and are never reused."""
+    """One stream entry; ids increase within a stream and are never reused;
+    ``time`` is the wall clock (epoch seconds) when it was appended."""
 
     id: int
     data: bytes
@@ -205,19 +361,34 @@ class StreamEntry:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A message delivered by PubSub."""
+    """A message delivered by PubSub; ``pattern`` is the prefix it matched
+    (None for a channel subscription)."""
 
     channel: str
     data: bytes
-    extra: dict[str, Any] = field(default_factory=dict)
+    pattern: str | None = None
 
 
-@runtime_checkable
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """A subscription may have missed messages here: ``reason`` is
+    ``"reconnect"`` (the connection was lost and re-made) or ``"overflow"``
+    (the buffer was full and the oldest messages were dropped). Callers that
+    need every change re-sync from the store (the KV change feed)."""
+
+    reason: Literal["reconnect", "overflow"]
+    missed: int | None = None
+
+
 class Clock(Protocol):
-    """The store's notion of time; all lease and TTL arithmetic uses it."""
+    """The store's two clocks (see the module docstring)."""
 
     def now(self) -> float:
-        """Seconds on the store clock; never goes backwards for a given store."""
+        """The lease clock: seconds, never backwards for a given store."""
+        ...
+
+    def wall(self) -> float:
+        """Unix epoch seconds, for times a person reads."""
         ...
 
 
@@ -232,7 +403,9 @@ class QueueStore(Protocol):
     def push(self, specs: Sequence[TaskSpec]) -> list[str]:
         """Enqueue ``specs`` in one atomic step; return the id of each task.
 
-        A spec whose ``dedup_key`` matches a live (queued or running) task is
+        Idempotent by id: a spec whose ``id`` exists already is not enqueued
+        again (a push retried after a lost reply makes no second task). A
+        spec whose ``dedup_key`` matches a live (queued or running) task is
         not enqueued; the live task's id is returned in its place.
         """
         ...
@@ -247,7 +420,8 @@ class QueueStore(Protocol):
     ) -> list[TaskRecord]:
         """Lease up to ``n`` ready tasks: earlier queues first, then higher
         priority, then FIFO. Each claim increments ``attempts``, gets a fresh
-        fencing token and a lease of the task's ``lease_s``.
+        fencing token from the space's counter and a lease of the task's
+        ``lease_s``.
 
         ``names``: only tasks with one of these names are leased (a worker
         claims only what it can run, so several apps share a space); tasks of
@@ -271,8 +445,14 @@ class QueueStore(Protocol):
 
     def finish(self, items: Sequence[tuple[Lease, Outcome]]) -> list[bool]:
         """Record outcomes in one atomic step; an item is accepted only if its
-        lease is still the task's current one and the task is running. A
-        refused item changes nothing and increments ``stale_finishes``."""
+        lease is still the task's current one and the task is running, and its
+        outcome's ``followups`` are pushed (as ``push`` would) in the same
+        atomic step, never for a refused item. A refused item changes nothing
+        and increments ``stale_finishes``.
+
+        A finish retried after a lost reply is answered True again without
+        a second effect: the store records the token whose finish it accepted
+        (until the task is claimed again), so a retry is not counted stale."""
         ...
 
     def progress(self, lease: Lease, done: float, total: float) -> bool:
@@ -301,6 +481,10 @@ class QueueStore(Protocol):
 
     def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None."""
+        ...
+
+    def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord | None]:
+        """Each task (or None), in the order asked, in one round trip."""
         ...
 
     def state(self, task_id: str) -> TaskState | None:
@@ -335,8 +519,8 @@ class QueueStore(Protocol):
 
     def reap(self, limit: int = 1000) -> int:
         """Delete up to ``limit`` finished tasks whose ``result_ttl`` has
-        passed since they finished, and expired KV entries (with their index
-        entries); return how many were deleted. Safe to run concurrently."""
+        passed since they finished (with their index entries); return how
+        many were deleted. Safe to run concurrently."""
         ...
 
     def stats(self) -> QueueStats:
@@ -358,81 +542,259 @@ class QueueStore(Protocol):
 
 
 class LeaseStore(Protocol):
-    """Named resources with ``capacity`` slots, each grant fenced by a token.
+    """Named leases: ``capacity`` slots per name, each acquisition its own grant.
 
-    Guarantees: at most ``capacity`` unexpired grants per name; the token of a
-    grant is larger than every earlier grant's token for that name, even
-    across releases and expiries.
+    Guarantees:
+
+    - At most ``capacity`` unexpired grants per name, ever. The capacity is
+      stored with the name while it has live grants; an ``acquire`` with a
+      different capacity then raises ConfigError (two callers can never both
+      hold a name by disagreeing about its size).
+    - Every acquisition is a distinct grant with its own id and a fresh
+      token: equal ``holder`` strings never share a grant (re-entrancy is the
+      caller's business, never an accident).
+    - Only the current grant can be renewed or released; a released or
+      expired grant stays lost (a later grant has another id and token).
+    - A grant's ``expires`` is on the lease clock; past it the grant no longer
+      counts, whether or not anything reaped it.
+
+    Errors: BackendError when the backend fails (see the module docstring);
+    ConfigError for a capacity below 1, a ttl that is not positive, or a
+    capacity that differs from the live one.
     """
 
-    def acquire(self, name: str, holder: str, capacity: int, ttl: float) -> Grant | None:
-        """Grant ``holder`` a slot for ``ttl`` seconds, or None if all are taken.
-        A holder that already holds a live slot gets it renewed (same token)."""
+    def acquire(
+        self,
+        name: str,
+        holder: str,
+        ttl: float,
+        capacity: int = 1,
+        data: bytes = b"",
+        grant_id: str | None = None,
+    ) -> Grant | None:
+        """A new grant of one slot of ``name`` for ``ttl`` seconds, or None if
+        all ``capacity`` slots are held. ``holder`` names the holder for people
+        (``host:pid``); ``data`` rides on the grant.
+
+        ``grant_id`` (default: a fresh random id) makes the call safe to retry:
+        if a live grant with this id exists, it is returned unchanged instead
+        of taking another slot."""
         ...
 
-    def renew_grant(self, grant: Grant, ttl: float) -> Grant | None:
-        """Extend a grant still held with the same token; None if it was lost."""
+    def renew(self, grants: Sequence[Grant], ttl: float) -> list[Grant | None]:
+        """Extend each grant that is still current to ``ttl`` seconds from now,
+        in one round trip; each item is the renewed grant (same id and token,
+        new ``expires``) or None if that grant was lost."""
         ...
 
     def release(self, grant: Grant) -> bool:
-        """Give up a grant; False if it was no longer held."""
+        """Give up ``grant``; False if it was no longer current. Wakes waiters."""
         ...
 
     def holders(self, name: str) -> list[Grant]:
-        """Unexpired grants of ``name``, oldest token first."""
+        """The live grants of ``name``, oldest token first."""
+        ...
+
+    def wait(self, name: str, timeout: float) -> None:
+        """Block until a slot of ``name`` may have been freed (a release, or an
+        expiry: the wait ends by the earliest live grant's expiry) or
+        ``timeout`` passes. May return early; callers retry ``acquire``. A
+        release wakes a waiter in another process within milliseconds."""
         ...
 
 
 class KVStore(Protocol):
-    """Versioned key-value pairs with optional TTL.
+    """Versioned keys with TTLs, one revision counter per space, and a change feed.
 
-    Guarantees: ``version`` strictly increases with every write of a key,
-    also across delete and re-create, so compare-and-set never suffers ABA;
-    an expired key behaves exactly like a missing one.
+    Guarantees:
+
+    - Every write (put, cas, incr, delete, a txn's writes, and an expiry)
+      takes the next space **revision**; a txn's writes share one revision.
+    - ``version`` strictly increases with every write of a key and is never
+      reused, also across delete and re-create, so compare-and-set has no ABA.
+    - An expired key behaves exactly like a missing one, at once.
+    - The change feed holds every put, delete and expiry in revision order.
+      An expiry is recorded (with its own revision) by the first ``changes``,
+      ``wait``, write or ``reap`` that runs after the key's TTL passed, so a
+      watcher sees it without anyone reading the key.
+    - The feed is bounded: ``reap`` compacts it to the newest KV_CHANGES_KEEP
+      changes; asking for changes it dropped raises
+      :class:`~taskspace.errors.Compacted` (etcd's model: re-list, resume).
+
+    Keys are non-empty strings; values are bytes. Errors: BackendError (see
+    the module docstring), ConfigError for an empty key, a ttl that is not
+    positive or a limit below 1, NotAnInteger from ``incr``.
     """
 
-    def kv_get(self, key: str) -> Versioned | None:
+    def get(self, key: str) -> Versioned | None:
         """The live value of ``key``, or None."""
         ...
 
-    def kv_put(self, key: str, value: bytes, ttl: float | None = None) -> int:
-        """Write unconditionally; return the new version."""
+    def get_many(self, keys: Sequence[str]) -> list[Versioned | None]:
+        """Each key's live value (or None), in the order asked, in one round trip."""
         ...
 
-    def kv_cas(
+    def put(self, key: str, value: bytes, ttl: float | None = None) -> Versioned:
+        """Write unconditionally (a TTL in seconds, or None: none); return the write."""
+        ...
+
+    def cas(
         self, key: str, expected_version: int | None, value: bytes, ttl: float | None = None
-    ) -> int | None:
+    ) -> Versioned | None:
         """Write only if the live version is ``expected_version`` (None: the key
-        must be absent); return the new version, or None if it did not match."""
+        must be absent); the write, or None if the version did not match."""
         ...
 
-    def kv_incr(self, key: str, delta: int = 1, ttl: float | None = None) -> int:
-        """Add ``delta`` to an integer value (absent: 0); return the result.
-        ``ttl`` applies only when the key is created."""
+    def incr(
+        self, key: str, delta: int = 1, ttl: float | None = None, request_id: str | None = None
+    ) -> int:
+        """Add ``delta`` to a decimal integer value (absent: 0) and return the
+        result; ``ttl`` applies only when the key is created. A value that is
+        not an integer raises NotAnInteger and changes nothing. A repeated
+        ``request_id`` (a retry after a lost reply) returns the first result
+        without adding again."""
         ...
 
-    def kv_delete(self, key: str, expected_version: int | None = None) -> bool:
+    def delete(self, key: str, expected_version: int | None = None) -> bool:
         """Delete ``key`` (only at ``expected_version`` if given); True if deleted."""
         ...
 
-    def kv_scan(self, prefix: str, limit: int | None = None) -> list[tuple[str, Versioned]]:
-        """Live pairs whose key starts with ``prefix``, in key order."""
+    def touch(self, key: str, ttl: float | None) -> Versioned | None:
+        """Set a live key's TTL to ``ttl`` seconds from now (None: no TTL)
+        without rewriting its value: no new version, revision or change (a
+        heartbeat). Returns the key with its new expiry, or None if absent."""
+        ...
+
+    def scan(
+        self, prefix: str, after_key: str | None = None, limit: int = 1000
+    ) -> list[tuple[str, Versioned]]:
+        """Live pairs whose key starts with ``prefix`` and sorts after
+        ``after_key``, in key order, at most ``limit``: pass the last key of a
+        page as ``after_key`` for the next one."""
+        ...
+
+    def txn(
+        self,
+        compares: Sequence[Compare],
+        writes: Sequence[Write],
+        request_id: str | None = None,
+    ) -> TxnResult:
+        """If every compare holds, apply every write atomically at one new
+        revision. A repeated ``request_id`` returns the first call's result
+        without applying anything again. Writing one key twice in a txn is a
+        ConfigError."""
+        ...
+
+    def revision(self) -> int:
+        """The space's current KV revision (0 before any write)."""
+        ...
+
+    def changes(self, prefix: str, after_revision: int, limit: int = 1000) -> list[Change]:
+        """Changes of keys starting with ``prefix`` with revision above
+        ``after_revision``, oldest first, at most ``limit``. Raises Compacted
+        if the feed dropped a change above ``after_revision``."""
+        ...
+
+    def wait(self, prefix: str, after_revision: int, timeout: float) -> None:
+        """Block until a change of a key starting with ``prefix`` with revision
+        above ``after_revision`` may exist (or a key of the prefix may expire),
+        or ``timeout`` passes. May return early; callers re-check ``changes``."""
+        ...
+
+    def reap(self, limit: int = 1000) -> int:
+        """Record the expiry of up to ``limit`` keys whose TTL passed (deleting
+        them and their index entries) and compact the change feed to its
+        newest KV_CHANGES_KEEP changes; return how many keys expired. Safe to
+        run concurrently (maintenance runs it every second)."""
         ...
 
 
 class StreamStore(Protocol):
-    """Append-only streams; ids increase within a stream and are never reused."""
+    """Append-only streams.
+
+    Guarantees: ids increase within a stream and are never reused, also after
+    a trim; an entry is durable once ``append`` returns; ``time`` is the wall
+    clock of the append. Errors: BackendError (see the module docstring),
+    ConfigError for a maxlen or limit below 1 or a negative wait.
+    """
 
     def append(self, stream: str, data: bytes, maxlen: int | None = None) -> int:
         """Append one entry and return its id; keep at most ``maxlen`` newest."""
         ...
 
-    def read(self, stream: str, after: int = 0, limit: int = 100) -> list[StreamEntry]:
-        """Entries with id greater than ``after``, oldest first."""
+    def append_many(
+        self,
+        stream: str,
+        items: Sequence[bytes],
+        maxlen: int | None = None,
+        request_id: str | None = None,
+    ) -> list[int]:
+        """Append ``items`` in order in one atomic step and return their ids.
+        A repeated ``request_id`` returns the first call's ids without
+        appending again."""
         ...
 
-    def trim(self, stream: str, maxlen: int) -> int:
-        """Drop the oldest entries beyond ``maxlen``; return how many were dropped."""
+    def read(
+        self, stream: str, after: int = 0, limit: int = 100, wait: float = 0.0
+    ) -> list[StreamEntry]:
+        """Entries with id above ``after``, oldest first, at most ``limit``. With
+        ``wait`` > 0 and nothing to return, block up to ``wait`` seconds for an
+        entry to arrive (an append wakes a reader in another process within
+        milliseconds)."""
+        ...
+
+    def trim(
+        self,
+        stream: str,
+        maxlen: int | None = None,
+        min_id: int | None = None,
+        max_age: float | None = None,
+    ) -> int:
+        """Drop entries beyond the ``maxlen`` newest, with an id below
+        ``min_id``, or appended more than ``max_age`` seconds ago (wall clock);
+        return how many were dropped."""
+        ...
+
+
+class Subscription(Protocol):
+    """A live subscription; messages published after it was made are delivered."""
+
+    def get(self, timeout: float | None = None) -> Message | Gap | None:
+        """The next message, a Gap, or None after ``timeout`` seconds.
+
+        A Gap says messages may have been missed just before it: the
+        connection was lost (the subscription re-subscribes by itself and
+        delivers what is published after that) or the buffer overflowed. While
+        the backend stays away ``get`` raises BackendError."""
+        ...
+
+    def close(self) -> None:
+        """Stop receiving; idempotent."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class PubSub(Protocol):
+    """Best-effort broadcast: a subscriber may miss messages (disconnect,
+    overflow) and is told so by a Gap, so no correctness may depend on
+    delivery; invalidations and wake-ups re-sync from the store."""
+
+    def publish(self, channel: str, data: bytes) -> None:
+        """Send ``data`` to current subscribers of ``channel`` and of any
+        prefix of it."""
+        ...
+
+    def subscribe(self, channels: Sequence[str] = (), prefixes: Sequence[str] = ()) -> Subscription:
+        """Subscribe to ``channels`` and to every channel starting with one of
+        ``prefixes``."""
         ...
 
 
@@ -455,51 +817,40 @@ class Closeable(ABC):
         self.close()
 
 
-class Subscription(Protocol):
-    """A live subscription; messages published after it was made are delivered."""
+class Store(Protocol):
+    """A backend: one object per protocol, on one connection target.
 
-    def get(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None after ``timeout`` seconds.
-
-        Raises :class:`~taskspace.errors.SubscriptionLost` when the connection
-        behind the subscription was lost: messages may have been missed, and
-        the caller must re-sync from the store. The subscription resubscribes
-        by itself; the next ``get`` delivers what is published after that
-        (or raises BackendError while the backend is still away)."""
-        ...
-
-    def close(self) -> None:
-        """Stop receiving; idempotent."""
-        ...
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-
-class PubSub(Protocol):
-    """Best-effort broadcast: a subscriber may miss messages (disconnect,
-    overflow), so no correctness may depend on delivery; wake-ups and
-    invalidations must fall back to polling."""
-
-    def publish(self, channel: str, data: bytes) -> None:
-        """Send ``data`` to current subscribers of ``channel``."""
-        ...
-
-    def subscribe(self, channels: Sequence[str]) -> Subscription:
-        """Subscribe to ``channels``."""
-        ...
-
-
-class Store(QueueStore, LeaseStore, KVStore, StreamStore, PubSub, Clock, Protocol):
-    """A backend: all five protocols and the clock, on one connection target."""
+    ``space_id`` is the identity record of the space, created with it (the
+    first open with ``create=True``) and read when the store is opened.
+    """
 
     url: str
+    space_id: str
+
+    @property
+    def queue(self) -> QueueStore: ...
+
+    @property
+    def leases(self) -> LeaseStore: ...
+
+    @property
+    def kv(self) -> KVStore: ...
+
+    @property
+    def streams(self) -> StreamStore: ...
+
+    @property
+    def pubsub(self) -> PubSub: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    def check_space(self) -> None:
+        """Raise :class:`~taskspace.errors.SpaceLost` if the space's identity
+        record is gone or is no longer ``space_id`` (the space was wiped or
+        replaced); BackendError if it cannot be read. Callers check it on
+        reconnect and whenever a reply says their lease or task is gone."""
+        ...
 
     def close(self) -> None:
         """Release connections; the store may not be used afterwards."""

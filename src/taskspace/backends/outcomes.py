@@ -7,6 +7,8 @@ decides, it never touches a store.
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Literal
 
 from taskspace.backends.base import (
     ERROR_HISTORY_MAX,
@@ -18,27 +20,88 @@ from taskspace.backends.base import (
 )
 from taskspace.errors import ConfigError
 
+"""Events that move a running task: an outcome its worker reports, or ``expired``."""
+RunningEvent = Literal["succeeded", "failed", "cancelled", "retry", "release", "expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Where a running task goes on one event: ``normal`` when it has attempts
+    left and no cancel was requested, ``exhausted`` when its attempts are used
+    up (``attempts >= max_attempts``), ``on_cancel`` when a cancel was
+    requested (which wins over ``exhausted``)."""
+
+    normal: TaskState
+    exhausted: TaskState
+    on_cancel: TaskState
+
+
+# THE task state machine of a running task. Every backend applies it: memory
+# and SQLite through running_transition, Redis through the Lua table that
+# lua_rules() generates from it at script load time. The conformance suite
+# (tests/conformance/test_transitions.py) drives every backend through every
+# row and compares.
+RUNNING_TRANSITIONS: dict[RunningEvent, Rule] = {
+    "succeeded": Rule("succeeded", "succeeded", "succeeded"),
+    "failed": Rule("failed", "failed", "failed"),
+    "cancelled": Rule("cancelled", "cancelled", "cancelled"),
+    # A retry past max_attempts fails; a cancelled task never runs again.
+    "retry": Rule("queued", "failed", "cancelled"),
+    # A release gives the task back unstarted: its claim is not an attempt.
+    "release": Rule("queued", "queued", "cancelled"),
+    # The lease expired: the worker died or stalled.
+    "expired": Rule("queued", "dead", "cancelled"),
+}
+# The states ``retry`` requeues, and the ones ``cancel`` ends at once (a
+# running task only gets a cancel request; a final one is left alone).
+RETRYABLE_STATES: frozenset[TaskState] = frozenset({"failed", "dead"})
+CANCEL_AT_ONCE_STATES: frozenset[TaskState] = frozenset({"queued"})
+
+
+def running_transition(
+    event: RunningEvent, cancel_requested: bool, attempts: int, max_attempts: int
+) -> TaskState:
+    """The state a running task moves to on ``event`` (see RUNNING_TRANSITIONS)."""
+    rule = RUNNING_TRANSITIONS[event]
+    if cancel_requested:
+        return rule.on_cancel
+    return rule.normal if attempts < max_attempts else rule.exhausted
+
 
 def outcome_state(outcome: Outcome, rec: TaskRecord) -> TaskState:
-    """The state a running task moves to when its worker reports ``outcome``.
-
-    A retry past ``max_attempts`` fails; a retry or release of a task whose
-    cancel was requested ends ``cancelled`` rather than running again.
-    """
-    if outcome.kind in ("succeeded", "failed", "cancelled"):
-        return outcome.kind
-    if rec.cancel_requested:
-        return "cancelled"
-    if outcome.kind == "release":
-        return "queued"
-    return "queued" if rec.attempts < rec.max_attempts else "failed"
+    """The state a running task moves to when its worker reports ``outcome``."""
+    return running_transition(outcome.kind, rec.cancel_requested, rec.attempts, rec.max_attempts)
 
 
 def expired_state(rec: TaskRecord) -> TaskState:
     """The state of a running task whose lease expired (its worker died or stalled)."""
-    if rec.cancel_requested:
-        return "cancelled"
-    return "queued" if rec.attempts < rec.max_attempts else "dead"
+    return running_transition("expired", rec.cancel_requested, rec.attempts, rec.max_attempts)
+
+
+def lua_rules() -> str:
+    """RUNNING_TRANSITIONS, RETRYABLE_STATES and CANCEL_AT_ONCE_STATES as Lua
+    source with a ``transition(event, cancel_requested, attempts,
+    max_attempts)`` function: the Redis scripts are loaded with it, so they
+    never restate the rules."""
+    rows = ",\n".join(
+        f"  {event} = {{normal = '{r.normal}', exhausted = '{r.exhausted}',"
+        f" on_cancel = '{r.on_cancel}'}}"
+        for event, r in RUNNING_TRANSITIONS.items()
+    )
+    retryable = ", ".join(f"{state} = true" for state in sorted(RETRYABLE_STATES))
+    at_once = ", ".join(f"{state} = true" for state in sorted(CANCEL_AT_ONCE_STATES))
+    return (
+        "-- Generated from taskspace.backends.outcomes: do not edit here.\n"
+        f"local RUNNING_TRANSITIONS = {{\n{rows}\n}}\n"
+        f"local RETRYABLE_STATES = {{{retryable}}}\n"
+        f"local CANCEL_AT_ONCE_STATES = {{{at_once}}}\n"
+        "local function transition(event, cancel_requested, attempts, max_attempts)\n"
+        "  local rule = RUNNING_TRANSITIONS[event]\n"
+        "  if cancel_requested then return rule.on_cancel end\n"
+        "  if attempts < max_attempts then return rule.normal end\n"
+        "  return rule.exhausted\n"
+        "end\n"
+    )
 
 
 def with_history(error: ErrorInfo, previous: ErrorInfo | None) -> ErrorInfo:

@@ -40,7 +40,7 @@ def _decoded(space: Space, record: TaskRecord, data: bytes | None) -> Any:
 
 
 def _detail(space: Space, record: TaskRecord) -> dict[str, Any]:
-    now = space.store.now()
+    now = space.store.clock.now()
     doc = _summary(record, now)
     doc.update(
         arguments=_decoded(space, record, record.payload),
@@ -142,7 +142,7 @@ def list_tasks(state: str | None, queue: str | None, name: str | None, limit: in
     """List tasks in submission order (oldest first)."""
     space = existing_space(url)
     page = space.tasks(state=state, queue=queue, name=name, limit=limit, after=after)
-    now = space.store.now()
+    now = space.store.clock.now()
     if as_json:
         import orjson
 
@@ -197,7 +197,7 @@ def retry_tasks(task_id: str | None, state: str | None, queue: str | None,
         return
     ids = [r.id for r in space.iter_tasks(state=state, queue=queue)]
     for tid in ids:
-        space.store.retry(tid)
+        space.store.queue.retry(tid)
     click.echo(f"requeued {len(ids)} {state} task(s)")
 
 
@@ -234,5 +234,5 @@ def purge_queue(queue: str, states: tuple[str, ...], yes: bool, url: str | None)
     n = sum(count.get(s, 0) for s in chosen)
     if not yes:
         click.confirm(f"delete {n} {'/'.join(chosen)} task(s) of queue {queue!r}?", abort=True)
-    deleted = space.store.purge(queue, chosen)
+    deleted = space.store.queue.purge(queue, chosen)
     click.echo(f"deleted {deleted} task(s) from queue {queue!r}")

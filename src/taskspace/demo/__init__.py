@@ -77,7 +77,7 @@ class _Fleet:
 
 
 def _records(space: Space, handles: list[Handle]) -> list[TaskRecord]:
-    return [space.store.get(h.id) for h in handles]  # type: ignore[misc]
+    return [space.store.queue.get(h.id) for h in handles]  # type: ignore[misc]
 
 
 def _leaderboard(records: list[TaskRecord], space: Space, killed_pid: int | None) -> Table:

@@ -44,14 +44,14 @@ class Handle:
 
     def info(self) -> TaskRecord:
         """The task's full record; raises TaskNotFound if the store holds no such task."""
-        record = self.space.store.get(self.id)
+        record = self.space.store.queue.get(self.id)
         if record is None:
             raise TaskNotFound(self.id)
         return record
 
     def status(self) -> TaskState:
         """queued | running | succeeded | failed | dead | cancelled; reads only the state."""
-        state = self.space.store.state(self.id)
+        state = self.space.store.queue.state(self.id)
         if state is None:
             raise TaskNotFound(self.id)
         return state
@@ -68,7 +68,7 @@ class Handle:
         after the request."""
         if not isinstance(terminate, bool):
             raise ConfigError(f"terminate must be True or False, got {terminate!r}")
-        state = self.space.store.cancel(self.id, terminate=terminate)
+        state = self.space.store.queue.cancel(self.id, terminate=terminate)
         if state is None:
             raise TaskNotFound(self.id)
         return state
@@ -81,7 +81,7 @@ class Handle:
             raise ConfigError(
                 f"task {self.id} is {before}; only failed or dead tasks can be retried"
             )
-        state = self.space.store.retry(self.id)
+        state = self.space.store.queue.retry(self.id)
         if state is None:
             raise TaskNotFound(self.id)
         return state
@@ -107,7 +107,7 @@ class Handle:
         while True:
             try:
                 # Waiting first saves a round trip: it returns at once if the task ended.
-                self.space.store.wait_for_finish([self.id], min(remaining, WAIT_SLICE_S))
+                self.space.store.queue.wait_for_finish([self.id], min(remaining, WAIT_SLICE_S))
                 record = self.info()
             except BackendError as exc:
                 # The backend is away (restart, failover): keep waiting until the deadline.

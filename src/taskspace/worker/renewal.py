@@ -73,7 +73,7 @@ class Renewer:
         statuses: dict[str, LeaseStatus] = {}
         if leases:
             store = self.w._renew_store or self.w.store
-            renewed = self.w.health.call("renew", lambda: store.renew(leases))
+            renewed = self.w.health.call("renew", lambda: store.queue.renew(leases))
             if isinstance(renewed, Failed):
                 return
             statuses = renewed

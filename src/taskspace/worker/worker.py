@@ -289,7 +289,9 @@ class Worker:
                 return
             waited = self.health.call(
                 "wait",
-                lambda: self.store.wait_for_tasks(queues, self.config.idle_wait, names=self._names),
+                lambda: self.store.queue.wait_for_tasks(
+                    queues, self.config.idle_wait, names=self._names
+                ),
             )
             if isinstance(waited, Failed):
                 self._stopping.wait(self.config.idle_wait)
@@ -314,7 +316,7 @@ class Worker:
         with the same request id (a lost reply then returns what it leased)."""
         request = os.urandom(8).hex()
         claim = partial(
-            self.store.claim, self.config.queues, self.name, n, request, names=self._names
+            self.store.queue.claim, self.config.queues, self.name, n, request, names=self._names
         )
         while not self._stopping.is_set():
             records = self.health.call("claim", claim)
@@ -332,7 +334,7 @@ class Worker:
         does not know belong to other apps' workers, and do not hold it up)."""
         if self._running or len(self._outbox):
             return False
-        stats = self.health.call("stats", self.store.stats)
+        stats = self.health.call("stats", self.store.queue.stats)
         if isinstance(stats, Failed):
             return False
         live = ("queued", "running")
@@ -343,7 +345,7 @@ class Worker:
 
     def _any_task_of_mine(self, states: Sequence[str]) -> bool:
         return any(
-            self.store.list(state=state, queue=queue, name=name, limit=1)
+            self.store.queue.list(state=state, queue=queue, name=name, limit=1)
             for state in states
             for queue in self.config.queues
             for name in self._names
@@ -448,7 +450,7 @@ class Worker:
 
     def _report_progress(self, lease: Lease, done: float, total: float) -> None:
         # Runs in the task's own code: a store failure must never reach it.
-        self.health.call("progress", lambda: self.store.progress(lease, done, total))
+        self.health.call("progress", lambda: self.store.queue.progress(lease, done, total))
 
     def _tally(self, items: list[tuple[Lease, Outcome]], accepted: list[bool]) -> None:
         for (lease, outcome), ok in zip(items, accepted, strict=False):
@@ -489,13 +491,13 @@ class Worker:
             self._next_beat = now + self.config.heartbeat_interval
 
     def _maintain(self) -> None:
-        self.store.requeue_expired()
-        self.store.promote_due()
+        self.store.queue.requeue_expired()
+        self.store.queue.promote_due()
         # Retention: finished tasks past their result_ttl and expired KV
         # entries. Bounded per pass so that maintenance stays short; a backlog
         # is worked off over the next passes.
         for _ in range(REAP_BATCHES_PER_PASS):
-            if self.store.reap(REAP_BATCH) < REAP_BATCH:
+            if self.store.queue.reap(REAP_BATCH) < REAP_BATCH:
                 break
 
     def _heartbeat(self) -> None:

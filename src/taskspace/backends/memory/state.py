@@ -15,22 +15,32 @@ if TYPE_CHECKING:
 
 
 class MonotonicClock:
-    """The host's monotonic clock."""
+    """The host's monotonic clock (lease clock) and wall clock."""
 
     def now(self) -> float:
         return time.monotonic()
 
+    def wall(self) -> float:
+        return time.time()
+
 
 class ManualClock:
-    """A clock that moves only when told to; for deterministic tests."""
+    """A clock that moves only when told to; for deterministic tests (as
+    trio's MockClock). ``wall()`` moves with it from the wall time at creation."""
 
     def __init__(self, start: float = 1000.0) -> None:
         self._now = start
+        self._start = start
+        self._wall0 = time.time()
         self._lock = threading.Lock()
 
     def now(self) -> float:
         with self._lock:
             return self._now
+
+    def wall(self) -> float:
+        with self._lock:
+            return self._wall0 + (self._now - self._start)
 
     def advance(self, seconds: float) -> None:
         """Move the clock forward by ``seconds`` (never backwards)."""

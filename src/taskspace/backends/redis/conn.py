@@ -16,15 +16,10 @@ from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from taskspace.backends.outcomes import lua_rules
 from taskspace.errors import BackendError, InvalidURL, MissingDependency
 
 T = TypeVar("T")
-SCRIPTS = (
-    "push", "claim", "renew", "finish", "progress", "requeue", "promote", "cancel", "watch",
-    "next_due", "retry", "purge", "reap", "list", "lease_acquire", "lease_renew",
-    "lease_release", "lease_holders", "kv_get", "kv_set", "kv_incr", "kv_delete", "kv_scan",
-    "append",
-)  # fmt: skip
 DEFAULT_NAMESPACE = "default"
 SOCKET_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 2.0
@@ -48,6 +43,18 @@ def import_redis() -> Any:
             "the Redis backend needs redis-py: pip install 'taskspace[redis]'"
         ) from None
     return redis
+
+
+def load_scripts() -> dict[str, str]:
+    """Every script of ``lua/`` by name, each prefixed with the task state
+    rules generated from ``outcomes`` and with ``common.lua``."""
+    lua = resources.files(__package__).joinpath("lua")
+    prelude = lua_rules() + lua.joinpath("common.lua").read_text()
+    return {
+        entry.name.removesuffix(".lua"): prelude + entry.read_text()
+        for entry in lua.iterdir()
+        if entry.name.endswith(".lua") and entry.name != "common.lua"
+    }
 
 
 def split_namespace(url: str) -> tuple[str, str | None]:
@@ -92,11 +99,8 @@ class RedisConnection:
         self.client: Any = _client(redis_mod, url, plain, SOCKET_TIMEOUT_S, CONNECT_TIMEOUT_S)
         self.reads: Any = _client(redis_mod, url, plain, READ_TIMEOUT_S, READ_TIMEOUT_S)
         self._errors: tuple[type[BaseException], ...] = (redis_mod.RedisError, OSError)
-        lua = resources.files(__package__).joinpath("lua")
-        common = lua.joinpath("common.lua").read_text()
         self._scripts = {
-            name: self.client.register_script(common + lua.joinpath(f"{name}.lua").read_text())
-            for name in SCRIPTS
+            name: self.client.register_script(source) for name, source in load_scripts().items()
         }
 
     def call(self, op: Callable[[], T]) -> T:

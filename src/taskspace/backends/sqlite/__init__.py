@@ -31,7 +31,7 @@ in the same process.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Self
+from typing import Any, Self
 
 from taskspace.backends.sqlite.base import BOOT_ID_PATH, SQLiteSettings, boot_id
 from taskspace.backends.sqlite.other import SQLiteOther, SQLiteSubscription, Waiter
@@ -51,8 +51,8 @@ class SQLiteStore(SQLiteQueue, SQLiteOther):
     def clock(self) -> Self:
         return self
 
-    def __init__(self, settings: SQLiteSettings, url: str) -> None:
-        super().__init__(settings, url)
+    def __init__(self, settings: SQLiteSettings, url: str, clock: Any = None) -> None:
+        super().__init__(settings, url)  # TODO(contract v2): use an injected clock
         self._waiter = Waiter(self)
 
     def reap(self, limit: int = 1000) -> int:

@@ -24,6 +24,21 @@ local function clock()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
+-- The next n fencing tokens of the space (one counter for task claims and
+-- lease grants): strictly above every earlier one and never below the server's
+-- wall clock in microseconds, so a counter that lost its last writes (a
+-- failover to a replica that missed them, a wiped space) still restarts above
+-- every token handed out before. Returns the first; the n are consecutive.
+-- (taskspace.backends.base.next_token states the same rule.)
+local function next_tokens(n)
+  local t = redis.call('TIME')
+  local wall_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', P .. 'token') or '0')
+  local first = math.max(last + 1, wall_us)
+  redis.call('SET', P .. 'token', string.format('%d', first + n - 1))
+  return first
+end
+
 -- Times as text with microseconds (Lua's tostring keeps only 14 digits).
 local function fmt(x) return string.format('%.6f', x) end
 
