@@ -46,15 +46,21 @@ def import_redis() -> Any:
 
 
 def load_scripts() -> dict[str, str]:
-    """Every script of ``lua/`` by name, each prefixed with the task state
-    rules generated from ``outcomes`` and with ``common.lua``."""
+    """Every script of ``lua/`` by name. Each is prefixed with the task state
+    rules generated from ``outcomes``, with ``common.lua`` and, for a script
+    named ``<group>_<verb>.lua``, with the library ``_<group>.lua`` if there
+    is one (functions its group shares)."""
     lua = resources.files(__package__).joinpath("lua")
     prelude = lua_rules() + lua.joinpath("common.lua").read_text()
-    return {
-        entry.name.removesuffix(".lua"): prelude + entry.read_text()
-        for entry in lua.iterdir()
-        if entry.name.endswith(".lua") and entry.name != "common.lua"
-    }
+    files = {e.name: e for e in lua.iterdir() if e.name.endswith(".lua")}
+    scripts = {}
+    for name, entry in files.items():
+        if name == "common.lua" or name.startswith("_"):
+            continue
+        library = files.get("_" + name.split("_")[0].removesuffix(".lua") + ".lua")
+        extra = library.read_text() if library is not None else ""
+        scripts[name.removesuffix(".lua")] = prelude + extra + entry.read_text()
+    return scripts
 
 
 def split_namespace(url: str) -> tuple[str, str | None]:

@@ -24,6 +24,12 @@ local function clock()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
+-- The wall clock (Unix epoch seconds) for times a person reads.
+local function wall()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
 -- The next n fencing tokens of the space (one counter for task claims and
 -- lease grants): strictly above every earlier one and never below the server's
 -- wall clock in microseconds, so a counter that lost its last writes (a
