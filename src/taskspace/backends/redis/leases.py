@@ -1,16 +1,47 @@
-"""LeaseStore on Redis (contract v2; work in progress)."""
+"""LeaseStore on Redis: named leases with capacity, fencing tokens and waits.
+
+Layout and retention (keys under the space prefix P; see ``lua/_lease.lua``):
+
+- ``lz:<name>`` (zset grant id -> expiry) and ``lg:<name>\\n<id>`` (hash per
+  grant): the live grants. A grant's hash carries a Redis expiry one second
+  past its own, and every acquire/wait prunes expired grants of the name, so
+  nothing outlives its grant by more than a second or the next use of the name.
+- ``lc:<name>``: the capacity, kept while the name has live grants.
+- ``lwn:<name>`` / ``lw:<name>``: registered waiters and the wake tokens a
+  release pushes for them (at most 64, expiring within seconds).
+
+Tokens come from the space's one fencing counter (``next_tokens`` in
+``lua/common.lua``), shared with task claims.
+"""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 
 from taskspace.backends.base import Grant
 from taskspace.backends.redis.conn import RedisConnection
+from taskspace.errors import ConfigError
+
+# One BLPOP of a wait lasts at most this long (below the reads client's socket
+# timeout, conn.READ_TIMEOUT_S), so a stalled connection fails a wait quickly.
+WAIT_STEP_S = 0.5
+
+
+def check_ttl(ttl: float) -> None:
+    """ConfigError unless ``ttl`` is a positive number of seconds."""
+    if not ttl > 0:
+        raise ConfigError(f"ttl must be positive seconds, got {ttl!r}")
+
+
+def _grant(name: str, row: Sequence[bytes]) -> Grant:
+    gid, holder, token, expires, data = row
+    return Grant(name, gid.decode(), holder.decode(), int(token), float(expires), data)
 
 
 class RedisLeases:
-    """Named leases (see base.LeaseStore)."""
+    """Named leases (see base.LeaseStore); every call is one Lua script."""
 
     def __init__(self, conn: RedisConnection) -> None:
         self._conn = conn
@@ -24,33 +55,58 @@ class RedisLeases:
         data: bytes = b"",
         grant_id: str | None = None,
     ) -> Grant | None:
+        if capacity < 1:
+            raise ConfigError(f"capacity must be at least 1, got {capacity!r}")
+        check_ttl(ttl)
         gid = grant_id or uuid.uuid4().hex
-        reply = self._conn.run("lease_acquire", [name, gid, capacity, repr(float(ttl))])
-        if reply is None:
-            return None
-        return Grant(name, gid, holder, int(reply[0]), float(reply[1]), data)
+        args = [name, gid, holder, int(capacity), repr(float(ttl)), data]
+        reply = self._conn.run("lease_acquire", args)
+        kind = reply[0]
+        if kind == b"ok":
+            return _grant(name, reply[1:])
+        if kind == b"capacity":
+            raise ConfigError(
+                f"lease {name!r} is held with capacity {int(reply[1])}, "
+                f"not {capacity}: every acquirer must agree on a name's capacity"
+            )
+        return None
 
     def renew(self, grants: Sequence[Grant], ttl: float) -> list[Grant | None]:
-        out: list[Grant | None] = []
+        check_ttl(ttl)
+        if not grants:
+            return []
+        args: list[object] = [repr(float(ttl))]
         for g in grants:
-            reply = self._conn.run("lease_renew", [g.name, g.id, g.token, repr(float(ttl))])
-            out.append(
-                None
-                if reply is None
-                else Grant(g.name, g.id, g.holder, g.token, float(reply), g.data)
-            )
-        return out
+            args += [g.name, g.id, g.token]
+        replies = self._conn.run("lease_renew", args)
+        return [
+            None
+            if reply is None
+            else Grant(g.name, g.id, g.holder, g.token, float(reply), g.data)
+            for g, reply in zip(grants, replies, strict=True)
+        ]
 
     def release(self, grant: Grant) -> bool:
         return bool(self._conn.run("lease_release", [grant.name, grant.id, grant.token]))
 
     def holders(self, name: str) -> list[Grant]:
-        flat = self._conn.run("lease_holders", [name])
-        grants = [
-            Grant(name, flat[i].decode(), flat[i].decode(), int(flat[i + 1]), float(flat[i + 2]))
-            for i in range(0, len(flat), 3)
-        ]
-        return sorted(grants, key=lambda g: g.token)
+        rows = self._conn.run("lease_holders", [name], read=True)
+        return sorted((_grant(name, row) for row in rows), key=lambda g: g.token)
 
     def wait(self, name: str, timeout: float) -> None:
-        self._conn.block([f"{self._conn.prefix}leasewake:{name}"], min(timeout, 0.05))
+        """Blocks in BLPOP (steps of WAIT_STEP_S on the reads client) on the
+        name's wake list, which ``release`` fills for registered waiters, until
+        a release, the earliest live grant's expiry, or ``timeout``."""
+        conn = self._conn
+        key = f"{conn.prefix}lw:{name}"
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            step = min(left, WAIT_STEP_S)
+            until_expiry = float(conn.run("lease_wait", [name, repr(step)]))
+            if until_expiry <= 0:
+                return
+            block = max(0.001, min(step, until_expiry))
+            if conn.call(lambda: conn.reads.blpop([key], timeout=block)) is not None:
+                return
+            if until_expiry <= step:
+                return

@@ -1,18 +1,20 @@
--- ARGV: name holder capacity ttl. {token, expires} or nil when full.
+-- ARGV: name grant_id holder capacity ttl data.
+-- {'ok', id, holder, token, expires, data}: the new grant, or the live grant
+-- with this id unchanged (a retried acquire); {'full'}; {'capacity', live_capacity}.
+local name, id, holder = ARGV[1], ARGV[2], ARGV[3]
+local capacity, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = clock()
-local name, holder = ARGV[1], ARGV[2]
-local z, h = P .. 'lease:' .. name, P .. 'leasetok:' .. name
-for _, gone in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', now)) do
-  redis.call('ZREM', z, gone)
-  redis.call('HDEL', h, gone)
+local live = lease_prune(name, now)
+local existing = grant_read(name, id)
+if existing and existing.expires > now then
+  return {'ok', unpack(grant_reply(existing))}
 end
-local expires = now + tonumber(ARGV[4])
-if redis.call('ZSCORE', z, holder) then
-  redis.call('ZADD', z, expires, holder)
-  return {redis.call('HGET', h, holder), fmt(expires)}
-end
-if redis.call('ZCARD', z) >= tonumber(ARGV[3]) then return false end
-local token = redis.call('INCR', P .. 'leasectr:' .. name)
-redis.call('ZADD', z, expires, holder)
-redis.call('HSET', h, holder, token)
-return {string.format('%d', token), fmt(expires)}
+local stored = redis.call('GET', lease_cap_key(name))
+if live > 0 and stored and tonumber(stored) ~= capacity then return {'capacity', stored} end
+if live >= capacity then return {'full'} end
+local g = {id = id, holder = holder, token = string.format('%d', next_tokens(1)),
+  expires = now + ttl, data = ARGV[6]}
+grant_write(name, g, now)
+redis.call('SET', lease_cap_key(name), capacity)
+lease_cap_expire(name, now)
+return {'ok', unpack(grant_reply(g))}

@@ -1,11 +1,11 @@
--- ARGV: name. Flat list holder, token, expires of live grants.
+-- ARGV: name. The live grants, oldest token first: {id, holder, token, expires, data} each.
+-- Read-only (runs on the reads client): expired grants are skipped, not pruned.
+local name = ARGV[1]
 local now = clock()
-local z, h = P .. 'lease:' .. ARGV[1], P .. 'leasetok:' .. ARGV[1]
-local live = redis.call('ZRANGEBYSCORE', z, '(' .. now, '+inf', 'WITHSCORES')
+local ids = redis.call('ZRANGEBYSCORE', lease_zset(name), '(' .. now, '+inf')
 local out = {}
-for i = 1, #live, 2 do
-  out[#out + 1] = live[i]
-  out[#out + 1] = redis.call('HGET', h, live[i])
-  out[#out + 1] = live[i + 1]
+for _, id in ipairs(ids) do
+  local g = grant_read(name, id)
+  if g and g.expires > now then out[#out + 1] = grant_reply(g) end
 end
 return out

@@ -1,10 +1,9 @@
--- ARGV: name holder token. 1 if released, 0 if no longer held.
+-- ARGV: name id token. 1 if released (waiters woken), 0 if no longer current.
+local name, id = ARGV[1], ARGV[2]
 local now = clock()
-local z, h = P .. 'lease:' .. ARGV[1], P .. 'leasetok:' .. ARGV[1]
-local expires = redis.call('ZSCORE', z, ARGV[2])
-if not expires or tonumber(expires) <= now or redis.call('HGET', h, ARGV[2]) ~= ARGV[3] then
-  return 0
-end
-redis.call('ZREM', z, ARGV[2])
-redis.call('HDEL', h, ARGV[2])
+if not grant_current(name, id, ARGV[3], now) then return 0 end
+redis.call('DEL', grant_key(name, id))
+redis.call('ZREM', lease_zset(name), id)
+lease_cap_expire(name, now)
+lease_wake(name)
 return 1

@@ -1,10 +1,19 @@
--- ARGV: name holder token ttl. The new expiry, or nil if the grant was lost.
+-- ARGV: ttl, then name id token per grant. Per grant its new expiry, or false if lost.
 local now = clock()
-local z, h = P .. 'lease:' .. ARGV[1], P .. 'leasetok:' .. ARGV[1]
-local expires = redis.call('ZSCORE', z, ARGV[2])
-if not expires or tonumber(expires) <= now or redis.call('HGET', h, ARGV[2]) ~= ARGV[3] then
-  return false
+local expires = now + tonumber(ARGV[1])
+local out = {}
+local touched = {}
+for i = 2, #ARGV, 3 do
+  local name, id, token = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local g = grant_read(name, id)
+  if g and g.token == token and g.expires > now then
+    g.expires = expires
+    grant_write(name, g, now)
+    touched[name] = true
+    out[#out + 1] = fmt(expires)
+  else
+    out[#out + 1] = false
+  end
 end
-local new = now + tonumber(ARGV[4])
-redis.call('ZADD', z, new, ARGV[2])
-return fmt(new)
+for name in pairs(touched) do lease_cap_expire(name, now) end
+return out

@@ -1,0 +1,81 @@
+-- Named leases (library of the lease_* scripts; kv_txn reads it too, for GrantHeld).
+--
+-- Keys of a name N (all deleted or expiring once N has no live grant):
+--   lz:N          zset: grant id -> expires (lease clock); the live grants.
+--   lg:N\nID      hash: holder, token, expires, data; one grant. PEXPIREd at its
+--                 expiry (+ GRANT_SLACK_MS), deleted by release or pruning.
+--   lc:N          the capacity while N has live grants (PEXPIREd with the last grant).
+--   lwn:N         waiters registered by lease_wait (expires with their wait).
+--   lw:N          wake tokens pushed by release for those waiters (expires after WAKE_KEEP_MS).
+local GRANT_SLACK_MS = 1000
+local WAKE_KEEP_MS = 2000
+
+local function lease_zset(name) return P .. 'lz:' .. name end
+local function lease_cap_key(name) return P .. 'lc:' .. name end
+local function grant_key(name, id) return P .. 'lg:' .. name .. '\n' .. id end
+
+-- The grant `id` of `name` as a record with named fields, or nil.
+local function grant_read(name, id)
+  local f = redis.call('HMGET', grant_key(name, id), 'holder', 'token', 'expires', 'data')
+  if not f[2] then return nil end
+  return {id = id, holder = f[1], token = f[2], expires = tonumber(f[3]), data = f[4] or ''}
+end
+
+-- The reply form of a grant: {id, holder, token, expires, data}.
+local function grant_reply(g)
+  return {g.id, g.holder, g.token, fmt(g.expires), g.data}
+end
+
+-- True if grant `id` of `name` exists with `token` and has not expired at `now`.
+local function grant_current(name, id, token, now)
+  local g = grant_read(name, id)
+  return g ~= nil and g.token == token and g.expires > now
+end
+
+-- Keep the capacity key as long as the longest-lived grant, no longer.
+local function lease_cap_expire(name, now)
+  local last = redis.call('ZRANGE', lease_zset(name), -1, -1, 'WITHSCORES')
+  if last[2] then
+    local ms = math.ceil((tonumber(last[2]) - now) * 1000) + GRANT_SLACK_MS
+    redis.call('PEXPIRE', lease_cap_key(name), math.max(ms, 1))
+  else
+    redis.call('DEL', lease_cap_key(name))
+  end
+end
+
+-- Drop the expired grants of `name`; returns how many live ones remain.
+local function lease_prune(name, now)
+  local z = lease_zset(name)
+  local gone = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+  for _, id in ipairs(gone) do
+    redis.call('ZREM', z, id)
+    redis.call('DEL', grant_key(name, id))
+  end
+  local live = redis.call('ZCARD', z)
+  if live == 0 and #gone > 0 then redis.call('DEL', lease_cap_key(name)) end
+  return live
+end
+
+-- Store grant `g` of `name` (new or renewed).
+local function grant_write(name, g, now)
+  local ms = math.ceil((g.expires - now) * 1000) + GRANT_SLACK_MS
+  local k = grant_key(name, g.id)
+  redis.call('HSET', k, 'holder', g.holder, 'token', g.token, 'expires', fmt(g.expires),
+    'data', g.data)
+  redis.call('PEXPIRE', k, ms)
+  redis.call('ZADD', lease_zset(name), g.expires, g.id)
+end
+
+-- Wake every waiter registered on `name` (one token each, at most 64).
+local function lease_wake(name)
+  local n = tonumber(redis.call('GET', P .. 'lwn:' .. name) or '0')
+  if n > 0 then
+    local ones = {}
+    for i = 1, math.min(n, 64) do ones[i] = '1' end
+    local w = P .. 'lw:' .. name
+    redis.call('RPUSH', w, unpack(ones))
+    redis.call('LTRIM', w, -64, -1)
+    redis.call('PEXPIRE', w, WAKE_KEEP_MS)
+    redis.call('DEL', P .. 'lwn:' .. name)
+  end
+end
