@@ -80,9 +80,7 @@ class RedisLeases:
             args += [g.name, g.id, g.token]
         replies = self._conn.run("lease_renew", args)
         return [
-            None
-            if reply is None
-            else Grant(g.name, g.id, g.holder, g.token, float(reply), g.data)
+            None if reply is None else Grant(g.name, g.id, g.holder, g.token, float(reply), g.data)
             for g, reply in zip(grants, replies, strict=True)
         ]
 
@@ -106,7 +104,12 @@ class RedisLeases:
             if until_expiry <= 0:
                 return
             block = max(0.001, min(step, until_expiry))
-            if conn.call(lambda: conn.reads.blpop([key], timeout=block)) is not None:
+            if self._pop(key, block):
                 return
             if until_expiry <= step:
                 return
+
+    def _pop(self, key: str, timeout: float) -> bool:
+        """BLPOP ``key`` for up to ``timeout`` s on the reads client; True if woken."""
+        conn = self._conn
+        return conn.call(lambda: conn.reads.blpop([key], timeout=timeout)) is not None
