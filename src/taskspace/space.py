@@ -29,13 +29,13 @@ from taskspace.backends.base import (
     push_chunks,
 )
 from taskspace.codec import DEFAULT_MAX_PAYLOAD, SERIALIZERS, Codec, get_codec
-from taskspace.errors import BackendError, ConfigError, TaskNotFound, UnknownTask
+from taskspace.errors import BackendError, ConfigError, SpaceLost, TaskNotFound, UnknownTask
 from taskspace.tasks.handle import Handle
 from taskspace.tasks.options import TaskOptions
 from taskspace.tasks.task import Task
 
 if TYPE_CHECKING:
-    from taskspace.worker.worker import WorkerReport
+    from taskspace.worker.report import WorkerReport
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -117,7 +117,9 @@ class Space(Closeable):
 
     @property
     def store(self) -> Store:
-        """The backend store, opened on first use."""
+        """The backend store, opened on first use: one object per protocol
+        (``store.queue``, ``store.leases``, ``store.kv``, ``store.streams``,
+        ``store.pubsub``, ``store.clock``) and ``store.check_space()``."""
         if self._store is None:
             with self._store_lock:
                 if self._store is None:
@@ -218,16 +220,20 @@ class Space(Closeable):
             try:
                 return self.store.queue.push(chunk)
             except BackendError as exc:
-                if time.monotonic() + delay > deadline:
+                if isinstance(exc, SpaceLost) or time.monotonic() + delay > deadline:
                     raise
                 log.warning("submit failed, retrying in %.2f s: %s", delay, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, PUSH_BACKOFF_MAX_S)
 
     def handle(self, task_id: str) -> Handle:
-        """Re-attach to a task submitted anywhere; raises TaskNotFound if there is none."""
-        if not isinstance(task_id, str) or self.store.queue.state(task_id) is None:
+        """Re-attach to a task submitted anywhere; raises TaskNotFound if there is
+        none (SpaceLost if the space was wiped or replaced)."""
+        if not isinstance(task_id, str):
             raise TaskNotFound(str(task_id))
+        if self.store.queue.state(task_id) is None:
+            self.store.check_space()
+            raise TaskNotFound(task_id)
         return Handle(self, task_id)
 
     def tasks(

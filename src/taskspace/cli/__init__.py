@@ -91,7 +91,15 @@ manage.register(main)
 def worker(app: str, processes: int, concurrency: int, queues: str, burst: bool,
            url: str | None, shutdown_grace: float, log_level: str,
            log_format: str) -> None:  # fmt: skip
-    """Run workers for APP (module:attribute naming a Space)."""
+    """Run workers for APP (module:attribute naming a Space).
+
+    \b
+    Exit codes: 0 stopped (or drained, with --burst); 2 a usage or startup
+    error; 3 every slot held a task stuck past its timeout (restart it);
+    4 the space was wiped or replaced (FLUSHALL, a Redis restarted without
+    persistence, a deleted SQLite file): its tasks are gone, and the worker
+    stops rather than serve a new, empty space. Not restarted by --processes.
+    """
     _setup_logging(log_level, log_format)
     space = load_space(app, url)
     options: dict[str, Any] = {
@@ -99,9 +107,13 @@ def worker(app: str, processes: int, concurrency: int, queues: str, burst: bool,
         "shutdown_grace": shutdown_grace,
     }  # fmt: skip
     if processes == 1:
+        from taskspace.worker.config import EXIT_SPACE_LOST, EXIT_WEDGED
+
         report = space.run_worker(**options)
+        if report.space_lost:
+            sys.exit(EXIT_SPACE_LOST)
         if report.wedged:
-            sys.exit(3)  # a supervisor restarts us; stuck task threads die with the process
+            sys.exit(EXIT_WEDGED)  # a supervisor restarts us; stuck task threads die with us
         return
     from taskspace.worker.config import WorkerConfig
     from taskspace.worker.supervisor import Supervisor

@@ -1,5 +1,6 @@
 """What every command shares: loading an app's Space, opening a space by URL,
-and turning taskspace errors into one line on stderr with exit code 2."""
+and turning taskspace errors into one line on stderr with exit code 2 (4 for
+SpaceLost: the space was wiped or replaced, as ``taskspace worker`` exits)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from typing import Any, TypeVar
 
 import click
 
-from taskspace.errors import ConfigError, TaskspaceError
+from taskspace.errors import ConfigError, SpaceLost, TaskspaceError
 from taskspace.space import Space
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_ERROR = 2
+EXIT_SPACE_LOST = 4  # = taskspace.worker.config.EXIT_SPACE_LOST (not imported: --help stays quick)
 
 URL_HELP = "Backend URL (default: $TASKSPACE_URL, else sqlite:///.taskspace/space.db)."
 
@@ -49,16 +53,25 @@ def existing_space(url: str | None) -> Space:
     return Space(url, create=False)
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def guard(fn: F) -> F:
-    """Turn taskspace errors into one clear line on stderr and exit code 2."""
+    """Turn taskspace errors into one clear line on stderr and exit code 2;
+    SpaceLost exits with EXIT_SPACE_LOST."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except SpaceLost as exc:
+            click.secho(f"error: space lost: {one_line(exc)}", fg="red", err=True)
+            sys.exit(EXIT_SPACE_LOST)
         except TaskspaceError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(2)
+            click.secho(f"error: {one_line(exc)}", fg="red", err=True)
+            sys.exit(EXIT_ERROR)
 
     return wrapper  # type: ignore[return-value]
 

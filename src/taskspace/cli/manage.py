@@ -4,7 +4,6 @@ a space: a URL naming none is reported with exit code 2."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import click
@@ -21,6 +20,7 @@ PURGE_STATES = tuple(s for s in TASK_STATES if s != "running")
 
 
 def _summary(record: TaskRecord, now: float) -> dict[str, Any]:
+    """``now``: the store's wall clock (``created``/``started``/``finished`` are on it)."""
     return {
         "id": record.id, "name": record.name, "queue": record.queue, "state": record.state,
         "attempts": record.attempts, "max_attempts": record.max_attempts, "lost": record.lost,
@@ -40,7 +40,7 @@ def _decoded(space: Space, record: TaskRecord, data: bytes | None) -> Any:
 
 
 def _detail(space: Space, record: TaskRecord) -> dict[str, Any]:
-    now = space.store.clock.now()
+    now = space.store.clock.wall()
     doc = _summary(record, now)
     doc.update(
         arguments=_decoded(space, record, record.payload),
@@ -84,8 +84,9 @@ def _print_status(space: Space, workers: list[dict[str, Any]], unknown: dict[str
     table = Table(title="live workers")
     for column in ("name", "queues", "concurrency", "running", "succeeded", "up"):
         table.add_column(column)
+    now = space.store.clock.wall()  # workers stamp ``started`` with it
     for info in sorted(workers, key=lambda w: str(w["name"])):
-        up = f"{time.time() - float(info['started']):.0f} s"
+        up = "?" if info.get("started") is None else f"{now - float(info['started']):.0f} s"
         table.add_row(str(info["name"]), ",".join(info["queues"]), str(info["concurrency"]),
                       str(info["running"]), str(info["succeeded"]), up)  # fmt: skip
     console = Console()
@@ -142,7 +143,7 @@ def list_tasks(state: str | None, queue: str | None, name: str | None, limit: in
     """List tasks in submission order (oldest first)."""
     space = existing_space(url)
     page = space.tasks(state=state, queue=queue, name=name, limit=limit, after=after)
-    now = space.store.clock.now()
+    now = space.store.clock.wall()
     if as_json:
         import orjson
 

@@ -1,4 +1,10 @@
-"""Handle: a reference to one submitted task, usable from any process."""
+"""Handle: a reference to one submitted task, usable from any process.
+
+Every call that finds no such task first checks the space
+(``store.check_space()``): a task missing because the space was wiped or
+replaced raises :class:`~taskspace.errors.SpaceLost`, never TaskNotFound, so
+a caller cannot mistake a lost space for a task that was deleted.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from taskspace.errors import (
     BackendError,
     ConfigError,
     ResultTimeout,
+    SpaceLost,
     TaskCancelled,
     TaskFailed,
     TaskNotFound,
@@ -42,18 +49,26 @@ class Handle:
     def __hash__(self) -> int:
         return hash(self.id)
 
+    def _not_found(self) -> TaskNotFound:
+        """The error for a task the store does not hold; raises SpaceLost instead
+        if the space was wiped or replaced (BackendError if that cannot be read)."""
+        self.space.store.check_space()
+        return TaskNotFound(self.id)
+
     def info(self) -> TaskRecord:
-        """The task's full record; raises TaskNotFound if the store holds no such task."""
+        """The task's full record; raises TaskNotFound if the store holds no such
+        task (SpaceLost if the space itself was wiped or replaced)."""
         record = self.space.store.queue.get(self.id)
         if record is None:
-            raise TaskNotFound(self.id)
+            raise self._not_found()
         return record
 
     def status(self) -> TaskState:
-        """queued | running | succeeded | failed | dead | cancelled; reads only the state."""
+        """queued | running | succeeded | failed | dead | cancelled; reads only the
+        state. TaskNotFound (or SpaceLost) as :meth:`info`."""
         state = self.space.store.queue.state(self.id)
         if state is None:
-            raise TaskNotFound(self.id)
+            raise self._not_found()
         return state
 
     def progress(self) -> tuple[float, float] | None:
@@ -70,7 +85,7 @@ class Handle:
             raise ConfigError(f"terminate must be True or False, got {terminate!r}")
         state = self.space.store.queue.cancel(self.id, terminate=terminate)
         if state is None:
-            raise TaskNotFound(self.id)
+            raise self._not_found()
         return state
 
     def retry(self) -> TaskState:
@@ -83,7 +98,7 @@ class Handle:
             )
         state = self.space.store.queue.retry(self.id)
         if state is None:
-            raise TaskNotFound(self.id)
+            raise self._not_found()
         return state
 
     def done(self) -> bool:
@@ -95,7 +110,9 @@ class Handle:
 
         Raises TaskFailed (remote type, message, traceback) if it failed or
         died, TaskCancelled if cancelled, ResultTimeout (a TimeoutError) if
-        it has not ended within ``timeout`` seconds. The timeout is kept
+        it has not ended within ``timeout`` seconds, TaskNotFound if the task
+        is gone (deleted, or reaped past its ``result_ttl``) and SpaceLost,
+        at once, if the space was wiped or replaced. The timeout is kept
         through backend outages: it raises ResultTimeout (chained to the
         BackendError) rather than wait past it.
         """
@@ -109,6 +126,8 @@ class Handle:
                 # Waiting first saves a round trip: it returns at once if the task ended.
                 self.space.store.queue.wait_for_finish([self.id], min(remaining, WAIT_SLICE_S))
                 record = self.info()
+            except SpaceLost:
+                raise  # never retried: the task will not come back
             except BackendError as exc:
                 # The backend is away (restart, failover): keep waiting until the deadline.
                 if deadline is not None and time.monotonic() + delay >= deadline:

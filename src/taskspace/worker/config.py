@@ -17,6 +17,13 @@ DEFAULT_MAINTENANCE_INTERVAL_S = 1.0
 DEFAULT_HEARTBEAT_INTERVAL_S = 2.0
 DEFAULT_IDLE_WAIT_S = 0.25
 
+# Exit codes of ``taskspace worker`` besides 0 (stopped) and 2 (a usage or
+# startup error): every slot held a task stuck past its timeout (a supervisor
+# restarts the process), or the space was wiped or replaced (never restarted:
+# a new process would serve an empty space).
+EXIT_WEDGED = 3
+EXIT_SPACE_LOST = 4
+
 
 def default_worker_name() -> str:
     """host:pid:random — unique across machines and restarts."""

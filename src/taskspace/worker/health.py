@@ -4,9 +4,14 @@ health, shared by every thread of the worker, and a backoff.
 Guarantee: an outage is logged once, as a WARNING ("backend unreachable,
 retrying") when the first store call fails, and its end once, as an INFO
 ("reconnected after 5.2 s") when a call succeeds again; the retries in
-between log at DEBUG only. Nothing here ever gives up: callers retry with
+between log at DEBUG only. Nothing here ever gives up on an outage: callers retry with
 :class:`Backoff` until they succeed or have a reason of their own to stop
 (shutdown, a lost lease).
+
+Two events are reported to the worker instead: the end of an outage
+(``on_reconnect``: the worker then checks that its space is still the one it
+opened) and :class:`~taskspace.errors.SpaceLost` raised by any store call
+(``on_space_lost``: never an outage to ride out, the worker stops).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from taskspace.errors import SpaceLost
 
 log = logging.getLogger("taskspace.worker")
 T = TypeVar("T")
@@ -46,8 +53,15 @@ class BackendHealth:
     not retried for STALE_S counts as recovered), so a backend that fails only
     some calls (a full disk fails writes) is one outage, not one per retry."""
 
-    def __init__(self, worker: str) -> None:
+    def __init__(
+        self,
+        worker: str,
+        on_reconnect: Callable[[], None] | None = None,
+        on_space_lost: Callable[[SpaceLost], None] | None = None,
+    ) -> None:
         self.worker = worker
+        self.on_reconnect = on_reconnect
+        self.on_space_lost = on_space_lost
         self._failing: dict[str, float] = {}  # step -> monotonic time of its last failure
         self._since = 0.0
         self._lock = threading.Lock()
@@ -58,9 +72,15 @@ class BackendHealth:
         return bool(self._failing)
 
     def call(self, step: str, op: Callable[[], T]) -> T | Failed:
-        """Run one store operation; FAILED (logged as an outage) if it raised anything."""
+        """Run one store operation; FAILED if it raised: SpaceLost goes to
+        ``on_space_lost``, anything else is logged as an outage."""
         try:
             value = op()
+        except SpaceLost as exc:
+            if self.on_space_lost is None:
+                raise
+            self.on_space_lost(exc)
+            return FAILED
         except Exception as exc:  # noqa: BLE001 - any store failure (a driver error that
             # escaped its backend included) is an outage to ride out, never a thread's death
             self.failed(step, exc)
@@ -101,6 +121,8 @@ class BackendHealth:
             if self._failing:
                 return
         log.info("reconnected after %.1f s", now - self._since, extra={"worker": self.worker})
+        if self.on_reconnect is not None:
+            self.on_reconnect()
 
 
 class Backoff:

@@ -90,6 +90,21 @@ class Outbox:
             self._cond.notify_all()
         return found
 
+    def discard_all(self) -> set[str]:
+        """Forget every pending outcome (the space is gone: there is nothing to
+        record them in) and stop the finisher; returns their task ids."""
+        with self._cond:
+            ids = {lease.task_id for lease in self._items}
+            self._items.clear()
+            self._abandoned.set()
+            self._cond.notify_all()
+        return ids
+
+    def task_ids(self) -> set[str]:
+        """The task id of every pending outcome."""
+        with self._cond:
+            return {lease.task_id for lease in self._items}
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -120,7 +135,7 @@ class Outbox:
             if not batch:
                 return True
             items = [(lease, pending.outcome) for lease, pending in batch]
-            accepted = self._health.call("finish", lambda: self._store().finish(items))
+            accepted = self._health.call("finish", lambda: self._store().queue.finish(items))
             with self._cond:
                 self._in_flight.clear()
                 if not isinstance(accepted, Failed):

@@ -13,18 +13,26 @@ import orjson
 from taskspace.backends.base import Store
 
 PREFIX = "taskspace/workers/"
+SCAN_PAGE = 1000
 
 
 def announce(store: Store, name: str, info: dict[str, Any], ttl: float) -> None:
     """Create or refresh this worker's entry for ``ttl`` seconds."""
-    store.kv_put(PREFIX + name, orjson.dumps(info), ttl=ttl)
+    store.kv.put(PREFIX + name, orjson.dumps(info), ttl=ttl)
 
 
 def withdraw(store: Store, name: str) -> None:
     """Remove this worker's entry (graceful exit)."""
-    store.kv_delete(PREFIX + name)
+    store.kv.delete(PREFIX + name)
 
 
 def live_workers(store: Store) -> list[dict[str, Any]]:
-    """Every worker whose entry has not expired."""
-    return [orjson.loads(item.value) for _, item in store.kv_scan(PREFIX)]
+    """Every worker whose entry has not expired (read page by page)."""
+    workers: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        page = store.kv.scan(PREFIX, after_key=after, limit=SCAN_PAGE)
+        workers += [orjson.loads(item.value) for _, item in page]
+        if len(page) < SCAN_PAGE:
+            return workers
+        after = page[-1][0]

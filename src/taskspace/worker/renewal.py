@@ -8,7 +8,9 @@ Guarantees:
   maintenance step, finish or claim can delay it.
 - A task held twice by this worker (re-claimed after a pause) is renewed by
   its newest lease only; older leases of it are stale by fencing and lost.
-- ``lost``: the attempt is abandoned, never finished ``cancelled``; its flag
+- ``lost``: first the space is checked (a wiped space reports every lease
+  lost: :mod:`taskspace.worker.spaceguard` then stops the worker). On a
+  healthy space the attempt is abandoned, never finished ``cancelled``; its flag
   turns on so cooperative code stops; a process attempt is killed, an async
   one cancelled; a pending outcome of that lease is dropped.
 - ``cancel_requested``: the cooperative flag; an async attempt is cancelled
@@ -78,6 +80,8 @@ class Renewer:
                 return
             statuses = renewed
         lost = [lease for lease in leases if statuses.get(lease.task_id) == "lost"]
+        if lost and self.w.guard.check("lease lost", [lease.task_id for lease in lost]):
+            return  # the space is gone: the guard abandoned everything
         for lease in [*stale, *lost]:
             self._lost(lease, attempts.get(lease))
         for lease in leases:

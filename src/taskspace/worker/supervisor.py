@@ -5,6 +5,11 @@ backoff (reset once a child has lived a while); its in-flight tasks come back
 through lease expiry, so nothing is lost. SIGTERM and SIGINT are forwarded to
 every child, which then shuts down gracefully. In burst mode a child that
 exits cleanly is done and not restarted; the supervisor exits when all are.
+
+A child that exits with EXIT_SPACE_LOST (its space was wiped or replaced) is
+not restarted: a new process would serve the new, empty space as if nothing
+had happened. The supervisor stops the other children and exits with that
+code too.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
+
+from taskspace.worker.config import EXIT_SPACE_LOST
 
 log = logging.getLogger("taskspace.supervisor")
 
@@ -44,11 +51,13 @@ class Supervisor:
         self.burst = burst
         self.children = [_Child(slot) for slot in range(processes)]
         self.restarts = 0
+        self.space_lost = False
         self._stopping = threading.Event()
 
     def run(self) -> int:
         """Supervise until stopped (or, in burst mode, until every child is done).
-        Returns 0 if every child's last exit was clean."""
+        Returns 0 if every child's last exit was clean, EXIT_SPACE_LOST if a
+        child found its space wiped or replaced, 1 otherwise."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for child in self.children:
@@ -61,6 +70,8 @@ class Supervisor:
                 signal.signal(sig, handler)
         # A child stopped by our SIGTERM before it installed its handlers (still
         # starting up) exits with -SIGTERM: that is a clean stop too.
+        if self.space_lost:
+            return EXIT_SPACE_LOST
         clean = (0, -signal.SIGTERM) if self._stopping.is_set() else (0,)
         return 0 if all(c.proc is None or c.proc.returncode in clean for c in self.children) else 1
 
@@ -90,6 +101,15 @@ class Supervisor:
                 continue
             if self._stopping.is_set() or (self.burst and code == 0):
                 child.done = True
+                continue
+            if code == EXIT_SPACE_LOST:
+                log.critical(
+                    "worker process %d found its space wiped or replaced; stopping every"
+                    " worker process (none is restarted)", child.slot,
+                )  # fmt: skip
+                child.done = True
+                self.space_lost = True
+                self.stop()
                 continue
             if child.restart_at == 0.0:
                 self._schedule_restart(child, code, now)

@@ -26,9 +26,13 @@ Guarantees (at-least-once):
   promise: about a second past it the worker exits even if the backend is
   down, logging how many outcomes it could not record (their tasks run again
   once their leases expire). A second signal cuts the grace.
+- A wiped or replaced space (SpaceLost) stops the worker at once, with one
+  CRITICAL log line, and nothing written into the new space
+  (:mod:`taskspace.worker.spaceguard`); ``WorkerReport.space_lost`` says so
+  and ``taskspace worker`` exits with code 4 (EXIT_SPACE_LOST). Every slot
+  stuck past its timeout exits with code 3 (EXIT_WEDGED).
 
-Maintenance (requeue expired leases, promote due tasks, reap finished tasks
-past their ``result_ttl`` and expired KV entries) runs in every worker; each
+Maintenance (:mod:`taskspace.worker.maintenance`) runs in every worker; each
 step is one atomic store operation, so concurrent runs are safe.
 """
 
@@ -42,7 +46,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -55,9 +58,12 @@ from taskspace.worker import tasklog
 from taskspace.worker.config import WorkerConfig
 from taskspace.worker.execution import Attempt
 from taskspace.worker.health import BackendHealth, Backoff, Failed
+from taskspace.worker.maintenance import maintain
 from taskspace.worker.outbox import Outbox
 from taskspace.worker.registry import announce, withdraw
 from taskspace.worker.renewal import TICK_S, Renewer
+from taskspace.worker.report import WorkerReport
+from taskspace.worker.spaceguard import SpaceGuard
 from taskspace.worker.threads import DaemonThreadPool
 
 if TYPE_CHECKING:
@@ -66,35 +72,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskspace.worker")
 
 CLAIM_GATHER_S = 0.002
-REAP_BATCH = 1000
-REAP_BATCHES_PER_PASS = 10
 # After the grace, outcomes (the releases above all) get this long to land.
 FINAL_FLUSH_S = 1.0
 THREAD_JOIN_S = 1.0
-
-
-@dataclass
-class WorkerReport:
-    """What one worker did: outcomes accepted by the store, and refusals."""
-
-    name: str
-    succeeded: int = 0
-    failed: int = 0
-    retried: int = 0
-    cancelled: int = 0
-    released: int = 0
-    refused: int = 0
-    leases_lost: int = 0
-    abandoned: int = 0
-    wedged: bool = False
-
-    def count(self, outcome: Outcome, accepted: bool) -> None:
-        """Tally one finish result."""
-        if not accepted:
-            self.refused += 1
-            return
-        field = {"retry": "retried", "release": "released"}.get(outcome.kind, outcome.kind)
-        setattr(self, field, getattr(self, field) + 1)
 
 
 class Worker:
@@ -111,8 +91,9 @@ class Worker:
         self.name = self.config.name
         self._store = store
         self._injected = store is not None
-        self.health = BackendHealth(self.name)
         self.report = WorkerReport(self.name)
+        self.guard = SpaceGuard(self)
+        self.health = BackendHealth(self.name, self.guard.request, self.guard.on_space_lost)
         self._running: dict[Lease, Attempt] = {}
         self._cond = threading.Condition()
         self._outbox = Outbox(lambda: self.store, self.health, self._tally)
@@ -126,7 +107,7 @@ class Worker:
         self._batch_min = max(1, self.config.concurrency // 4)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
-        self._started_wall = time.time()
+        self._started_wall: float | None = None  # the store's wall clock, at the first beat
         self._names: list[str] = []
         self._renew_store: Store | None = None
         self._next_maintenance = 0.0
@@ -228,24 +209,29 @@ class Worker:
 
     def _shutdown(self, threads: list[threading.Thread]) -> None:
         self._stopping.set()
+        # A lost space takes no releases: there is nothing to give tasks back to.
+        release = None if self.report.space_lost else Outcome("release")
         for attempt in self._snapshot():
             if not attempt.started:
-                self._settle(attempt, Outcome("release"), inline=False)
+                self._settle(attempt, release, inline=False)
         begun = time.monotonic()
         with self._cond:
             # Re-read the grace on every pass: a second signal cuts it to zero.
             while self._running and time.monotonic() < begun + self._grace:
                 self._cond.wait(min(0.1, max(0.0, begun + self._grace - time.monotonic())))
+        lost = self.report.space_lost
         for attempt in self._snapshot():
             attempt.ctx.stop()
             ex.kill_process(attempt)
-            self._settle(attempt, Outcome("release"), inline=False)
+            self._settle(attempt, None if lost else Outcome("release"), inline=False)
+        if lost:
+            self._outbox.discard_all()
         deadline = max(begun + self._grace, time.monotonic() + FINAL_FLUSH_S)
         self._abandon(self._outbox.close(deadline))
         self._threads_stop.set()
         for thread in threads:
             thread.join(timeout=THREAD_JOIN_S)
-        if not self.health.down:
+        if not self.health.down and not self.report.space_lost:
             _bounded(partial(self.health.call, "withdraw", self._withdraw), THREAD_JOIN_S)
         self._close_runtime()
 
@@ -450,16 +436,21 @@ class Worker:
 
     def _report_progress(self, lease: Lease, done: float, total: float) -> None:
         # Runs in the task's own code: a store failure must never reach it.
-        self.health.call("progress", lambda: self.store.queue.progress(lease, done, total))
+        held = self.health.call("progress", lambda: self.store.queue.progress(lease, done, total))
+        if held is False:  # refused: the lease is stale, or the space is gone
+            self.guard.check("progress refused", [lease.task_id])
 
     def _tally(self, items: list[tuple[Lease, Outcome]], accepted: list[bool]) -> None:
-        for (lease, outcome), ok in zip(items, accepted, strict=False):
+        for (_, outcome), ok in zip(items, accepted, strict=False):
             self.report.count(outcome, ok)
-            if not ok:
-                log.warning(
-                    "finish of task %s refused: lease %d is stale", *lease,
-                    extra={"task_id": lease.task_id, "worker": self.name},
-                )  # fmt: skip
+        refused = [lease for (lease, _), ok in zip(items, accepted, strict=False) if not ok]
+        if not refused or self.guard.check("finish refused", [r.task_id for r in refused]):
+            return
+        for lease in refused:
+            log.warning(
+                "finish of task %s refused: lease %d is stale", *lease,
+                extra={"task_id": lease.task_id, "worker": self.name},
+            )  # fmt: skip
 
     # -- background threads: renewal (with deadlines), maintenance, heartbeat --
 
@@ -483,24 +474,21 @@ class Worker:
                 self._threads_stop.wait(backoff.next())
 
     def _maintenance_step(self, now: float) -> None:
+        if self.report.space_lost:
+            return
+        self.guard.run_if_due()
         if now >= self._next_maintenance:
-            self.health.call("maintenance", self._maintain)
+            self.health.call("maintenance", lambda: maintain(self.store))
             self._next_maintenance = now + self.config.maintenance_interval
         if now >= self._next_beat:
             self.health.call("heartbeat", self._heartbeat)
             self._next_beat = now + self.config.heartbeat_interval
 
-    def _maintain(self) -> None:
-        self.store.queue.requeue_expired()
-        self.store.queue.promote_due()
-        # Retention: finished tasks past their result_ttl and expired KV
-        # entries. Bounded per pass so that maintenance stays short; a backlog
-        # is worked off over the next passes.
-        for _ in range(REAP_BATCHES_PER_PASS):
-            if self.store.queue.reap(REAP_BATCH) < REAP_BATCH:
-                break
-
     def _heartbeat(self) -> None:
+        # Never announce this worker into a space that replaced the one it opened.
+        self.store.check_space()
+        if self._started_wall is None:
+            self._started_wall = self.store.clock.wall()
         info = {
             "name": self.name,
             "host": socket.gethostname(),
