@@ -1,5 +1,6 @@
-"""``python -m bench queue --backend sqlite|memory|redis`` (see :mod:`bench.queue`) and
-``python -m bench peers`` (see :mod:`bench.peers`)."""
+"""``python -m bench queue --backend sqlite|memory|redis`` (see :mod:`bench.queue`),
+``python -m bench peers`` (see :mod:`bench.peers`) and
+``python -m bench contract --backend memory|sqlite|redis|all`` (see :mod:`bench.contract`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from bench import contract as contract_bench
 from bench import peers as peers_bench
 from bench.queue import BACKENDS, QueueBench, report, report_delayed, run
 from bench.workers import BenchError
@@ -132,6 +134,36 @@ def peers(tasks: int, roundtrips: int, singles: int, batch: int, workers: int, c
             console.print(f"[red]benchmark failed:[/] {exc}")
             sys.exit(2)
         peers_bench.report(opts, outcome, console)
+
+
+@main.command()
+@click.option("--backend", type=click.Choice((*contract_bench.BACKENDS, "all")), default="all",
+              show_default=True)  # fmt: skip
+@click.option("--n", "n", default=500, show_default=True, type=click.IntRange(min=1),
+              help="Timed samples of every measure per run.")  # fmt: skip
+@click.option("--repeat", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Runs of every measure; medians of the runs' p50/p99 are quoted.")  # fmt: skip
+@click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Unrecorded samples before each run's timed ones.")  # fmt: skip
+@click.option("--check", is_flag=True,
+              help="Exit 1 if a release → wait p50 misses its target.")  # fmt: skip
+def contract(backend: str, n: int, repeat: int, warmup: int, check: bool) -> None:
+    """Latency of the store contract's leases, txn, change feed and wake-ups."""
+    backends = contract_bench.BACKENDS if backend == "all" else (backend,)
+    config = contract_bench.ContractBench(backends=backends, n=n, repeat=repeat, warmup=warmup)
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: keep the wide table readable
+        console = Console(width=WIDE_CONSOLE)
+    try:
+        results = contract_bench.run(config, console)
+    except BenchError as exc:
+        console.print(f"[red]benchmark failed:[/] {exc}")
+        sys.exit(2)
+    ok = contract_bench.report(config, results, console)
+    if any(r.errors for r in results):
+        sys.exit(2)
+    if check and not ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

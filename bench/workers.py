@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from taskspace import Space
+from taskspace.worker import Worker, WorkerReport
 from taskspace.worker.config import WorkerConfig
-from taskspace.worker.worker import Worker, WorkerReport
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "bench.apps:make_space"
