@@ -62,9 +62,9 @@ def test_push_get_round_trip_every_field(store):
         dedup_key="dedup-full", delay=0.0,
     )  # fmt: skip
     bare = TaskSpec(id="task-bare", name="n", payload=b"")
-    before = store.clock.now()
+    before, wall_before = store.clock.now(), time.time()
     assert store.queue.push([full, bare]) == ["task-full", "task-bare"]
-    after = store.clock.now()
+    after, wall_after = store.clock.now(), time.time()
 
     rec = store.queue.get("task-full")
     assert rec is not None
@@ -83,8 +83,9 @@ def test_push_get_round_trip_every_field(store):
     assert rec.error is None
     assert rec.progress is None
     assert rec.cancel_requested is False
-    assert before - 0.01 <= rec.created <= after + 0.01
-    assert rec.ready_at == pytest.approx(rec.created, abs=0.01)
+    # created is the wall clock (epoch seconds); ready_at is on the lease clock
+    assert wall_before - 1.0 <= rec.created <= wall_after + 1.0
+    assert before <= rec.ready_at <= after
     assert rec.started is None
     assert rec.finished is None
 
@@ -103,9 +104,11 @@ def test_push_returns_ids_in_spec_order(store):
 
 
 def test_push_delay_sets_ready_at(store):
+    before = store.clock.now()
     task_id = push_one(store, delay=60.0)
+    after = store.clock.now()
     rec = store.queue.get(task_id)
-    assert rec.ready_at == pytest.approx(rec.created + 60.0, abs=0.01)
+    assert before + 60.0 <= rec.ready_at <= after + 60.0
 
 
 # -- dedup --------------------------------------------------------------------
@@ -254,17 +257,17 @@ def test_claim_listing_a_queue_twice_claims_each_task_once(store):
 
 def test_claim_sets_lease_fields(store):
     task_id = push_one(store, lease_s=17.0)
-    before = store.clock.now()
+    before, wall_before = store.clock.now(), time.time()
     rec = claim_one(store, worker="worker-1")
-    after = store.clock.now()
+    after, wall_after = store.clock.now(), time.time()
     assert rec.id == task_id
     assert rec.state == "running"
     assert rec.worker == "worker-1"
     assert rec.attempts == 1
     assert rec.token > 0
     assert rec.lease == Lease(task_id, rec.token)
-    assert before - 0.01 <= rec.started <= after + 0.01
-    assert rec.lease_expires == pytest.approx(rec.started + 17.0, abs=0.01)
+    assert wall_before - 1.0 <= rec.started <= wall_after + 1.0  # wall clock
+    assert before + 17.0 <= rec.lease_expires <= after + 17.0  # lease clock
     assert store.queue.get(task_id) == rec
 
 
@@ -296,26 +299,27 @@ def test_tokens_distinct_within_one_claim(store):
 def test_delayed_task_not_claimable_until_due(timed):
     s = timed.store
     late = push_one(s, delay=TTL, priority=10)
-    assert s.claim(["default"], "w", 10) == []
+    assert s.queue.claim(["default"], "w", 10) == []
     now_id = push_one(s)
-    assert [r.id for r in s.claim(["default"], "w", 10)] == [now_id]
-    assert s.get(late).state == "queued"
+    assert [r.id for r in s.queue.claim(["default"], "w", 10)] == [now_id]
+    assert s.queue.get(late).state == "queued"
     timed.advance(PAST)
-    s.promote_due()
-    assert [r.id for r in s.claim(["default"], "w", 10)] == [late]
+    s.queue.promote_due()
+    assert [r.id for r in s.queue.claim(["default"], "w", 10)] == [late]
 
 
 def test_retry_delay_postpones_next_claim(timed):
     s = timed.store
     task_id = push_one(s, max_attempts=2)
     rec = claim_one(s)
-    assert s.finish([(rec.lease, retry(delay=TTL, error=ERR_A))]) == [True]
-    after = s.get(task_id)
+    before = s.clock.now()
+    assert s.queue.finish([(rec.lease, retry(delay=TTL, error=ERR_A))]) == [True]
+    after = s.queue.get(task_id)
     assert after.state == "queued"
-    assert after.ready_at >= rec.started + TTL - 0.01
-    assert s.claim(["default"], "w", 1) == []
+    assert after.ready_at >= before + TTL
+    assert s.queue.claim(["default"], "w", 1) == []
     timed.advance(PAST)
-    s.promote_due()
+    s.queue.promote_due()
     again = claim_one(s)
     assert (again.id, again.attempts) == (task_id, 2)
 
@@ -333,14 +337,14 @@ def test_renew_extends_lease(timed):
     push_one(s, lease_s=TTL)
     rec = claim_one(s)
     timed.advance(TTL * 0.6)
-    assert s.renew([rec.lease]) == {rec.id: "held"}
-    renewed = s.get(rec.id)
+    assert s.queue.renew([rec.lease]) == {rec.id: "held"}
+    renewed = s.queue.get(rec.id)
     assert renewed.lease_expires > rec.lease_expires
-    assert renewed.lease_expires == pytest.approx(s.now() + TTL, abs=0.1)
+    assert renewed.lease_expires == pytest.approx(s.clock.now() + TTL, abs=0.1)
     timed.advance(TTL * 0.6)  # past the first expiry, within the renewed one
-    assert s.requeue_expired() == 0
-    assert s.renew([rec.lease]) == {rec.id: "held"}
-    assert s.get(rec.id).state == "running"
+    assert s.queue.requeue_expired() == 0
+    assert s.queue.renew([rec.lease]) == {rec.id: "held"}
+    assert s.queue.get(rec.id).state == "running"
 
 
 def test_renew_reports_lost_after_expiry(timed):
@@ -348,14 +352,14 @@ def test_renew_reports_lost_after_expiry(timed):
     push_one(s, lease_s=TTL, max_attempts=2)
     rec = claim_one(s)
     timed.advance(PAST)
-    assert s.renew([rec.lease]) == {rec.id: "lost"}
-    assert s.requeue_expired() == 1
-    assert s.renew([rec.lease]) == {rec.id: "lost"}
+    assert s.queue.renew([rec.lease]) == {rec.id: "lost"}
+    assert s.queue.requeue_expired() == 1
+    assert s.queue.renew([rec.lease]) == {rec.id: "lost"}
     again = claim_one(s)
     assert again.id == rec.id
     # the old lease stays lost while the new one is held
-    assert s.renew([rec.lease]) == {rec.id: "lost"}
-    assert s.renew([again.lease]) == {again.id: "held"}
+    assert s.queue.renew([rec.lease]) == {rec.id: "lost"}
+    assert s.queue.renew([again.lease]) == {again.id: "held"}
 
 
 def test_renew_reports_each_lease(store):
@@ -394,9 +398,13 @@ def test_finish_with_stale_token_changes_nothing_and_is_counted(store):
 
     assert store.queue.finish([(current.lease, SUCCEEDED)]) == [True]
     done = store.queue.get(task_id)
-    # finishing again, even with the right token, is refused: the task no longer runs
-    assert store.queue.finish([(current.lease, Outcome("failed", error=ERR_A))]) == [False]
+    # a finish repeated with the accepted token is a retry after a lost reply:
+    # answered True, with no effect, and not counted stale
+    assert store.queue.finish([(current.lease, Outcome("failed", error=ERR_A))]) == [True]
     assert store.queue.get(task_id) == done
+    assert store.queue.stats().stale_finishes == 2
+    # the older token stays stale
+    assert store.queue.finish([(old.lease, SUCCEEDED)]) == [False]
     assert store.queue.stats().stale_finishes == 3
 
 
@@ -515,28 +523,28 @@ def test_requeue_expired_returns_task_to_queue_then_dead(timed):
     s = timed.store
     task_id = push_one(s, lease_s=TTL, max_attempts=3)
     rec = claim_one(s, worker="w1")
-    assert s.finish([(rec.lease, retry(error=ERR_A))]) == [True]
+    assert s.queue.finish([(rec.lease, retry(error=ERR_A))]) == [True]
     rec = claim_one(s, worker="w2")
-    assert s.requeue_expired() == 0  # not expired yet
+    assert s.queue.requeue_expired() == 0  # not expired yet
     timed.advance(PAST)
-    assert s.requeue_expired() == 1
-    assert s.requeue_expired() == 0
-    r = s.get(task_id)
+    assert s.queue.requeue_expired() == 1
+    assert s.queue.requeue_expired() == 0
+    r = s.queue.get(task_id)
     assert (r.state, r.attempts, r.lost, r.worker, r.lease_expires) == (
         "queued", 2, 1, None, None,
     )  # fmt: skip
     assert r.finished is None
     assert r.error["type"] == "WorkerLost"
     assert r.error["history"] == [ERR_A]  # flat: earlier errors, newest first
-    assert s.finish([(rec.lease, SUCCEEDED)]) == [False]  # the lost lease is stale
-    assert s.stats().stale_finishes == 1
+    assert s.queue.finish([(rec.lease, SUCCEEDED)]) == [False]  # the lost lease is stale
+    assert s.queue.stats().stale_finishes == 1
 
     rec = claim_one(s, worker="w3")
     assert rec.attempts == 3
     assert rec.token > 0
     timed.advance(PAST)
-    assert s.requeue_expired() == 1
-    dead = s.get(task_id)
+    assert s.queue.requeue_expired() == 1
+    dead = s.queue.get(task_id)
     assert (dead.state, dead.attempts, dead.lost) == ("dead", 3, 2)
     assert dead.lease_expires is None
     assert dead.finished is not None
@@ -544,21 +552,21 @@ def test_requeue_expired_returns_task_to_queue_then_dead(timed):
     assert [e["type"] for e in dead.error["history"]] == ["WorkerLost", "ValueError"]
     assert dead.error["history"][1] == ERR_A
     assert all("history" not in e for e in dead.error["history"])
-    assert s.claim(["default"], "w", 1) == []
-    assert s.renew([rec.lease]) == {task_id: "lost"}
-    assert s.finish([(rec.lease, SUCCEEDED)]) == [False]
-    assert s.get(task_id) == dead
+    assert s.queue.claim(["default"], "w", 1) == []
+    assert s.queue.renew([rec.lease]) == {task_id: "lost"}
+    assert s.queue.finish([(rec.lease, SUCCEEDED)]) == [False]
+    assert s.queue.get(task_id) == dead
 
 
 def test_requeue_expired_only_touches_expired_leases(timed):
     s = timed.store
-    s.push([spec(id="short", lease_s=TTL, max_attempts=2), spec(id="long", lease_s=60.0)])
-    _short, long = s.claim(["default"], "w", 2)
+    s.queue.push([spec(id="short", lease_s=TTL, max_attempts=2), spec(id="long", lease_s=60.0)])
+    _short, long = s.queue.claim(["default"], "w", 2)
     timed.advance(PAST)
-    assert s.requeue_expired() == 1
-    assert s.get("short").state == "queued"
-    assert s.get("long").state == "running"
-    assert s.renew([long.lease]) == {"long": "held"}
+    assert s.queue.requeue_expired() == 1
+    assert s.queue.get("short").state == "queued"
+    assert s.queue.get("long").state == "running"
+    assert s.queue.renew([long.lease]) == {"long": "held"}
 
 
 def test_dead_task_frees_dedup_key(timed):
@@ -566,27 +574,27 @@ def test_dead_task_frees_dedup_key(timed):
     first = push_one(s, lease_s=TTL, dedup_key="k")
     claim_one(s)
     timed.advance(PAST)
-    assert s.requeue_expired() == 1
-    assert s.get(first).state == "dead"
-    assert s.get(first).error.get("previous") is None
+    assert s.queue.requeue_expired() == 1
+    assert s.queue.get(first).state == "dead"
+    assert s.queue.get(first).error.get("previous") is None
     new = spec(dedup_key="k")
-    assert s.push([new]) == [new.id]
+    assert s.queue.push([new]) == [new.id]
 
 
 def test_requeue_expired_concurrently_handles_each_task_once(timed):
     s = timed.store
-    s.push([spec(lease_s=TTL, max_attempts=2) for _ in range(40)])
-    assert len(s.claim(["default"], "w", 40)) == 40
+    s.queue.push([spec(lease_s=TTL, max_attempts=2) for _ in range(40)])
+    assert len(s.queue.claim(["default"], "w", 40)) == 40
     timed.advance(PAST)
     barrier = threading.Barrier(4)
 
     def sweep(_: int) -> int:
         barrier.wait()
-        return sum(s.requeue_expired() for _ in range(3))
+        return sum(s.queue.requeue_expired() for _ in range(3))
 
     with ThreadPoolExecutor(4) as pool:
         assert sum(pool.map(sweep, range(4))) == 40
-    records = s.claim(["default"], "w", 100)
+    records = s.queue.claim(["default"], "w", 100)
     assert len(records) == 40
     assert all(r.lost == 1 and r.attempts == 2 for r in records)
 
@@ -594,19 +602,20 @@ def test_requeue_expired_concurrently_handles_each_task_once(timed):
 # -- cancel ---------------------------------------------------------------------
 
 
-def test_cancel_queued_task_never_runs(store):
-    task_id = push_one(store, max_attempts=3)
-    delayed = push_one(store, delay=0.05)
-    assert store.queue.cancel(task_id) == "cancelled"
-    assert store.queue.cancel(delayed) == "cancelled"
-    rec = store.queue.get(task_id)
+def test_cancel_queued_task_never_runs(timed):
+    s = timed.store
+    task_id = push_one(s, max_attempts=3)
+    delayed = push_one(s, delay=TTL)
+    assert s.queue.cancel(task_id) == "cancelled"
+    assert s.queue.cancel(delayed) == "cancelled"
+    rec = s.queue.get(task_id)
     assert rec.state == "cancelled"
     assert rec.finished is not None
-    time.sleep(0.1)
-    store.queue.promote_due()
-    assert store.queue.claim(["default"], "w", 10) == []
-    assert store.queue.cancel(task_id) == "cancelled"  # idempotent
-    assert store.queue.stats().total("cancelled") == 2
+    timed.advance(PAST)
+    s.queue.promote_due()
+    assert s.queue.claim(["default"], "w", 10) == []
+    assert s.queue.cancel(task_id) == "cancelled"  # idempotent
+    assert s.queue.stats().total("cancelled") == 2
 
 
 def test_cancel_unknown_task(store):
@@ -656,13 +665,13 @@ def test_cancel_requested_task_ends_cancelled_on_expiry(timed):
     s = timed.store
     task_id = push_one(s, lease_s=TTL, max_attempts=3)
     claim_one(s)
-    assert s.cancel(task_id) == "running"
+    assert s.queue.cancel(task_id) == "running"
     timed.advance(PAST)
-    assert s.requeue_expired() == 1
-    done = s.get(task_id)
+    assert s.queue.requeue_expired() == 1
+    done = s.queue.get(task_id)
     assert done.state == "cancelled"
     assert done.lost == 1
-    assert s.claim(["default"], "w", 1) == []
+    assert s.queue.claim(["default"], "w", 1) == []
 
 
 # -- progress -------------------------------------------------------------------
@@ -758,14 +767,14 @@ def test_wait_for_tasks_wakes_on_push(store):
 
 def test_wait_for_tasks_wakes_on_push_by_another_client(peers):
     a, b = peers
-    b.stats()  # connect
-    t = _later(0.1, lambda: b.push([spec("q")]))
+    b.queue.stats()  # connect
+    t = _later(0.1, lambda: b.queue.push([spec("q")]))
     start = time.monotonic()
-    a.wait_for_tasks(["q"], 5.0)
+    a.queue.wait_for_tasks(["q"], 5.0)
     elapsed = time.monotonic() - start
     _join_ok(t)
     assert elapsed < 2.5
-    assert len(a.claim(["q"], "w", 1)) == 1
+    assert len(a.queue.claim(["q"], "w", 1)) == 1
 
 
 def test_wait_for_tasks_returns_at_once_when_a_task_is_ready(store):
@@ -806,13 +815,13 @@ def test_wait_for_finish_wakes_on_finish_by_another_client(peers):
     a, b = peers
     task_id = push_one(a)
     rec = claim_one(b)
-    t = _later(0.1, lambda: b.finish([(rec.lease, SUCCEEDED)]))
+    t = _later(0.1, lambda: b.queue.finish([(rec.lease, SUCCEEDED)]))
     start = time.monotonic()
-    a.wait_for_finish([task_id], 5.0)
+    a.queue.wait_for_finish([task_id], 5.0)
     elapsed = time.monotonic() - start
     _join_ok(t)
     assert elapsed < 2.5
-    assert a.get(task_id).state == "succeeded"
+    assert a.queue.get(task_id).state == "succeeded"
 
 
 def test_wait_for_finish_wakes_on_cancel_of_queued_task(store):

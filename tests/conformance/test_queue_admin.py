@@ -75,11 +75,11 @@ def test_claim_by_names_one_at_a_time_behind_many_other_names(store):
 
 def test_claim_by_names_sees_delayed_tasks_when_due(timed):
     s = timed.store
-    s.push([spec("a", id="late", delay=TTL), spec("b", id="other")])
-    assert s.claim(["default"], "w", 5, names=["a"]) == []
+    s.queue.push([spec("a", id="late", delay=TTL), spec("b", id="other")])
+    assert s.queue.claim(["default"], "w", 5, names=["a"]) == []
     timed.advance(PAST)
-    s.promote_due()
-    assert ids(s.claim(["default"], "w", 5, names=["a"])) == ["late"]
+    s.queue.promote_due()
+    assert ids(s.queue.claim(["default"], "w", 5, names=["a"])) == ["late"]
 
 
 # -- state ----------------------------------------------------------------------------
@@ -151,15 +151,15 @@ def test_retry_requeues_failed_task_with_fresh_attempts(store):
 
 def test_retry_requeues_dead_task(timed):
     s = timed.store
-    (task_id,) = s.push([spec(lease_s=TTL, max_attempts=1)])
-    s.claim(["default"], "w", 1)
+    (task_id,) = s.queue.push([spec(lease_s=TTL, max_attempts=1)])
+    s.queue.claim(["default"], "w", 1)
     timed.advance(PAST)
-    assert s.requeue_expired() == 1
-    assert s.state(task_id) == "dead"
-    assert s.retry(task_id) == "queued"
-    rec = s.get(task_id)
+    assert s.queue.requeue_expired() == 1
+    assert s.queue.state(task_id) == "dead"
+    assert s.queue.retry(task_id) == "queued"
+    rec = s.queue.get(task_id)
     assert (rec.attempts, rec.lost, rec.error["type"]) == (0, 0, "WorkerLost")
-    (again,) = s.claim(["default"], "w", 1)
+    (again,) = s.queue.claim(["default"], "w", 1)
     assert again.id == task_id and again.attempts == 1
 
 
@@ -217,66 +217,66 @@ def test_purge_refuses_running(store):
 
 def test_reap_deletes_finished_tasks_past_their_result_ttl(timed):
     s = timed.store
-    s.push([
+    s.queue.push([
         spec(id="short", result_ttl=TTL), spec(id="forever", result_ttl=None),
         spec(id="long", result_ttl=3600.0), spec(id="live", result_ttl=TTL),
         spec(id="cancelled", result_ttl=TTL),
     ])  # fmt: skip
-    assert s.get("short").result_ttl == TTL
-    assert s.get("forever").result_ttl is None
-    assert s.cancel("cancelled") == "cancelled"
+    assert s.queue.get("short").result_ttl == TTL
+    assert s.queue.get("forever").result_ttl is None
+    assert s.queue.cancel("cancelled") == "cancelled"
     for task_id in ("short", "forever", "long"):
-        (rec,) = s.claim(["default"], "w", 1)
+        (rec,) = s.queue.claim(["default"], "w", 1)
         assert rec.id == task_id
-        s.finish([(rec.lease, SUCCEEDED)])
-    assert s.reap() == 0  # nothing has expired yet
+        s.queue.finish([(rec.lease, SUCCEEDED)])
+    assert s.queue.reap() == 0  # nothing has expired yet
     timed.advance(PAST)
-    assert s.reap() == 2
-    assert s.get("short") is None and s.state("cancelled") is None
-    assert s.state("forever") == "succeeded"
-    assert s.state("long") == "succeeded"
-    assert s.state("live") == "queued"  # a live task is never reaped
-    assert s.reap() == 0
-    assert s.stats().counts["default"] == {"succeeded": 2, "queued": 1}
+    assert s.queue.reap() == 2
+    assert s.queue.get("short") is None and s.queue.state("cancelled") is None
+    assert s.queue.state("forever") == "succeeded"
+    assert s.queue.state("long") == "succeeded"
+    assert s.queue.state("live") == "queued"  # a live task is never reaped
+    assert s.queue.reap() == 0
+    assert s.queue.stats().counts["default"] == {"succeeded": 2, "queued": 1}
 
 
 def test_reap_honours_its_limit(timed):
     s = timed.store
-    pushed = s.push([spec(result_ttl=TTL) for _ in range(5)])
-    for rec in s.claim(["default"], "w", 5):
-        s.finish([(rec.lease, Outcome("failed", error=ERR))])
+    pushed = s.queue.push([spec(result_ttl=TTL) for _ in range(5)])
+    for rec in s.queue.claim(["default"], "w", 5):
+        s.queue.finish([(rec.lease, Outcome("failed", error=ERR))])
     timed.advance(PAST)
-    assert s.reap(limit=2) == 2
-    assert s.reap(limit=2) == 2
-    assert s.reap(limit=2) == 1
-    assert [s.get(i) for i in pushed] == [None] * 5
+    assert s.queue.reap(limit=2) == 2
+    assert s.queue.reap(limit=2) == 2
+    assert s.queue.reap(limit=2) == 1
+    assert [s.queue.get(i) for i in pushed] == [None] * 5
 
 
 def test_reap_deletes_expired_kv_entries(timed):
     s = timed.store
-    s.kv_put("gone", b"1", ttl=TTL)
-    s.kv_incr("gone-too", 1, ttl=TTL)
-    s.kv_put("stays", b"2", ttl=3600.0)
-    s.kv_put("forever", b"3")
+    s.kv.put("gone", b"1", ttl=TTL)
+    s.kv.incr("gone-too", 1, ttl=TTL)
+    s.kv.put("stays", b"2", ttl=3600.0)
+    s.kv.put("forever", b"3")
     timed.advance(PAST)
-    assert s.reap() == 2
-    assert s.reap() == 0
-    assert [k for k, _ in s.kv_scan("")] == ["forever", "stays"]
-    assert s.kv_cas("gone", None, b"back") is not None  # absent, as expected
+    assert s.kv.reap() == 2
+    assert s.kv.reap() == 0
+    assert [k for k, _ in s.kv.scan("")] == ["forever", "stays"]
+    assert s.kv.cas("gone", None, b"back") is not None  # absent, as expected
 
 
 def test_retried_task_is_not_reaped_and_its_ttl_counts_from_its_new_finish(timed):
     s = timed.store
-    (task_id,) = s.push([spec(result_ttl=TTL, max_attempts=1)])
+    (task_id,) = s.queue.push([spec(result_ttl=TTL, max_attempts=1)])
     run_to(s, task_id, "failed", error=ERR)
     timed.advance(PAST)
-    assert s.retry(task_id) == "queued"
-    assert s.reap() == 0
+    assert s.queue.retry(task_id) == "queued"
+    assert s.queue.reap() == 0
     run_to(s, task_id, "succeeded", result=b"x")
-    assert s.reap() == 0  # finished just now
+    assert s.queue.reap() == 0  # finished just now
     timed.advance(PAST)
-    assert s.reap() == 1
-    assert s.get(task_id) is None
+    assert s.queue.reap() == 1
+    assert s.queue.get(task_id) is None
 
 
 # -- cancel(terminate=...) ------------------------------------------------------------
@@ -325,48 +325,33 @@ LOSSES = 2000
 def test_a_task_lost_2000_times_keeps_a_bounded_error_and_maintenance_working(timed):
     s = timed.store
     lease_s = 0.002
-    s.push([spec(id="poison", queue="hot", lease_s=lease_s, max_attempts=LOSSES)])
-    s.push([spec(id="normal", queue="calm", lease_s=lease_s, max_attempts=3)])
+    s.queue.push([spec(id="poison", queue="hot", lease_s=lease_s, max_attempts=LOSSES)])
+    s.queue.push([spec(id="normal", queue="calm", lease_s=lease_s, max_attempts=3)])
     for i in range(LOSSES):
-        (rec,) = s.claim(["hot"], f"w{i}", 1)
+        (rec,) = s.queue.claim(["hot"], f"w{i}", 1)
         assert rec.lease_expires is not None
-        _expire(timed, rec.lease_expires)
-        assert s.requeue_expired() == 1, i
-    poison = s.get("poison")
+        timed.pass_time_until(rec.lease_expires)
+        assert s.queue.requeue_expired() == 1, i
+    poison = s.queue.get("poison")
     assert (poison.state, poison.lost, poison.attempts) == ("dead", LOSSES, LOSSES)
     assert poison.error["type"] == "WorkerLost"
     assert len(poison.error["history"]) == ERROR_HISTORY_MAX
     assert all("history" not in e for e in poison.error["history"])
     assert len(orjson.dumps(poison.error)) < 4096
     # Maintenance still works for everybody else.
-    (rec,) = s.claim(["calm"], "w", 1)
-    _expire(timed, rec.lease_expires)
-    assert s.requeue_expired() == 1
-    assert (s.state("normal"), s.get("normal").lost) == ("queued", 1)
-    (rec,) = s.claim(["calm"], "w", 1)
-    assert s.finish([(rec.lease, SUCCEEDED)]) == [True]
-    assert s.state("normal") == "succeeded"
+    (rec,) = s.queue.claim(["calm"], "w", 1)
+    timed.pass_time_until(rec.lease_expires)
+    assert s.queue.requeue_expired() == 1
+    assert (s.queue.state("normal"), s.queue.get("normal").lost) == ("queued", 1)
+    (rec,) = s.queue.claim(["calm"], "w", 1)
+    assert s.queue.finish([(rec.lease, SUCCEEDED)]) == [True]
+    assert s.queue.state("normal") == "succeeded"
 
 
-def _expire(timed, lease_expires: float) -> None:
-    """Move past ``lease_expires`` on the store clock (spin briefly on a real clock)."""
-    s = timed.store
-    if timed.manual:
-        timed.advance(lease_expires - s.now() + 0.001)
-        return
-    while s.now() <= lease_expires:
-        time.sleep(0.0005)
+# -- wait_for_tasks(names=...) -------------------
 
 
-# -- wait_for_tasks(names=...): an extension of memory and SQLite -------------------
-
-
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
-def test_wait_for_tasks_by_names_ignores_other_names(kind, tmp_path):
-    from taskspace.backends import open_store
-    from tests.conftest import backend_url
-
-    store = open_store(backend_url(kind, tmp_path))
+def test_wait_for_tasks_by_names_ignores_other_names(store):
     store.queue.push([spec("other")])
     start = time.monotonic()
     store.queue.wait_for_tasks(["default"], 0.3, names=["mine"])
@@ -375,4 +360,3 @@ def test_wait_for_tasks_by_names_ignores_other_names(kind, tmp_path):
     start = time.monotonic()
     store.queue.wait_for_tasks(["default"], 5.0, names=["mine"])
     assert time.monotonic() - start < 1.0
-    store.close()
