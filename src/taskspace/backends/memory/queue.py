@@ -1,8 +1,18 @@
-"""QueueStore of the in-process backend."""
+"""QueueStore of the in-process backend.
+
+Guarantees (as the contract): every method is one step under the space's lock;
+claim tokens come from the space's fencing counter (shared with lease
+grants); a finish is accepted only for the current lease of a running task,
+pushes its follow-ups in the same step, and is answered True again (with no
+effect) when retried with the token it accepted; task times a person reads
+(created, started, finished) are on the wall clock, every expiry and ready
+time on the lease clock. State changes go through :mod:`outcomes` only.
+"""
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 
@@ -17,8 +27,10 @@ from taskspace.backends.base import (
     TaskSpec,
     TaskState,
 )
-from taskspace.backends.memory.state import MemoryState, ReadyHeap, Slot
+from taskspace.backends.memory.state import MemoryState, ReadyHeap, Slot, check_limit
 from taskspace.backends.outcomes import (
+    CANCEL_AT_ONCE_STATES,
+    RETRYABLE_STATES,
     check_list_filters,
     check_purge_states,
     expired_state,
@@ -28,56 +40,62 @@ from taskspace.backends.outcomes import (
 )
 
 
-class MemoryQueue(MemoryState):
+class MemoryQueue:
     """Tasks in per-(queue, name) priority heaps, so a claim restricted to some
     names never walks past the queued tasks of other names."""
 
+    def __init__(self, state: MemoryState) -> None:
+        self._s = state
+
     def push(self, specs: Sequence[TaskSpec]) -> list[str]:
-        with self._cond:
-            now = self.now()
-            ids = [self._push_one(spec, now) for spec in specs]
-            self._cond.notify_all()
+        s = self._s
+        with s.cond:
+            now, wall = s.clock.now(), s.clock.wall()
+            ids = [self._push_one(spec, now, wall) for spec in specs]
+            s.cond.notify_all()
             return ids
 
-    def _push_one(self, spec: TaskSpec, now: float) -> str:
-        if spec.dedup_key is not None and spec.dedup_key in self._dedup:
-            return self._dedup[spec.dedup_key]
-        if spec.id in self._tasks:
+    def _push_one(self, spec: TaskSpec, now: float, wall: float) -> str:
+        s = self._s
+        if spec.dedup_key is not None and spec.dedup_key in s.dedup:
+            return s.dedup[spec.dedup_key]
+        if spec.id in s.tasks:
             return spec.id
         record = TaskRecord(
             id=spec.id, name=spec.name, payload=spec.payload, codec=spec.codec,
             queue=spec.queue, priority=spec.priority, max_attempts=spec.max_attempts,
             lease_s=spec.lease_s, timeout=spec.timeout, dedup_key=spec.dedup_key,
-            state="queued", ready_at=now + spec.delay, created=now, result_ttl=spec.result_ttl,
+            state="queued", ready_at=now + spec.delay, created=wall, result_ttl=spec.result_ttl,
         )  # fmt: skip
-        slot = Slot(record, next(self._seq))
-        self._tasks[spec.id] = slot
+        slot = Slot(record, next(s.seq))
+        s.tasks[spec.id] = slot
         if spec.dedup_key is not None:
-            self._dedup[spec.dedup_key] = spec.id
+            s.dedup[spec.dedup_key] = spec.id
         self._enqueue(slot, now)
         return spec.id
 
     def _enqueue(self, slot: Slot, now: float) -> None:
         rec = slot.record
         if rec.ready_at > now:
-            heapq.heappush(self._delayed, (rec.ready_at, slot.seq, rec.id))
+            heapq.heappush(self._s.delayed, (rec.ready_at, slot.seq, rec.id))
         else:
             self._make_ready(slot)
 
     def _make_ready(self, slot: Slot) -> None:
-        heap = self._ready.setdefault(slot.record.queue, {}).setdefault(slot.record.name, [])
+        heap = self._s.ready.setdefault(slot.record.queue, {}).setdefault(slot.record.name, [])
         heapq.heappush(heap, (-slot.record.priority, slot.seq, slot.record.id))
 
     def _queued(self, task_id: str, seq: int) -> Slot | None:
-        slot = self._tasks.get(task_id)
+        slot = self._s.tasks.get(task_id)
         if slot is None or slot.seq != seq or slot.record.state != "queued":
             return None
         return slot
 
     def _promote(self, now: float) -> int:
+        delayed = self._s.delayed
         moved = 0
-        while self._delayed and self._delayed[0][0] <= now:
-            _, seq, task_id = heapq.heappop(self._delayed)
+        while delayed and delayed[0][0] <= now:
+            _, seq, task_id = heapq.heappop(delayed)
             slot = self._queued(task_id, seq)
             if slot is not None:
                 self._make_ready(slot)
@@ -92,21 +110,26 @@ class MemoryQueue(MemoryState):
         request_id: str | None = None,
         names: Collection[str] | None = None,
     ) -> list[TaskRecord]:
-        # request_id needs no handling here: this backend's replies cannot be lost.
+        """As the contract; a repeated ``request_id`` returns the first call's records."""
+        s = self._s
         claimed: list[TaskRecord] = []
-        with self._cond:
-            now = self.now()
+        with s.cond:
+            now, wall = s.clock.now(), s.clock.wall()
+            seen, first = s.recall("claim", request_id, now)
+            if seen:
+                return list(first)
             self._promote(now)
             for queue in dict.fromkeys(queues):
-                by_name = self._ready.get(queue)
+                by_name = s.ready.get(queue)
                 if not by_name or len(claimed) >= n:
                     continue
                 wanted = by_name if names is None else [x for x in names if x in by_name]
                 heaps = [by_name[x] for x in wanted]
                 while len(claimed) < n and (slot := self._pop_best(heaps)) is not None:
-                    claimed.append(self._lease(slot, worker, now))
+                    claimed.append(self._lease(slot, worker, now, wall))
                 for name in [x for x in wanted if not by_name[x]]:
                     del by_name[name]
+            s.remember("claim", request_id, now, tuple(claimed))
         return claimed
 
     def _pop_best(self, heaps: list[ReadyHeap]) -> Slot | None:
@@ -120,25 +143,28 @@ class MemoryQueue(MemoryState):
             if slot is not None:
                 return slot
 
-    def _lease(self, slot: Slot, worker: str, now: float) -> TaskRecord:
+    def _lease(self, slot: Slot, worker: str, now: float, wall: float) -> TaskRecord:
+        s = self._s
         rec = slot.record
         slot.record = replace(
-            rec, state="running", attempts=rec.attempts + 1, token=next(self._tokens),
-            worker=worker, lease_expires=now + rec.lease_s, started=now,
+            rec, state="running", attempts=rec.attempts + 1, token=s.next_token(),
+            worker=worker, lease_expires=now + rec.lease_s, started=wall,
         )  # fmt: skip
-        self._running.add(rec.id)
+        s.running.add(rec.id)
+        s.accepted.pop(rec.id, None)
         return slot.record
 
     def _current(self, lease: Lease) -> Slot | None:
-        slot = self._tasks.get(lease.task_id)
+        slot = self._s.tasks.get(lease.task_id)
         if slot is None or slot.record.state != "running" or slot.record.token != lease.token:
             return None
         return slot
 
     def renew(self, leases: Sequence[Lease]) -> dict[str, LeaseStatus]:
+        s = self._s
         out: dict[str, LeaseStatus] = {}
-        with self._cond:
-            now = self.now()
+        with s.cond:
+            now = s.clock.now()
             for lease in leases:
                 slot = self._current(lease)
                 expires = slot.record.lease_expires if slot else None
@@ -150,29 +176,35 @@ class MemoryQueue(MemoryState):
         return out
 
     def _lease_status(self, rec: TaskRecord) -> LeaseStatus:
-        if rec.id in self._terminate:
+        if rec.id in self._s.terminate:
             return "terminate_requested"
         return "cancel_requested" if rec.cancel_requested else "held"
 
     def finish(self, items: Sequence[tuple[Lease, Outcome]]) -> list[bool]:
+        s = self._s
         accepted: list[bool] = []
-        with self._cond:
-            now = self.now()
+        with s.cond:
+            now, wall = s.clock.now(), s.clock.wall()
             for lease, outcome in items:
                 slot = self._current(lease)
                 if slot is None:
-                    self._stale_finishes += 1
-                    accepted.append(False)
+                    repeat = s.accepted.get(lease.task_id) == lease.token
+                    if not repeat:
+                        s.stale_finishes += 1
+                    accepted.append(repeat)
                     continue
-                self._apply(slot, outcome, now)
+                self._apply(slot, outcome, now, wall)
+                s.accepted[lease.task_id] = lease.token
+                for spec in outcome.followups:
+                    self._push_one(spec, now, wall)
                 accepted.append(True)
-            self._cond.notify_all()
+            s.cond.notify_all()
         return accepted
 
-    def _apply(self, slot: Slot, outcome: Outcome, now: float) -> None:
+    def _apply(self, slot: Slot, outcome: Outcome, now: float, wall: float) -> None:
         rec = slot.record
         state = outcome_state(outcome, rec)
-        self._running.discard(rec.id)
+        self._s.running.discard(rec.id)
         error = outcome.error or rec.error
         if state == "queued":
             released = outcome.kind == "release"
@@ -185,21 +217,23 @@ class MemoryQueue(MemoryState):
             return
         slot.record = replace(
             rec, state=state, result=outcome.result, error=error, lease_expires=None,
-            finished=now,
+            finished=wall,
         )  # fmt: skip
-        self._settle(slot)
+        self._settle(slot, now)
 
-    def _settle(self, slot: Slot) -> None:
+    def _settle(self, slot: Slot, now: float) -> None:
         """Bookkeeping of a task that just reached a final state."""
+        s = self._s
         rec = slot.record
-        if rec.dedup_key is not None and self._dedup.get(rec.dedup_key) == rec.id:
-            del self._dedup[rec.dedup_key]
-        self._terminate.discard(rec.id)
-        if rec.result_ttl is not None and rec.finished is not None:
-            heapq.heappush(self._expiry, (rec.finished + rec.result_ttl, slot.seq, rec.id))
+        if rec.dedup_key is not None and s.dedup.get(rec.dedup_key) == rec.id:
+            del s.dedup[rec.dedup_key]
+        s.terminate.discard(rec.id)
+        slot.done_at = now
+        if rec.result_ttl is not None and not math.isinf(rec.result_ttl):
+            heapq.heappush(s.expiry, (now + rec.result_ttl, slot.seq, rec.id))
 
     def progress(self, lease: Lease, done: float, total: float) -> bool:
-        with self._cond:
+        with self._s.cond:
             slot = self._current(lease)
             if slot is None:
                 return False
@@ -207,61 +241,69 @@ class MemoryQueue(MemoryState):
             return True
 
     def requeue_expired(self) -> int:
+        s = self._s
         handled = 0
-        with self._cond:
-            now = self.now()
-            for task_id in list(self._running):
-                slot = self._tasks[task_id]
+        with s.cond:
+            now, wall = s.clock.now(), s.clock.wall()
+            for task_id in list(s.running):
+                slot = s.tasks[task_id]
                 rec = slot.record
                 if rec.lease_expires is None or rec.lease_expires > now:
                     continue
-                self._running.discard(task_id)
+                s.running.discard(task_id)
                 handled += 1
                 state = expired_state(rec)
                 slot.record = replace(
                     rec, state=state, lost=rec.lost + 1, error=lease_lost_error(rec),
                     lease_expires=None, worker=None if state == "queued" else rec.worker,
-                    ready_at=now, finished=None if state == "queued" else now,
+                    ready_at=now, finished=None if state == "queued" else wall,
                 )  # fmt: skip
                 if state == "queued":
                     self._enqueue(slot, now)
                 else:
-                    self._settle(slot)
+                    self._settle(slot, now)
             if handled:
-                self._cond.notify_all()
+                s.cond.notify_all()
         return handled
 
     def promote_due(self) -> int:
-        with self._cond:
-            moved = self._promote(self.now())
+        s = self._s
+        with s.cond:
+            moved = self._promote(s.clock.now())
             if moved:
-                self._cond.notify_all()
+                s.cond.notify_all()
             return moved
 
     def cancel(self, task_id: str, terminate: bool = False) -> TaskState | None:
-        with self._cond:
-            slot = self._tasks.get(task_id)
+        s = self._s
+        with s.cond:
+            slot = s.tasks.get(task_id)
             if slot is None:
                 return None
             rec = slot.record
-            if rec.state == "queued":
-                slot.record = replace(rec, state="cancelled", finished=self.now())
-                self._settle(slot)
-                self._cond.notify_all()
+            if rec.state in CANCEL_AT_ONCE_STATES:
+                slot.record = replace(rec, state="cancelled", finished=s.clock.wall())
+                self._settle(slot, s.clock.now())
+                s.cond.notify_all()
             elif rec.state == "running":
                 slot.record = replace(rec, cancel_requested=True)
                 if terminate:
-                    self._terminate.add(task_id)
+                    s.terminate.add(task_id)
             return slot.record.state
 
     def get(self, task_id: str) -> TaskRecord | None:
-        with self._cond:
-            slot = self._tasks.get(task_id)
+        with self._s.cond:
+            slot = self._s.tasks.get(task_id)
             return slot.record if slot else None
 
+    def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord | None]:
+        tasks = self._s.tasks
+        with self._s.cond:
+            return [slot.record if (slot := tasks.get(i)) else None for i in task_ids]
+
     def state(self, task_id: str) -> TaskState | None:
-        with self._cond:
-            slot = self._tasks.get(task_id)
+        with self._s.cond:
+            slot = self._s.tasks.get(task_id)
             return slot.record.state if slot else None
 
     def list(
@@ -273,10 +315,10 @@ class MemoryQueue(MemoryState):
         after: str | None = None,
     ) -> list[TaskRecord]:
         check_list_filters(state, limit)
-        with self._cond:
+        with self._s.cond:
             start = self._seq_of(after) if after is not None else 0
             out: list[TaskRecord] = []
-            for slot in self._tasks.values():
+            for slot in self._s.tasks.values():
                 rec = slot.record
                 if len(out) >= limit:
                     break
@@ -287,99 +329,115 @@ class MemoryQueue(MemoryState):
             return out
 
     def _seq_of(self, after: str) -> int:
-        mark = self._tasks.get(after)
+        mark = self._s.tasks.get(after)
         if mark is None:
             raise unknown_cursor(after)
         return mark.seq
 
     def retry(self, task_id: str) -> TaskState | None:
-        with self._cond:
-            slot = self._tasks.get(task_id)
+        s = self._s
+        with s.cond:
+            slot = s.tasks.get(task_id)
             if slot is None:
                 return None
             rec = slot.record
-            if rec.state not in ("failed", "dead"):
+            if rec.state not in RETRYABLE_STATES:
                 return rec.state
-            now = self.now()
             key = rec.dedup_key
-            if key is not None and key in self._dedup:
+            if key is not None and key in s.dedup:
                 key = None  # a live task holds the key now: this one runs without it
             slot.record = replace(
-                rec, state="queued", attempts=0, lost=0, ready_at=now, worker=None,
+                rec, state="queued", attempts=0, lost=0, ready_at=s.clock.now(), worker=None,
                 lease_expires=None, result=None, progress=None, cancel_requested=False,
                 started=None, finished=None, dedup_key=key,
             )  # fmt: skip
+            slot.done_at = None
             if key is not None:
-                self._dedup[key] = task_id
+                s.dedup[key] = task_id
             self._make_ready(slot)
-            self._cond.notify_all()
+            s.cond.notify_all()
             return "queued"
 
     def purge(self, queue: str, states: Collection[str]) -> int:
         wanted = check_purge_states(states)
-        with self._cond:
+        s = self._s
+        with s.cond:
             doomed = [
-                slot
-                for slot in self._tasks.values()
+                slot.record
+                for slot in s.tasks.values()
                 if slot.record.queue == queue and slot.record.state in wanted
             ]
-            for slot in doomed:
-                self._delete(slot.record)
+            for rec in doomed:
+                self._delete(rec)
             if doomed:
-                self._cond.notify_all()
+                s.cond.notify_all()
             return len(doomed)
 
     def _delete(self, rec: TaskRecord) -> None:
         # Heap entries of a deleted task are dropped lazily when they reach the top.
-        del self._tasks[rec.id]
-        if rec.dedup_key is not None and self._dedup.get(rec.dedup_key) == rec.id:
-            del self._dedup[rec.dedup_key]
-        self._terminate.discard(rec.id)
+        s = self._s
+        del s.tasks[rec.id]
+        if rec.dedup_key is not None and s.dedup.get(rec.dedup_key) == rec.id:
+            del s.dedup[rec.dedup_key]
+        s.terminate.discard(rec.id)
+        s.accepted.pop(rec.id, None)
 
-    def _reap_tasks(self, now: float, limit: int) -> int:
+    def reap(self, limit: int = 1000) -> int:
+        """Delete up to ``limit`` finished tasks past their ``result_ttl`` (lease
+        clock, from the moment they finished); ConfigError for a limit below 1."""
+        check_limit(limit)
+        s = self._s
         deleted = 0
-        while deleted < limit and self._expiry and self._expiry[0][0] <= now:
-            _, seq, task_id = heapq.heappop(self._expiry)
-            slot = self._tasks.get(task_id)
-            # An entry is stale if its task was deleted, retried, or finished again later.
-            if slot is None or slot.seq != seq or slot.record.state not in FINAL_STATES:
-                continue
-            rec = slot.record
-            if rec.result_ttl is not None and (rec.finished or 0.0) + rec.result_ttl <= now:
-                self._delete(rec)
-                deleted += 1
+        with s.cond:
+            now = s.clock.now()
+            while deleted < limit and s.expiry and s.expiry[0][0] <= now:
+                _, seq, task_id = heapq.heappop(s.expiry)
+                slot = s.tasks.get(task_id)
+                # An entry is stale if its task was deleted, retried, or finished again later.
+                if slot is None or slot.seq != seq or slot.record.state not in FINAL_STATES:
+                    continue
+                ttl, done_at = slot.record.result_ttl, slot.done_at
+                if ttl is not None and done_at is not None and done_at + ttl <= now:
+                    self._delete(slot.record)
+                    deleted += 1
         return deleted
 
     def stats(self) -> QueueStats:
         counts: dict[str, dict[str, int]] = {}
-        with self._cond:
-            for slot in self._tasks.values():
+        with self._s.cond:
+            for slot in self._s.tasks.values():
                 by_state = counts.setdefault(slot.record.queue, {})
                 by_state[slot.record.state] = by_state.get(slot.record.state, 0) + 1
-            return QueueStats(counts, self._stale_finishes)
+            return QueueStats(counts, self._s.stale_finishes)
 
     def wait_for_tasks(
         self, queues: Sequence[str], timeout: float, names: Collection[str] | None = None
     ) -> None:
-        """As the contract says; ``names`` (an extension): only tasks of these names
-        count as claimable, so a worker that claims by name does not spin while
-        other apps' tasks wait in its queues."""
-        with self._cond:
-            now = self.now()
+        """As the contract says: returns once a task of ``names`` (any name when
+        None) is claimable in ``queues``, or after ``timeout``."""
+        s = self._s
+
+        def ready(now: float) -> float | None:
             self._promote(now)
             for queue in queues:
-                by_name = self._ready.get(queue, {})
+                by_name = s.ready.get(queue, {})
                 wanted = by_name.keys() if names is None else names
                 if any(by_name.get(name) for name in wanted):
-                    return
-            if self._delayed:  # wake when the next delayed task falls due
-                timeout = min(timeout, max(self._delayed[0][0] - now, 0.001))
-            self._cond.wait(timeout)
+                    return None
+            return s.delayed[0][0] if s.delayed else math.inf
+
+        with s.cond:
+            s.wait_for(ready, timeout)
 
     def wait_for_finish(self, task_ids: Sequence[str], timeout: float) -> None:
-        with self._cond:
-            if all(
-                (slot := self._tasks.get(i)) is not None and slot.record.state in LIVE_STATES
-                for i in task_ids
-            ):
-                self._cond.wait(timeout)
+        s = self._s
+
+        def ready(now: float) -> float | None:
+            for task_id in task_ids:
+                slot = s.tasks.get(task_id)
+                if slot is None or slot.record.state not in LIVE_STATES:
+                    return None
+            return math.inf
+
+        with s.cond:
+            s.wait_for(ready, timeout)
