@@ -8,7 +8,10 @@ URLs follow SQLAlchemy's forms:
 - ``memory://`` (a fresh store) or ``memory://name`` (shared in this process);
 - ``redis://[:password@]host:port/db``, ``rediss://…`` (TLS) and
   ``unix:///path/to/redis.sock`` as redis-py parses them, plus taskspace's own
-  ``namespace`` option (several spaces can share one Redis).
+  ``namespace`` option (several spaces can share one Redis);
+- ``redis+sentinel://…``: Redis behind Sentinels, which name the master
+  (the form is documented in ``taskspace.backends.redis.sentinel``), with the
+  same ``namespace`` option.
 
 Every scheme is imported explicitly here; an unknown scheme or option raises
 :class:`~taskspace.errors.InvalidURL` naming what would be valid.
@@ -24,8 +27,8 @@ from taskspace.backends.memory import MemoryStore, open_memory
 from taskspace.backends.sqlite import SQLiteSettings, SQLiteStore
 from taskspace.errors import InvalidURL, SpaceNotFound
 
-SCHEMES = ("sqlite", "memory", "redis", "rediss", "unix")
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+SCHEMES = ("sqlite", "memory", "redis", "rediss", "unix", "redis+sentinel")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
 SQLITE_OPTIONS = ("synchronous", "busy_timeout", "poll_ms")
 SYNCHRONOUS_MODES = ("normal", "full", "off")
 
@@ -88,6 +91,12 @@ def scheme_of(url: str) -> str:
 
 
 def _check_redis_url(url: str) -> None:
+    if url.split("://", 1)[0].lower() == "redis+sentinel":
+        from taskspace.backends.redis.conn import split_namespace
+        from taskspace.backends.redis.sentinel import parse_sentinel_url
+
+        parse_sentinel_url(split_namespace(url)[0])
+        return
     parts = urlsplit(url)
     try:
         parts.port  # noqa: B018 - raises ValueError for a malformed port
@@ -119,9 +128,9 @@ def open_store(
     applies to memory:// and SQLite, ``namespace`` to Redis only (a SQLite
     space is namespaced by its file).
 
-    ``create=False`` (read-only commands): a SQLite file that does not exist
-    raises SpaceNotFound and nothing is created (Redis and memory spaces
-    always exist)."""
+    ``create=False`` (read-only commands): a space that does not exist raises
+    SpaceNotFound and nothing is created (a SQLite file that does not exist, a
+    Redis namespace without a space id; memory spaces always exist)."""
     scheme = validate_url(url)
     if clock is not None and scheme in REDIS_SCHEMES:
         raise InvalidURL(
@@ -130,7 +139,7 @@ def open_store(
     if scheme in REDIS_SCHEMES:
         from taskspace.backends.redis import RedisStore
 
-        return RedisStore(url, namespace=namespace)
+        return RedisStore(url, namespace=namespace, create=create)
     if namespace is not None:
         raise InvalidURL(f"namespace applies to Redis spaces only, not {url!r}")
     if scheme == "memory":

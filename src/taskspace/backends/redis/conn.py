@@ -4,7 +4,8 @@ Two clients share the URL: ``client`` (socket timeout SOCKET_TIMEOUT_S) runs
 the scripts that change state, and ``reads`` (READ_TIMEOUT_S) serves reads and
 blocking waits, so that a call made with a timeout, or a read behind a
 stalled connection, returns (or raises BackendError) within about that
-timeout rather than after the long socket timeout.
+timeout rather than after the long socket timeout. For ``redis+sentinel://``
+both follow the master that the Sentinels name (``sentinel.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from taskspace.backends.outcomes import lua_rules
+from taskspace.backends.redis.records import lua_fields
 from taskspace.errors import BackendError, InvalidURL, MissingDependency
 
 T = TypeVar("T")
 DEFAULT_NAMESPACE = "default"
+# Redis behind Sentinels: the clients follow the master they name.
+SENTINEL_SCHEME = "redis+sentinel"
 SOCKET_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 2.0
 # Reads and the steps of a wait: short, so a stalled connection is noticed
@@ -47,11 +51,12 @@ def import_redis() -> Any:
 
 def load_scripts() -> dict[str, str]:
     """Every script of ``lua/`` by name. Each is prefixed with the task state
-    rules generated from ``outcomes``, with ``common.lua`` and, for a script
+    rules generated from ``outcomes``, the task fields generated from
+    ``records.FIELDS``, ``common.lua`` and, for a script
     named ``<group>_<verb>.lua``, with the library ``_<group>.lua`` if there
     is one (functions its group shares)."""
     lua = resources.files(__package__).joinpath("lua")
-    prelude = lua_rules() + lua.joinpath("common.lua").read_text()
+    prelude = lua_rules() + lua_fields() + lua.joinpath("common.lua").read_text()
     files = {e.name: e for e in lua.iterdir() if e.name.endswith(".lua")}
     scripts = {}
     for name, entry in files.items():
@@ -102,8 +107,20 @@ class RedisConnection:
         plain, in_url = split_namespace(url)
         self.namespace = check_namespace(namespace or in_url or DEFAULT_NAMESPACE)
         self.prefix = f"ts:{{{self.namespace}}}:"
-        self.client: Any = _client(redis_mod, url, plain, SOCKET_TIMEOUT_S, CONNECT_TIMEOUT_S)
-        self.reads: Any = _client(redis_mod, url, plain, READ_TIMEOUT_S, READ_TIMEOUT_S)
+        self.client: Any
+        self.reads: Any
+        if plain.lower().startswith(SENTINEL_SCHEME + "://"):
+            from taskspace.backends.redis.sentinel import sentinel_clients
+
+            self.client, self.reads = sentinel_clients(
+                plain,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                read_timeout=READ_TIMEOUT_S,
+            )
+        else:
+            self.client = _client(redis_mod, url, plain, SOCKET_TIMEOUT_S, CONNECT_TIMEOUT_S)
+            self.reads = _client(redis_mod, url, plain, READ_TIMEOUT_S, READ_TIMEOUT_S)
         self._errors: tuple[type[BaseException], ...] = (redis_mod.RedisError, OSError)
         self._scripts = {
             name: self.client.register_script(source) for name, source in load_scripts().items()

@@ -9,7 +9,6 @@ import orjson
 
 from taskspace.backends.base import (
     ERROR_HISTORY_MAX,
-    TASK_STATES,
     Lease,
     LeaseStatus,
     Outcome,
@@ -19,20 +18,17 @@ from taskspace.backends.base import (
     TaskState,
     push_chunks,
 )
-from taskspace.backends.outcomes import unknown_cursor
+from taskspace.backends.outcomes import check_list_filters, check_purge_states, unknown_cursor
 from taskspace.backends.redis.conn import RedisConnection
 from taskspace.backends.redis.records import FIELDS, number, record
-from taskspace.errors import ConfigError
 
-# A push runs as one script per chunk of at most this many tasks or bytes of
-# payload, so that no script blocks Redis for more than about 50 ms
-# (1,000 tasks take about 10-20 ms on a 2-core machine); atomicity is per chunk.
 # Index entries one list/purge script looks at before handing back a cursor.
 SCAN_BUDGET = 1000
 
 
 def push_args(chunk: Sequence[TaskSpec]) -> list[Any]:
-    """The push script's arguments for ``chunk`` (12 per task, see lua/push.lua)."""
+    """Push arguments for ``chunk``: PUSH_N (12) per task, see push_tasks in
+    lua/common.lua (push.lua takes these, finish.lua takes them per follow-up)."""
     args: list[Any] = []
     for s in chunk:
         args += [s.id, s.name, s.payload, s.codec, s.queue, s.priority, s.max_attempts,
@@ -41,13 +37,18 @@ def push_args(chunk: Sequence[TaskSpec]) -> list[Any]:
     return args
 
 
-def check_states(states: Collection[str]) -> list[str]:
-    """``states`` without repeats; ConfigError naming any that is not a task state."""
-    wanted = list(dict.fromkeys(states))
-    unknown = [s for s in wanted if s not in TASK_STATES]
-    if unknown:
-        raise ConfigError(f"unknown task state {unknown[0]!r}; valid: {', '.join(TASK_STATES)}")
-    return wanted
+def finish_args(items: Sequence[tuple[Lease, Outcome]]) -> list[Any]:
+    """The finish script's arguments: 8 per item, then its follow-ups' push arguments."""
+    args: list[Any] = []
+    for lease, outcome in items:
+        error = b"" if outcome.error is None else orjson.dumps(outcome.error)
+        has_result = outcome.result is not None
+        args += [lease.task_id, lease.token, outcome.kind, int(has_result),
+                 outcome.result or b"", error, repr(float(outcome.delay)),
+                 len(outcome.followups)]  # fmt: skip
+        if outcome.followups:
+            args += push_args(outcome.followups)
+    return args
 
 
 def names_args(names: Collection[str] | None) -> list[Any]:
@@ -58,10 +59,15 @@ def names_args(names: Collection[str] | None) -> list[Any]:
     return [len(wanted), *wanted]
 
 
-class QueueOps(RedisConnection):
-    """Tasks: push, claim, renew, finish, maintenance, inspection."""
+class RedisQueue:
+    """The QueueStore protocol (see base.QueueStore): one script per atomic
+    step on the space's connection."""
 
-    _claim_names: Collection[str] | None = None
+    def __init__(self, conn: RedisConnection) -> None:
+        self._conn = conn
+        self._prefix = conn.prefix
+        # The names of this store's last claim: what an idle wait watches.
+        self._claim_names: Collection[str] | None = None
 
     def push(self, specs: Sequence[TaskSpec]) -> list[str]:
         """Enqueue ``specs``; atomic per chunk (see PUSH_CHUNK_TASKS), each
@@ -70,7 +76,7 @@ class QueueOps(RedisConnection):
         too, as with any lost reply; a retried push adds no task twice."""
         if not specs:
             return []
-        replies = self.run_many("push", map(push_args, push_chunks(specs)))
+        replies = self._conn.run_many("push", map(push_args, push_chunks(specs)))
         return [i.decode() for reply in replies for i in reply]
 
     def claim(
@@ -86,56 +92,61 @@ class QueueOps(RedisConnection):
             self._claim_names = names
         if n <= 0 or (names is not None and not names):
             return []
-        rows = self.run("claim", [worker, n, request_id or "", *names_args(names), *queues])
+        rows = self._conn.run("claim", [worker, n, request_id or "", *names_args(names), *queues])
         return [record(row) for row in rows]
 
     def renew(self, leases: Sequence[Lease]) -> dict[str, LeaseStatus]:
         if not leases:
             return {}
-        replies = self.run("renew", [x for lease in leases for x in lease])
+        replies = self._conn.run("renew", [x for lease in leases for x in lease])
         return {
             lease.task_id: cast(LeaseStatus, reply.decode())
             for lease, reply in zip(leases, replies, strict=True)
         }
 
     def finish(self, items: Sequence[tuple[Lease, Outcome]]) -> list[bool]:
+        """One script for every item and every accepted item's follow-ups."""
         if not items:
             return []
-        args: list[Any] = []
-        for lease, outcome in items:
-            error = b"" if outcome.error is None else orjson.dumps(outcome.error)
-            has_result = outcome.result is not None
-            args += [lease.task_id, lease.token, outcome.kind, int(has_result),
-                     outcome.result or b"", error, repr(float(outcome.delay))]  # fmt: skip
-        return [bool(r) for r in self.run("finish", args)]
+        return [bool(r) for r in self._conn.run("finish", finish_args(items))]
 
     def progress(self, lease: Lease, done: float, total: float) -> bool:
         args = [lease.task_id, lease.token, repr(float(done)), repr(float(total))]
-        return bool(self.run("progress", args))
+        return bool(self._conn.run("progress", args))
 
     def requeue_expired(self) -> int:
-        return int(self.run("requeue", [ERROR_HISTORY_MAX]))
+        return int(self._conn.run("requeue", [ERROR_HISTORY_MAX]))
 
     def promote_due(self) -> int:
-        return int(self.run("promote", []))
+        return int(self._conn.run("promote", []))
 
     def cancel(self, task_id: str, terminate: bool = False) -> TaskState | None:
-        state = self.run("cancel", [task_id, int(terminate)])
+        state = self._conn.run("cancel", [task_id, int(terminate)])
         return None if state is None else cast(TaskState, state.decode())
 
     def retry(self, task_id: str) -> TaskState | None:
-        state = self.run("retry", [task_id])
+        state = self._conn.run("retry", [task_id])
         return None if state is None else cast(TaskState, state.decode())
 
     def get(self, task_id: str) -> TaskRecord | None:
-        key = f"{self.prefix}t:{task_id}"
-        values = self.call(lambda: self.reads.hmget(key, FIELDS))
+        key = f"{self._prefix}t:{task_id}"
+        values = self._conn.call(lambda: self._conn.reads.hmget(key, FIELDS))
         return None if values[0] is None else record(values)
+
+    def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord | None]:
+        """One pipelined round trip of HMGETs (each record is read atomically)."""
+        if not task_ids:
+            return []
+        pipe = self._conn.reads.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hmget(f"{self._prefix}t:{task_id}", FIELDS)
+        rows = self._conn.call(pipe.execute)
+        return [None if row[0] is None else record(row) for row in rows]
 
     def state(self, task_id: str) -> TaskState | None:
         """One HGET of the state field: never the payload or result."""
-        key = f"{self.prefix}t:{task_id}"
-        value = self.call(lambda: self.reads.hget(key, "state"))
+        key = f"{self._prefix}t:{task_id}"
+        value = self._conn.call(lambda: self._conn.reads.hget(key, "state"))
         return None if value is None else cast(TaskState, value.decode())
 
     def list(
@@ -148,11 +159,10 @@ class QueueOps(RedisConnection):
     ) -> list[TaskRecord]:
         """Scans the submission index SCAN_BUDGET entries per script, so a
         filter that matches few tasks costs round trips, never a long script."""
-        if state is not None:
-            check_states([state])
+        check_list_filters(state, limit)
         cursor: str | None = "0"
         if after is not None:
-            seq = self.call(lambda: self.reads.zscore(self.prefix + "idx", after))
+            seq = self._conn.call(lambda: self._conn.reads.zscore(self._prefix + "idx", after))
             if seq is None:
                 raise unknown_cursor(after)
             cursor = repr(int(seq))
@@ -160,19 +170,17 @@ class QueueOps(RedisConnection):
         filters = [state or "", queue or "", name or ""]
         while cursor is not None and len(out) < limit:
             args = [*filters, limit - len(out), cursor, SCAN_BUDGET]
-            rows, last = self.run("list", args, read=True)
+            rows, last = self._conn.run("list", args, read=True)
             out += [record(row) for row in rows]
             cursor = None if not last else last.decode()
         return out
 
     def purge(self, queue: str, states: Collection[str]) -> int:
         """Deletes in steps of SCAN_BUDGET index entries (atomic per step)."""
-        wanted = check_states(states)
-        if "running" in wanted:
-            raise ConfigError("purge never deletes running tasks: they belong to a worker")
+        wanted = sorted(check_purge_states(states))
         deleted, cursor = 0, "0"
         while wanted:
-            n, last = self.run("purge", [queue, cursor, SCAN_BUDGET, *wanted])
+            n, last = self._conn.run("purge", [queue, cursor, SCAN_BUDGET, *wanted])
             deleted += int(n)
             if not last:
                 break
@@ -180,13 +188,13 @@ class QueueOps(RedisConnection):
         return deleted
 
     def reap(self, limit: int = 1000) -> int:
-        return int(self.run("reap", [limit])) if limit > 0 else 0
+        return int(self._conn.run("reap", [limit])) if limit > 0 else 0
 
     def stats(self) -> QueueStats:
-        pipe = self.reads.pipeline(transaction=True)
-        pipe.hgetall(self.prefix + "counts")
-        pipe.get(self.prefix + "stale")
-        raw, stale = self.call(pipe.execute)
+        pipe = self._conn.reads.pipeline(transaction=True)
+        pipe.hgetall(self._prefix + "counts")
+        pipe.get(self._prefix + "stale")
+        raw, stale = self._conn.call(pipe.execute)
         counts: dict[str, dict[str, int]] = {}
         for field, value in raw.items():
             queue, _, state = field.decode().partition("\n")
@@ -201,16 +209,16 @@ class QueueOps(RedisConnection):
         store's last claim, so a worker is not woken by, nor spins on, tasks it
         cannot run)."""
         names = self._claim_names if names is None else names
-        due_text, keys = self.run("next_due", [*names_args(names), *queues], read=True)
+        due_text, keys = self._conn.run("next_due", [*names_args(names), *queues], read=True)
         due = float(due_text)
         if due == 0:
             return
         wait = timeout if due < 0 else min(timeout, due)
-        woken = [k.decode() for k in keys] or [f"{self.prefix}wake:{q}" for q in queues]
-        self.block(woken, wait)
+        woken = [k.decode() for k in keys] or [f"{self._prefix}wake:{q}" for q in queues]
+        self._conn.block(woken, wait)
 
     def wait_for_finish(self, task_ids: Sequence[str], timeout: float) -> None:
         ids = list(dict.fromkeys(task_ids))
-        if not ids or self.run("watch", ids, read=True):
+        if not ids or self._conn.run("watch", ids, read=True):
             return
-        self.block([f"{self.prefix}done:{i}" for i in ids], timeout)
+        self._conn.block([f"{self._prefix}done:{i}" for i in ids], timeout)

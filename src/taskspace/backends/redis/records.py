@@ -8,6 +8,9 @@ import orjson
 
 from taskspace.backends.base import TaskRecord
 
+# The task hash fields a record is read from, in this order. The scripts get
+# the same list (and a name -> index map) from lua_fields(), so it is stated
+# once.
 FIELDS = (
     "id", "name", "payload", "codec", "queue", "priority", "max_attempts", "lease_s", "timeout",
     "dedup_key", "state", "ready_at", "attempts", "lost", "token", "worker", "lease_expires",
@@ -16,26 +19,35 @@ FIELDS = (
 )  # fmt: skip
 
 
+def lua_fields() -> str:
+    """FIELDS as Lua source: ``FIELDS`` (the list) and ``FIELD`` (name -> index)."""
+    names = ", ".join(f"'{name}'" for name in FIELDS)
+    index = ", ".join(f"{name} = {i}" for i, name in enumerate(FIELDS, 1))
+    return f"local FIELDS = {{{names}}}\nlocal FIELD = {{{index}}}\n"
+
+
 def record(v: Sequence[bytes | None]) -> TaskRecord:
-    """A TaskRecord from HMGET of FIELDS (in that order); on the hot path, so indexed.
-    An absent payload reads as b"", an absent result_ttl as None (kept forever)."""
-    done, total = v[19], v[20]
+    """A TaskRecord from HMGET of FIELDS (in that order). An absent payload
+    reads as b"", an absent result_ttl as None (kept forever)."""
+    (id_, name, payload, codec, queue, priority, max_attempts, lease_s, timeout, dedup_key,
+     state, ready_at, attempts, lost, token, worker, lease_expires, result, error, pdone,
+     ptotal, cancel, created, started, finished, result_ttl) = v  # fmt: skip
     return TaskRecord(
-        id=v[0].decode(), name=v[1].decode(), payload=v[2] or b"",  # type: ignore[union-attr]
-        codec=v[3].decode(), queue=v[4].decode(),  # type: ignore[union-attr]
-        priority=int(v[5] or 0), max_attempts=int(v[6] or 1), lease_s=float(v[7] or 0),
-        timeout=None if v[8] is None else float(v[8]),
-        dedup_key=None if v[9] is None else v[9].decode(),
-        state=v[10].decode(), ready_at=float(v[11] or 0),  # type: ignore[arg-type,union-attr]
-        attempts=int(v[12] or 0), lost=int(v[13] or 0), token=int(v[14] or 0),
-        worker=None if v[15] is None else v[15].decode(),
-        lease_expires=None if v[16] is None else float(v[16]), result=v[17],
-        error=None if v[18] is None else orjson.loads(v[18]),
-        progress=None if done is None or total is None else (float(done), float(total)),
-        cancel_requested=v[21] is not None and v[21] != b"0", created=float(v[22] or 0),
-        started=None if v[23] is None else float(v[23]),
-        finished=None if v[24] is None else float(v[24]),
-        result_ttl=None if v[25] is None else float(v[25]),
+        id=id_.decode(), name=name.decode(), payload=payload or b"",  # type: ignore[union-attr]
+        codec=codec.decode(), queue=queue.decode(),  # type: ignore[union-attr]
+        priority=int(priority or 0), max_attempts=int(max_attempts or 1),
+        lease_s=float(lease_s or 0), timeout=None if timeout is None else float(timeout),
+        dedup_key=None if dedup_key is None else dedup_key.decode(),
+        state=state.decode(), ready_at=float(ready_at or 0),  # type: ignore[arg-type,union-attr]
+        attempts=int(attempts or 0), lost=int(lost or 0), token=int(token or 0),
+        worker=None if worker is None else worker.decode(),
+        lease_expires=None if lease_expires is None else float(lease_expires), result=result,
+        error=None if error is None else orjson.loads(error),
+        progress=None if pdone is None or ptotal is None else (float(pdone), float(ptotal)),
+        cancel_requested=cancel is not None and cancel != b"0", created=float(created or 0),
+        started=None if started is None else float(started),
+        finished=None if finished is None else float(finished),
+        result_ttl=None if result_ttl is None else float(result_ttl),
     )  # fmt: skip
 
 

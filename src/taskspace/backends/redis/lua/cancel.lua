@@ -1,24 +1,25 @@
 -- ARGV: id terminate(0|1). Returns the state after the call, or nil for an
--- unknown task. A running task gets cancel=1 (cooperative) or 2 (terminate);
--- a later plain cancel never downgrades 2.
-local id = ARGV[1]
+-- unknown task. A task in CANCEL_AT_ONCE_STATES (the generated rules) ends
+-- cancelled; a running one gets cancel=1 (cooperative) or 2 (terminate), and
+-- a later plain cancel never downgrades 2; any other state is left alone.
+local id, terminate = ARGV[1], ARGV[2]
 local k = tkey(id)
-local f = redis.call('HMGET', k, 'state', 'queue', 'dedup_key', 'name', 'result_ttl', 'cancel',
-  'waiters')
-if not f[1] then return false end
-if f[1] == 'queued' then
+local t = hmget_named(k, {'state', 'queue', 'dedup_key', 'name', 'result_ttl', 'cancel',
+  'waiters'})
+if not t.state then return false end
+if CANCEL_AT_ONCE_STATES[t.state] then
   local now = clock()
-  unready(id, f[2], f[4])
-  redis.call('HSET', k, 'state', 'cancelled', 'finished', now)
-  count(f[2], 'queued', -1)
-  count(f[2], 'cancelled', 1)
+  unready(id, t.queue, t.name)
+  redis.call('HSET', k, 'state', 'cancelled', 'finished', fmt(wall()))
+  count(t.queue, t.state, -1)
+  count(t.queue, 'cancelled', 1)
   local expiring = {}
-  settle(id, f[3], f[2], 'cancelled', now, f[5], expiring, f[7])
+  settle(id, t.dedup_key, t.queue, 'cancelled', now, t.result_ttl, expiring, t.waiters)
   zadd_pairs(P .. 'expiry', expiring)
   return 'cancelled'
 end
-if f[1] == 'running' then
-  if ARGV[2] == '1' then redis.call('HSET', k, 'cancel', 2)
-  elseif f[6] ~= '2' then redis.call('HSET', k, 'cancel', 1) end
+if t.state == 'running' then
+  if terminate == '1' then redis.call('HSET', k, 'cancel', 2)
+  elseif t.cancel ~= '2' then redis.call('HSET', k, 'cancel', 1) end
 end
-return f[1]
+return t.state

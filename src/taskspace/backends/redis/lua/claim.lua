@@ -23,7 +23,10 @@ if request ~= '' then
   if granted then
     for id, token in string.gmatch(granted, '([^\n]+)\t([^\n]+)\n') do
       local f = redis.call('HMGET', tkey(id), unpack(FIELDS))
-      if f[11] == 'running' and f[15] == token and f[16] == worker then out[#out + 1] = f end
+      if f[FIELD.state] == 'running' and f[FIELD.token] == token and f[FIELD.worker] == worker
+      then
+        out[#out + 1] = f
+      end
     end
     return out
   end
@@ -64,6 +67,7 @@ local function take(q, wanted, want, tidy)
 end
 
 local now = clock()
+local started = fmt(wall())
 promote(now)
 local running = {}
 local seen = {}
@@ -75,23 +79,24 @@ for qi = first_queue, #ARGV do
     local wanted = names or redis.call('SMEMBERS', P .. 'qnames:' .. q)
     local ids = take(q, wanted, n - #out, names == nil)
     local got = 0
-    local token = redis.call('INCRBY', P .. 'token', #ids) - #ids
+    local token = #ids > 0 and next_tokens(#ids) - 1
     for _, id in ipairs(ids) do
       local tk = tkey(id)
       local f = redis.call('HMGET', tk, unpack(FIELDS))
-      if f[11] == 'queued' then
+      if f[FIELD.state] == 'queued' then
         token = token + 1
         got = got + 1
-        local expires = fmt(now + tonumber(f[8]))
-        local attempts = (tonumber(f[13]) or 0) + 1
-        redis.call('HSET', tk, 'state', 'running', 'token', token, 'worker', worker,
-          'lease_expires', expires, 'started', fmt(now), 'attempts', attempts)
-        f[11], f[13], f[15], f[16] = 'running', attempts, token, worker
-        f[17], f[24] = expires, fmt(now)
+        local expires = fmt(now + tonumber(f[FIELD.lease_s]))
+        local attempts = (tonumber(f[FIELD.attempts]) or 0) + 1
+        local text = string.format('%d', token)
+        redis.call('HSET', tk, 'state', 'running', 'token', text, 'worker', worker,
+          'lease_expires', expires, 'started', started, 'attempts', attempts)
+        f[FIELD.state], f[FIELD.attempts], f[FIELD.token] = 'running', attempts, text
+        f[FIELD.worker], f[FIELD.lease_expires], f[FIELD.started] = worker, expires, started
         running[#running + 1] = expires
         running[#running + 1] = id
         out[#out + 1] = f
-        granted[#granted + 1] = id .. '\t' .. token .. '\n'
+        granted[#granted + 1] = id .. '\t' .. text .. '\n'
       end
     end
     if got > 0 then

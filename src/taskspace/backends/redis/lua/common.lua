@@ -1,33 +1,62 @@
--- Shared by every script (prepended at load time). KEYS[1] is the space's key
--- prefix, carrying a hash tag so that every key of a space lives in one slot.
+-- Shared by every script (prepended at load time, after the task state rules
+-- generated from outcomes.py and the task field list generated from
+-- records.FIELDS: FIELDS, and FIELD mapping each name to its index). KEYS[1] is
+-- the space's key prefix, carrying a hash tag so that every key of a space
+-- lives in one slot.
 --
--- Keys under the prefix: t:<id> (task hash), ready:<queue>\n<name> (claimable
--- tasks of one name, by score), qnames:<queue> (names that may have ready
--- tasks), delayed (by ready_at), running (by lease expiry), idx (every task,
--- by seq: submission order), expiry (finished tasks with a result_ttl, by reap
--- time; member state\nqueue\nid, so counts stay right even after the backstop
--- EXPIRE removed the hash), counts, wake:<queue>[\n<name>], claimreq and claimreqexp,
--- kv:<key>, kvidx (by key), kvexp (by expiry).
+-- Keys under the prefix: space (the space id), clock (the lease clock's
+-- high-water mark and offset), token (fencing tokens), seq (submission
+-- order), t:<id> (task hash), ready:<queue>\n<name> (claimable tasks of one
+-- name, by score), qnames:<queue> (names that may have ready tasks), delayed
+-- (by ready_at), running (by lease expiry), idx (every task, by seq:
+-- submission order), expiry (finished tasks with a result_ttl, by reap time;
+-- member state\nqueue\nid, so counts stay right even after the backstop
+-- EXPIRE removed the hash), counts, stale, dedup:<key>, done:<id>,
+-- wake:<queue>[\n<name>], claimreq and claimreqexp.
 local P = KEYS[1]
-local FIELDS = {'id', 'name', 'payload', 'codec', 'queue', 'priority', 'max_attempts', 'lease_s',
-  'timeout', 'dedup_key', 'state', 'ready_at', 'attempts', 'lost', 'token', 'worker',
-  'lease_expires', 'result', 'error', 'pdone', 'ptotal', 'cancel', 'created', 'started',
-  'finished', 'result_ttl'}
 local WAKE_MAX = 64
 -- A settled task's hash expires this long after its reap time: a backstop for
 -- a space nobody reaps. Reap still fixes counts and indexes from `expiry`.
 local BACKSTOP_S = 3600
 
--- The store clock: the server's TIME, never a client's.
-local function clock()
+-- Times as text with microseconds (Lua's tostring keeps only 14 digits).
+local function fmt(x) return string.format('%.6f', x) end
+
+-- The server's TIME as Unix epoch seconds.
+local function server_time()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
 -- The wall clock (Unix epoch seconds) for times a person reads.
-local function wall()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function wall() return server_time() end
+
+-- The lease clock: TIME plus the space's offset (0 until the server's clock
+-- ever stepped back), never below a time it returned before. The hash
+-- P..'clock' keeps `mark`, a high-water mark at least every time returned so
+-- far, written at most once per CLOCK_REFRESH_S (a script pays one HMGET, not
+-- a write): while the clock runs normally it lies in [mark - REFRESH, mark].
+-- A clock below that window stepped back: the offset grows so that the clock
+-- resumes at the mark, above every earlier time. (A step back smaller than
+-- the clock's position in the window, at most CLOCK_REFRESH_S, can go
+-- unnoticed.) Computed once per script run.
+local CLOCK_REFRESH_S = 1.0
+local clock_memo = nil
+local function clock()
+  if clock_memo then return clock_memo end
+  local time = server_time()
+  local key = P .. 'clock'
+  local h = redis.call('HMGET', key, 'mark', 'offset')
+  local mark, offset = tonumber(h[1]), tonumber(h[2]) or 0
+  local now = time + offset
+  if mark and now < mark - CLOCK_REFRESH_S then
+    now = mark
+    redis.call('HSET', key, 'mark', fmt(now + CLOCK_REFRESH_S), 'offset', fmt(now - time))
+  elseif not mark or now > mark then
+    redis.call('HSET', key, 'mark', fmt(now + CLOCK_REFRESH_S))
+  end
+  clock_memo = now
+  return now
 end
 
 -- The next n fencing tokens of the space (one counter for task claims and
@@ -45,10 +74,19 @@ local function next_tokens(n)
   return first
 end
 
--- Times as text with microseconds (Lua's tostring keeps only 14 digits).
-local function fmt(x) return string.format('%.6f', x) end
 
 local function tkey(id) return P .. 't:' .. id end
+
+-- HMGET of `names` as a table keyed by name (a missing field reads false).
+local function hmget_named(key, names)
+  local values = redis.call('HMGET', key, unpack(names))
+  local out = {}
+  for i, name in ipairs(names) do out[name] = values[i] end
+  return out
+end
+
+-- A task's cancel field ('1' cooperative, '2' terminate) asks for a cancel.
+local function cancel_requested(cancel) return cancel ~= false and cancel ~= nil and cancel ~= '0' end
 
 local function rkey(queue, name) return P .. 'ready:' .. queue .. '\n' .. name end
 
@@ -122,8 +160,8 @@ local function promote(now)
   local woken = {}
   for _, id in ipairs(due) do
     redis.call('ZREM', P .. 'delayed', id)
-    local f = redis.call('HMGET', tkey(id), 'state', 'queue', 'priority', 'seq', 'name')
-    if f[1] == 'queued' then make_ready(id, f[2], f[5], f[3], f[4], woken) end
+    local t = hmget_named(tkey(id), {'state', 'queue', 'priority', 'seq', 'name'})
+    if t.state == 'queued' then make_ready(id, t.queue, t.name, t.priority, t.seq, woken) end
   end
   wake(woken)
   return #due
@@ -161,4 +199,74 @@ end
 local function unready(id, queue, name)
   redis.call('ZREM', rkey(queue, name), id)
   redis.call('ZREM', P .. 'delayed', id)
+end
+
+-- Script arguments per pushed task (see queue.push_args): id name payload
+-- codec queue priority max_attempts lease_s timeout dedup_key delay
+-- result_ttl ('' = none).
+local PUSH_N = 12
+
+-- Enqueue the tasks whose PUSH_N arguments start at each index of `starts`
+-- in `args` (ready_at on the lease clock `now`, created on the wall clock
+-- `created`), filling `woken` for the caller's wake(). Idempotent by id: a
+-- task whose id exists is not pushed again; a dedup key held by a live task
+-- gives that task's id instead. Returns the id of each task.
+local function push_tasks(args, starts, now, created, woken)
+  local out, added, ready, index = {}, {}, {}, {}
+  local seq = redis.call('INCRBY', P .. 'seq', #starts) - #starts
+  for _, i in ipairs(starts) do
+    local id, name, payload, codec, queue, priority, max_attempts, lease_s, timeout, dedup,
+      delay, result_ttl = unpack(args, i, i + PUSH_N - 1)
+    local k = tkey(id)
+    local existing = false
+    if dedup ~= '' then existing = redis.call('GET', P .. 'dedup:' .. dedup) end
+    if existing then
+      out[#out + 1] = existing
+    elseif redis.call('HSETNX', k, 'id', id) == 0 then
+      out[#out + 1] = id  -- pushed before (a retried push): never twice
+    else
+      seq = seq + 1
+      local ready_at = now + tonumber(delay)
+      -- One HSET per task, optional fields included; absent counters read as 0.
+      local fields = {'name', name, 'payload', payload, 'codec', codec, 'queue', queue,
+        'priority', priority, 'max_attempts', max_attempts, 'lease_s', lease_s,
+        'state', 'queued', 'ready_at', fmt(ready_at), 'created', fmt(created), 'seq', seq}
+      if timeout ~= '' then
+        fields[#fields + 1] = 'timeout'
+        fields[#fields + 1] = timeout
+      end
+      if result_ttl ~= '' then
+        fields[#fields + 1] = 'result_ttl'
+        fields[#fields + 1] = result_ttl
+      end
+      if dedup ~= '' then
+        fields[#fields + 1] = 'dedup_key'
+        fields[#fields + 1] = dedup
+        redis.call('SET', P .. 'dedup:' .. dedup, id)
+      end
+      redis.call('HSET', k, unpack(fields))
+      added[queue] = (added[queue] or 0) + 1
+      index[#index + 1] = seq
+      index[#index + 1] = id
+      if ready_at > now then
+        redis.call('ZADD', P .. 'delayed', ready_at, id)
+      else
+        local key = queue .. '\n' .. name
+        local batch = ready[key]
+        if not batch then
+          batch = {}
+          ready[key] = batch
+          redis.call('SADD', P .. 'qnames:' .. queue, name)
+        end
+        batch[#batch + 1] = score(priority, seq)
+        batch[#batch + 1] = id
+        woke(woken, queue, name)
+      end
+      out[#out + 1] = id
+    end
+  end
+  for key, batch in pairs(ready) do zadd_pairs(P .. 'ready:' .. key, batch) end
+  zadd_pairs(P .. 'idx', index)
+  for queue, n in pairs(added) do count(queue, 'queued', n) end
+  return out
 end

@@ -13,8 +13,8 @@ local rows = redis.call('ZRANGEBYSCORE', P .. 'idx', '(' .. after, '+inf', 'WITH
 local out = {}
 for j = 1, #rows, 2 do
   local f = redis.call('HMGET', tkey(rows[j]), unpack(fields))
-  if f[1] and (state == '' or f[11] == state) and (queue == '' or f[5] == queue)
-      and (name == '' or f[2] == name) then
+  if f[FIELD.id] and (state == '' or f[FIELD.state] == state)
+      and (queue == '' or f[FIELD.queue] == queue) and (name == '' or f[FIELD.name] == name) then
     out[#out + 1] = f
     if #out >= limit then return {out, rows[j + 1]} end
   end

@@ -12,21 +12,21 @@ local deleted = 0
 for j = 1, #rows, 2 do
   local id = rows[j]
   local k = tkey(id)
-  local f = redis.call('HMGET', k, 'state', 'queue', 'name', 'dedup_key')
-  if not f[1] then
+  local t = hmget_named(k, {'state', 'queue', 'name', 'dedup_key'})
+  if not t.state then
     redis.call('ZREM', P .. 'idx', id)  -- expired by the backstop; reap fixes its counts
-  elseif f[2] == queue and states[f[1]] and f[1] ~= 'running' then
-    if f[1] == 'queued' then
-      unready(id, queue, f[3])
-      if f[4] and redis.call('GET', P .. 'dedup:' .. f[4]) == id then
-        redis.call('DEL', P .. 'dedup:' .. f[4])
+  elseif t.queue == queue and states[t.state] and t.state ~= 'running' then
+    if t.state == 'queued' then
+      unready(id, queue, t.name)
+      if t.dedup_key and redis.call('GET', P .. 'dedup:' .. t.dedup_key) == id then
+        redis.call('DEL', P .. 'dedup:' .. t.dedup_key)
       end
     else
-      redis.call('ZREM', P .. 'expiry', expiry_member(f[1], queue, id))
+      redis.call('ZREM', P .. 'expiry', expiry_member(t.state, queue, id))
     end
     redis.call('DEL', k)
     redis.call('ZREM', P .. 'idx', id)
-    count(queue, f[1], -1)
+    count(queue, t.state, -1)
     deleted = deleted + 1
   end
 end

@@ -1,6 +1,6 @@
--- ARGV: limit. Deletes up to `limit` finished tasks past their result_ttl
--- (fixing counts from the expiry member, even when the backstop EXPIRE already
--- removed the hash) and expired KV entries' index entries. Returns how many.
+-- ARGV: limit. Deletes up to `limit` finished tasks past their result_ttl,
+-- fixing counts from the expiry member (state\nqueue\nid) even when the
+-- backstop EXPIRE already removed the hash. Returns how many.
 local limit = tonumber(ARGV[1])
 local now = clock()
 local deleted = 0
@@ -15,22 +15,6 @@ for _, member in ipairs(due) do
       redis.call('ZREM', P .. 'idx', id)
       count(queue, state, -1)
       deleted = deleted + 1
-    end
-  end
-end
-if deleted < limit then
-  local keys = redis.call('ZRANGEBYSCORE', P .. 'kvexp', '-inf', now, 'LIMIT', 0,
-    limit - deleted)
-  for _, key in ipairs(keys) do
-    local ttl = redis.call('PTTL', P .. 'kv:' .. key)
-    if ttl == -2 then
-      redis.call('ZREM', P .. 'kvidx', key)
-      redis.call('ZREM', P .. 'kvexp', key)
-      deleted = deleted + 1
-    elseif ttl == -1 then
-      redis.call('ZREM', P .. 'kvexp', key)
-    else
-      redis.call('ZADD', P .. 'kvexp', now + ttl / 1000, key)
     end
   end
 end

@@ -5,15 +5,15 @@ local out = {}
 local running = {}
 local REQUESTS = {['1'] = 'cancel_requested', ['2'] = 'terminate_requested'}
 for i = 1, #ARGV, 2 do
-  local id = ARGV[i]
+  local id, token = ARGV[i], ARGV[i + 1]
   local k = tkey(id)
-  local f = redis.call('HMGET', k, 'state', 'token', 'lease_expires', 'lease_s', 'cancel')
-  if f[1] == 'running' and f[2] == ARGV[i + 1] and tonumber(f[3]) > now then
-    local expires = now + tonumber(f[4])
-    redis.call('HSET', k, 'lease_expires', expires)
+  local t = hmget_named(k, {'state', 'token', 'lease_expires', 'lease_s', 'cancel'})
+  if t.state == 'running' and t.token == token and tonumber(t.lease_expires) > now then
+    local expires = now + tonumber(t.lease_s)
+    redis.call('HSET', k, 'lease_expires', fmt(expires))
     running[#running + 1] = expires
     running[#running + 1] = id
-    out[#out + 1] = REQUESTS[f[5] or ''] or 'held'
+    out[#out + 1] = REQUESTS[t.cancel or ''] or 'held'
   else
     out[#out + 1] = 'lost'
   end

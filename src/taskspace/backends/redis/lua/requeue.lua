@@ -1,8 +1,10 @@
--- ARGV: history_max (base.ERROR_HISTORY_MAX). Expired leases: back to the
--- queue (lost + 1), or dead once attempts are spent; the error keeps a flat,
--- bounded history (outcomes.with_history). Everything a task's move needs is
--- computed before anything is written, so an unreadable earlier error can
--- never leave a task half-moved or stop the other tasks being handled.
+-- ARGV: history_max (base.ERROR_HISTORY_MAX). Expired leases move as
+-- transition('expired', ...) says (the generated rules: back to the queue with
+-- lost + 1, dead once attempts are spent, cancelled if a cancel was asked);
+-- the error keeps a flat, bounded history (outcomes.with_history). Everything
+-- a task's move needs is computed before anything is written, so an
+-- unreadable earlier error can never leave a task half-moved or stop the other
+-- tasks being handled.
 local HISTORY_MAX = tonumber(ARGV[1])
 local now = clock()
 local ids = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, 1000)
@@ -37,20 +39,18 @@ local function with_history(err, previous_json)
   return cjson.encode(err)
 end
 
+local ended_at = fmt(wall())
+local FIELDS_READ = {'state', 'lease_expires', 'attempts', 'max_attempts', 'cancel', 'queue',
+  'priority', 'seq', 'dedup_key', 'worker', 'error', 'name', 'result_ttl', 'waiters'}
 for _, id in ipairs(ids) do
   local k = tkey(id)
-  local f = redis.call('HMGET', k, 'state', 'lease_expires', 'attempts', 'max_attempts',
-    'cancel', 'queue', 'priority', 'seq', 'dedup_key', 'worker', 'error', 'name', 'result_ttl',
-    'waiters')
-  if f[1] == 'running' and tonumber(f[2]) <= now then
-    local attempts, max_attempts, q = tonumber(f[3]), tonumber(f[4]), f[6]
-    local state
-    if f[5] then state = 'cancelled'
-    elseif attempts < max_attempts then state = 'queued'
-    else state = 'dead' end
+  local t = hmget_named(k, FIELDS_READ)
+  if t.state == 'running' and tonumber(t.lease_expires) <= now then
+    local attempts, max_attempts, q = tonumber(t.attempts), tonumber(t.max_attempts), t.queue
+    local state = transition('expired', cancel_requested(t.cancel), attempts, max_attempts)
     local err = with_history({type = 'WorkerLost', traceback = '', message = string.format(
       'lease expired on attempt %d of %d (worker %s); the worker died or stalled',
-      attempts, max_attempts, f[10] or 'None')}, f[11])
+      attempts, max_attempts, t.worker or 'None')}, t.error)
     handled = handled + 1
     redis.call('ZREM', P .. 'running', id)
     redis.call('HSET', k, 'state', state, 'error', err)
@@ -60,14 +60,15 @@ for _, id in ipairs(ids) do
     count(q, state, 1)
     if state == 'queued' then
       redis.call('HDEL', k, 'worker')
-      redis.call('HSET', k, 'ready_at', now)
-      enqueue(id, q, f[12], f[7], f[8], now, now, woken)
+      redis.call('HSET', k, 'ready_at', fmt(now))
+      enqueue(id, q, t.name, t.priority, t.seq, now, now, woken)
     else
-      redis.call('HSET', k, 'finished', now)
-      settle(id, f[9], q, state, now, f[13], expiring, f[14])
+      redis.call('HSET', k, 'finished', ended_at)
+      settle(id, t.dedup_key, q, state, now, t.result_ttl, expiring, t.waiters)
     end
-  elseif f[1] == 'running' then
-    redis.call('ZADD', P .. 'running', f[2], id)  -- renewed meanwhile: keep its real expiry
+  elseif t.state == 'running' then
+    -- renewed meanwhile: keep its real expiry
+    redis.call('ZADD', P .. 'running', t.lease_expires, id)
   else
     redis.call('ZREM', P .. 'running', id)  -- finished meanwhile
   end
