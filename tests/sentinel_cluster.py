@@ -245,7 +245,7 @@ class SentinelCluster:
     def _sentinels_agree(self) -> bool:
         others = len(self.sentinel_ports) - 1
         for port in self.sentinel_ports:
-            state = self.redis(port).sentinel_master(SERVICE)
+            state: Any = self.redis(port).sentinel_master(SERVICE)
             if int(state["num-other-sentinels"]) < others or int(state["num-slaves"]) < 1:
                 return False
         return True
@@ -272,14 +272,14 @@ class SentinelCluster:
         """What each sentinel answers to ``SENTINEL get-master-addr-by-name``."""
         addrs: list[tuple[str, int] | None] = []
         for port in self.sentinel_ports:
-            try:
+            reply: Any = None
+            with contextlib.suppress(redis.RedisError, OSError):
                 reply = self.redis(port).sentinel_get_master_addr_by_name(SERVICE)
-            except (redis.RedisError, OSError):
-                reply = None
-            host = (
-                reply[0].decode() if reply and isinstance(reply[0], bytes) else reply and reply[0]
-            )
-            addrs.append(None if not reply else (str(host), int(reply[1])))
+            if not reply:
+                addrs.append(None)
+                continue
+            host = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+            addrs.append((host, int(reply[1])))
         return addrs
 
     def repl_offsets(self) -> tuple[int, int]:
