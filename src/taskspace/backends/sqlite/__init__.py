@@ -22,92 +22,122 @@ reboot, the clock restarts from the high-water mark — delays and TTLs keep
 their remaining time, give or take the downtime — and every lease is expired,
 so a reset monotonic clock can never make a lease valid twice.
 
-Wake-ups: idle workers and result waiters poll ``PRAGMA data_version`` (a
-read of shared memory that changes when another connection commits) with a
-short backoff capped at ``poll_ms``, and are woken at once by commits made
-in the same process.
+Identity: the file holds a random ``space_id`` (a row of ``meta``), created
+with the schema; ``check_space`` reads it on a fresh connection, so a file
+that was deleted or replaced raises SpaceLost. The schema is versioned: files
+of earlier layouts are migrated in place when opened, and a file written by a
+newer taskspace is refused.
+
+Clocks: ``clock.now()`` is the lease clock above; ``clock.wall()`` is
+``time.time()``. An injected clock (a test's ManualClock) replaces both.
+
+Wake-ups: idle workers, result waiters and waits on leases, KV changes and
+streams poll ``PRAGMA data_version`` (a read of shared memory that changes
+when another connection commits) with a short backoff capped at ``poll_ms``,
+and are woken at once by commits made in the same process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from typing import Any, Self
+import sqlite3
+import time
+from pathlib import Path
 
-from taskspace.backends.sqlite.base import BOOT_ID_PATH, SQLiteSettings, boot_id
-from taskspace.backends.sqlite.other import SQLiteOther, SQLiteSubscription, Waiter
+from taskspace.backends.base import Clock
+from taskspace.backends.sqlite.base import (
+    BOOT_ID_PATH,
+    SQLiteClock,
+    SQLiteConn,
+    SQLiteSettings,
+    boot_id,
+    driver_error,
+)
+from taskspace.backends.sqlite.kv import SQLiteKV
+from taskspace.backends.sqlite.leases import SQLiteLeases
+from taskspace.backends.sqlite.pubsub import SQLitePubSub, SQLiteSubscription
 from taskspace.backends.sqlite.queue import SQLiteQueue
+from taskspace.backends.sqlite.schema import initialise
+from taskspace.backends.sqlite.streams import SQLiteStreams
+from taskspace.backends.sqlite.waiter import Waiter
+from taskspace.errors import BackendError, SpaceLost
+
+INIT_ATTEMPTS = 50
 
 
-class SQLiteStore(SQLiteQueue, SQLiteOther):
-    """All five store protocols on one SQLite file (see the module docstring)."""
+class SQLiteStore:
+    """The store protocols on one SQLite file (see the module docstring): ``queue``,
+    ``leases``, ``kv``, ``streams``, ``pubsub`` and ``clock`` share one
+    connection layer (``conn``)."""
 
-    # Transitional: callers use ``store.queue`` and ``store.clock`` (contract v2)
-    # while the per-protocol objects are being built.
-    @property
-    def queue(self) -> Self:
-        return self
+    def __init__(self, settings: SQLiteSettings, url: str, clock: Clock | None = None) -> None:
+        self.url = url
+        self.settings = settings
+        if settings.path != ":memory:":
+            Path(settings.path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = SQLiteConn(settings, clock)
+        self.space_id = self._initialise()
+        waiter = Waiter(self.conn)
+        self.queue = SQLiteQueue(self.conn, waiter)
+        self.leases = SQLiteLeases(self.conn, waiter)
+        self.kv = SQLiteKV(self.conn, waiter)
+        self.streams = SQLiteStreams(self.conn, waiter)
+        self.pubsub = SQLitePubSub(self.conn)
+        self.clock: Clock = self.conn.clock
 
-    @property
-    def clock(self) -> Self:
-        return self
+    def _initialise(self) -> str:
+        for attempt in range(INIT_ATTEMPTS):
+            try:
+                return initialise(self.conn)
+            except BackendError as exc:
+                # Another process creating the file at the same moment holds the lock.
+                if "locked" not in str(exc) or attempt == INIT_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05)
+        raise AssertionError("unreachable")
 
-    def __init__(self, settings: SQLiteSettings, url: str, clock: Any = None) -> None:
-        super().__init__(settings, url)  # TODO(contract v2): use an injected clock
-        self._waiter = Waiter(self)
+    def check_space(self) -> None:
+        """SpaceLost if the file at the path is gone, or holds another space (or
+        none); BackendError if it cannot be read. Never creates the file: it is
+        opened without create on a fresh connection, so a deleted file that this
+        store's connections still hold open is noticed."""
+        path = self.settings.path
+        if path == ":memory:":
+            return
+        lost = SpaceLost(
+            f"the space at {self.url} was wiped or replaced since it was opened"
+            f" (space {self.space_id}); what it held is gone"
+        )
+        if not Path(path).is_file():
+            raise lost
+        try:
+            db = sqlite3.connect(
+                f"{Path(path).resolve().as_uri()}?mode=rw",
+                uri=True,
+                timeout=self.settings.busy_timeout,
+            )
+        except sqlite3.Error as exc:
+            if not Path(path).is_file():
+                raise lost from exc
+            raise driver_error(f"opening {path!r}", exc) from exc
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'space_id'").fetchone()
+        except sqlite3.Error as exc:
+            if "no such table" in str(exc) or not Path(path).is_file():
+                raise lost from exc
+            raise driver_error(f"reading the identity of {path!r}", exc) from exc
+        finally:
+            db.close()
+        if row is None or row[0] != self.space_id:
+            raise lost
 
-    def reap(self, limit: int = 1000) -> int:
-        with self._write() as db:
-            now = self.now()
-            deleted = self._reap_tasks(db, now, limit)
-            return deleted + self._reap_kv(db, now, limit - deleted)
-
-    def wait_for_tasks(
-        self, queues: Sequence[str], timeout: float, names: Collection[str] | None = None
-    ) -> None:
-        """As the contract says; ``names`` (an extension): only tasks of these names
-        count as claimable, so a worker that claims by name does not spin while
-        other apps' tasks wait in its queues."""
-        queue_list = list(dict.fromkeys(queues))
-        if queue_list:
-            self._waiter.baseline()
-            if self._any_ready(queue_list, names):
-                return  # a task is claimable already
-            due = self._read(
-                "SELECT MIN(ready_at) FROM tasks WHERE state = 'queued' AND waiting = 1"
-            )[0][0]
-            if due is not None:
-                until_due = due - self.now()
-                if until_due <= 0:
-                    return  # the next claim promotes it
-                timeout = min(timeout, until_due)
-        self._waiter.wait(timeout)
-
-    def _any_ready(self, queues: list[str], names: Collection[str] | None) -> bool:
-        sql = "SELECT 1 FROM tasks WHERE state = 'queued' AND waiting = 0"
-        sql += f" AND queue IN ({','.join('?' * len(queues))})"
-        params = list(queues)
-        if names is not None:
-            sql += f" AND name IN ({','.join('?' * len(names))})"
-            params += list(names)
-        return bool(self._read(sql + " LIMIT 1", params))
-
-    def wait_for_finish(self, task_ids: Sequence[str], timeout: float) -> None:
-        ids = list(dict.fromkeys(task_ids))
-        if ids:
-            self._waiter.baseline()
-            marks = ",".join("?" * len(ids))
-            live = self._read(
-                f"SELECT COUNT(*) FROM tasks WHERE id IN ({marks})"
-                " AND state IN ('queued', 'running')",
-                ids,
-            )[0][0]
-            if live < len(ids):
-                return  # one of them has ended (or does not exist) already
-        self._waiter.wait(timeout)
+    def close(self) -> None:
+        """Close every connection; the store may not be used afterwards."""
+        self.conn.close()
 
 
 __all__ = [
     "BOOT_ID_PATH",
+    "SQLiteClock",
     "SQLiteSettings",
     "SQLiteStore",
     "SQLiteSubscription",

@@ -1,5 +1,6 @@
-"""Connections, transactions, error mapping and the reboot-safe clock of the
-SQLite backend."""
+"""The connection layer of the SQLite backend: connections, transactions, error
+mapping, the space's counters and the reboot-safe clock. Every protocol object
+of a store shares one :class:`SQLiteConn`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from taskspace.backends.sqlite.schema import TABLES, migrate
+from taskspace.backends.base import Clock, next_token
 from taskspace.errors import BackendError, ConfigError
 
 log = logging.getLogger("taskspace.backends.sqlite")
@@ -24,7 +25,6 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 # The clock high-water mark is kept this far ahead of every time a write used, so
 # a write transaction touches it at most about once per HWM_AHEAD_S per process.
 HWM_AHEAD_S = 1.0
-INIT_ATTEMPTS = 50
 
 
 def boot_id() -> str:
@@ -52,12 +52,30 @@ def driver_error(what: str, exc: BaseException) -> BackendError:
     return BackendError(f"SQLite {what} failed: {detail}")
 
 
-class SQLiteBase:
-    """One connection per thread, serialised write transactions, and the clock."""
+class SQLiteClock:
+    """The lease clock: CLOCK_MONOTONIC (shared by every process of the host,
+    immune to wall-clock jumps) plus an offset stored in the file, which makes it
+    carry on from the file's high-water mark after a reboot. ``wall()`` is
+    ``time.time()``."""
 
-    def __init__(self, settings: SQLiteSettings, url: str) -> None:
-        self.url = url
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.monotonic() + self.offset
+
+    def wall(self) -> float:
+        return time.time()
+
+
+class SQLiteConn:
+    """One connection per thread, serialised write transactions, the clock and
+    the space's counters (rows of ``meta``)."""
+
+    def __init__(self, settings: SQLiteSettings, clock: Clock | None = None) -> None:
         self.settings = settings
+        self.own_clock: SQLiteClock | None = None if clock is not None else SQLiteClock()
+        self.clock: Clock = clock if clock is not None else self.own_clock  # type: ignore[assignment]
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
@@ -66,14 +84,11 @@ class SQLiteBase:
         self._write_lock = threading.Lock()
         self._generation = 0
         self._hwm = 0.0  # the high-water mark this process last stored or saw
-        if settings.path != ":memory:":
-            Path(settings.path).parent.mkdir(parents=True, exist_ok=True)
-        self._offset = 0.0
-        self._initialise()
 
     # -- connections ----------------------------------------------------------
 
-    def _new_connection(self) -> sqlite3.Connection:
+    def new_connection(self) -> sqlite3.Connection:
+        """A fresh connection with the store's settings (BackendError on failure)."""
         conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(
@@ -92,7 +107,8 @@ class SQLiteBase:
             self._conns.append(conn)
         return conn
 
-    def _conn(self) -> sqlite3.Connection:
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use, and again after fork)."""
         if os.getpid() != self._pid:
             # After fork the parent's connections must never be touched again.
             self._pid = os.getpid()
@@ -103,11 +119,16 @@ class SQLiteBase:
             self._write_lock = threading.Lock()
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._new_connection()
+            conn = self.new_connection()
             self._local.conn = conn
         return conn
 
-    def _discard(self, conn: sqlite3.Connection) -> None:
+    @property
+    def local(self) -> threading.local:
+        """Per-thread state (the connection, the last data version seen)."""
+        return self._local
+
+    def discard(self, conn: sqlite3.Connection) -> None:
         """Drop a connection left in an unknown state; the next call opens a fresh one."""
         if getattr(self._local, "conn", None) is conn:
             self._local.conn = None
@@ -131,24 +152,24 @@ class SQLiteBase:
                 conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
             log.warning("SQLite ROLLBACK failed (%s); reopening the connection", exc)
-            self._discard(conn)
+            self.discard(conn)
 
     def _failed(self, conn: sqlite3.Connection) -> None:
         """After a driver error: roll back, and replace the connection, whose state
-        after an I/O error or a full disk is not worth trusting (errors are rare,
-        and a fresh connection costs well under a millisecond)."""
+        after an I/O error or a full disk is not worth trusting."""
         self._rollback(conn)
-        self._discard(conn)
+        self.discard(conn)
 
     # -- transactions -----------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction; every driver error becomes BackendError."""
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction; every driver error becomes BackendError,
+        a number beyond 64 bits ConfigError; any error rolls back."""
         # Threads of one process queue on a Python lock rather than in SQLite's busy
         # handler, which sleeps in millisecond steps; processes still contend in SQLite.
         with self._write_lock:
-            conn = self._conn()
+            conn = self.conn()
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -171,27 +192,22 @@ class SQLiteBase:
             self._generation += 1
             self._commits.notify_all()
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        return self._reading(lambda conn: conn.execute(sql, params).fetchall())
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of one query on this thread's connection (BackendError on failure)."""
+        return self.reading(lambda conn: conn.execute(sql, params).fetchall())
 
-    def _reading(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def reading(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on this thread's connection; driver errors become BackendError."""
-        conn = self._conn()
+        conn = self.conn()
         try:
             return fn(conn)
         except sqlite3.Error as exc:
             self._failed(conn)
             raise driver_error("read", exc) from exc
+        except OverflowError as exc:
+            raise ConfigError(f"a number is out of SQLite's 64-bit range: {exc}") from exc
 
-    def _bump(self, db: sqlite3.Connection, key: str, by: int = 1) -> int:
-        row = db.execute(
-            "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = value + ?"
-            " RETURNING value",
-            (key, by, by),
-        ).fetchone()
-        return int(row[0])
-
-    def _wait_commit(self, timeout: float) -> bool:
+    def wait_commit(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for a commit by this process; True if one happened."""
         with self._commits:
             generation = self._generation
@@ -204,14 +220,40 @@ class SQLiteBase:
             conn.close()
         self._local = threading.local()
 
-    # -- the clock ---------------------------------------------------------------
+    # -- counters (rows of meta) ---------------------------------------------------
 
-    def now(self) -> float:
-        return time.monotonic() + self._offset
+    @staticmethod
+    def meta(db: sqlite3.Connection, key: str, default: Any = None) -> Any:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    @staticmethod
+    def set_meta(db: sqlite3.Connection, key: str, value: Any) -> None:
+        db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    @staticmethod
+    def bump(db: sqlite3.Connection, key: str, by: int = 1) -> int:
+        """Add ``by`` to the integer counter ``key``; return the new value."""
+        row = db.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = value + ?"
+            " RETURNING value",
+            (key, by, by),
+        ).fetchone()
+        return int(row[0])
+
+    def tokens(self, db: sqlite3.Connection, n: int) -> list[int]:
+        """``n`` fresh fencing tokens from the space's one counter (``next_token``)."""
+        first = next_token(int(self.meta(db, "token", 0)), self.clock.wall())
+        self.set_meta(db, "token", first + n - 1)
+        return list(range(first, first + n))
+
+    # -- the clock -------------------------------------------------------------
 
     def _advance_hwm(self, db: sqlite3.Connection) -> None:
         """Keep the stored high-water mark ahead of every time this write used."""
-        now = self.now()
+        if self.own_clock is None:
+            return  # an injected clock: nothing to survive a reboot
+        now = self.own_clock.now()
         if now < self._hwm:
             return
         row = db.execute(
@@ -221,35 +263,20 @@ class SQLiteBase:
         ).fetchone()
         self._hwm = float(row[0]) - HWM_AHEAD_S / 2
 
-    def _initialise(self) -> None:
-        conn = self._conn()
-        for attempt in range(INIT_ATTEMPTS):
-            try:
-                conn.executescript(TABLES)
-                break
-            except sqlite3.Error as exc:
-                self._rollback(conn)
-                # Another process creating the schema at the same moment holds the lock.
-                busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
-                if not busy or attempt == INIT_ATTEMPTS - 1:
-                    raise driver_error(
-                        f"creating the schema in {self.settings.path!r}", exc
-                    ) from exc
-                time.sleep(0.05)
-        with self._write() as db:
-            self._offset = self._check_boot(db)
-            migrate(db, self.now())
-
-    def _check_boot(self, db: sqlite3.Connection) -> float:
-        """The clock offset for this boot. After a reboot the clock restarts from the
-        stored high-water mark (delays and TTLs keep their remaining time, give or
-        take the downtime) and every lease is expired, so none is valid twice."""
+    def check_boot(self, db: sqlite3.Connection) -> None:
+        """Set the clock offset for this boot. After a reboot the clock restarts from
+        the stored high-water mark (delays and TTLs keep their remaining time, give
+        or take the downtime) and every lease is expired, so none is valid twice."""
+        clock = self.own_clock
+        if clock is None:
+            return
         rows = dict(
             db.execute("SELECT key, value FROM meta WHERE key IN ('boot', 'offset', 'hwm')")
         )
         boot = boot_id()
         if rows.get("boot") == boot:
-            return float(rows["offset"])
+            clock.offset = float(rows["offset"])
+            return
         offset = 0.0
         if "offset" in rows:
             start = rows.get("hwm")
@@ -261,6 +288,6 @@ class SQLiteBase:
             offset = float(start) - time.monotonic()
             now = time.monotonic() + offset
             db.execute("UPDATE tasks SET lease_expires = ? WHERE state = 'running'", (now,))
-            db.execute("UPDATE grants SET expires = ?", (now,))
+            db.execute("UPDATE lease_grants SET expires = ? WHERE expires > ?", (now, now))
+        clock.offset = offset
         db.execute("INSERT OR REPLACE INTO meta VALUES ('boot', ?), ('offset', ?)", (boot, offset))
-        return offset

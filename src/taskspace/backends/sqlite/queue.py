@@ -6,7 +6,10 @@ import sqlite3
 from collections.abc import Collection, Sequence
 from typing import cast
 
+import orjson
+
 from taskspace.backends.base import (
+    REQUEST_ID_TTL_S,
     Lease,
     LeaseStatus,
     Outcome,
@@ -16,6 +19,9 @@ from taskspace.backends.base import (
     TaskState,
 )
 from taskspace.backends.outcomes import (
+    CANCEL_AT_ONCE_STATES,
+    RETRYABLE_STATES,
+    RUNNING_TRANSITIONS,
     check_list_filters,
     check_purge_states,
     expired_state,
@@ -23,8 +29,9 @@ from taskspace.backends.outcomes import (
     outcome_state,
     unknown_cursor,
 )
-from taskspace.backends.sqlite.base import SQLiteBase
+from taskspace.backends.sqlite.base import SQLiteConn
 from taskspace.backends.sqlite.schema import LIST_COLUMNS, TASK_COLUMNS, error_blob, record
+from taskspace.backends.sqlite.waiter import Waiter
 
 READY = "state = 'queued' AND waiting = 0"
 # The names of a queue's ready tasks, one index seek per name (a loose index scan).
@@ -39,6 +46,13 @@ WITH RECURSIVE names(name) AS (
 ONE_NAME = f"SELECT seq, priority FROM tasks WHERE {READY} AND queue = ? AND name = ?"
 # cancel_requested: 0 none, 1 cancel, 2 cancel and terminate.
 LEASE_STATUS: dict[int, LeaseStatus] = {0: "held", 1: "cancel_requested", 2: "terminate_requested"}
+LIVE = "('queued', 'running')"
+# When every row of the table sends a succeeding task to one state, a success
+# needs no read of the task: one fenced UPDATE.
+_SUCCESS = RUNNING_TRANSITIONS["succeeded"]
+SUCCESS_STATE: TaskState | None = (
+    _SUCCESS.normal if _SUCCESS.normal == _SUCCESS.exhausted == _SUCCESS.on_cancel else None
+)
 
 
 # A retried push (same ids) changes nothing: ON CONFLICT(id) DO NOTHING.
@@ -50,34 +64,44 @@ INSERT_TASK = (
 )
 
 
-def _task_row(spec: TaskSpec, now: float) -> tuple[object, ...]:
+def _task_row(spec: TaskSpec, now: float, wall: float) -> tuple[object, ...]:
     return (spec.id, spec.name, spec.payload, spec.codec, spec.queue, spec.priority,
             spec.max_attempts, spec.lease_s, spec.timeout, spec.dedup_key,
-            now + spec.delay, int(spec.delay > 0), now, spec.result_ttl)  # fmt: skip
+            now + spec.delay, int(spec.delay > 0), wall, spec.result_ttl)  # fmt: skip
 
 
-class SQLiteQueue(SQLiteBase):
-    """Tasks in one table; ready tasks sit in two partial indexes (by priority, and
-    by name then priority) that hold no delayed task, so claims stay flat."""
+class SQLiteQueue:
+    """Tasks in one table; ready tasks sit in a partial index by (queue, name,
+    priority) that holds no delayed task, so claims stay flat. Claim tokens come
+    from the space's one counter; created/started/finished are wall-clock times."""
+
+    def __init__(self, conn: SQLiteConn, waiter: Waiter) -> None:
+        self._c = conn
+        self._waiter = waiter
 
     def push(self, specs: Sequence[TaskSpec]) -> list[str]:
-        with self._write() as db:
-            now = self.now()
-            if all(spec.dedup_key is None for spec in specs):
-                # The common case needs no per-task decision: one executemany.
-                db.executemany(INSERT_TASK, [_task_row(spec, now) for spec in specs])
-                return [spec.id for spec in specs]
-            return [self._push_one(db, spec, now) for spec in specs]
+        if not specs:
+            return []
+        with self._c.write() as db:
+            return self._push(db, specs)
 
-    def _push_one(self, db: sqlite3.Connection, spec: TaskSpec, now: float) -> str:
+    def _push(self, db: sqlite3.Connection, specs: Sequence[TaskSpec]) -> list[str]:
+        now, wall = self._c.clock.now(), self._c.clock.wall()
+        if all(spec.dedup_key is None for spec in specs):
+            # The common case needs no per-task decision: one executemany.
+            db.executemany(INSERT_TASK, [_task_row(spec, now, wall) for spec in specs])
+            return [spec.id for spec in specs]
+        return [self._push_one(db, spec, now, wall) for spec in specs]
+
+    def _push_one(self, db: sqlite3.Connection, spec: TaskSpec, now: float, wall: float) -> str:
         if spec.dedup_key is not None:
             row = db.execute(
-                "SELECT id FROM tasks WHERE dedup_key = ? AND state IN ('queued', 'running')",
+                f"SELECT id FROM tasks WHERE dedup_key = ? AND state IN {LIVE}",
                 (spec.dedup_key,),
             ).fetchone()
             if row is not None:
                 return str(row[0])
-        db.execute(INSERT_TASK, _task_row(spec, now))
+        db.execute(INSERT_TASK, _task_row(spec, now, wall))
         return spec.id
 
     def _promote(self, db: sqlite3.Connection, now: float) -> int:
@@ -95,19 +119,47 @@ class SQLiteQueue(SQLiteBase):
         request_id: str | None = None,
         names: Collection[str] | None = None,
     ) -> list[TaskRecord]:
-        # request_id needs no handling: a local transaction's reply cannot be lost.
         if n <= 0 or (names is not None and not names):
             return []
         wanted = None if names is None else sorted(set(names))
-        with self._write() as db:
-            now = self.now()
+        with self._c.write() as db:
+            now = self._c.clock.now()
+            if request_id is not None:
+                seen = self._seen_claim(db, request_id, now)
+                if seen is not None:
+                    return seen
             self._promote(db, now)
             seqs: list[int] = []
             for queue in dict.fromkeys(queues):  # a queue listed twice is claimed from once
                 seqs.extend(self._ready(db, queue, wanted, n - len(seqs)))
                 if len(seqs) >= n:
                     break
-            return self._lease_rows(db, seqs, worker, now) if seqs else []
+            claimed = self._lease_rows(db, seqs, worker, now) if seqs else []
+            if request_id is not None:
+                reply = orjson.dumps([[r.id, r.token] for r in claimed])
+                db.execute(
+                    "INSERT INTO request_ids VALUES (?, ?, ?)",
+                    ("claim:" + request_id, now + REQUEST_ID_TTL_S, reply),
+                )
+            return claimed
+
+    def _seen_claim(
+        self, db: sqlite3.Connection, request_id: str, now: float
+    ) -> list[TaskRecord] | None:
+        """What the first claim with ``request_id`` leased (and still holds), or None
+        if the id is new."""
+        row = db.execute(
+            "SELECT reply FROM request_ids WHERE id = ? AND expires > ?",
+            ("claim:" + request_id, now),
+        ).fetchone()
+        if row is None:
+            return None
+        out = []
+        for task_id, token in orjson.loads(row[0]):
+            rec = self._locked_record(db, task_id)
+            if rec is not None and rec.token == token and rec.state == "running":
+                out.append(rec)
+        return out
 
     def _ready(
         self, db: sqlite3.Connection, queue: str, names: list[str] | None, n: int
@@ -132,14 +184,14 @@ class SQLiteQueue(SQLiteBase):
     def _lease_rows(
         self, db: sqlite3.Connection, seqs: list[int], worker: str, now: float
     ) -> list[TaskRecord]:
-        last = self._bump(db, "token", len(seqs))
+        wall = self._c.clock.wall()
         claimed = []
-        for token, seq in enumerate(seqs, start=last - len(seqs) + 1):
+        for token, seq in zip(self._c.tokens(db, len(seqs)), seqs, strict=True):
             row = db.execute(
                 "UPDATE tasks SET state = 'running', attempts = attempts + 1, token = ?,"
-                " worker = ?, lease_expires = ? + lease_s, started = ?"
+                " worker = ?, lease_expires = ? + lease_s, started = ?, finish_token = NULL"
                 f" WHERE seq = ? RETURNING {TASK_COLUMNS}",
-                (token, worker, now, now, seq),
+                (token, worker, now, wall, seq),
             ).fetchone()
             claimed.append(record(row))
         return claimed
@@ -148,8 +200,8 @@ class SQLiteQueue(SQLiteBase):
         out: dict[str, LeaseStatus] = {}
         if not leases:
             return out
-        with self._write() as db:
-            now = self.now()
+        with self._c.write() as db:
+            now = self._c.clock.now()
             for lease in leases:
                 row = db.execute(
                     "UPDATE tasks SET lease_expires = ? + lease_s WHERE id = ? AND token = ?"
@@ -167,31 +219,50 @@ class SQLiteQueue(SQLiteBase):
         accepted: list[bool] = []
         if not items:
             return accepted
-        with self._write() as db:
-            now = self.now()
+        with self._c.write() as db:
+            now, wall = self._c.clock.now(), self._c.clock.wall()
+            stale = 0
             for lease, outcome in items:
-                if outcome.kind == "succeeded":
-                    # The common case needs no decision: one fenced UPDATE.
-                    cur = db.execute(
-                        "UPDATE tasks SET state = 'succeeded', result = ?, lease_expires = NULL,"
-                        " finished = ?, reap_at = ? + result_ttl"
-                        " WHERE id = ? AND token = ? AND state = 'running'",
-                        (outcome.result, now, now, lease.task_id, lease.token),
-                    )
-                    accepted.append(cur.rowcount == 1)
+                done = self._finish_one(db, lease, outcome, now, wall)
+                if done is None:  # a retry of the accepted finish: no second effect
+                    accepted.append(True)
                     continue
-                rec = self._locked_record(db, lease.task_id)
-                if rec is None or rec.state != "running" or rec.token != lease.token:
-                    accepted.append(False)
-                    continue
-                self._apply(db, rec, outcome, now)
-                accepted.append(True)
-            stale = accepted.count(False)
+                accepted.append(done)
+                if not done:
+                    stale += 1
+                elif outcome.followups:
+                    self._push(db, outcome.followups)
             if stale:
-                self._bump(db, "stale_finishes", stale)
+                self._c.bump(db, "stale_finishes", stale)
         return accepted
 
-    def _apply(self, db: sqlite3.Connection, rec: TaskRecord, outcome: Outcome, now: float) -> None:
+    def _finish_one(
+        self, db: sqlite3.Connection, lease: Lease, outcome: Outcome, now: float, wall: float
+    ) -> bool | None:
+        """True: accepted; False: stale; None: this token's finish was accepted before."""
+        if outcome.kind == "succeeded" and SUCCESS_STATE is not None:
+            cur = db.execute(
+                "UPDATE tasks SET state = ?, result = ?, lease_expires = NULL,"
+                " finished = ?, reap_at = ? + result_ttl, finish_token = token"
+                " WHERE id = ? AND token = ? AND state = 'running'",
+                (SUCCESS_STATE, outcome.result, wall, now, lease.task_id, lease.token),
+            )
+            if cur.rowcount == 1:
+                return True
+            rec = None
+        else:
+            rec = self._locked_record(db, lease.task_id)
+            if rec is not None and rec.state == "running" and rec.token == lease.token:
+                self._apply(db, rec, outcome, now, wall)
+                return True
+        row = db.execute("SELECT finish_token FROM tasks WHERE id = ?", (lease.task_id,)).fetchone()
+        if row is not None and row[0] is not None and row[0] == lease.token:
+            return None
+        return False
+
+    def _apply(
+        self, db: sqlite3.Connection, rec: TaskRecord, outcome: Outcome, now: float, wall: float
+    ) -> None:
         state = outcome_state(outcome, rec)
         error = error_blob(outcome.error or rec.error)
         if state == "queued":
@@ -200,6 +271,7 @@ class SQLiteQueue(SQLiteBase):
             db.execute(
                 "UPDATE tasks SET state = 'queued', attempts = attempts - ?, worker = NULL,"
                 " lease_expires = NULL, ready_at = ?, waiting = ?, error = ?,"
+                " finish_token = token,"
                 " progress_done = CASE WHEN ? THEN NULL ELSE progress_done END,"
                 " progress_total = CASE WHEN ? THEN NULL ELSE progress_total END WHERE id = ?",
                 (int(released), now + outcome.delay, int(outcome.delay > 0), error,
@@ -208,12 +280,12 @@ class SQLiteQueue(SQLiteBase):
         else:
             db.execute(
                 "UPDATE tasks SET state = ?, result = ?, error = ?, lease_expires = NULL,"
-                " finished = ?, reap_at = ? + result_ttl WHERE id = ?",
-                (state, outcome.result, error, now, now, rec.id),
+                " finished = ?, reap_at = ? + result_ttl, finish_token = token WHERE id = ?",
+                (state, outcome.result, error, wall, now, rec.id),
             )
 
     def progress(self, lease: Lease, done: float, total: float) -> bool:
-        with self._write() as db:
+        with self._c.write() as db:
             cur = db.execute(
                 "UPDATE tasks SET progress_done = ?, progress_total = ?"
                 " WHERE id = ? AND token = ? AND state = 'running'",
@@ -222,8 +294,8 @@ class SQLiteQueue(SQLiteBase):
             return cur.rowcount == 1
 
     def requeue_expired(self) -> int:
-        with self._write() as db:
-            now = self.now()
+        with self._c.write() as db:
+            now, wall = self._c.clock.now(), self._c.clock.wall()
             rows = db.execute(
                 f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'running' AND lease_expires <= ?",
                 (now,),
@@ -237,41 +309,53 @@ class SQLiteQueue(SQLiteBase):
                     " worker = CASE WHEN ? THEN NULL ELSE worker END, ready_at = ?, waiting = 0,"
                     " finished = CASE WHEN ? THEN NULL ELSE ? END,"
                     " reap_at = CASE WHEN ? THEN NULL ELSE ? + result_ttl END WHERE id = ?",
-                    (state, error_blob(lease_lost_error(rec)), live, now, live, now, live, now,
+                    (state, error_blob(lease_lost_error(rec)), live, now, live, wall, live, now,
                      rec.id),
                 )  # fmt: skip
             return len(rows)
 
     def promote_due(self) -> int:
-        with self._write() as db:
-            return self._promote(db, self.now())
+        with self._c.write() as db:
+            return self._promote(db, self._c.clock.now())
 
     def cancel(self, task_id: str, terminate: bool = False) -> TaskState | None:
-        with self._write() as db:
+        with self._c.write() as db:
             row = db.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
             if row is None:
                 return None
-            if row[0] == "queued":
-                now = self.now()
+            state = cast(TaskState, row[0])
+            if state in CANCEL_AT_ONCE_STATES:
                 db.execute(
-                    "UPDATE tasks SET state = 'cancelled', finished = ?, reap_at = ? + result_ttl"
-                    " WHERE id = ?",
-                    (now, now, task_id),
+                    "UPDATE tasks SET state = 'cancelled', finished = ?, reap_at = ? + result_ttl,"
+                    " lease_expires = NULL WHERE id = ?",
+                    (self._c.clock.wall(), self._c.clock.now(), task_id),
                 )
                 return "cancelled"
-            if row[0] == "running":
+            if state == "running":
                 db.execute(
                     "UPDATE tasks SET cancel_requested = MAX(cancel_requested, ?) WHERE id = ?",
                     (2 if terminate else 1, task_id),
                 )
-            return cast(TaskState, row[0])
+            return state
 
     def get(self, task_id: str) -> TaskRecord | None:
-        rows = self._read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
+        rows = self._c.read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
         return record(rows[0]) if rows else None
 
+    def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord | None]:
+        ids = list(dict.fromkeys(task_ids))
+        found: dict[str, TaskRecord] = {}
+        for start in range(0, len(ids), 500):  # below SQLite's parameter limit
+            part = ids[start : start + 500]
+            rows = self._c.read(
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE id IN ({','.join('?' * len(part))})",
+                part,
+            )
+            found.update((row[0], record(row)) for row in rows)
+        return [found.get(task_id) for task_id in task_ids]
+
     def state(self, task_id: str) -> TaskState | None:
-        rows = self._read("SELECT state FROM tasks WHERE id = ?", (task_id,))
+        rows = self._c.read("SELECT state FROM tasks WHERE id = ?", (task_id,))
         return cast(TaskState, rows[0][0]) if rows else None
 
     def list(
@@ -289,29 +373,29 @@ class SQLiteQueue(SQLiteBase):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
-        rows = self._read(
+        rows = self._c.read(
             f"SELECT {LIST_COLUMNS} FROM tasks WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
             (*params, limit),
         )
         return [record(row) for row in rows]
 
     def _seq_of(self, task_id: str) -> int:
-        rows = self._read("SELECT seq FROM tasks WHERE id = ?", (task_id,))
+        rows = self._c.read("SELECT seq FROM tasks WHERE id = ?", (task_id,))
         if not rows:
             raise unknown_cursor(task_id)
         return int(rows[0][0])
 
     def retry(self, task_id: str) -> TaskState | None:
-        with self._write() as db:
+        with self._c.write() as db:
             row = db.execute(
                 "SELECT state, dedup_key FROM tasks WHERE id = ?", (task_id,)
             ).fetchone()
-            if row is None or row[0] not in ("failed", "dead"):
+            if row is None or row[0] not in RETRYABLE_STATES:
                 return None if row is None else cast(TaskState, row[0])
             taken = (
                 row[1] is not None
                 and db.execute(
-                    "SELECT 1 FROM tasks WHERE dedup_key = ? AND state IN ('queued', 'running')",
+                    f"SELECT 1 FROM tasks WHERE dedup_key = ? AND state IN {LIVE}",
                     (row[1],),
                 ).fetchone()
             )
@@ -322,7 +406,7 @@ class SQLiteQueue(SQLiteBase):
                 " progress_done = NULL, progress_total = NULL, cancel_requested = 0,"
                 " started = NULL, finished = NULL, reap_at = NULL,"
                 " dedup_key = CASE WHEN ? THEN NULL ELSE dedup_key END WHERE id = ?",
-                (self.now(), bool(taken), task_id),
+                (self._c.clock.now(), bool(taken), task_id),
             )
             return "queued"
 
@@ -330,26 +414,79 @@ class SQLiteQueue(SQLiteBase):
         wanted = sorted(check_purge_states(states))
         if not wanted:
             return 0
-        with self._write() as db:
+        with self._c.write() as db:
             marks = ",".join("?" * len(wanted))
             cur = db.execute(
                 f"DELETE FROM tasks WHERE queue = ? AND state IN ({marks})", (queue, *wanted)
             )
             return cur.rowcount
 
-    def _reap_tasks(self, db: sqlite3.Connection, now: float, limit: int) -> int:
-        cur = db.execute(
-            "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE reap_at <= ?"
-            " ORDER BY reap_at LIMIT ?)",
-            (now, limit),
-        )
-        return cur.rowcount
+    def reap(self, limit: int = 1000) -> int:
+        if limit < 1:
+            return 0
+        with self._c.write() as db:
+            cur = db.execute(
+                "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE reap_at <= ?"
+                " ORDER BY reap_at LIMIT ?)",
+                (self._c.clock.now(), limit),
+            )
+            # Claim request ids are kept REQUEST_ID_TTL_S: drop the expired ones.
+            db.execute(
+                "DELETE FROM request_ids WHERE id IN (SELECT id FROM request_ids"
+                " WHERE expires <= ? ORDER BY expires LIMIT ?)",
+                (self._c.clock.now(), limit),
+            )
+            return cur.rowcount
 
     def stats(self) -> QueueStats:
         counts: dict[str, dict[str, int]] = {}
-        for queue, state, count in self._read(
+        for queue, state, count in self._c.read(
             "SELECT queue, state, COUNT(*) FROM tasks GROUP BY queue, state"
         ):
             counts.setdefault(queue, {})[state] = count
-        rows = self._read("SELECT value FROM meta WHERE key = 'stale_finishes'")
+        rows = self._c.read("SELECT value FROM meta WHERE key = 'stale_finishes'")
         return QueueStats(counts, int(rows[0][0]) if rows else 0)
+
+    def wait_for_tasks(
+        self, queues: Sequence[str], timeout: float, names: Collection[str] | None = None
+    ) -> None:
+        queue_list = list(dict.fromkeys(queues))
+        wanted = None if names is None else list(dict.fromkeys(names))
+
+        def ready() -> float | None:
+            if not queue_list or (wanted is not None and not wanted):
+                return timeout
+            if self._any_ready(queue_list, wanted):
+                return None  # a task is claimable already
+            due = self._c.read(
+                "SELECT MIN(ready_at) FROM tasks WHERE state = 'queued' AND waiting = 1"
+            )[0][0]
+            if due is None:
+                return timeout
+            until_due = due - self._c.clock.now()
+            return None if until_due <= 0 else until_due  # the next claim promotes it
+
+        self._waiter.until(ready, timeout)
+
+    def _any_ready(self, queues: Sequence[str], names: Sequence[str] | None) -> bool:
+        sql = f"SELECT 1 FROM tasks WHERE {READY}"
+        sql += f" AND queue IN ({','.join('?' * len(queues))})"
+        params: list[str] = [*queues]
+        if names is not None:
+            sql += f" AND name IN ({','.join('?' * len(names))})"
+            params += [*names]
+        return bool(self._c.read(sql + " LIMIT 1", params))
+
+    def wait_for_finish(self, task_ids: Sequence[str], timeout: float) -> None:
+        ids = list(dict.fromkeys(task_ids))
+
+        def ready() -> float | None:
+            if not ids:
+                return timeout
+            marks = ",".join("?" * len(ids))
+            live = self._c.read(
+                f"SELECT COUNT(*) FROM tasks WHERE id IN ({marks}) AND state IN {LIVE}", ids
+            )[0][0]
+            return None if live < len(ids) else timeout  # one ended, or does not exist
+
+        self._waiter.until(ready, timeout)

@@ -1,14 +1,22 @@
-"""The SQLite schema, its migration from earlier files, and row decoding."""
+"""The SQLite schema (versioned), its migration from earlier files, and row decoding."""
 
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from taskspace.backends.base import TaskRecord
+from taskspace.errors import ConfigError
+
+if TYPE_CHECKING:
+    from taskspace.backends.sqlite.base import SQLiteConn
+
+# The layout this code writes. 1: every file before contract v2 (no version row).
+SCHEMA_VERSION = 2
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -40,15 +48,19 @@ CREATE TABLE IF NOT EXISTS tasks (
     started REAL,
     finished REAL
 );
-CREATE TABLE IF NOT EXISTS grants (
-    name TEXT NOT NULL, holder TEXT NOT NULL, token INTEGER NOT NULL, expires REAL NOT NULL,
-    PRIMARY KEY (name, holder)
+CREATE TABLE IF NOT EXISTS lease_grants (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, holder TEXT NOT NULL, token INTEGER NOT NULL,
+    expires REAL NOT NULL, data BLOB NOT NULL, capacity INTEGER
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS grant_tokens (name TEXT PRIMARY KEY, token INTEGER NOT NULL)
-    WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY, value BLOB NOT NULL, version INTEGER NOT NULL, expires REAL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kv_changes (
+    revision INTEGER NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL, version INTEGER NOT NULL,
+    value BLOB, PRIMARY KEY (revision, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS request_ids (id TEXT PRIMARY KEY, expires REAL NOT NULL, reply BLOB)
+    WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stream_entries (
     id INTEGER PRIMARY KEY AUTOINCREMENT, stream TEXT NOT NULL, data BLOB NOT NULL,
     time REAL NOT NULL
@@ -57,17 +69,21 @@ CREATE INDEX IF NOT EXISTS stream_entries_by_stream ON stream_entries(stream, id
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, data BLOB NOT NULL,
     time REAL NOT NULL
-);
+)
 """
 
-# Columns added since the first release: (name, declaration).
+# Columns of tasks added since the first release: (name, declaration).
 ADDED_COLUMNS = (
     # 1 while a queued task waits for its ETA: keeps delayed tasks out of the hot
     # ready indexes, so a claim never walks past them.
     ("waiting", "INTEGER NOT NULL DEFAULT 0"),
     ("result_ttl", "REAL"),
-    # finished + result_ttl: when reap may delete the finished task (NULL: never).
+    # finished + result_ttl on the lease clock: when reap may delete the task
+    # (NULL: never).
     ("reap_at", "REAL"),
+    # The token of the last accepted finish (a retried finish is answered True
+    # again); cleared by the next claim.
+    ("finish_token", "INTEGER"),
 )
 
 # A claim reads the first rows of each (queue, name) range of the ready index and
@@ -84,6 +100,10 @@ CREATE INDEX IF NOT EXISTS tasks_reap ON tasks(reap_at) WHERE reap_at IS NOT NUL
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_dedup ON tasks(dedup_key)
     WHERE dedup_key IS NOT NULL AND state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS kv_expires ON kv(expires) WHERE expires IS NOT NULL;
+CREATE INDEX IF NOT EXISTS lease_grants_by_name ON lease_grants(name, expires);
+CREATE INDEX IF NOT EXISTS lease_grants_expires ON lease_grants(expires);
+CREATE INDEX IF NOT EXISTS request_ids_expires ON request_ids(expires);
+CREATE INDEX IF NOT EXISTS messages_time ON messages(time)
 """
 
 TASK_COLUMNS = (
@@ -95,19 +115,83 @@ TASK_COLUMNS = (
 LIST_COLUMNS = TASK_COLUMNS.replace("payload,", "x'',").replace("result,", "NULL,")
 
 
-def migrate(db: sqlite3.Connection, now: float) -> None:
-    """Bring a file of any earlier layout up to date (inside the caller's transaction)."""
-    have = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
-    for name, declaration in ADDED_COLUMNS:
-        if name not in have:
-            db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {declaration}")
-            if name == "waiting":
-                db.execute(
-                    "UPDATE tasks SET waiting = 1 WHERE state = 'queued' AND ready_at > ?", (now,)
-                )
-    for statement in INDEXES.split(";"):
+def _run(db: sqlite3.Connection, script: str) -> None:
+    """Each statement of ``script`` in the caller's transaction (executescript would
+    commit it)."""
+    for statement in script.split(";"):
         if statement.strip():
             db.execute(statement)
+
+
+def _table_exists(db: sqlite3.Connection, name: str) -> bool:
+    sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    return db.execute(sql, (name,)).fetchone() is not None
+
+
+def initialise(c: SQLiteConn) -> str:
+    """Create the schema in a new file, or bring a file of any earlier layout up to
+    date in place (one transaction, so idempotent and safe against concurrent
+    openers); set the lease clock for this boot; return the space id.
+
+    ConfigError if the file was written by a newer taskspace (its schema version
+    is above SCHEMA_VERSION)."""
+    with c.write() as db:
+        existed = _table_exists(db, "tasks")
+        version = SCHEMA_VERSION
+        if existed:
+            stored = c.meta(db, "schema") if _table_exists(db, "meta") else None
+            version = 1 if stored is None else int(stored)
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"{c.settings.path!r} has schema version {version}, newer than this"
+                f" taskspace knows ({SCHEMA_VERSION}); upgrade taskspace to open it"
+            )
+        _run(db, TABLES)
+        have = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+        for name, declaration in ADDED_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {declaration}")
+        if version < 2:
+            _from_v1(db, c)
+        c.check_boot(db)  # after the grants moved: a reboot expires them too
+        now = c.clock.now()
+        if version < 2:
+            # Times a person reads were on the lease clock: move them to the wall clock.
+            delta = c.clock.wall() - now
+            db.execute(
+                "UPDATE tasks SET created = created + ?, started = started + ?,"
+                " finished = finished + ?",
+                (delta, delta, delta),
+            )
+            db.execute("UPDATE stream_entries SET time = time + ?", (delta,))
+        if "waiting" not in have:
+            db.execute(
+                "UPDATE tasks SET waiting = 1 WHERE state = 'queued' AND ready_at > ?", (now,)
+            )
+        _run(db, INDEXES)
+        c.set_meta(db, "schema", SCHEMA_VERSION)
+        space_id = c.meta(db, "space_id")
+        if space_id is None:
+            space_id = uuid.uuid4().hex
+            c.set_meta(db, "space_id", space_id)
+        return str(space_id)
+
+
+def _from_v1(db: sqlite3.Connection, c: SQLiteConn) -> None:
+    """Schema 1 -> 2: grants get ids, data and their capacity (unknown: NULL, which
+    any acquire accepts); KV versions become space revisions."""
+    if _table_exists(db, "grants"):
+        db.execute(
+            "INSERT OR IGNORE INTO lease_grants (id, name, holder, token, expires, data)"
+            " SELECT 'migrated:' || name || ':' || holder, name, holder, token, expires, x''"
+            " FROM grants"
+        )
+        db.execute("DROP TABLE grants")
+    db.execute("DROP TABLE IF EXISTS grant_tokens")
+    top = db.execute("SELECT COALESCE(MAX(version), 0) FROM kv").fetchone()[0]
+    revision = max(int(c.meta(db, "kv_version", 0)), int(top))
+    c.set_meta(db, "revision", revision)
+    db.execute("DELETE FROM meta WHERE key = 'kv_version'")
 
 
 def record(row: Sequence[Any]) -> TaskRecord:

@@ -1,0 +1,411 @@
+"""KVStore of the SQLite backend: versioned keys, one revision counter per space
+(a row of ``meta``) and a change feed (``kv_changes``)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from taskspace.backends.base import (
+    KV_CHANGES_KEEP,
+    REQUEST_ID_TTL_S,
+    Change,
+    Compare,
+    Delete,
+    Exists,
+    GrantHeld,
+    Put,
+    TxnResult,
+    ValueIs,
+    Versioned,
+    VersionIs,
+    Write,
+)
+from taskspace.backends.sqlite.base import SQLiteConn
+from taskspace.backends.sqlite.waiter import Waiter
+from taskspace.errors import Compacted, ConfigError, NotAnInteger
+
+INTEGER = re.compile(rb"-?[0-9]+")
+# Expiries a single write records before its own work (the rest: the next ones).
+EXPIRE_BATCH = 1000
+LIVE = "(expires IS NULL OR expires > ?)"
+
+
+def check_key(key: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"key={key!r}: a KV key must be a non-empty string")
+
+
+def check_ttl(ttl: float | None) -> None:
+    if ttl is not None and not ttl > 0:
+        raise ConfigError(f"ttl={ttl!r} must be a positive number of seconds (or None)")
+
+
+def check_limit(limit: int) -> None:
+    if limit < 1:
+        raise ConfigError(f"limit={limit!r} must be at least 1")
+
+
+def prefix_range(prefix: str, column: str = "key") -> tuple[str, list[object]]:
+    """A WHERE clause selecting ``column`` values that start with ``prefix`` as a
+    range of the key index (SQLite compares TEXT as UTF-8 bytes, which sorts as
+    code points)."""
+    if not prefix:
+        return "1", []
+    last = ord(prefix[-1])
+    if last < 0x10FFFF and not 0xD7FF <= last <= 0xDFFF:
+        return f"{column} >= ? AND {column} < ?", [prefix, prefix[:-1] + chr(last + 1)]
+    return f"{column} >= ? AND substr({column}, 1, ?) = ?", [prefix, len(prefix), prefix]
+
+
+def _versioned(value: bytes, version: int, expires: float | None) -> Versioned:
+    return Versioned(value, int(version), int(version), expires)
+
+
+class SQLiteKV:
+    """Every write takes the next revision and appends its changes to the feed in
+    the same transaction; a key's version is the revision of its last write."""
+
+    def __init__(self, conn: SQLiteConn, waiter: Waiter) -> None:
+        self._c = conn
+        self._waiter = waiter
+
+    # -- helpers (inside a write transaction) --------------------------------------
+
+    def _begin(self, db: sqlite3.Connection) -> float:
+        """Record the expiries that are due, then return now (lease clock)."""
+        now = self._c.clock.now()
+        self._expire(db, now, EXPIRE_BATCH)
+        return now
+
+    def _expire(self, db: sqlite3.Connection, now: float, limit: int) -> int:
+        rows = db.execute(
+            "SELECT key, version FROM kv WHERE expires <= ? ORDER BY expires LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        if not rows:
+            return 0
+        revision = int(self._c.meta(db, "revision", 0))
+        for key, version in rows:
+            revision += 1  # every expiry has a revision of its own
+            db.execute("DELETE FROM kv WHERE key = ?", (key,))
+            db.execute(
+                "INSERT INTO kv_changes VALUES (?, ?, 'expire', ?, NULL)", (revision, key, version)
+            )
+        self._c.set_meta(db, "revision", revision)
+        return len(rows)
+
+    def _expiry_due(self) -> bool:
+        """Whether a key's TTL passed unrecorded (one read of the expiry index)."""
+        sql = "SELECT 1 FROM kv WHERE expires <= ? LIMIT 1"
+        return bool(self._c.read(sql, (self._c.clock.now(),)))
+
+    def _record_expiries(self) -> None:
+        if self._expiry_due():
+            with self._c.write() as db:
+                self._expire(db, self._c.clock.now(), EXPIRE_BATCH)
+
+    @staticmethod
+    def _live(db: sqlite3.Connection, key: str, now: float) -> Versioned | None:
+        row = db.execute(
+            f"SELECT value, version, expires FROM kv WHERE key = ? AND {LIVE}", (key, now)
+        ).fetchone()
+        return None if row is None else _versioned(*row)
+
+    def _next_revision(self, db: sqlite3.Connection) -> int:
+        return self._c.bump(db, "revision")
+
+    @staticmethod
+    def _set(
+        db: sqlite3.Connection, key: str, value: bytes, revision: int, expires: float | None
+    ) -> None:
+        db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?)", (key, value, revision, expires))
+        db.execute(
+            "INSERT INTO kv_changes VALUES (?, ?, 'put', ?, ?)", (revision, key, revision, value)
+        )
+
+    @staticmethod
+    def _remove(db: sqlite3.Connection, key: str, version: int, revision: int) -> None:
+        db.execute("DELETE FROM kv WHERE key = ?", (key,))
+        db.execute(
+            "INSERT INTO kv_changes VALUES (?, ?, 'delete', ?, NULL)", (revision, key, version)
+        )
+
+    def _reply(self, db: sqlite3.Connection, request_id: str, now: float) -> Any:
+        row = db.execute(
+            "SELECT reply FROM request_ids WHERE id = ? AND expires > ?", (request_id, now)
+        ).fetchone()
+        return None if row is None else orjson.loads(row[0])
+
+    @staticmethod
+    def _remember(db: sqlite3.Connection, request_id: str, now: float, reply: object) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO request_ids VALUES (?, ?, ?)",
+            (request_id, now + REQUEST_ID_TTL_S, orjson.dumps(reply)),
+        )
+
+    # -- reads -----------------------------------------------------------------------
+
+    def get(self, key: str) -> Versioned | None:
+        check_key(key)
+        rows = self._c.read(
+            f"SELECT value, version, expires FROM kv WHERE key = ? AND {LIVE}",
+            (key, self._c.clock.now()),
+        )
+        return _versioned(*rows[0]) if rows else None
+
+    def get_many(self, keys: Sequence[str]) -> list[Versioned | None]:
+        for key in keys:
+            check_key(key)
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, Versioned] = {}
+        now = self._c.clock.now()
+        for start in range(0, len(wanted), 500):  # below SQLite's parameter limit
+            part = wanted[start : start + 500]
+            rows = self._c.read(
+                f"SELECT key, value, version, expires FROM kv"
+                f" WHERE key IN ({','.join('?' * len(part))}) AND {LIVE}",
+                (*part, now),
+            )
+            found.update((key, _versioned(v, ver, exp)) for key, v, ver, exp in rows)
+        return [found.get(key) for key in keys]
+
+    def scan(
+        self, prefix: str, after_key: str | None = None, limit: int = 1000
+    ) -> list[tuple[str, Versioned]]:
+        check_limit(limit)
+        where, params = prefix_range(prefix)
+        if after_key is not None:
+            where += " AND key > ?"
+            params.append(after_key)
+        rows = self._c.read(
+            f"SELECT key, value, version, expires FROM kv WHERE {where} AND {LIVE}"
+            " ORDER BY key LIMIT ?",
+            (*params, self._c.clock.now(), limit),
+        )
+        return [(k, _versioned(v, ver, exp)) for k, v, ver, exp in rows]
+
+    def revision(self) -> int:
+        rows = self._c.read("SELECT value FROM meta WHERE key = 'revision'")
+        return int(rows[0][0]) if rows else 0
+
+    # -- writes ------------------------------------------------------------------------
+
+    def put(self, key: str, value: bytes, ttl: float | None = None) -> Versioned:
+        check_key(key)
+        check_ttl(ttl)
+        with self._c.write() as db:
+            now = self._begin(db)
+            revision = self._next_revision(db)
+            expires = None if ttl is None else now + ttl
+            self._set(db, key, value, revision, expires)
+            return _versioned(value, revision, expires)
+
+    def cas(
+        self, key: str, expected_version: int | None, value: bytes, ttl: float | None = None
+    ) -> Versioned | None:
+        check_key(key)
+        check_ttl(ttl)
+        with self._c.write() as db:
+            now = self._begin(db)
+            item = self._live(db, key, now)
+            if (item.version if item else None) != expected_version:
+                return None
+            revision = self._next_revision(db)
+            expires = None if ttl is None else now + ttl
+            self._set(db, key, value, revision, expires)
+            return _versioned(value, revision, expires)
+
+    def incr(
+        self, key: str, delta: int = 1, ttl: float | None = None, request_id: str | None = None
+    ) -> int:
+        check_key(key)
+        check_ttl(ttl)
+        with self._c.write() as db:
+            now = self._begin(db)
+            rid = None if request_id is None else "incr:" + request_id
+            if rid is not None and (seen := self._reply(db, rid, now)) is not None:
+                return int(seen)
+            item = self._live(db, key, now)
+            if item is not None and not INTEGER.fullmatch(item.value):
+                raise NotAnInteger(
+                    f"incr of {key!r}: its value {item.value[:40]!r} is not a decimal integer"
+                )
+            result = (int(item.value) if item else 0) + delta
+            expires = item.expires if item else (None if ttl is None else now + ttl)
+            self._set(db, key, str(result).encode(), self._next_revision(db), expires)
+            if rid is not None:
+                self._remember(db, rid, now, result)
+            return result
+
+    def delete(self, key: str, expected_version: int | None = None) -> bool:
+        check_key(key)
+        with self._c.write() as db:
+            item = self._live(db, key, self._begin(db))
+            if item is None or (expected_version is not None and item.version != expected_version):
+                return False
+            self._remove(db, key, item.version, self._next_revision(db))
+            return True
+
+    def touch(self, key: str, ttl: float | None) -> Versioned | None:
+        check_key(key)
+        check_ttl(ttl)
+        with self._c.write() as db:
+            now = self._begin(db)
+            item = self._live(db, key, now)
+            if item is None:
+                return None
+            expires = None if ttl is None else now + ttl
+            db.execute("UPDATE kv SET expires = ? WHERE key = ?", (expires, key))
+            return Versioned(item.value, item.version, item.revision, expires)
+
+    def txn(
+        self,
+        compares: Sequence[Compare],
+        writes: Sequence[Write],
+        request_id: str | None = None,
+    ) -> TxnResult:
+        keys = [w.key for w in writes]
+        for key in keys:
+            check_key(key)
+        if len(set(keys)) != len(keys):
+            twice = sorted({k for k in keys if keys.count(k) > 1})
+            raise ConfigError(f"a txn writes key(s) {', '.join(map(repr, twice))} more than once")
+        for write in writes:
+            if isinstance(write, Put):
+                check_ttl(write.ttl)
+        with self._c.write() as db:
+            now = self._begin(db)
+            rid = None if request_id is None else "txn:" + request_id
+            if rid is not None and (seen := self._reply(db, rid, now)) is not None:
+                ok, revision, versions, failed = seen
+                return TxnResult(ok, revision, tuple(versions), failed)
+            result = self._txn(db, compares, writes, now)
+            if rid is not None:
+                reply = [result.ok, result.revision, list(result.versions), result.failed]
+                self._remember(db, rid, now, reply)
+            return result
+
+    def _txn(
+        self,
+        db: sqlite3.Connection,
+        compares: Sequence[Compare],
+        writes: Sequence[Write],
+        now: float,
+    ) -> TxnResult:
+        for i, compare in enumerate(compares):
+            if not self._holds(db, compare, now):
+                return TxnResult(False, int(self._c.meta(db, "revision", 0)), failed=i)
+        live = {w.key: self._live(db, w.key, now) for w in writes}
+        if not any(isinstance(w, Put) or live[w.key] is not None for w in writes):
+            return TxnResult(True, int(self._c.meta(db, "revision", 0)))
+        revision = self._next_revision(db)
+        versions = []
+        for write in writes:
+            if isinstance(write, Put):
+                expires = None if write.ttl is None else now + write.ttl
+                self._set(db, write.key, write.value, revision, expires)
+                versions.append(revision)
+            elif isinstance(write, Delete) and (item := live[write.key]) is not None:
+                self._remove(db, write.key, item.version, revision)
+        return TxnResult(True, revision, tuple(versions))
+
+    def _holds(self, db: sqlite3.Connection, compare: Compare, now: float) -> bool:
+        if isinstance(compare, GrantHeld):
+            g = compare.grant
+            row = db.execute(
+                "SELECT 1 FROM lease_grants WHERE id = ? AND token = ? AND name = ?"
+                " AND expires > ?",
+                (g.id, g.token, g.name, now),
+            ).fetchone()
+            return row is not None
+        check_key(compare.key)
+        item = self._live(db, compare.key, now)
+        if isinstance(compare, VersionIs):
+            return (item.version if item else None) == compare.version
+        if isinstance(compare, ValueIs):
+            return item is not None and item.value == compare.value
+        if isinstance(compare, Exists):
+            return (item is not None) == compare.exists
+        raise ConfigError(f"unknown txn compare {compare!r}")
+
+    # -- the change feed ---------------------------------------------------------------
+
+    def changes(self, prefix: str, after_revision: int, limit: int = 1000) -> list[Change]:
+        check_limit(limit)
+        self._record_expiries()
+        where, params = prefix_range(prefix)
+        rows = self._c.read(
+            f"SELECT revision, key, kind, version, value FROM kv_changes"
+            f" WHERE revision > ? AND {where} ORDER BY revision, key LIMIT ?",
+            (after_revision, *params, limit),
+        )
+        # Read after the rows: the compaction point only grows, so if it is not
+        # above after_revision now, nothing the rows should hold was dropped.
+        compacted, current = self._points()
+        if after_revision < compacted:
+            raise Compacted(
+                f"the KV change feed no longer holds changes after revision {after_revision}"
+                f" (compacted up to {compacted}); re-list with scan and follow from {current}",
+                revision=current,
+                compacted=compacted,
+            )
+        return [Change(int(r), k, kind, int(v), val) for r, k, kind, v, val in rows]
+
+    def _points(self) -> tuple[int, int]:
+        rows = dict(
+            self._c.read("SELECT key, value FROM meta WHERE key IN ('compacted', 'revision')")
+        )
+        return int(rows.get("compacted", 0)), int(rows.get("revision", 0))
+
+    def wait(self, prefix: str, after_revision: int, timeout: float) -> None:
+        where, params = prefix_range(prefix)
+
+        def ready() -> float | None:
+            self._record_expiries()
+            found = self._c.read(
+                f"SELECT 1 FROM kv_changes WHERE revision > ? AND {where} LIMIT 1",
+                (after_revision, *params),
+            )
+            if found or after_revision < self._points()[0]:
+                return None  # a change, or changes() raises Compacted
+            earliest = self._c.read(
+                f"SELECT MIN(expires) FROM kv WHERE {where} AND expires IS NOT NULL", params
+            )[0][0]
+            if earliest is None:
+                return timeout
+            return max(0.0, float(earliest) - self._c.clock.now()) or None
+
+        self._waiter.until(ready, timeout)
+
+    def reap(self, limit: int = 1000) -> int:
+        if limit < 1:
+            return 0
+        with self._c.write() as db:
+            now = self._c.clock.now()
+            expired = self._expire(db, now, limit)
+            self._compact(db)
+            db.execute(
+                "DELETE FROM request_ids WHERE id IN (SELECT id FROM request_ids"
+                " WHERE expires <= ? ORDER BY expires LIMIT ?)",
+                (now, limit),
+            )
+            return expired
+
+    def _compact(self, db: sqlite3.Connection) -> None:
+        """Drop the changes older than the newest KV_CHANGES_KEEP (whole revisions:
+        a txn's changes go together) and remember the compaction point."""
+        row = db.execute(
+            "SELECT revision FROM kv_changes ORDER BY revision DESC, key DESC LIMIT 1 OFFSET ?",
+            (KV_CHANGES_KEEP,),
+        ).fetchone()
+        if row is None:
+            return
+        point = int(row[0])
+        db.execute("DELETE FROM kv_changes WHERE revision <= ?", (point,))
+        if point > int(self._c.meta(db, "compacted", 0)):
+            self._c.set_meta(db, "compacted", point)

@@ -1,0 +1,145 @@
+"""PubSub of the SQLite backend: messages are rows of ``messages``, kept
+MESSAGE_RETENTION_S; subscribers poll them on a connection of their own."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from taskspace.backends.base import SUBSCRIPTION_BUFFER, Closeable, Gap, Message
+from taskspace.backends.sqlite.base import SQLiteConn, driver_error
+from taskspace.errors import BackendError
+
+MESSAGE_RETENTION_S = 60.0
+# A publish deletes expired messages once in this many calls (per process).
+CLEANUP_EVERY = 100
+
+
+class SQLiteSubscription(Closeable):
+    """Polls ``messages`` (backoff capped at ``poll_ms``; a publish in this process
+    wakes it at once).
+
+    Delivery: one Message per matching subscription, as Redis does: a channel
+    subscribed both by name and by a prefix is delivered twice (``pattern`` None,
+    then the prefix). A driver error drops the connection and is reported as
+    ``Gap("reconnect")`` once; the next ``get`` reopens it (raising BackendError
+    while that fails) and carries on after the last message delivered. More than
+    SUBSCRIPTION_BUFFER undelivered messages: the oldest are dropped and a
+    ``Gap("overflow", missed=n)`` comes first."""
+
+    def __init__(self, conn: SQLiteConn, channels: Sequence[str], prefixes: Sequence[str]) -> None:
+        self._c = conn
+        self._channels = list(dict.fromkeys(channels))
+        self._prefixes = list(dict.fromkeys(prefixes))
+        self._conn: sqlite3.Connection | None = None
+        self._buffer: deque[Message] = deque()
+        self._missed = 0
+        self._lost = False
+        self._closed = False
+        conds = []
+        if self._channels:
+            conds.append(f"channel IN ({','.join('?' * len(self._channels))})")
+        conds += ["substr(channel, 1, ?) = ?"] * len(self._prefixes)
+        self._where = " OR ".join(conds) or "0"
+        self._params: list[object] = [*self._channels]
+        for prefix in self._prefixes:
+            self._params += [len(prefix), prefix]
+        self._last = self._top()
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        if self._conn is None:
+            self._conn = self._c.new_connection()
+        conn = self._conn
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            self._conn = None
+            self._c.discard(conn)
+            raise driver_error("subscription read", exc) from exc
+
+    def _top(self) -> int:
+        return int(self._query("SELECT COALESCE(MAX(id), 0) FROM messages")[0][0])
+
+    def _fetch(self) -> None:
+        # Read the top id first, then only up to it: every message up to a visible
+        # id is committed (writers are serialised), so none can slip in between
+        # the two reads and be skipped.
+        top = self._top()
+        if top <= self._last:
+            return
+        rows = self._query(
+            f"SELECT channel, data FROM messages WHERE id > ? AND id <= ? AND ({self._where})"
+            " ORDER BY id",
+            (self._last, top, *self._params),
+        )
+        for channel, data in rows:
+            if channel in self._channels:
+                self._buffer.append(Message(channel, data))
+            for prefix in self._prefixes:
+                if channel.startswith(prefix):
+                    self._buffer.append(Message(channel, data, prefix))
+        self._last = top
+        excess = len(self._buffer) - SUBSCRIPTION_BUFFER
+        for _ in range(max(0, excess)):
+            self._buffer.popleft()
+        self._missed += max(0, excess)
+
+    def get(self, timeout: float | None = None) -> Message | Gap | None:
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        delay = 0.0005
+        while not self._closed:
+            if self._missed:
+                missed, self._missed = self._missed, 0
+                return Gap("overflow", missed=missed)
+            if self._buffer:
+                return self._buffer.popleft()
+            try:
+                self._fetch()
+            except BackendError:
+                if self._lost:
+                    raise  # still away: BackendError
+                self._lost = True
+                return Gap("reconnect")
+            self._lost = False
+            if self._buffer or self._missed:
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self._c.wait_commit(min(delay, remaining))
+            delay = min(delay * 2, self._c.settings.poll_ms / 1000.0)
+        return None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._conn is not None:
+                self._c.discard(self._conn)
+                self._conn = None
+
+
+class SQLitePubSub:
+    """Best-effort broadcast through the file (see SQLiteSubscription)."""
+
+    _publish_count = itertools.count()
+
+    def __init__(self, conn: SQLiteConn) -> None:
+        self._c = conn
+
+    def publish(self, channel: str, data: bytes) -> None:
+        with self._c.write() as db:
+            now = self._c.clock.now()
+            db.execute(
+                "INSERT INTO messages (channel, data, time) VALUES (?, ?, ?)", (channel, data, now)
+            )
+            if next(self._publish_count) % CLEANUP_EVERY == 0:
+                db.execute("DELETE FROM messages WHERE time < ?", (now - MESSAGE_RETENTION_S,))
+
+    def subscribe(
+        self, channels: Sequence[str] = (), prefixes: Sequence[str] = ()
+    ) -> SQLiteSubscription:
+        return SQLiteSubscription(self._c, channels, prefixes)
