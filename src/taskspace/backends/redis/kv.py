@@ -1,84 +1,309 @@
-"""KVStore on Redis (contract v2; work in progress)."""
+"""KVStore on Redis: versioned keys, one revision per space, a change feed.
+
+Every write is one Lua script (``lua/kv_*.lua`` with the library
+``lua/_kv.lua``, which lists the keys). Retention of each key family (under
+the space prefix P):
+
+- ``kv:<key>``, ``kvidx``, ``kvexp``: one hash and two index entries per live
+  key. A key whose TTL passed reads as missing at once and is deleted (its
+  expiry logged) by the next write, ``changes``, ``wait`` or ``reap``.
+- ``kvlog`` (the change feed, a Redis stream with ids ``<revision>-<n>``):
+  ``reap`` compacts it to the newest KV_CHANGES_KEEP changes (at most
+  COMPACT_STEP dropped per call), recording the newest dropped revision in
+  ``kvcompact``.
+- ``kvreq``/``kvincr`` (+``exp``): request ids of txn/incr with their reply,
+  pruned after REQUEST_ID_TTL_S (a few per call) and capped at 100,000.
+- ``kvwp``, ``kvwn:<prefix>``, ``kvw:<prefix>``: waiting prefixes, waiter
+  counts and wake tokens; each expires within seconds of its wait.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from importlib import resources
+from typing import Any
 
-from taskspace.backends.base import Change, Compare, TxnResult, Versioned, Write
-from taskspace.backends.redis.conn import RedisConnection
+from taskspace.backends.base import (
+    KV_CHANGES_KEEP,
+    REQUEST_ID_TTL_S,
+    Change,
+    Compare,
+    Delete,
+    Exists,
+    GrantHeld,
+    Put,
+    TxnResult,
+    ValueIs,
+    Versioned,
+    VersionIs,
+    Write,
+)
+from taskspace.backends.redis.conn import RedisConnection, load_scripts
+from taskspace.backends.redis.leases import pop_wake
+from taskspace.errors import Compacted, ConfigError, NotAnInteger
+
+# Feed entries one changes/wait script reads before handing back a cursor.
+SCAN_BUDGET = 2000
+# Feed entries one reap drops at most.
+COMPACT_STEP = 10_000
+# One BLPOP of a wait lasts at most this long (below conn.READ_TIMEOUT_S).
+WAIT_STEP_S = 0.5
+# Waits remember how far they scanned the feed for this many (prefix, revision) pairs.
+SCANNED_MAX = 256
+INT64 = 2**63
 
 
-def _ttl_ms(ttl: float | None) -> str:
-    return "" if ttl is None else str(max(1, round(ttl * 1000)))
+def check_key(key: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"KV keys are non-empty strings, got {key!r}")
 
 
-def _float(value: bytes | None) -> float | None:
-    return None if not value else float(value)
+def check_ttl(ttl: float | None) -> None:
+    if ttl is not None and not ttl > 0:
+        raise ConfigError(f"ttl must be positive seconds or None, got {ttl!r}")
+
+
+def check_limit(limit: int) -> None:
+    if limit < 1:
+        raise ConfigError(f"limit must be at least 1, got {limit!r}")
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _versioned(row: Sequence[bytes]) -> Versioned:
+    value, version, expires = row
+    rev = int(version)
+    return Versioned(value, rev, rev, float(expires) if expires else None)
+
+
+def _txn_source() -> str:
+    """kv_txn with the lease library too (GrantHeld reads the grants that
+    ``lua/_lease.lua`` lays out); load_scripts gives a script one library."""
+    lua = resources.files(__package__).joinpath("lua")
+    kv_lib = lua.joinpath("_kv.lua").read_text()
+    source = load_scripts()["kv_txn"]
+    return source.replace(kv_lib, lua.joinpath("_lease.lua").read_text() + kv_lib, 1)
+
+
+def _compare_args(c: Compare) -> list[Any]:
+    if isinstance(c, VersionIs):
+        check_key(c.key)
+        return ["ver", c.key, "" if c.version is None else int(c.version), ""]
+    if isinstance(c, ValueIs):
+        check_key(c.key)
+        return ["val", c.key, c.value, ""]
+    if isinstance(c, Exists):
+        check_key(c.key)
+        return ["ex", c.key, int(bool(c.exists)), ""]
+    if isinstance(c, GrantHeld):
+        g = c.grant
+        return ["grant", g.name, g.id, g.token]
+    raise ConfigError(f"txn compare {c!r}: not a VersionIs, ValueIs, Exists or GrantHeld")
+
+
+def _write_args(writes: Sequence[Write]) -> list[Any]:
+    args: list[Any] = []
+    seen: set[str] = set()
+    for w in writes:
+        if not isinstance(w, Put | Delete):
+            raise ConfigError(f"txn write {w!r}: not a Put or Delete")
+        check_key(w.key)
+        if w.key in seen:
+            raise ConfigError(f"txn writes key {w.key!r} twice")
+        seen.add(w.key)
+        if isinstance(w, Put):
+            check_ttl(w.ttl)
+            args += ["put", w.key, w.value, _number(w.ttl)]
+        else:
+            args += ["del", w.key, "", ""]
+    return args
 
 
 class RedisKV:
-    """Versioned keys (see base.KVStore)."""
+    """Versioned keys (see base.KVStore and the module docstring)."""
 
     def __init__(self, conn: RedisConnection) -> None:
         self._conn = conn
+        self._txn = conn.client.register_script(_txn_source())
+        # (prefix, after_revision) -> the feed id a wait scanned up to.
+        self._scanned: dict[tuple[str, int], str] = {}
+
+    def _run_txn(self, args: Sequence[Any]) -> Any:
+        conn = self._conn
+        return conn.call(lambda: self._txn(keys=[conn.prefix], args=list(args), client=conn.client))
+
+    # -- reads ----------------------------------------------------------------
 
     def get(self, key: str) -> Versioned | None:
-        reply = self._conn.run("kv_get", [key])
-        if reply is None:
-            return None
-        return Versioned(reply[0], int(reply[1]), int(reply[1]), _float(reply[2]))
+        return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[str]) -> list[Versioned | None]:
-        return [self.get(k) for k in keys]
-
-    def put(self, key: str, value: bytes, ttl: float | None = None) -> Versioned:
-        version = int(self._conn.run("kv_set", [key, "put", "", value, _ttl_ms(ttl)]))
-        return Versioned(value, version, version, None)
-
-    def cas(
-        self, key: str, expected_version: int | None, value: bytes, ttl: float | None = None
-    ) -> Versioned | None:
-        expected = "" if expected_version is None else str(expected_version)
-        reply = self._conn.run("kv_set", [key, "cas", expected, value, _ttl_ms(ttl)])
-        return None if reply is None else Versioned(value, int(reply), int(reply), None)
-
-    def incr(
-        self, key: str, delta: int = 1, ttl: float | None = None, request_id: str | None = None
-    ) -> int:
-        return int(self._conn.run("kv_incr", [key, delta, _ttl_ms(ttl)]))
-
-    def delete(self, key: str, expected_version: int | None = None) -> bool:
-        expected = "" if expected_version is None else str(expected_version)
-        return bool(self._conn.run("kv_delete", [key, expected]))
-
-    def touch(self, key: str, ttl: float | None) -> Versioned | None:
-        raise NotImplementedError
+        for key in keys:
+            check_key(key)
+        if not keys:
+            return []
+        rows = self._conn.run("kv_get", list(keys), read=True)
+        return [None if row is None else _versioned(row) for row in rows]
 
     def scan(
         self, prefix: str, after_key: str | None = None, limit: int = 1000
     ) -> list[tuple[str, Versioned]]:
-        flat = self._conn.run("kv_scan", [prefix, limit])
-        return [
-            (
-                flat[i].decode(),
-                Versioned(flat[i + 1], int(flat[i + 2]), int(flat[i + 2]), _float(flat[i + 3])),
+        check_limit(limit)
+        out: list[tuple[str, Versioned]] = []
+        cursor = after_key or ""
+        while len(out) < limit:
+            rows, cursor_b = self._conn.run(
+                "kv_scan", [prefix, cursor, limit - len(out)], read=True
             )
-            for i in range(0, len(flat), 4)
-        ]
-
-    def txn(
-        self, compares: Sequence[Compare], writes: Sequence[Write], request_id: str | None = None
-    ) -> TxnResult:
-        raise NotImplementedError
+            out += [(row[0].decode(), _versioned(row[1:])) for row in rows]
+            if not cursor_b:
+                break
+            cursor = cursor_b.decode()
+        return out
 
     def revision(self) -> int:
-        raise NotImplementedError
+        conn = self._conn
+        return int(conn.call(lambda: conn.reads.get(conn.prefix + "kvrev")) or 0)
+
+    # -- writes -----------------------------------------------------------------
+
+    def txn(
+        self,
+        compares: Sequence[Compare],
+        writes: Sequence[Write],
+        request_id: str | None = None,
+    ) -> TxnResult:
+        args: list[Any] = [request_id or "", repr(REQUEST_ID_TTL_S), len(compares)]
+        for c in compares:
+            args += _compare_args(c)
+        args += _write_args(writes)
+        reply = self._run_txn(args)
+        if not reply[0]:
+            return TxnResult(ok=False, revision=int(reply[1]), failed=int(reply[2]))
+        versions = tuple(int(v) for v in reply[3::2])
+        return TxnResult(ok=True, revision=int(reply[1]), versions=versions)
+
+    def _put(
+        self, compares: Sequence[Compare], key: str, value: bytes, ttl: float | None
+    ) -> Versioned | None:
+        check_key(key)
+        check_ttl(ttl)
+        args: list[Any] = ["", "", len(compares)]
+        for c in compares:
+            args += _compare_args(c)
+        args += ["put", key, value, _number(ttl)]
+        reply = self._run_txn(args)
+        if not reply[0]:
+            return None
+        return _versioned([value, reply[3], reply[4]])
+
+    def put(self, key: str, value: bytes, ttl: float | None = None) -> Versioned:
+        written = self._put([], key, value, ttl)
+        assert written is not None  # no compares: always written
+        return written
+
+    def cas(
+        self, key: str, expected_version: int | None, value: bytes, ttl: float | None = None
+    ) -> Versioned | None:
+        return self._put([VersionIs(key, expected_version)], key, value, ttl)
+
+    def incr(
+        self, key: str, delta: int = 1, ttl: float | None = None, request_id: str | None = None
+    ) -> int:
+        check_key(key)
+        check_ttl(ttl)
+        if not isinstance(delta, int) or not -INT64 <= delta < INT64:
+            raise ConfigError(f"delta={delta!r}: must be a 64-bit integer")
+        args = [key, int(delta), _number(ttl), request_id or "", repr(REQUEST_ID_TTL_S)]
+        reply = self._conn.run("kv_incr", args)
+        if reply[0] != b"ok":
+            raise NotAnInteger(
+                f"incr: key {key!r} does not hold a 64-bit decimal integer "
+                f"(or adding {delta} would leave 64 bits)"
+            )
+        return int(reply[1])
+
+    def delete(self, key: str, expected_version: int | None = None) -> bool:
+        check_key(key)
+        compare: Compare = (
+            Exists(key) if expected_version is None else VersionIs(key, expected_version)
+        )
+        return self.txn([compare], [Delete(key)]).ok
+
+    def touch(self, key: str, ttl: float | None) -> Versioned | None:
+        check_key(key)
+        check_ttl(ttl)
+        row = self._conn.run("kv_touch", [key, _number(ttl)])
+        return None if row is None else _versioned(row)
+
+    # -- change feed --------------------------------------------------------------
 
     def changes(self, prefix: str, after_revision: int, limit: int = 1000) -> list[Change]:
-        raise NotImplementedError
+        check_limit(limit)
+        out: list[Change] = []
+        cursor = ""
+        while True:
+            args = [prefix, int(after_revision), cursor, limit - len(out), SCAN_BUDGET]
+            reply = self._conn.run("kv_changes", args)
+            if reply[0] == b"compacted":
+                raise Compacted(
+                    f"KV changes after revision {after_revision} were compacted (up to "
+                    f"revision {int(reply[2])}); re-list with scan and follow from "
+                    f"{int(reply[1])}",
+                    revision=int(reply[1]),
+                    compacted=int(reply[2]),
+                )
+            _, _, last, done, rows = reply
+            for rev, key, kind, version, value in rows:
+                kind_s = kind.decode()
+                out.append(
+                    Change(
+                        int(rev),
+                        key.decode(),
+                        kind_s,
+                        int(version),
+                        value if kind_s == "put" else None,
+                    )
+                )
+            if done or len(out) >= limit:
+                return out
+            cursor = last.decode()
 
     def wait(self, prefix: str, after_revision: int, timeout: float) -> None:
-        raise NotImplementedError
+        """Scans the feed from ``after_revision`` (remembering how far, so a
+        repeated wait does not rescan), then blocks in BLPOP (steps of
+        WAIT_STEP_S on the reads client) on the prefix's wake list, which
+        writes of a matching key fill for registered waiters; ends early by
+        the earliest key expiry."""
+        conn = self._conn
+        memo = (prefix, int(after_revision))
+        deadline = time.monotonic() + timeout
+        wake = f"{conn.prefix}kvw:{prefix}"
+        while (left := deadline - time.monotonic()) > 0:
+            step = min(left, WAIT_STEP_S)
+            cursor = self._scanned.get(memo, "")
+            args = [prefix, int(after_revision), cursor, SCAN_BUDGET, repr(step)]
+            reply = conn.run("kv_wait", args)
+            if reply[0] == b"now":
+                return
+            self._remember(memo, reply[1].decode())
+            if reply[0] == b"more":
+                continue
+            until_expiry = float(reply[2]) if reply[2] else step
+            block = max(0.001, min(step, until_expiry))
+            if pop_wake(conn, wake, block):
+                return
+            if until_expiry <= step:
+                return
+
+    def _remember(self, memo: tuple[str, int], cursor: str) -> None:
+        if len(self._scanned) >= SCANNED_MAX and memo not in self._scanned:
+            self._scanned.clear()
+        self._scanned[memo] = cursor
 
     def reap(self, limit: int = 1000) -> int:
-        return 0
+        check_limit(limit)
+        return int(self._conn.run("kv_reap", [limit, KV_CHANGES_KEEP, COMPACT_STEP]))

@@ -35,6 +35,12 @@ def check_ttl(ttl: float) -> None:
         raise ConfigError(f"ttl must be positive seconds, got {ttl!r}")
 
 
+def pop_wake(conn: RedisConnection, key: str, timeout: float) -> bool:
+    """BLPOP ``key`` for up to ``timeout`` s (below conn.READ_TIMEOUT_S) on the
+    reads client; True if a wake token was popped."""
+    return conn.call(lambda: conn.reads.blpop([key], timeout=timeout)) is not None
+
+
 def _grant(name: str, row: Sequence[bytes]) -> Grant:
     gid, holder, token, expires, data = row
     return Grant(name, gid.decode(), holder.decode(), int(token), float(expires), data)
@@ -104,12 +110,7 @@ class RedisLeases:
             if until_expiry <= 0:
                 return
             block = max(0.001, min(step, until_expiry))
-            if self._pop(key, block):
+            if pop_wake(conn, key, block):
                 return
             if until_expiry <= step:
                 return
-
-    def _pop(self, key: str, timeout: float) -> bool:
-        """BLPOP ``key`` for up to ``timeout`` s on the reads client; True if woken."""
-        conn = self._conn
-        return conn.call(lambda: conn.reads.blpop([key], timeout=timeout)) is not None

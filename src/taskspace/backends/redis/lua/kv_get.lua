@@ -1,8 +1,10 @@
--- ARGV: key. {value, version, expires or false} or nil.
-local k = P .. 'kv:' .. ARGV[1]
-local f = redis.call('HMGET', k, 'v', 'ver')
-if not f[1] then return false end
-local ttl = redis.call('PTTL', k)
-local expires = false
-if ttl >= 0 then expires = fmt(clock() + ttl / 1000) end
-return {f[1], f[2], expires}
+-- ARGV: keys. Per key {value, version, expires or ''}, or false if absent or
+-- expired. Read-only (runs on the reads client): an expired key is skipped
+-- here and removed by the next write.
+local now = clock()
+local out = {}
+for i, key in ipairs(ARGV) do
+  local rec = kv_read(key)
+  if kv_is_live(rec, now) then out[i] = kv_reply(rec) else out[i] = false end
+end
+return out

@@ -1,25 +1,24 @@
--- ARGV: prefix limit(-1 = all). Flat list key, value, version, expires|''.
-local prefix, limit = ARGV[1], tonumber(ARGV[2])
-local low, high = '-', '+'
-if prefix ~= '' then low, high = '[' .. prefix, '[' .. prefix .. '\255' end
-local keys = redis.call('ZRANGEBYLEX', P .. 'kvidx', low, high)
+-- ARGV: prefix after_key('' = from the prefix) limit. Live {key, value,
+-- version, expires or ''} in key order, at most `limit`; reads at most
+-- 4 * limit index entries, then returns what it has and the last key read as
+-- a cursor ({rows, cursor or ''}). Read-only.
+local prefix, after, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local low = '[' .. prefix
+if after ~= '' and after >= prefix then low = '(' .. after end
+local high = '+'
+if prefix ~= '' then high = '[' .. prefix .. '\255' end
 local now = clock()
-local out = {}
-local found = 0
+local keys = redis.call('ZRANGEBYLEX', P .. 'kvidx', low, high, 'LIMIT', 0, 4 * limit)
+local out, cursor = {}, ''
 for _, key in ipairs(keys) do
-  if limit >= 0 and found >= limit then break end
-  local k = P .. 'kv:' .. key
-  local f = redis.call('HMGET', k, 'v', 'ver')
-  if f[1] then
-    local ttl = redis.call('PTTL', k)
-    out[#out + 1] = key
-    out[#out + 1] = f[1]
-    out[#out + 1] = f[2]
-    out[#out + 1] = (ttl >= 0) and fmt(now + ttl / 1000) or ''
-    found = found + 1
-  else
-    redis.call('ZREM', P .. 'kvidx', key)  -- expired: drop it from the indexes
-    redis.call('ZREM', P .. 'kvexp', key)
+  if #out >= limit then break end
+  cursor = key
+  local rec = kv_read(key)
+  if kv_is_live(rec, now) then
+    local row = kv_reply(rec)
+    table.insert(row, 1, key)
+    out[#out + 1] = row
   end
 end
-return out
+if #out >= limit or #keys < 4 * limit then cursor = '' end
+return {out, cursor}

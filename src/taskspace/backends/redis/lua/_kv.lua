@@ -1,0 +1,190 @@
+-- Versioned KV (library of the kv_* scripts). Keys under P:
+--   kv:<key>        hash: v (value), ver (version = revision of the write), exp
+--                   (expiry on the lease clock; absent: no TTL).
+--   kvidx           zset, every score 0: the stored keys, for scans in key order.
+--   kvexp           zset: key -> expiry, for keys with a TTL.
+--   kvrev           the space's KV revision (INCR).
+--   kvlog           stream: the change feed; entry id <revision>-<n> (n: the
+--                   write's index within its txn), fields k, kind, ver[, v].
+--   kvcompact       the newest revision compaction dropped from kvlog.
+--   kvreq, kvreqexp request id -> remembered reply (JSON), and -> expiry.
+--   kvwp, kvwn:<prefix>, kvw:<prefix>: waiting prefixes, their waiter counts
+--                   and the wake lists writes fill for them.
+-- Expired keys are removed (and their expiry logged) by the first script that
+-- notices them: every write, changes, wait and reap runs kv_expire_due first.
+local KV_EXPIRE_STEP = 100
+local KV_WAKE_KEEP_MS = 2000
+local REQUEST_MAX = 100000
+
+local function kv_key(key) return P .. 'kv:' .. key end
+
+-- The stored record of `key` ({value, version, expires}; expires nil: no TTL),
+-- expired or not, or nil.
+local function kv_read(key)
+  local f = redis.call('HMGET', kv_key(key), 'v', 'ver', 'exp')
+  if not f[2] then return nil end
+  return {value = f[1], version = f[2], expires = f[3] and tonumber(f[3]) or nil}
+end
+
+-- The reply form of a live record: {value, version, expires or ''}.
+local function kv_reply(rec)
+  return {rec.value, rec.version, rec.expires and fmt(rec.expires) or ''}
+end
+
+local function kv_is_live(rec, now)
+  return rec ~= nil and (rec.expires == nil or rec.expires > now)
+end
+
+local function kv_next_revision()
+  return string.format('%d', redis.call('INCR', P .. 'kvrev'))
+end
+
+local function kv_log(rev, n, key, kind, version, value)
+  local id = rev .. '-' .. n
+  if value then
+    redis.call('XADD', P .. 'kvlog', id, 'k', key, 'kind', kind, 'ver', version, 'v', value)
+  else
+    redis.call('XADD', P .. 'kvlog', id, 'k', key, 'kind', kind, 'ver', version)
+  end
+end
+
+-- Delete the stored key (with its index entries) and log `kind` at rev-n.
+local function kv_remove(key, rec, rev, n, kind)
+  redis.call('DEL', kv_key(key))
+  redis.call('ZREM', P .. 'kvidx', key)
+  redis.call('ZREM', P .. 'kvexp', key)
+  kv_log(rev, n, key, kind, rec.version)
+end
+
+-- Store a put of `key` at rev-n; ttl in seconds or nil. Returns the expiry or nil.
+local function kv_store(key, value, ttl, now, rev, n)
+  local k = kv_key(key)
+  local expires = nil
+  if ttl then
+    expires = now + ttl
+    redis.call('HSET', k, 'v', value, 'ver', rev, 'exp', fmt(expires))
+    redis.call('ZADD', P .. 'kvexp', expires, key)
+  else
+    redis.call('HSET', k, 'v', value, 'ver', rev)
+    redis.call('HDEL', k, 'exp')
+    redis.call('ZREM', P .. 'kvexp', key)
+  end
+  redis.call('ZADD', P .. 'kvidx', 0, key)
+  kv_log(rev, n, key, 'put', rev, value)
+  return expires
+end
+
+-- Record the expiry of up to `limit` keys whose TTL passed, each at its own
+-- revision; appends their keys to `touched`. Returns how many expired.
+local function kv_expire_due(now, limit, touched)
+  local due = redis.call('ZRANGEBYSCORE', P .. 'kvexp', '-inf', now, 'LIMIT', 0, limit)
+  local n = 0
+  for _, key in ipairs(due) do
+    local rec = kv_read(key)
+    if rec and rec.expires and rec.expires <= now then
+      kv_remove(key, rec, kv_next_revision(), 0, 'expire')
+      touched[#touched + 1] = key
+      n = n + 1
+    elseif rec and rec.expires then
+      redis.call('ZADD', P .. 'kvexp', rec.expires, key)  -- a stale index entry
+    else
+      redis.call('ZREM', P .. 'kvexp', key)
+    end
+  end
+  return n
+end
+
+-- The live record of `key`, or nil; a record whose TTL passed is expired
+-- (logged) here, its key appended to `touched`.
+local function kv_live(key, now, touched)
+  local rec = kv_read(key)
+  if rec and rec.expires and rec.expires <= now then
+    kv_remove(key, rec, kv_next_revision(), 0, 'expire')
+    touched[#touched + 1] = key
+    return nil
+  end
+  return rec
+end
+
+-- Wake the waiters of every waiting prefix that one of `keys` starts with.
+local function kv_wake(keys)
+  if #keys == 0 then return end
+  local wp = P .. 'kvwp'
+  for _, prefix in ipairs(redis.call('SMEMBERS', wp)) do
+    local count_key = P .. 'kvwn:' .. prefix
+    local n = tonumber(redis.call('GET', count_key) or '0')
+    if n == 0 then
+      redis.call('SREM', wp, prefix)  -- its waiters have gone
+    else
+      for _, key in ipairs(keys) do
+        if string.sub(key, 1, #prefix) == prefix then
+          local ones = {}
+          for i = 1, math.min(n, 64) do ones[i] = '1' end
+          local w = P .. 'kvw:' .. prefix
+          redis.call('RPUSH', w, unpack(ones))
+          redis.call('LTRIM', w, -64, -1)
+          redis.call('PEXPIRE', w, KV_WAKE_KEEP_MS)
+          redis.call('DEL', count_key)
+          redis.call('SREM', wp, prefix)
+          break
+        end
+      end
+    end
+  end
+end
+
+-- Request ids of `family` (a key name): the remembered reply, or nil. Prunes
+-- a few expired ids on every call, so the family stays bounded by what
+-- REQUEST_ID_TTL_S of requests leave (and never above REQUEST_MAX ids).
+local function request_recall(family, id, now)
+  local exp = P .. family .. 'exp'
+  local old = redis.call('ZRANGEBYSCORE', exp, '-inf', now, 'LIMIT', 0, 16)
+  for _, gone in ipairs(old) do
+    redis.call('ZREM', exp, gone)
+    redis.call('HDEL', P .. family, gone)
+  end
+  if id == '' then return nil end
+  local reply = redis.call('HGET', P .. family, id)
+  if reply then return cjson.decode(reply) end
+  return nil
+end
+
+local function request_remember(family, id, reply, now, ttl)
+  if id == '' then return end
+  local exp = P .. family .. 'exp'
+  redis.call('HSET', P .. family, id, cjson.encode(reply))
+  redis.call('ZADD', exp, now + tonumber(ttl), id)
+  if redis.call('ZCARD', exp) > REQUEST_MAX then
+    local popped = redis.call('ZPOPMIN', exp, 16)
+    for i = 1, #popped, 2 do redis.call('HDEL', P .. family, popped[i]) end
+  end
+end
+
+-- Changes of keys starting with `prefix` after stream id `from` (exclusive;
+-- '-' for the start), scanning at most `budget` entries: the matches (at most
+-- `limit`) as {revision, key, kind, version, value or ''} and the last id scanned.
+local function kv_scan_log(prefix, from, limit, budget)
+  local start = from == '-' and '-' or '(' .. from
+  local entries = redis.call('XRANGE', P .. 'kvlog', start, '+', 'COUNT', budget)
+  local out, last = {}, from
+  for i, entry in ipairs(entries) do
+    if #out >= limit then return out, last, false end
+    last = entry[1]
+    local f = {}
+    for j = 1, #entry[2], 2 do f[entry[2][j]] = entry[2][j + 1] end
+    if string.sub(f.k, 1, #prefix) == prefix then
+      local rev = string.match(entry[1], '^(%d+)')
+      out[#out + 1] = {rev, f.k, f.kind, f.ver, f.v or ''}
+    end
+  end
+  return out, last, #entries < budget
+end
+
+-- The compaction point (newest dropped revision, 0: none).
+local function kv_compacted()
+  return tonumber(redis.call('GET', P .. 'kvcompact') or '0')
+end
+
+local function kv_revision()
+  return redis.call('GET', P .. 'kvrev') or '0'
+end
