@@ -1,21 +1,50 @@
-"""StreamStore on Redis (contract v2; work in progress)."""
+"""StreamStore on Redis: append-only logs on Redis Streams.
+
+Each stream is a Redis stream ``s:<name>`` under the space prefix, entry ids
+``<n>-0`` from the counter ``sid:<name>`` (so ids never repeat, also after a
+trim), fields ``d`` (data) and ``t`` (wall clock of the append). Retention:
+entries stay until ``trim`` or an append's ``maxlen`` drops them; the counter
+stays with the stream's name; request ids of ``append_many`` (``sreq``) are
+pruned after REQUEST_ID_TTL_S and capped at 100,000 (``lua/_stream.lua``).
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from typing import Any
 
-from taskspace.backends.base import StreamEntry
+from taskspace.backends.base import REQUEST_ID_TTL_S, StreamEntry
 from taskspace.backends.redis.conn import RedisConnection
+from taskspace.errors import ConfigError
+
+# One XREAD BLOCK of a read lasts at most this long (below conn.READ_TIMEOUT_S).
+WAIT_STEP_S = 0.5
+
+
+def _check_positive(what: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{what} must be at least 1, got {value!r}")
+
+
+def _entries(rows: Sequence[Any]) -> list[StreamEntry]:
+    return [
+        StreamEntry(int(entry_id.split(b"-")[0]), fields[b"d"], float(fields[b"t"]))
+        for entry_id, fields in rows
+    ]
 
 
 class RedisStreams:
-    """Append-only streams (see base.StreamStore)."""
+    """Append-only streams (see base.StreamStore and the module docstring)."""
 
     def __init__(self, conn: RedisConnection) -> None:
         self._conn = conn
 
+    def _key(self, stream: str) -> str:
+        return f"{self._conn.prefix}s:{stream}"
+
     def append(self, stream: str, data: bytes, maxlen: int | None = None) -> int:
-        return int(self._conn.run("append", [stream, data, "" if maxlen is None else maxlen]))
+        return self.append_many(stream, [data], maxlen)[0]
 
     def append_many(
         self,
@@ -24,18 +53,38 @@ class RedisStreams:
         maxlen: int | None = None,
         request_id: str | None = None,
     ) -> list[int]:
-        return [self.append(stream, item, maxlen) for item in items]
+        _check_positive("maxlen", maxlen)
+        if not items:
+            return []
+        args = [stream, "" if maxlen is None else int(maxlen), request_id or "",
+                repr(REQUEST_ID_TTL_S), *items]  # fmt: skip
+        first, n = self._conn.run("stream_append", args)
+        return list(range(int(first), int(first) + int(n)))
 
     def read(
         self, stream: str, after: int = 0, limit: int = 100, wait: float = 0.0
     ) -> list[StreamEntry]:
+        """With ``wait``, blocks in XREAD BLOCK on the reads client, in steps
+        of WAIT_STEP_S (an append wakes it at once)."""
+        _check_positive("limit", limit)
+        if wait < 0:
+            raise ConfigError(f"wait must not be negative, got {wait!r}")
+        conn, key = self._conn, self._key(stream)
+        start = f"{int(after) + 1}-0"
+        rows = conn.call(lambda: conn.reads.xrange(key, min=start, count=limit))
+        if rows or wait <= 0:
+            return _entries(rows)
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            block_ms = max(1, int(min(left, WAIT_STEP_S) * 1000))
+            reply = self._xread(key, int(after), limit, block_ms)
+            if reply:
+                return _entries(reply[0][1])
+        return []
+
+    def _xread(self, key: str, after: int, limit: int, block_ms: int) -> Any:
         conn = self._conn
-        key = f"{conn.prefix}s:{stream}"
-        rows = conn.call(lambda: conn.reads.xrange(key, min=f"{after + 1}-0", count=limit))
-        return [
-            StreamEntry(int(entry_id.split(b"-")[0]), fields[b"d"], float(fields[b"t"]))
-            for entry_id, fields in rows
-        ]
+        return conn.call(lambda: conn.reads.xread({key: f"{after}-0"}, count=limit, block=block_ms))
 
     def trim(
         self,
@@ -44,6 +93,13 @@ class RedisStreams:
         min_id: int | None = None,
         max_age: float | None = None,
     ) -> int:
-        conn = self._conn
-        key = f"{conn.prefix}s:{stream}"
-        return int(conn.call(lambda: conn.client.xtrim(key, maxlen=maxlen, approximate=False)))
+        _check_positive("maxlen", maxlen)
+        if max_age is not None and max_age < 0:
+            raise ConfigError(f"max_age must not be negative, got {max_age!r}")
+        args = [
+            stream,
+            "" if maxlen is None else int(maxlen),
+            "" if min_id is None or min_id <= 1 else int(min_id),
+            "" if max_age is None else repr(float(max_age)),
+        ]
+        return int(self._conn.run("stream_trim", args))

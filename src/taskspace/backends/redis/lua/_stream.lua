@@ -1,0 +1,35 @@
+-- Streams (library of the stream_* scripts). Keys under P:
+--   s:<stream>      a Redis stream; entry id <n>-0, fields d (data), t (wall clock).
+--   sid:<stream>    the last id handed out (INCR), so ids are never reused after a trim.
+--   sreq, sreqexp   request id -> remembered reply (JSON), and -> expiry.
+local REQUEST_MAX = 100000
+
+local function stream_key(stream) return P .. 's:' .. stream end
+
+-- Request ids of `family` (a key name): the remembered reply, or nil. Prunes
+-- a few expired ids on every call, so the family stays bounded by what
+-- REQUEST_ID_TTL_S of requests leave (and never above REQUEST_MAX ids).
+-- (The same rule as _kv.lua's: one library per script.)
+local function request_recall(family, id, now)
+  local exp = P .. family .. 'exp'
+  local old = redis.call('ZRANGEBYSCORE', exp, '-inf', now, 'LIMIT', 0, 16)
+  for _, gone in ipairs(old) do
+    redis.call('ZREM', exp, gone)
+    redis.call('HDEL', P .. family, gone)
+  end
+  if id == '' then return nil end
+  local reply = redis.call('HGET', P .. family, id)
+  if reply then return cjson.decode(reply) end
+  return nil
+end
+
+local function request_remember(family, id, reply, now, ttl)
+  if id == '' then return end
+  local exp = P .. family .. 'exp'
+  redis.call('HSET', P .. family, id, cjson.encode(reply))
+  redis.call('ZADD', exp, now + tonumber(ttl), id)
+  if redis.call('ZCARD', exp) > REQUEST_MAX then
+    local popped = redis.call('ZPOPMIN', exp, 16)
+    for i = 1, #popped, 2 do redis.call('HDEL', P .. family, popped[i]) end
+  end
+end

@@ -1,0 +1,35 @@
+-- ARGV: stream maxlen('' = none) min_id('' = none) max_age('' = none).
+-- Drops entries beyond the maxlen newest, with an id below min_id, or
+-- appended more than max_age seconds ago (wall clock; entries are visited
+-- oldest first, STEP at a time, until one is young enough). Returns how many.
+local STEP = 1000
+local key = stream_key(ARGV[1])
+local before = redis.call('XLEN', key)
+if before == 0 then return 0 end
+if ARGV[2] ~= '' then redis.call('XTRIM', key, 'MAXLEN', '=', ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('XTRIM', key, 'MINID', ARGV[3] .. '-0') end
+if ARGV[4] ~= '' then
+  local cutoff = wall() - tonumber(ARGV[4])
+  local keep_from = nil
+  local start = '-'
+  while not keep_from do
+    local batch = redis.call('XRANGE', key, start, '+', 'COUNT', STEP)
+    if #batch == 0 then break end
+    for _, entry in ipairs(batch) do
+      local f = {}
+      for j = 1, #entry[2], 2 do f[entry[2][j]] = entry[2][j + 1] end
+      if tonumber(f.t) >= cutoff then
+        keep_from = entry[1]
+        break
+      end
+      start = '(' .. entry[1]
+    end
+    if #batch < STEP and not keep_from then break end
+  end
+  if keep_from then
+    redis.call('XTRIM', key, 'MINID', keep_from)
+  else
+    redis.call('XTRIM', key, 'MAXLEN', '=', 0)
+  end
+end
+return before - redis.call('XLEN', key)
