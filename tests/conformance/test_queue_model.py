@@ -2,7 +2,8 @@
 progress, finish (with current and stale leases) and cancel must leave every
 task exactly where the contract says, on every backend.
 
-Time does not move here (leases are long); expiry is covered in test_queue.py.
+Time does not move here (leases are long); expiry is covered in test_queue.py
+and test_transitions.py.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Model:
     attempts: int = 0
     token: int = 0
     old_tokens: list[int] = field(default_factory=list)
+    accepted_token: int = 0  # token of the last accepted finish, until the next claim
     cancel_requested: bool = False
     fresh: bool = True  # never claimed: FIFO among these is exact on every backend
 
@@ -137,6 +139,7 @@ class QueueMachine(RuleBasedStateMachine):
             if t.token:
                 t.old_tokens.append(t.token)
             t.state, t.attempts, t.token = "running", t.attempts + 1, r.token
+            t.accepted_token = 0
             assert r.attempts == t.attempts
 
     def _check_fifo(self, records) -> None:
@@ -171,11 +174,16 @@ class QueueMachine(RuleBasedStateMachine):
         err = {"type": "E", "message": "m", "traceback": ""} if error else None
         result = b"r" if kind == "succeeded" else None
         accepted = self.store.queue.finish([(lease, Outcome(kind, result=result, error=err))])
-        assert accepted == [current]
+        t = self.tasks[task_id]
+        # a finish repeating the accepted token is a retry: True, no effect, not stale
+        retried = not current and t.accepted_token != 0 and lease.token == t.accepted_token
+        assert accepted == [current or retried]
+        if retried:
+            return
         if not current:
             self.stale += 1
             return
-        t = self.tasks[task_id]
+        t.accepted_token = lease.token
         t.state = _expected_state(t, kind)
         if kind == "release" and t.state == "queued":
             t.attempts -= 1
