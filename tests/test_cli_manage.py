@@ -132,7 +132,7 @@ def test_status_names_tasks_no_live_worker_runs(app_dir: Path) -> None:
     )
     assert cli("submit", "other:space", "lonely")[0] == 0
     space = Space()
-    space.store.kv_put(  # a live worker that runs only mapp's tasks
+    space.store.kv.put(  # a live worker that runs only mapp's tasks
         "taskspace/workers/w1",
         orjson.dumps(
             {

@@ -18,9 +18,11 @@ TTL = 0.3
 
 
 def _reap_all(space: Space) -> int:
+    """Reap every finished task past its result_ttl and every expired KV key."""
     total = 0
-    while n := space.store.queue.reap(1000):
-        total += n
+    for reap in (space.store.queue.reap, space.store.kv.reap):
+        while n := reap(1000):
+            total += n
     return total
 
 
@@ -36,7 +38,7 @@ def _sqlite_footprint(path: Path) -> Callable[[], int]:
 
 
 def _redis_footprint(space: Space) -> Callable[[], int]:
-    client = space.store.client  # type: ignore[attr-defined]
+    client = space.store.conn.client  # type: ignore[attr-defined]
 
     def measure() -> int:
         keys = client.dbsize()
@@ -53,7 +55,7 @@ def _rounds(space: Space, measure: Callable[[], int]) -> list[int]:
     for r in range(ROUNDS):
         noop.submit_many([(i,) for i in range(TASKS)])
         for i in range(200):
-            space.store.kv_put(f"cache/{r}/{i}", b"x" * 100, ttl=TTL)
+            space.store.kv.put(f"cache/{r}/{i}", b"x" * 100, ttl=TTL)
         space.run_worker(burst=True, concurrency=16, install_signal_handlers=False)
         time.sleep(TTL + 0.1)
         reaped = _reap_all(space)

@@ -17,21 +17,28 @@ from typing import Any
 
 import pytest
 
-from taskspace import Space, Worker, WorkerConfig, current_task
+from taskspace import Handle, Space, Worker, WorkerConfig, current_task
 from taskspace.backends.base import Store
-from taskspace.errors import BackendError
+from taskspace.errors import BackendError, SpaceLost, TaskNotFound
 
 LOGGER = "taskspace.worker"
 
 
+PROTOCOLS = ("queue", "leases", "kv", "streams", "pubsub", "clock")
+
+
 class FaultyStore:
-    """A real store whose chosen methods fail or stall on demand; the rest forwards."""
+    """A real store whose chosen methods fail, stall or answer otherwise on demand;
+    the rest forwards. Methods are named as the worker calls them: queue methods
+    by their own name (``claim``, ``finish``), the other protocols' with their
+    protocol (``kv.put``, ``kv.reap``), the store's own bare (``check_space``)."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.calls: dict[str, int] = {}
         self._failures: dict[str, tuple[int, Callable[[], BaseException]]] = {}
         self._stalls: dict[str, float] = {}  # method -> stalled until (monotonic)
+        self._overrides: dict[str, Callable[..., Any]] = {}
         self._lock = threading.Lock()
 
     def fail(self, method: str, times: int, error: Callable[[], BaseException]) -> None:
@@ -42,6 +49,12 @@ class FaultyStore:
     def heal(self, method: str) -> None:
         with self._lock:
             self._failures.pop(method, None)
+            self._overrides.pop(method, None)
+
+    def override(self, method: str, answer: Callable[..., Any]) -> None:
+        """Calls of ``method`` return ``answer(real_method, *args, **kwargs)`` instead."""
+        with self._lock:
+            self._overrides[method] = answer
 
     def stall(self, seconds: float, *methods: str) -> None:
         """Calls of ``methods`` made in the next ``seconds`` return only after that."""
@@ -50,7 +63,7 @@ class FaultyStore:
             for method in methods:
                 self._stalls[method] = until
 
-    def _before(self, name: str) -> None:
+    def _before(self, name: str) -> Callable[..., Any] | None:
         with self._lock:
             self.calls[name] = self.calls.get(name, 0) + 1
             left, error = self._failures.get(name, (0, None))
@@ -59,21 +72,42 @@ class FaultyStore:
             elif left == 0:
                 error = None
             until = self._stalls.get(name, 0.0)
+            override = self._overrides.get(name)
         if until > time.monotonic():
             time.sleep(until - time.monotonic())
         if error is not None:
             raise error()
+        return override
 
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
+    def wrap(self, name: str, attr: Any) -> Any:
         if not callable(attr):
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            self._before(name)
+            override = self._before(name)
+            if override is not None:
+                return override(attr, *args, **kwargs)
             return attr(*args, **kwargs)
 
         return call
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name in PROTOCOLS:
+            return FaultyProtocol(self, attr, "" if name == "queue" else name + ".")
+        return self.wrap(name, attr)
+
+
+class FaultyProtocol:
+    """One protocol object of a FaultyStore."""
+
+    def __init__(self, owner: FaultyStore, inner: Any, prefix: str) -> None:
+        self._owner = owner
+        self._inner = inner
+        self._prefix = prefix
+
+    def __getattr__(self, name: str) -> Any:
+        return self._owner.wrap(self._prefix + name, getattr(self._inner, name))
 
 
 class Running:
@@ -204,7 +238,7 @@ def test_every_background_step_rides_out_errors(
         lambda: RuntimeError("a bug in a backend"),
     ]
     methods = ["claim", "wait_for_tasks", "renew", "requeue_expired", "promote_due",
-               "kv_put", "progress", "finish"]  # fmt: skip
+               "reap", "kv.reap", "kv.put", "progress", "finish"]  # fmt: skip
     for i, method in enumerate(methods):
         faulty.fail(method, 3, kinds[i % len(kinds)])
     run = running(concurrency=4)
@@ -241,7 +275,7 @@ def test_shutdown_past_grace_exits_with_the_backend_down_and_says_what_it_abando
         return "ok"
 
     faulty.fail("finish", -1, lambda: BackendError("connection refused"))
-    faulty.fail("kv_delete", -1, lambda: BackendError("connection refused"))
+    faulty.fail("kv.delete", -1, lambda: BackendError("connection refused"))
     run = running()
     handle = quick.submit()
     assert done.wait(10)
@@ -358,3 +392,204 @@ def test_a_task_reclaimed_by_the_same_worker_is_renewed_until_it_succeeds(
     assert record.state == "succeeded", f"ended {record.state}: {record.error}"
     assert (value, record.attempts, record.lost) == (2, 2, 1)
     run.stop()
+
+
+# -- a wiped or replaced space (SpaceLost) -----------------------------------------------
+
+WIPED = "wiped or replaced"
+
+
+def wiped() -> BaseException:
+    return SpaceLost("the space's identity record is gone (test)")
+
+
+def all_lost(renew: Callable[..., Any], leases: Any) -> dict[str, str]:
+    """A renew answer as from a wiped space: every lease is gone."""
+    return {lease.task_id: "lost" for lease in leases}
+
+
+def critical_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == LOGGER and WIPED in r.getMessage()]
+
+
+def blocking_task(space: Space, n: int = 1) -> tuple[Any, threading.Event, list[Any]]:
+    """A task that runs until released; ``seen`` collects each attempt's context."""
+    release = threading.Event()
+    seen: list[Any] = []
+
+    @space.task(name="blocker", lease=0.6, max_attempts=3)
+    def blocker() -> str:
+        seen.append(current_task())
+        release.wait(20)
+        return "done"
+
+    return blocker, release, seen
+
+
+@pytest.mark.parametrize("trigger", ["renew lost", "finish refused", "any call raises"])
+def test_a_wiped_space_stops_the_worker_once_and_writes_nothing_more(
+    space: Space,
+    faulty: FaultyStore,
+    running: Callable[..., Running],
+    caplog: pytest.LogCaptureFixture,
+    trigger: str,
+) -> None:
+    """Each reply that says leases are gone (or a SpaceLost from any call) leads to
+    one CRITICAL line naming the space and the tasks held, the attempts abandoned
+    (never finished, never released), no more claims, and the worker's exit.
+
+    The heartbeat is an hour apart, so only the trigger under test can find it."""
+    caplog.set_level(logging.INFO, LOGGER)
+    blocker, release, seen = blocking_task(space)
+
+    @space.task(name="quick", lease=0.6)
+    def quick() -> str:
+        return "ok"
+
+    run = running(concurrency=3, heartbeat_interval=3600.0)
+    held = [blocker.submit(), blocker.submit()]
+    deadline = time.monotonic() + 10
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, "the tasks never started"
+        time.sleep(0.01)
+    finishes_before = faulty.calls.get("finish", 0)
+    faulty.fail("check_space", -1, wiped)
+    if trigger == "renew lost":
+        faulty.override("renew", all_lost)
+    elif trigger == "finish refused":
+        faulty.override("finish", lambda finish, items: [False] * len(items))
+        quick.submit()  # its finish is refused
+        held.append(None)  # ... and it was held too, when the reply came
+    else:
+        faulty.fail("wait_for_tasks", -1, wiped)
+        faulty.fail("claim", -1, wiped)
+        faulty.fail("renew", -1, wiped)
+    run.thread.join(5.0)
+    assert not run.thread.is_alive(), "the worker did not stop after its space was lost"
+    report = run.worker.report
+    assert report.space_lost and report.abandoned == len(held), report
+    lines = critical_lines(caplog)
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].levelno == logging.CRITICAL
+    message = lines[0].getMessage()
+    assert f"the space at {space.url} was wiped or replaced" in message
+    assert f"{len(held)} tasks this worker held are gone" in message
+    assert all(ctx.lease_lost and ctx.cancelled for ctx in seen)
+    # Nothing was finished or released after the loss, nor the worker withdrawn.
+    finishes = faulty.calls.get("finish", 0) - finishes_before
+    assert finishes == (1 if trigger == "finish refused" else 0)
+    assert report.released == 0 and faulty.calls.get("kv.delete", 0) == 0
+    release.set()
+    for handle in held[:2]:
+        assert handle.status() == "running"  # the real store heard nothing more
+
+
+def test_leases_gone_on_a_healthy_space_the_worker_carries_on(
+    space: Space,
+    faulty: FaultyStore,
+    running: Callable[..., Running],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A renew that reports a lease lost and a finish refused as stale each lead to a
+    space check; the space is intact, so the worker logs them as before and carries on."""
+    caplog.set_level(logging.INFO, LOGGER)
+    blocker, release, seen = blocking_task(space)
+
+    @space.task(name="quick", lease=0.6)
+    def quick(i: int) -> int:
+        return i
+
+    run = running(concurrency=2, heartbeat_interval=3600.0)
+    handle = blocker.submit()
+    deadline = time.monotonic() + 10
+    while not seen:
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.01)
+    answered: list[int] = []
+
+    def lost_once(renew: Callable[..., Any], leases: Any) -> Any:
+        answered.append(1)
+        return all_lost(renew, leases) if len(answered) == 1 else renew(leases)
+
+    faulty.override("renew", lost_once)
+    deadline = time.monotonic() + 10
+    while not seen[0].lease_lost:
+        assert time.monotonic() < deadline, "renew never reported the lease lost"
+        time.sleep(0.01)
+    checks = faulty.calls.get("check_space", 0)
+    assert checks >= 1
+    refused = []
+
+    def refuse_once(finish: Callable[..., Any], items: Any) -> list[bool]:
+        if not refused:
+            refused.append(items)
+            return [False] * len(items)
+        return list(finish(items))
+
+    faulty.override("finish", refuse_once)
+    stale = quick.submit(1)
+    deadline = time.monotonic() + 10
+    while not refused:
+        assert time.monotonic() < deadline, "no finish was refused"
+        time.sleep(0.01)
+    assert quick.submit(2).result(timeout=10) == 2  # still claiming, still finishing
+    assert faulty.calls.get("check_space", 0) > checks
+    assert run.thread.is_alive()
+    assert critical_lines(caplog) == []
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert any("refused: lease" in m and stale.id in m for m in messages), messages
+    assert any(f"lease of task {handle.id} lost" in m for m in messages), messages
+    release.set()
+    run.stop()
+    assert not run.worker.report.space_lost and run.worker.report.refused == 1
+
+
+def test_the_end_of_an_outage_checks_the_space(
+    space: Space,
+    faulty: FaultyStore,
+    running: Callable[..., Running],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Redis restarted without persistence answers again, empty: the first call
+    that succeeds after an outage leads to a space check, and the worker stops."""
+    caplog.set_level(logging.INFO, LOGGER)
+    run = running(heartbeat_interval=3600.0)
+    deadline = time.monotonic() + 10
+    while faulty.calls.get("wait_for_tasks", 0) < 2:
+        assert time.monotonic() < deadline, "the worker never started waiting"
+        time.sleep(0.01)
+    assert faulty.calls.get("check_space", 0) <= 1  # the first heartbeat's, if any
+    faulty.fail("check_space", -1, wiped)
+    faulty.fail("claim", 3, lambda: BackendError("connection refused"))
+    faulty.fail("wait_for_tasks", 3, lambda: BackendError("connection refused"))
+    run.thread.join(10.0)
+    assert not run.thread.is_alive(), "the worker did not stop after reconnecting"
+    assert run.worker.report.space_lost
+    assert len(critical_lines(caplog)) == 1
+    assert "0 tasks this worker held are gone" in critical_lines(caplog)[0].getMessage()
+
+
+def test_a_handle_in_a_wiped_space_raises_space_lost(space: Space, faulty: FaultyStore) -> None:
+    """A task the store does not hold is TaskNotFound on an intact space and
+    SpaceLost on a wiped one, from every Handle call and from Space.handle."""
+
+    @space.task
+    def noop() -> None: ...
+
+    handle = noop.submit()
+    with pytest.raises(TaskNotFound):
+        space.handle("0" * 32)
+    space._store = faulty  # type: ignore[assignment]
+    ghost = Handle(space, "0" * 32)
+    with pytest.raises(TaskNotFound):
+        ghost.status()
+    faulty.fail("check_space", -1, wiped)
+    assert handle.status() == "queued"  # a task that is there needs no check
+    calls: list[Callable[[], Any]] = [ghost.status, ghost.info, ghost.cancel, ghost.progress,
+                                      ghost.done, lambda: ghost.result(timeout=5),
+                                      lambda: space.handle(ghost.id)]  # fmt: skip
+    for call in calls:
+        began = time.monotonic()
+        with pytest.raises(SpaceLost):
+            call()
+        assert time.monotonic() - began < 2.0  # never waited out, never retried

@@ -1,7 +1,8 @@
 """Run one worker of :mod:`tests.faults.app` with fault-test timings.
 
 ``python -m tests.faults.runner --url URL [--concurrency N] [--grace S]
-[--slow-finish S] [--log-level info]``. The CLI has no flags for the maintenance,
+[--slow-finish S] [--log-level info]``; exits as ``taskspace worker`` does (4: the
+space was wiped or replaced, 3: wedged). The CLI has no flags for the maintenance,
 heartbeat and idle intervals, so this runner builds the :class:`~taskspace.WorkerConfig`
 itself; everything else (signal handling, shutdown) is the real worker's.
 ``--slow-finish`` makes every ``store.finish`` call take that much longer, as
@@ -18,6 +19,7 @@ from typing import Any
 
 from taskspace import Worker, WorkerConfig
 from taskspace.backends.base import Store
+from taskspace.worker.config import EXIT_SPACE_LOST, EXIT_WEDGED
 from taskspace.worker.logfmt import setup_logging
 from tests.faults.app import make_space
 
@@ -59,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.slow_finish:
             slow_down_finish(space.store, args.slow_finish)
         report = Worker(space, config).run()
-    return 3 if report.wedged else 0
+    if report.space_lost:
+        return EXIT_SPACE_LOST
+    return EXIT_WEDGED if report.wedged else 0
 
 
 if __name__ == "__main__":

@@ -203,7 +203,8 @@ def token_counter(space: Space) -> int:
     """The store's fencing-token counter, read straight from Redis (white box)."""
     store = space.store
     assert isinstance(store, RedisStore)
-    return int(store.call(lambda: store.client.get(store.prefix + "token")) or 0)
+    conn = store.conn
+    return int(conn.call(lambda: conn.client.get(conn.prefix + "token")) or 0)
 
 
 # -- Redis goes away --------------------------------------------------------------------

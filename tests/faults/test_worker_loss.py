@@ -83,8 +83,15 @@ def test_sigstop_past_lease_late_finish_is_refused(
     )
     ends = markers_of(marks, handle.id, "end")
     assert sorted(m.pid for m in ends) == sorted([paused.pid, other.pid])
-    assert paused.terminate() == 0
+    # The space is intact: a lost lease and a stale finish make the worker check it,
+    # and it carries on (it still claims: it runs the next task too).
     assert other.terminate() == 0
+    assert paused.alive()
+    after_resume = fault_space.get_task("faults.once").submit(str(marks), 0.05, 0.05)
+    assert after_resume.result(timeout=20)["pid"] == paused.pid
+    assert "wiped or replaced" not in paused.log()
+    assert "refused: lease" in paused.log()
+    assert paused.terminate() == 0
 
     assert fault_space.stats().stale_finishes == stale_before + 1
     after = handle.info()
