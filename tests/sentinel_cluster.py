@@ -282,6 +282,10 @@ class SentinelCluster:
             addrs.append((host, int(reply[1])))
         return addrs
 
+    def wait_replicated(self, timeout_ms: int = 5000) -> int:
+        """``WAIT 1`` on the primary: how many replicas confirmed every write so far."""
+        return int(self.redis(self.primary_port).execute_command("WAIT", 1, timeout_ms))  # type: ignore[no-untyped-call]
+
     def repl_offsets(self) -> tuple[int, int]:
         """(primary's replication offset, replica's processed offset): the
         difference is replication stream the replica has not applied."""

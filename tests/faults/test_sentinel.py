@@ -1,0 +1,244 @@
+"""Redis Sentinel failover to a replica that missed the last writes (store contract v2:
+fencing tokens never repeat).
+
+A primary, one replica and three sentinels on loopback ports
+(``tests/sentinel_cluster.py``); the store is opened with the ``redis+sentinel://``
+URL. The workload claims and finishes tasks and takes lease grants, recording every
+fencing token, in three phases:
+
+1. **replicated**: the replica confirms it has everything (``WAIT``);
+2. **lost**: the replication stream is held back (the primary acknowledges writes the
+   replica never receives), then the primary is SIGKILLed; the test checks that these
+   writes really are absent after the failover;
+3. **after**: once a sentinel has promoted the replica, the same store object (same
+   URL) carries on.
+
+The first write of phase 2 is a claim of task ``pin-lost`` and the first token of
+phase 3 is its re-claim, so a counter that merely counts (``last + 1``) would hand the
+same token out twice and accept the stale finish; ``max(last + 1, wall µs)`` cannot.
+
+Checked: no token granted twice; every token of phase 3 above every token of phases 1
+and 2; a finish with a lease from before the failover, of a task re-claimed after it,
+is refused (for a task claimed in phase 1 whose lease expired, and for the claim that
+was lost); a grant from the lost window cannot be renewed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import pytest
+
+from taskspace.backends import open_store
+from taskspace.backends.base import Grant, Lease, Outcome, Store, TaskRecord, TaskSpec
+from taskspace.errors import BackendError
+from tests.faults.harness import FIGURES
+from tests.sentinel_cluster import SentinelCluster
+
+pytestmark = pytest.mark.fault
+
+T = TypeVar("T")
+WORKER = "sentinel-test"
+ROUNDS = 12  # claim/finish/grant rounds per phase
+CLAIM_N = 3
+FAILOVER_DEADLINE_S = 20.0
+DONE = Outcome("succeeded", result=b"1")
+
+
+@dataclass
+class Run:
+    """What the workload did and saw: every token by phase, operation counts, violations."""
+
+    tokens: dict[str, list[tuple[int, str]]] = field(
+        default_factory=lambda: {"replicated": [], "lost": [], "after": []}
+    )
+    ops: Counter[str] = field(default_factory=Counter)
+    refused_during_failover: int = 0
+    lost_leases: dict[str, Lease] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+
+    def record(self, phase: str, token: int, what: str) -> None:
+        self.tokens[phase].append((token, what))
+
+
+def retrying(run: Run, op: Callable[[], T], what: str) -> T:
+    """``op()``, retried while it raises BackendError (the primary is gone and no
+    sentinel names a new one yet). Every call used here is safe to retry: claims by
+    request id, grants by grant id, finishes by accepted token, reads by nature."""
+    deadline = time.monotonic() + FAILOVER_DEADLINE_S
+    while True:
+        try:
+            return op()
+        except BackendError:
+            run.refused_during_failover += 1
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: the store did not come back") from None
+            time.sleep(0.05)
+
+
+def spec(task_id: str, queue: str, lease_s: float = 30.0) -> TaskSpec:
+    return TaskSpec(
+        id=task_id, name="t", payload=b"{}", queue=queue, lease_s=lease_s, max_attempts=3
+    )
+
+
+def claim(store: Store, run: Run, phase: str, queue: str, n: int = 1) -> list[TaskRecord]:
+    request_id = uuid.uuid4().hex
+    tasks = retrying(run, lambda: store.queue.claim([queue], WORKER, n, request_id), "claim")
+    run.ops["claim"] += 1
+    for task in tasks:
+        run.record(phase, task.token, f"claim {task.id}")
+    return tasks
+
+
+def finish(store: Store, run: Run, lease: Lease) -> bool:
+    run.ops["finish"] += 1
+    return retrying(run, lambda: store.queue.finish([(lease, DONE)]), "finish")[0]
+
+
+def grant(store: Store, run: Run, phase: str, name: str) -> Grant:
+    grant_id = uuid.uuid4().hex
+    got = retrying(
+        run,
+        lambda: store.leases.acquire(name, WORKER, ttl=30.0, grant_id=grant_id),
+        "acquire",
+    )
+    assert got is not None, f"lease {name} unexpectedly held"
+    run.ops["acquire"] += 1
+    run.record(phase, got.token, f"grant {name}")
+    return got
+
+
+def release(store: Store, run: Run, got: Grant) -> bool:
+    run.ops["release"] += 1
+    return retrying(run, lambda: store.leases.release(got), "release")
+
+
+def rounds(store: Store, run: Run, phase: str) -> None:
+    """Claim and finish tasks of the ``work`` queue, and take and release a lease.
+    A task whose claim was lost in the failover is first finished with that lost
+    lease, which must be refused."""
+    for i in range(ROUNDS):
+        for task in claim(store, run, phase, "work", CLAIM_N):
+            old = run.lost_leases.get(task.id)
+            if phase == "lost":
+                run.lost_leases[task.id] = task.lease
+            elif old is not None and finish(store, run, old):
+                run.violations.append(
+                    f"{task.id}: stale finish with lost token {old.token} accepted"
+                )
+            if not finish(store, run, task.lease):
+                run.violations.append(f"{phase}: finish of a current lease refused: {task.id}")
+        got = grant(store, run, phase, f"lock-{phase}-{i % 3}")
+        if not release(store, run, got):
+            run.violations.append(f"{phase}: release of a current grant refused: {got.name}")
+
+
+def stale_finish_refused(store: Store, run: Run, old: TaskRecord, new: TaskRecord) -> None:
+    """``old`` and ``new`` are two claims of one task, ``new`` after the failover:
+    the old lease must be refused and the new one accepted."""
+    if new.token == old.token:
+        run.violations.append(f"{old.id}: re-claimed with the same token {old.token}")
+    if finish(store, run, old.lease):
+        run.violations.append(
+            f"{old.id}: stale finish with pre-failover token {old.token} accepted"
+        )
+    if not finish(store, run, new.lease):
+        run.violations.append(f"{old.id}: finish with the new token {new.token} refused")
+
+
+def check_tokens(run: Run) -> None:
+    every = [t for phase in run.tokens.values() for t, _ in phase]
+    for token, n in Counter(every).items():
+        if n > 1:
+            whats = [w for phase in run.tokens.values() for t, w in phase if t == token]
+            run.violations.append(f"token {token} granted {n} times: {whats}")
+    before = [t for phase in ("replicated", "lost") for t, _ in run.tokens[phase]]
+    after = [t for t, _ in run.tokens["after"]]
+    if after and before and min(after) <= max(before):
+        run.violations.append(
+            f"a token after the failover ({min(after)}) is not above every token before it"
+            f" ({max(before)})"
+        )
+
+
+def report(run: Run, faults: list[str]) -> None:
+    lines = [
+        "sentinel failover: operations "
+        + ", ".join(f"{k} {v}" for k, v in sorted(run.ops.items()))
+        + f"; tokens {', '.join(f'{k} {len(v)}' for k, v in run.tokens.items())}"
+        + f"; calls refused during the failover {run.refused_during_failover}",
+        "sentinel failover: faults: " + "; ".join(faults),
+        f"sentinel failover: violations: {len(run.violations)}",
+        *(f"  VIOLATION {v}" for v in run.violations),
+    ]
+    for line in lines:
+        print(line)
+    FIGURES.extend(lines)
+
+
+@pytest.mark.timeout(60)
+def test_tokens_never_repeat_across_failover_with_lost_writes() -> None:
+    with SentinelCluster() as cluster:
+        store = open_store(cluster.url(namespace=f"t{uuid.uuid4().hex[:12]}"))
+        try:
+            _failover_run(cluster, store)
+        finally:
+            store.close()
+
+
+def _failover_run(cluster: SentinelCluster, store: Store) -> None:
+    run, faults = Run(), []
+    assert cluster.relay is not None
+    store.queue.push([spec(f"w{i}", "work") for i in range(3 * ROUNDS * CLAIM_N)])
+    store.queue.push([spec("pin-expired", "pin-a", lease_s=0.5), spec("pin-lost", "pin-b")])
+
+    # 1. replicated: everything reaches the replica.
+    rounds(store, run, "replicated")
+    (expired,) = claim(store, run, "replicated", "pin-a")
+    acked = cluster.wait_replicated()
+    assert acked == 1, "the replica did not confirm the replicated phase"
+
+    # 2. lost: the primary acknowledges, the replica never receives.
+    cluster.relay.hold()
+    (lost_claim,) = claim(store, run, "lost", "pin-b")  # the first write the replica misses
+    lost_grant = grant(store, run, "lost", "lock-lost")
+    rounds(store, run, "lost")
+    store.queue.push([spec("marker", "other")])  # the last write before the kill
+    primary_offset, replica_offset = cluster.repl_offsets()
+    cluster.kill_primary()
+    faults.append(
+        f"replication held back: {primary_offset - replica_offset} bytes acknowledged by the"
+        f" primary never reached the replica"
+    )
+    faults.append("primary SIGKILLed")
+    faults.append(f"replica promoted by the sentinels {cluster.wait_promoted():.2f} s after")
+
+    # 3. after: the same store, through the same URL. First a re-claim of pin-lost.
+    (reclaimed,) = claim(store, run, "after", "pin-b")
+    retrying(run, store.check_space, "check_space")  # the space itself was replicated
+    stale_finish_refused(store, run, lost_claim, reclaimed)
+    assert retrying(run, lambda: store.queue.get("marker"), "get") is None, (
+        "the last write before the kill survived: no writes were lost, the test proves nothing"
+    )
+    assert reclaimed.attempts == lost_claim.attempts, "the lost claim was not lost"
+    if retrying(run, lambda: store.leases.renew([lost_grant], 30.0), "renew") != [None]:
+        run.violations.append(f"grant {lost_grant.id} from the lost window renewed")
+    deadline = time.monotonic() + FAILOVER_DEADLINE_S
+    while retrying(run, lambda: store.queue.state("pin-expired"), "state") != "queued":
+        retrying(run, store.queue.requeue_expired, "requeue_expired")  # lease_s 0.5 s
+        assert time.monotonic() < deadline, "pin-expired was never requeued"
+        time.sleep(0.05)
+    (again,) = claim(store, run, "after", "pin-a")
+    stale_finish_refused(store, run, expired, again)
+    grant(store, run, "after", "lock-lost")
+    rounds(store, run, "after")
+
+    check_tokens(run)
+    report(run, faults)
+    assert not run.violations, "\n".join(run.violations)
