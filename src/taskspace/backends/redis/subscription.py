@@ -1,88 +1,152 @@
-"""A PubSub subscription on its own connection, that says when it lost it."""
+"""A PubSub subscription on its own connection that reports what it may have missed.
+
+Not redis-py's PubSub, which reconnects silently and so would hide a gap.
+Replies are drained from the socket into a local buffer of at most
+base.SUBSCRIPTION_BUFFER messages; past that the oldest are dropped and the
+next ``get`` returns ``Gap("overflow", missed=n)``. A lost connection is
+re-made at once (within the ``get``'s timeout, at most CONNECT_TIMEOUT_S per
+try): once it is subscribed again, ``get`` returns ``Gap("reconnect")`` and
+then what is published after it; while Redis stays away ``get`` raises
+BackendError (the Gap still comes once it is back).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from taskspace.backends.base import Closeable, Message
+from taskspace.backends.base import SUBSCRIPTION_BUFFER, Closeable, Gap, Message
 from taskspace.backends.redis.conn import CONNECT_TIMEOUT_S, RedisConnection
-from taskspace.errors import BackendError, SubscriptionLost
+from taskspace.errors import BackendError
 
-FOREVER_S = 1e6
+FOREVER_S = 1e9
+# get(timeout=None) reads in steps of this long (a healthy idle socket just
+# times out a step; the loop goes on).
+IDLE_STEP_S = 30.0
+_GLOB = str.maketrans({c: "\\" + c for c in "\\*?[]"})
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with Redis glob characters escaped (matches only itself)."""
+    return text.translate(_GLOB)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisSubscription(Closeable):
-    """Channels subscribed on a dedicated connection (not redis-py's PubSub,
-    which reconnects silently and so would hide missed messages).
+    """Channels (SUBSCRIBE) and prefixes (PSUBSCRIBE of the escaped prefix and
+    ``*``) on a dedicated connection; see the module docstring."""
 
-    When the connection drops, :meth:`get` raises SubscriptionLost once; later
-    calls resubscribe (raising BackendError while Redis is away, within the
-    timeout given) and then deliver what is published after that."""
-
-    def __init__(self, conn: RedisConnection, channels: Sequence[str]) -> None:
+    def __init__(
+        self, conn: RedisConnection, channels: Sequence[str], prefixes: Sequence[str]
+    ) -> None:
         self._conn = conn
         self._prefix = conn.prefix + "ch:"
         self._names = list(dict.fromkeys(self._prefix + c for c in channels))
+        self._patterns = {glob_escape(self._prefix + p) + "*": p for p in prefixes}
         self._sock: Any = None
         self._closed = False
-        conn.call(lambda: self._connect(CONNECT_TIMEOUT_S))
+        self._buffer: deque[Message | Gap] = deque()
+        self._missed = 0
+        if self._names or self._patterns:
+            conn.call(lambda: self._connect(CONNECT_TIMEOUT_S))
 
     def _connect(self, connect_timeout: float) -> None:
-        """Open a connection and subscribe; returns once every channel is confirmed,
-        so anything published after that is delivered."""
+        """Open a connection and subscribe; returns once every channel and
+        pattern is confirmed, so anything published after that is delivered."""
         pool = self._conn.client.connection_pool
         kwargs = {**pool.connection_kwargs, "health_check_interval": 0}
         kwargs["socket_connect_timeout"] = max(0.05, connect_timeout)
         sock = pool.connection_class(**kwargs)
         try:
             sock.connect()
-            sock.send_command("SUBSCRIBE", *self._names)
-            confirmed = 0
-            while confirmed < len(self._names):
+            if self._names:
+                sock.send_command("SUBSCRIBE", *self._names)
+            if self._patterns:
+                sock.send_command("PSUBSCRIBE", *self._patterns)
+            confirmed, wanted = 0, len(self._names) + len(self._patterns)
+            while confirmed < wanted:
                 reply = sock.read_response(push_request=True)
-                if reply[0] in (b"subscribe", "subscribe"):
+                if _text(reply[0]) in ("subscribe", "psubscribe"):
                     confirmed += 1
+                else:
+                    self._take(reply)
         except BaseException:
             sock.disconnect()
             raise
         self._sock = sock
 
-    def get(self, timeout: float | None = None) -> Message | None:
+    def _take(self, reply: Any) -> None:
+        """Buffer a message reply (dropping the oldest past SUBSCRIPTION_BUFFER)."""
+        if not reply:
+            return
+        kind = _text(reply[0])
+        if kind == "message":
+            message = Message(_text(reply[1])[len(self._prefix) :], reply[2])
+        elif kind == "pmessage":
+            channel = _text(reply[2])[len(self._prefix) :]
+            message = Message(channel, reply[3], self._patterns.get(_text(reply[1])))
+        else:
+            return
+        if len(self._buffer) >= SUBSCRIPTION_BUFFER:
+            self._buffer.popleft()
+            self._missed += 1
+        self._buffer.append(message)
+
+    def _fill(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for a reply, then buffer every reply that
+        has arrived. BackendError if the connection is lost."""
+        sock = self._sock
+
+        def drain() -> None:
+            wait = timeout
+            while sock.can_read(timeout=wait):
+                self._take(sock.read_response(push_request=True))
+                wait = 0
+
+        self._conn.call(drain)
+
+    def _next(self) -> Message | Gap | None:
+        if self._missed:
+            gap = Gap("overflow", missed=self._missed)
+            self._missed = 0
+            return gap
+        return self._buffer.popleft() if self._buffer else None
+
+    def get(self, timeout: float | None = None) -> Message | Gap | None:
         if self._closed:
             return None
         deadline = time.monotonic() + (FOREVER_S if timeout is None else timeout)
-        if self._sock is None:
-            wait = FOREVER_S if timeout is None else timeout
-            self._conn.call(lambda: self._connect(min(CONNECT_TIMEOUT_S, wait)))
+        if not self._names and not self._patterns:
+            time.sleep(max(0.0, min(deadline - time.monotonic(), IDLE_STEP_S)))
+            return None
         while True:
+            item = self._next()
+            if item is not None:
+                return item
+            left = max(0.0, deadline - time.monotonic())
+            if self._sock is None:
+                self._reconnect(left)
+                continue
             try:
-                reply = self._read(max(0.0, deadline - time.monotonic()))
+                self._fill(min(left, IDLE_STEP_S))
             except BackendError:
                 self._drop()
-                raise SubscriptionLost(
-                    f"subscription to Redis at {self._conn.url} lost its connection; "
-                    "messages may have been missed"
-                ) from None
-            if reply is not None:
-                return reply
-            if time.monotonic() >= deadline:
+                self._reconnect(left)
+                continue
+            if not self._buffer and not self._missed and time.monotonic() >= deadline:
                 return None
 
-    def _read(self, timeout: float) -> Message | None:
-        """The next message within ``timeout``, or None (also for a non-message reply)."""
-        sock = self._sock
-
-        def read() -> Any:
-            return sock.read_response(push_request=True) if sock.can_read(timeout=timeout) else None
-
-        reply = self._conn.call(read)
-        if not reply or reply[0] not in (b"message", "message"):
-            return None
-        channel = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        return Message(channel[len(self._prefix) :], reply[2])
+    def _reconnect(self, left: float) -> None:
+        """Subscribe again (BackendError while Redis is away); queue the Gap."""
+        before = len(self._buffer)  # received before the loss: delivered before the Gap
+        self._conn.call(lambda: self._connect(min(CONNECT_TIMEOUT_S, max(left, 0.05))))
+        self._buffer.insert(min(before, len(self._buffer)), Gap("reconnect"))
 
     def _drop(self) -> None:
         sock, self._sock = self._sock, None
@@ -94,3 +158,4 @@ class RedisSubscription(Closeable):
         if not self._closed:
             self._closed = True
             self._drop()
+            self._buffer.clear()
