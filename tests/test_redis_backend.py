@@ -1,7 +1,9 @@
 """Redis backend specifics on private redis-servers: bounded lost-lease history
 (issue 6 item 7), FIFO at the priority bounds (items 4/14), chunked pushes
-(item 12), every Redis error as BackendError (item 3, 12), and a subscription
-that says when it lost its connection (item 3)."""
+(item 12), every Redis error as BackendError (item 3, 12), a subscription
+that says when it lost its connection (item 3), and contract v2: the lease
+clock's high-water mark, the space's identity, tokens that survive a wiped
+space, idempotent finishes and follow-ups."""
 
 from __future__ import annotations
 
@@ -9,20 +11,25 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
 
+from taskspace.backends import open_store
 from taskspace.backends.base import (
     ERROR_HISTORY_MAX,
     PRIORITY_MAX,
     PRIORITY_MIN,
     PUSH_CHUNK_TASKS,
+    Gap,
+    Lease,
+    Message,
     Outcome,
     TaskSpec,
 )
 from taskspace.backends.redis import RedisStore
-from taskspace.errors import BackendError, SubscriptionLost
+from taskspace.errors import BackendError, SpaceLost, SpaceNotFound
 from tests.services import RedisServer
 
 LOSSES = 1100  # Redis's cjson refuses nesting deeper than 1000
@@ -49,7 +56,7 @@ def spec(name: str = "job", **kw: object) -> TaskSpec:
 
 
 def raw(store: RedisStore, *command: object) -> object:
-    return store.call(lambda: store.client.execute_command(*command))
+    return store.conn.call(lambda: store.conn.client.execute_command(*command))
 
 
 def lose_lease(store: RedisStore, task_id: str) -> None:
@@ -128,7 +135,7 @@ def test_a_large_push_runs_as_short_scripts(store: RedisStore) -> None:
     raw(store, "SLOWLOG", "RESET")
     n = 5 * PUSH_CHUNK_TASKS + 7
     ids = store.queue.push([spec(payload=b"[1, 2, 3]") for _ in range(n)])
-    entries = store.call(lambda: store.client.slowlog_get(100_000))
+    entries = store.conn.call(lambda: store.conn.client.slowlog_get(100_000))
     raw(store, "CONFIG", "SET", "slowlog-log-slower-than", 10_000)
     pushes = [e for e in entries if e["command"].startswith(b"EVALSHA")]
     micros = sorted(e["duration"] for e in pushes)
@@ -155,13 +162,17 @@ def test_every_call_raises_backend_error_while_redis_is_down_and_works_after_res
         lambda: store.queue.list(), lambda: store.queue.wait_for_tasks(["default"], 0.1),
         lambda: store.queue.wait_for_finish(["before"], 0.1),
         store.queue.requeue_expired, store.queue.reap,
-        lambda: store.subscribe(["c"]), lambda: store.kv_get("k"), store.clock.now,
-        lambda: store.publish("c", b"x"), lambda: store.queue.purge("default", ["queued"]),
+        lambda: store.pubsub.subscribe(["c"]), lambda: store.kv.get("k"), store.clock.now,
+        store.clock.wall, lambda: store.pubsub.publish("c", b"x"), store.check_space,
+        lambda: store.queue.purge("default", ["queued"]), lambda: store.queue.get_many(["x"]),
+        lambda: RedisStore(server.namespaced_url()),
     ]  # fmt: skip
     for call in calls:
         with pytest.raises(BackendError):
             call()
     server.restart()  # no persistence: empty, and its script cache too (NOSCRIPT)
+    with pytest.raises(SpaceLost):
+        store.check_space()
     (task_id,) = store.queue.push([spec()])
     (rec,) = store.queue.claim(["default"], "w", 1)
     assert store.queue.finish([(rec.lease, Outcome("succeeded", result=b"1"))]) == [True]
@@ -178,31 +189,41 @@ def test_a_script_error_is_a_backend_error(store: RedisStore) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_subscription_reports_a_lost_connection_then_resubscribes(
+def test_subscription_reports_a_lost_connection_as_one_gap_then_resubscribes(
     server: RedisServer, store: RedisStore
 ) -> None:
-    with store.subscribe(["c"]) as sub:
-        store.publish("c", b"one")
+    with store.pubsub.subscribe(["c"]) as sub:
+        store.pubsub.publish("c", b"one")
         message = sub.get(timeout=2)
-        assert message is not None and message.data == b"one"
+        assert isinstance(message, Message) and message.data == b"one"
 
         server.stop()
-        started = time.monotonic()
-        with pytest.raises(SubscriptionLost):
-            sub.get(timeout=5)
-        assert time.monotonic() - started < 2
-        for _ in range(2):  # while Redis is away: BackendError, within the timeout
+        gaps = 0
+        for _ in range(3):  # while Redis is away: a Gap or BackendError, within the timeout
             started = time.monotonic()
-            with pytest.raises(BackendError) as caught:
-                sub.get(timeout=0.5)
-            assert not isinstance(caught.value, SubscriptionLost)
+            try:
+                got = sub.get(timeout=0.5)
+                assert got == Gap("reconnect")
+                gaps += 1
+            except BackendError:
+                pass
             assert time.monotonic() - started < 1.5
 
         server.restart()
-        assert sub.get(timeout=0.2) is None  # resubscribed; nothing published since
-        store.publish("c", b"two")
-        message = sub.get(timeout=2)
-        assert message is not None and message.data == b"two"
+        deadline = time.monotonic() + 10
+        while True:  # resubscribed by itself: what is published from now on arrives
+            assert time.monotonic() < deadline, "never resubscribed"
+            store.pubsub.publish("c", b"two")
+            try:
+                got = sub.get(timeout=0.2)
+            except BackendError:
+                continue
+            if isinstance(got, Gap):
+                gaps += 1
+            elif got is not None:
+                break
+        assert isinstance(got, Message) and got.data == b"two"
+        assert gaps == 1
 
 
 # -- the extended contract: costs and bounded storage ----------------------------------
@@ -215,9 +236,9 @@ def claim_micros(store: RedisStore, names: list[str], rounds: int = 20) -> float
     for _ in range(rounds):
         (rec,) = store.queue.claim(["default"], "w", 1, names=names)
         store.queue.finish([(rec.lease, Outcome("release"))])
-    entries = store.call(lambda: store.client.slowlog_get(10 * rounds))
+    entries = store.conn.call(lambda: store.conn.client.slowlog_get(10 * rounds))
     raw(store, "CONFIG", "SET", "slowlog-log-slower-than", 10_000)
-    sha = store._scripts["claim"].sha.encode()
+    sha = store.conn._scripts["claim"].sha.encode()
     micros = sorted(e["duration"] for e in entries if sha in e["command"])
     return micros[len(micros) // 2]
 
@@ -253,7 +274,7 @@ def test_state_reads_only_the_state(store: RedisStore) -> None:
     (task_id,) = store.queue.push([spec(payload=b"x" * 20_000_000)])
 
     def sent() -> int:
-        info = store.call(lambda: store.reads.info("stats"))
+        info = store.conn.call(lambda: store.conn.reads.info("stats"))
         return int(info["total_net_output_bytes"])
 
     before = sent()
@@ -279,11 +300,173 @@ def test_a_settled_task_expires_as_a_backstop_and_reap_keeps_counts_right(
     assert raw(store, "ZCARD", f"{store.prefix}idx") == 1
 
 
-def test_reap_drops_expired_kv_keys_from_the_kv_index(store: RedisStore) -> None:
-    store.kv_put("a", b"1", ttl=0.05)
-    store.kv_incr("b", 1, ttl=0.05)
-    store.kv_put("c", b"1")
-    time.sleep(0.1)
-    assert store.queue.reap() == 2
-    assert raw(store, "ZRANGE", f"{store.prefix}kvidx", 0, -1) == [b"c"]
-    assert raw(store, "ZCARD", f"{store.prefix}kvexp") == 0
+# -- contract v2: the lease clock never goes backwards ---------------------------------
+
+
+def clock_mark(store: RedisStore) -> float:
+    value = raw(store, "HGET", f"{store.prefix}clock", "mark")
+    assert isinstance(value, bytes)
+    return float(value)
+
+
+def test_the_lease_clock_never_goes_backwards_when_the_server_clock_steps_back(
+    store: RedisStore,
+) -> None:
+    """A mark 10 s ahead of TIME is what a server whose clock stepped back 10 s
+    finds: now() resumes at the mark, expiries stay ahead of earlier ones, and
+    the clock runs on from there."""
+    store.queue.push([spec(lease_s=30), spec(lease_s=30)])
+    before = store.clock.now()
+    (first,) = store.queue.claim(["default"], "w", 1)
+    assert first.lease_expires is not None
+    ahead = clock_mark(store) + 10
+    raw(store, "HSET", f"{store.prefix}clock", "mark", repr(ahead))
+    stepped = store.clock.now()
+    assert stepped >= ahead > before
+    (second,) = store.queue.claim(["default"], "w", 1)
+    assert second.lease_expires is not None and second.lease_expires >= ahead + 30
+    assert store.queue.renew([first.lease]) == {first.id: "held"}
+    renewed = store.queue.get(first.id)
+    assert renewed is not None and renewed.lease_expires is not None
+    assert renewed.lease_expires >= max(first.lease_expires, ahead + 30)
+    times = [store.clock.now() for _ in range(20)]
+    assert times == sorted(times) and times[0] >= stepped
+    # The wall clock is TIME, untouched: the offset only moves the lease clock.
+    assert abs(store.clock.wall() - time.time()) < 5
+    assert second.started is not None and abs(second.started - time.time()) < 5
+
+
+def test_the_clock_mark_is_written_about_once_a_second_not_per_call(store: RedisStore) -> None:
+    store.clock.now()
+    marks = set()
+    started = time.monotonic()
+    for _ in range(50):
+        now = store.clock.now()
+        mark = clock_mark(store)
+        assert now <= mark  # the mark is above every time handed out
+        marks.add(mark)
+    if time.monotonic() - started < 0.9:
+        assert len(marks) <= 2
+
+
+# -- contract v2: the space's identity -------------------------------------------------
+
+
+def test_a_wiped_space_is_lost_and_a_missing_one_is_not_created(server: RedisServer) -> None:
+    url = server.namespaced_url()
+    with pytest.raises(SpaceNotFound, match="no space at"):
+        RedisStore(url, create=False)
+    with pytest.raises(SpaceNotFound):
+        open_store(url, create=False)
+    assert raw_url(server, "KEYS", "*") == []  # nothing was created
+    store = RedisStore(url)
+    try:
+        reader = open_store(url, create=False)
+        assert isinstance(reader, RedisStore) and reader.space_id == store.space_id
+        reader.close()
+        store.check_space()
+        raw(store, "FLUSHALL")
+        with pytest.raises(SpaceLost, match="wiped or replaced"):
+            store.check_space()
+        replaced = RedisStore(url)  # a new space under the same name
+        assert replaced.space_id != store.space_id
+        replaced.close()
+        with pytest.raises(SpaceLost):
+            store.check_space()
+    finally:
+        store.close()
+
+
+def raw_url(server: RedisServer, *command: object) -> object:
+    import redis
+
+    client = redis.Redis.from_url(server.url)
+    try:
+        return client.execute_command(*command)
+    finally:
+        client.close()
+
+
+def test_tokens_after_a_wiped_space_are_above_every_earlier_one(server: RedisServer) -> None:
+    url = server.namespaced_url()
+    store = RedisStore(url)
+    try:
+        store.queue.push([spec() for _ in range(3)])
+        tokens = [r.token for r in store.queue.claim(["default"], "w", 3)]
+        assert len(set(tokens)) == 3 and tokens == sorted(tokens)
+        raw(store, "FLUSHALL")
+        again = RedisStore(url)
+        again.queue.push([spec()])
+        (rec,) = again.queue.claim(["default"], "w", 1)
+        again.close()
+        assert rec.token > max(tokens)
+    finally:
+        store.close()
+
+
+# -- contract v2: idempotent finishes, follow-ups only when accepted -------------------
+
+
+def test_a_finish_repeated_after_a_lost_reply_is_accepted_once(store: RedisStore) -> None:
+    (task_id,) = store.queue.push([spec()])
+    (rec,) = store.queue.claim(["default"], "w", 1)
+    outcome = Outcome("succeeded", result=b"1", followups=(spec(id="next"),))
+    assert store.queue.finish([(rec.lease, outcome)]) == [True]
+    finished = store.queue.get(task_id)
+    # The reply was lost: the worker sends the same finish again.
+    assert store.queue.finish([(rec.lease, outcome)]) == [True]
+    assert store.queue.get(task_id) == finished
+    assert store.queue.stats().stale_finishes == 0
+    assert store.queue.stats().counts["default"] == {"succeeded": 1, "queued": 1}
+    # A finish of another token is still refused and counted.
+    assert store.queue.finish([(Lease(task_id, rec.token + 1), outcome)]) == [False]
+    assert store.queue.stats().stale_finishes == 1
+
+
+def test_a_retried_finish_is_stale_once_the_task_was_claimed_again(store: RedisStore) -> None:
+    (task_id,) = store.queue.push([spec(max_attempts=3)])
+    (rec,) = store.queue.claim(["default"], "w", 1)
+    assert store.queue.finish([(rec.lease, Outcome("retry"))]) == [True]
+    (again,) = store.queue.claim(["default"], "w", 1)
+    assert again.id == task_id and again.token > rec.token
+    assert store.queue.finish([(rec.lease, Outcome("retry"))]) == [False]
+    assert store.queue.state(task_id) == "running"
+
+
+def test_follow_ups_of_a_stale_finish_are_never_pushed(store: RedisStore) -> None:
+    a, b = store.queue.push([spec(), spec()])
+    recs = {r.id: r for r in store.queue.claim(["default"], "w", 2)}
+    stale = Lease(a, recs[a].token - 1)
+    items = [
+        (stale, Outcome("succeeded", followups=(spec(id="never"),))),
+        (recs[b].lease, Outcome("failed", followups=(spec(id="then", name="undo"),))),
+    ]
+    assert store.queue.finish(items) == [False, True]
+    got = store.queue.get_many(["never", "then", a])
+    assert got[0] is None
+    assert got[1] is not None and got[1].state == "queued" and got[1].name == "undo"
+    assert got[2] is not None and got[2].state == "running"
+    assert store.queue.stats().stale_finishes == 1
+
+
+def test_get_many_is_one_round_trip(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = store.queue.push([spec() for _ in range(50)])
+    reads = store.conn.reads
+    executed: list[int] = []
+    make_pipeline = reads.pipeline
+
+    def pipeline(*args: Any, **kw: Any) -> Any:
+        pipe = make_pipeline(*args, **kw)
+        run = pipe.execute
+        pipe.execute = lambda *a, **k: executed.append(len(pipe)) or run(*a, **k)
+        return pipe
+
+    def single(*args: Any, **kw: Any) -> Any:
+        raise AssertionError(f"a command sent on its own: {args[:1]}")
+
+    monkeypatch.setattr(reads, "pipeline", pipeline)
+    monkeypatch.setattr(reads, "execute_command", single)
+    recs = store.queue.get_many([*ids, "missing"])
+    assert executed == [51]  # every read in one pipeline: one round trip
+    assert [r.id for r in recs if r is not None] == ids and recs[-1] is None
+    assert store.queue.get_many([]) == []

@@ -1,6 +1,7 @@
 """The network between a client and Redis misbehaves (issue 6 items 9 and 12):
-a claim delayed in the network must lease nothing once its retry came back,
-and a stalled connection must not hold a call past its timeout."""
+a claim delayed in the network must lease nothing once its retry came back, a
+finish whose reply was lost is accepted once when retried, and a stalled
+connection must not hold a call past its timeout."""
 
 from __future__ import annotations
 
@@ -23,13 +24,18 @@ class Proxy:
     """A TCP proxy in front of Redis. ``hold(marker)``: the next client bytes
     containing ``marker`` (and everything after them on that connection) wait
     until ``release()``. ``stall=True``: connections are accepted and never
-    forwarded, like a peer that stopped answering."""
+    forwarded, like a peer that stopped answering (set it after a store was
+    opened to stall only the connections made from then on). ``lose(marker)``:
+    the next client bytes containing ``marker`` reach Redis, but the
+    connection is cut before the reply comes back."""
 
     def __init__(self, upstream_port: int, stall: bool = False) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
         self.stall = stall
         self.held = threading.Event()
         self._marker: bytes | None = None
+        self._lose: bytes | None = None
+        self.lost = threading.Event()
         self._release = threading.Event()
         self._socks: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -41,6 +47,9 @@ class Proxy:
 
     def hold(self, marker: bytes) -> None:
         self._marker = marker
+
+    def lose(self, marker: bytes) -> None:
+        self._lose = marker
 
     def release(self) -> None:
         self._release.set()
@@ -66,6 +75,13 @@ class Proxy:
                     self._marker = None
                     self.held.set()
                     self._release.wait(20)
+                if outbound and self._lose is not None and self._lose in data:
+                    self._lose = None
+                    src.shutdown(socket.SHUT_RDWR)  # the client will never see a reply
+                    dst.sendall(data)
+                    time.sleep(0.2)  # Redis runs it before its connection closes
+                    self.lost.set()
+                    break
                 dst.sendall(data)
         except OSError:
             pass  # either side went away: this connection is over
@@ -88,7 +104,8 @@ def server() -> Iterator[RedisServer]:
 
 
 def spec(**kw: object) -> TaskSpec:
-    return TaskSpec(id=uuid.uuid4().hex, name="job", payload=b"[]", **kw)  # type: ignore[arg-type]
+    kw.setdefault("id", uuid.uuid4().hex)
+    return TaskSpec(name="job", payload=b"[]", **kw)  # type: ignore[arg-type]
 
 
 # -- item 9: a late claim leases nothing -----------------------------------------------
@@ -103,25 +120,25 @@ def test_a_claim_delayed_in_the_network_leases_nothing_after_its_retry_came_back
     delayed = RedisStore(proxy.url(namespace))
     direct = RedisStore(f"{server.url}?namespace={namespace}")
     try:
-        assert direct.claim(["default"], "w1", 1) == []  # loads the script
-        proxy.hold(direct._scripts["claim"].sha.encode())
+        assert direct.queue.claim(["default"], "w1", 1) == []  # loads the script
+        proxy.hold(direct.conn._scripts["claim"].sha.encode())
         late: list[object] = []
         original = threading.Thread(
-            target=lambda: late.append(delayed.claim(["default"], "w1", 1, request_id="r1"))
+            target=lambda: late.append(delayed.queue.claim(["default"], "w1", 1, request_id="r1"))
         )
         original.start()
         assert proxy.held.wait(5), "the claim never reached the proxy"
         # The worker gave up on the first call and retried it on a new connection.
-        assert direct.claim(["default"], "w1", 1, request_id="r1") == []
-        (task_id,) = direct.push([spec(max_attempts=1)])
+        assert direct.queue.claim(["default"], "w1", 1, request_id="r1") == []
+        (task_id,) = direct.queue.push([spec(max_attempts=1)])
         proxy.release()  # the original finally reaches Redis
         original.join(10)
         assert late == [[]], "the late duplicate of a claim leased a task"
-        rec = direct.get(task_id)
+        rec = direct.queue.get(task_id)
         assert rec is not None and rec.state == "queued" and rec.attempts == 0
-        (rec,) = direct.claim(["default"], "w1", 1, request_id="r2")
-        assert direct.finish([(rec.lease, Outcome("succeeded", result=b"1"))]) == [True]
-        assert direct.state(task_id) == "succeeded"
+        (rec,) = direct.queue.claim(["default"], "w1", 1, request_id="r2")
+        assert direct.queue.finish([(rec.lease, Outcome("succeeded", result=b"1"))]) == [True]
+        assert direct.queue.state(task_id) == "succeeded"
     finally:
         proxy.close()
         delayed.close()
@@ -142,13 +159,52 @@ def test_a_repeated_claim_returns_what_the_first_leased_and_nothing_more(
         store.close()
 
 
+# -- contract v2: a finish whose reply was lost -------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_finish_whose_reply_was_lost_is_accepted_once_when_retried(
+    server: RedisServer,
+) -> None:
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    proxy = Proxy(server.port)
+    worker = RedisStore(proxy.url(namespace))
+    direct = RedisStore(f"{server.url}?namespace={namespace}")
+    try:
+        (task_id,) = direct.queue.push([spec()])
+        (rec,) = worker.queue.claim(["default"], "w", 1)
+        assert direct.queue.finish([]) == [] and direct.queue.get("x") is None
+        done = Outcome("succeeded", result=b"42", followups=(spec(id="next"),))
+        script = direct.conn._scripts["finish"]
+        direct.conn.client.script_load(script.script)  # no NOSCRIPT round through the proxy
+        proxy.lose(script.sha.encode())
+        try:
+            first: list[bool] | None = worker.queue.finish([(rec.lease, done)])
+        except BackendError:
+            first = None  # the reply was lost (or the driver retried by itself)
+        assert proxy.lost.wait(5), "the finish never went through the proxy"
+        # Whatever the worker saw, its retry is answered True and changes nothing.
+        assert worker.queue.finish([(rec.lease, done)]) == [True]
+        assert first in (None, [True])
+        got = direct.queue.get(task_id)
+        assert got is not None and got.state == "succeeded" and got.result == b"42"
+        stats = direct.queue.stats()
+        assert stats.stale_finishes == 0
+        assert stats.counts["default"] == {"succeeded": 1, "queued": 1}
+    finally:
+        proxy.close()
+        worker.close()
+        direct.close()
+
+
 # -- item 12: a timeout is a promise, even behind a stalled connection -----------------
 
 
 @pytest.fixture
 def stalled(server: RedisServer) -> Iterator[RedisStore]:
-    proxy = Proxy(server.port, stall=True)
-    store = RedisStore(proxy.url("stalled"))
+    proxy = Proxy(server.port)
+    store = RedisStore(proxy.url("stalled"))  # opening reads the space id
+    proxy.stall = True  # every connection made from now on stalls
     yield store
     store.close()
     proxy.close()
@@ -161,13 +217,17 @@ def test_wait_for_finish_behind_a_stalled_connection_raises_within_its_timeout(
 ) -> None:
     started = time.monotonic()
     with pytest.raises(BackendError):
-        stalled.wait_for_finish(["some-task"], timeout)
+        stalled.queue.wait_for_finish(["some-task"], timeout)
     assert time.monotonic() - started < max(timeout, READ_TIMEOUT_S) + 1.0
 
 
 @pytest.mark.timeout(30)
 def test_reads_behind_a_stalled_connection_raise_quickly(stalled: RedisStore) -> None:
-    for read in (lambda: stalled.get("x"), lambda: stalled.state("x"), stalled.stats):
+    reads = (
+        lambda: stalled.queue.get("x"), lambda: stalled.queue.state("x"), stalled.queue.stats,
+        lambda: stalled.queue.get_many(["x"]), stalled.clock.now, stalled.check_space,
+    )  # fmt: skip
+    for read in reads:
         started = time.monotonic()
         with pytest.raises(BackendError):
             read()
