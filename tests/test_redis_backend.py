@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -156,7 +156,7 @@ def test_every_call_raises_backend_error_while_redis_is_down_and_works_after_res
 ) -> None:
     store.queue.push([spec(id="before")])
     server.stop()
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: store.queue.push([spec()]), lambda: store.queue.claim(["default"], "w", 1),
         store.queue.stats, lambda: store.queue.get("before"), lambda: store.queue.state("before"),
         lambda: store.queue.list(), lambda: store.queue.wait_for_tasks(["default"], 0.1),
@@ -240,7 +240,7 @@ def claim_micros(store: RedisStore, names: list[str], rounds: int = 20) -> float
     raw(store, "CONFIG", "SET", "slowlog-log-slower-than", 10_000)
     sha = store.conn._scripts["claim"].sha.encode()
     micros = sorted(e["duration"] for e in entries if sha in e["command"])
-    return micros[len(micros) // 2]
+    return float(micros[len(micros) // 2])
 
 
 def test_claim_by_names_costs_the_same_however_many_other_tasks_wait(store: RedisStore) -> None:
@@ -380,7 +380,7 @@ def test_a_wiped_space_is_lost_and_a_missing_one_is_not_created(server: RedisSer
 def raw_url(server: RedisServer, *command: object) -> object:
     import redis
 
-    client = redis.Redis.from_url(server.url)
+    client: Any = redis.Redis.from_url(server.url)
     try:
         return client.execute_command(*command)
     finally:
@@ -458,7 +458,12 @@ def test_get_many_is_one_round_trip(store: RedisStore, monkeypatch: pytest.Monke
     def pipeline(*args: Any, **kw: Any) -> Any:
         pipe = make_pipeline(*args, **kw)
         run = pipe.execute
-        pipe.execute = lambda *a, **k: executed.append(len(pipe)) or run(*a, **k)
+
+        def execute(*a: Any, **k: Any) -> Any:
+            executed.append(len(pipe))
+            return run(*a, **k)
+
+        pipe.execute = execute
         return pipe
 
     def single(*args: Any, **kw: Any) -> Any:
