@@ -1,0 +1,272 @@
+"""Redis-specific behaviour of leases, KV, streams and pubsub that the
+conformance suite cannot reach: retries by request id, wake-ups across
+processes, compaction boundaries, key retention and reconnects."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import taskspace.backends.redis.kv as redis_kv
+import taskspace.backends.redis.subscription as redis_subscription
+from taskspace.backends.base import Delete, Gap, GrantHeld, Message, Put, Versioned, VersionIs
+from taskspace.backends.redis import RedisStore
+from taskspace.errors import BackendError, Compacted, ConfigError, NotAnInteger
+from tests.services import RedisServer, shared_redis
+
+
+@pytest.fixture
+def url() -> str:
+    return shared_redis().namespaced_url()
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[RedisStore]:
+    s = RedisStore(url)
+    yield s
+    s.close()
+
+
+def keys(store: RedisStore, family: str) -> list[bytes]:
+    return sorted(store.conn.client.keys(f"{store.prefix}{family}*"))
+
+
+def in_other_process(url: str, code: str) -> subprocess.Popen[str]:
+    """Run ``code`` with ``s`` (a RedisStore on ``url``) in a new interpreter;
+    it prints 'ready' before its body runs."""
+    prog = (
+        "import sys, time\n"
+        "from taskspace.backends.redis import RedisStore\n"
+        f"s = RedisStore({url!r})\n"
+        "print('ready', flush=True)\n" + code
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", prog], stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+
+
+# -- KV ----------------------------------------------------------------------
+
+
+def test_incr_request_id_adds_once_and_not_an_integer_changes_nothing(store: RedisStore) -> None:
+    kv = store.kv
+    assert kv.incr("n", 5, request_id="r1") == 5
+    assert kv.incr("n", 5, request_id="r1") == 5  # a retry after a lost reply
+    assert kv.incr("n", 1) == 6
+    kv.put("s", b"twelve")
+    before = kv.get("s")
+    with pytest.raises(NotAnInteger):
+        kv.incr("s")
+    assert kv.get("s") == before
+    kv.put("p", b"+007")
+    assert kv.incr("p") == 8
+    before_big = kv.put("big", str(2**63 - 1).encode())
+    with pytest.raises(NotAnInteger):
+        kv.incr("big")  # leaves 64 bits: refused, not wrapped
+    assert kv.get("big") == before_big
+
+
+def test_txn_request_id_and_fencing_by_grant(store: RedisStore) -> None:
+    kv, leases = store.kv, store.leases
+    grant = leases.acquire("lock", "me", 5.0)
+    assert grant is not None
+    first = kv.txn([GrantHeld(grant)], [Put("a", b"1"), Put("b", b"2")], request_id="t")
+    assert first.ok and first.versions == (first.revision, first.revision)
+    assert kv.txn([GrantHeld(grant)], [Put("a", b"9")], request_id="t") == first
+    assert kv.get("a") == Versioned(b"1", first.revision, first.revision)
+    assert leases.release(grant)
+    fenced = kv.txn([VersionIs("a", first.revision), GrantHeld(grant)], [Delete("a")])
+    assert not fenced.ok and fenced.failed == 1 and fenced.revision == first.revision
+    with pytest.raises(ConfigError):
+        kv.txn([], [Put("x", b""), Delete("x")])
+
+
+def test_expiry_is_recorded_by_changes_without_reading_the_key(store: RedisStore) -> None:
+    kv = store.kv
+    put = kv.put("e/1", b"x", ttl=0.05)
+    deadline = time.monotonic() + 2
+    while not (changes := kv.changes("e/", put.revision)) and time.monotonic() < deadline:
+        kv.wait("e/", put.revision, 0.5)
+    assert [(c.kind, c.version) for c in changes] == [("expire", put.version)]
+    assert changes[0].revision == put.revision + 1
+    assert keys(store, "kv:") == [] and kv.get("e/1") is None
+
+
+def test_compaction_keeps_a_revision_whole_and_raises_compacted(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_kv, "KV_CHANGES_KEEP", 3)
+    kv = store.kv
+    for i in range(3):
+        kv.put(f"k{i}", b"v")  # revisions 1..3
+    kv.txn([], [Put("t1", b""), Put("t2", b"")])  # revision 4: two changes
+    assert kv.reap() == 0
+    # Five changes, keep 3: revision 4's two entries stay together, so 1 and 2 go.
+    assert [c.revision for c in kv.changes("", 2)] == [3, 4, 4]
+    with pytest.raises(Compacted) as info:
+        kv.changes("", 1)
+    assert info.value.compacted == 2 and info.value.revision == 4
+
+
+def test_wait_of_a_quiet_prefix_ignores_other_prefixes_and_wakes_on_its_own(
+    store: RedisStore, url: str
+) -> None:
+    kv = store.kv
+    rev = kv.revision()
+    other = RedisStore(url)
+    try:
+        stop = threading.Event()
+
+        def writer() -> None:
+            while not stop.wait(0.02):
+                other.kv.put("noise", b"x")
+
+        t = threading.Thread(target=writer)
+        t.start()
+        started = time.monotonic()
+        kv.wait("quiet/", rev, 0.3)
+        assert time.monotonic() - started >= 0.25
+        timer = threading.Timer(0.1, lambda: other.kv.put("quiet/1", b"x"))
+        timer.start()
+        started = time.monotonic()
+        kv.wait("quiet/", rev, 5.0)
+        woken = time.monotonic() - started
+        stop.set()
+        t.join()
+        timer.join()
+    finally:
+        other.close()
+    assert woken < 1.0
+    assert keys(store, "kvwn:") == []  # the put consumed the registration
+
+
+def test_scan_pages_past_expired_keys(store: RedisStore) -> None:
+    kv = store.kv
+    for i in range(10):
+        kv.put(f"p/{i:02}", b"x", ttl=0.05 if i < 8 else None)
+    kv.put("q", b"outside")
+    time.sleep(0.1)  # TTLs on the server clock: nothing to await
+    assert [k for k, _ in kv.scan("p/", limit=1)] == ["p/08"]
+    assert [k for k, _ in kv.scan("p/", after_key="p/08")] == ["p/09"]
+
+
+# -- Leases ------------------------------------------------------------------
+
+
+def test_release_wakes_a_waiter_in_another_process(store: RedisStore, url: str) -> None:
+    grant = store.leases.acquire("slot", "me", 30.0)
+    assert grant is not None
+    proc = in_other_process(
+        url,
+        "t = time.perf_counter()\n"
+        "s.leases.wait('slot', 10.0)\n"
+        "print(time.perf_counter() - t, flush=True)\n",
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 10
+        # Released only once the waiter has registered (lease_wait counts it).
+        while not keys(store, "lwn:") and time.monotonic() < deadline:
+            time.sleep(0.005)
+        released = time.perf_counter()
+        assert store.leases.release(grant)
+        waited = float(proc.stdout.readline())
+        latency = time.perf_counter() - released
+    finally:
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert waited < 5.0 and latency < 1.0  # woken, not timed out (typically ~2 ms)
+
+
+def test_lease_keys_are_gone_after_release(store: RedisStore) -> None:
+    leases = store.leases
+    grants = [leases.acquire("sem", f"h{i}", 5.0, capacity=3) for i in range(3)]
+    assert leases.acquire("sem", "h", 5.0, capacity=3) is None
+    with pytest.raises(ConfigError):
+        leases.acquire("sem", "h", 5.0, capacity=2)
+    assert all(g is not None and leases.release(g) for g in grants)
+    assert keys(store, "lz:") == keys(store, "lg:") == keys(store, "lc:") == []
+    assert leases.acquire("sem", "h", 5.0, capacity=2) is not None  # no live grant: free
+
+
+def test_grant_id_makes_acquire_idempotent_and_renew_is_one_batch(store: RedisStore) -> None:
+    leases = store.leases
+    a = leases.acquire("n", "me", 5.0, capacity=2, data=b"d", grant_id="g1")
+    assert a is not None and leases.acquire("n", "me", 5.0, capacity=2, grant_id="g1") == a
+    b = leases.acquire("n", "me", 5.0, capacity=2)
+    assert b is not None and b.token > a.token and b.id != a.id
+    assert leases.release(b)
+    renewed = leases.renew([a, b], 10.0)
+    assert renewed[1] is None and renewed[0] is not None
+    assert renewed[0].token == a.token and renewed[0].expires > a.expires
+
+
+# -- Streams -----------------------------------------------------------------
+
+
+def test_append_many_request_id_and_blocking_read(store: RedisStore, url: str) -> None:
+    st = store.streams
+    assert st.append_many("s", [b"a", b"b"], request_id="r") == [1, 2]
+    assert st.append_many("s", [b"a", b"b"], request_id="r") == [1, 2]
+    assert [e.id for e in st.read("s")] == [1, 2]
+    other = RedisStore(url)
+    try:
+        timer = threading.Timer(0.05, lambda: other.streams.append("s", b"c"))
+        timer.start()
+        started = time.monotonic()
+        got = st.read("s", after=2, wait=5.0)
+        timer.join()
+    finally:
+        other.close()
+    assert [e.data for e in got] == [b"c"] and time.monotonic() - started < 1.0
+
+
+# -- PubSub ------------------------------------------------------------------
+
+
+def test_prefix_subscription_escapes_glob_characters(store: RedisStore) -> None:
+    with store.pubsub.subscribe(prefixes=["a*[b]?/"]) as sub:
+        store.pubsub.publish("aXbY/1", b"no")
+        store.pubsub.publish("a*[b]?/1", b"yes")
+        assert sub.get(2.0) == Message("a*[b]?/1", b"yes", "a*[b]?/")
+        assert sub.get(0.05) is None
+
+
+def test_overflow_reports_a_gap_with_the_count(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_subscription, "SUBSCRIPTION_BUFFER", 4)
+    with store.pubsub.subscribe(["c"]) as sub:
+        for i in range(7):
+            store.pubsub.publish("c", str(i).encode())
+        got = [sub.get(2.0) for _ in range(5)]
+    assert got[0] == Gap("overflow", missed=3)
+    assert got[1:] == [Message("c", str(i).encode()) for i in (3, 4, 5, 6)]
+
+
+def test_pubsub_gap_after_the_server_restarts(tmp_path: Path) -> None:
+    server = RedisServer(workdir=tmp_path).start()
+    try:
+        store = RedisStore(server.url)
+        sub = store.pubsub.subscribe(["c"])
+        store.pubsub.publish("c", b"before")
+        assert sub.get(2.0) == Message("c", b"before")
+        server.stop()
+        with pytest.raises(BackendError):
+            sub.get(0.2)  # Redis is away
+        server.restart()
+        assert sub.get(5.0) == Gap("reconnect")
+        store.pubsub.publish("c", b"after")
+        assert sub.get(2.0) == Message("c", b"after")
+        assert sub.get(0.05) is None  # the Gap came once
+        sub.close()
+        store.close()
+    finally:
+        server.close()
