@@ -810,3 +810,18 @@ def test_a_release_in_another_process_wakes_a_waiter_within_milliseconds(
     assert store.leases.acquire("lock", "parent", ttl=60) is not None
     assert [e.data for e in store.streams.read("s", wait=1.0)] == [b"after"]
     store.close()
+
+
+def test_a_page_of_changes_never_splits_a_txn(tmp_path: Path) -> None:
+    from taskspace.backends.base import Put
+
+    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    store.kv.put("a", b"1")
+    store.kv.txn([], [Put(k, b"2") for k in ("b", "c", "d")])
+    store.kv.put("e", b"3")
+    page = store.kv.changes("", 0, limit=2)  # would end inside the txn
+    assert [c.key for c in page] == ["a"]
+    page = store.kv.changes("", 1, limit=2)  # the txn alone is larger than a page
+    assert [(c.revision, c.key) for c in page] == [(2, "b"), (2, "c"), (2, "d")]
+    assert [c.key for c in store.kv.changes("", 2, limit=2)] == ["e"]
+    store.close()

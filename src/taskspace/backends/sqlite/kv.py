@@ -33,6 +33,7 @@ INTEGER = re.compile(rb"-?[0-9]+")
 # Expiries a single write records before its own work (the rest: the next ones).
 EXPIRE_BATCH = 1000
 LIVE = "(expires IS NULL OR expires > ?)"
+CHANGES = "SELECT revision, key, kind, version, value FROM kv_changes"
 
 
 def check_key(key: str) -> None:
@@ -339,11 +340,19 @@ class SQLiteKV:
         check_limit(limit)
         self._record_expiries()
         where, params = prefix_range(prefix)
-        rows = self._c.read(
-            f"SELECT revision, key, kind, version, value FROM kv_changes"
-            f" WHERE revision > ? AND {where} ORDER BY revision, key LIMIT ?",
-            (after_revision, *params, limit),
-        )
+        sql = f"{CHANGES} WHERE revision > ? AND {where} ORDER BY revision, key LIMIT ?"
+        rows = self._c.read(sql, (after_revision, *params, limit + 1))
+        if len(rows) > limit:
+            # Never split a txn's changes across pages (the next page starts after
+            # a revision): end before the last revision, unless it is the only
+            # one, which is then returned whole.
+            last = rows[limit - 1][0]
+            whole = [row for row in rows[:limit] if row[0] != last]
+            if whole:
+                rows = whole
+            else:
+                sql = f"{CHANGES} WHERE revision = ? AND {where} ORDER BY key"
+                rows = self._c.read(sql, (last, *params))
         # Read after the rows: the compaction point only grows, so if it is not
         # above after_revision now, nothing the rows should hold was dropped.
         compacted, current = self._points()

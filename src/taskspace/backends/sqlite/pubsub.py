@@ -3,7 +3,6 @@ MESSAGE_RETENTION_S; subscribers poll them on a connection of their own."""
 
 from __future__ import annotations
 
-import itertools
 import sqlite3
 import time
 from collections import deque
@@ -15,8 +14,8 @@ from taskspace.backends.sqlite.base import SQLiteConn, driver_error
 from taskspace.errors import BackendError
 
 MESSAGE_RETENTION_S = 60.0
-# A publish deletes expired messages once in this many calls (per process).
-CLEANUP_EVERY = 100
+# A publish deletes expired messages at most this often (per store object).
+CLEANUP_EVERY_S = 1.0
 
 
 class SQLiteSubscription(Closeable):
@@ -125,10 +124,9 @@ class SQLiteSubscription(Closeable):
 class SQLitePubSub:
     """Best-effort broadcast through the file (see SQLiteSubscription)."""
 
-    _publish_count = itertools.count()
-
     def __init__(self, conn: SQLiteConn) -> None:
         self._c = conn
+        self._cleaned = float("-inf")
 
     def publish(self, channel: str, data: bytes) -> None:
         with self._c.write() as db:
@@ -136,8 +134,9 @@ class SQLitePubSub:
             db.execute(
                 "INSERT INTO messages (channel, data, time) VALUES (?, ?, ?)", (channel, data, now)
             )
-            if next(self._publish_count) % CLEANUP_EVERY == 0:
+            if now - self._cleaned >= CLEANUP_EVERY_S:
                 db.execute("DELETE FROM messages WHERE time < ?", (now - MESSAGE_RETENTION_S,))
+                self._cleaned = now
 
     def subscribe(
         self, channels: Sequence[str] = (), prefixes: Sequence[str] = ()
