@@ -36,9 +36,12 @@ import pytest
 
 from taskspace.backends import open_store
 from taskspace.backends.base import Grant, Lease, Outcome, Store, TaskRecord, TaskSpec
-from taskspace.errors import BackendError
+from taskspace.backends.redis.conn import split_namespace
+from taskspace.backends.redis.sentinel import SentinelSettings, parse_sentinel_url
+from taskspace.errors import BackendError, InvalidURL
 from tests.faults.harness import FIGURES
 from tests.sentinel_cluster import SentinelCluster
+from tests.services import free_port
 
 pytestmark = pytest.mark.fault
 
@@ -242,3 +245,56 @@ def _failover_run(cluster: SentinelCluster, store: Store) -> None:
     check_tokens(run)
     report(run, faults)
     assert not run.violations, "\n".join(run.violations)
+
+
+# -- the URL form ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis+sentinel://:pw@127.0.0.1:26380,127.0.0.1:26381/svc/2?namespace=ns",
+            SentinelSettings(
+                (("127.0.0.1", 26380), ("127.0.0.1", 26381)), "svc", 2, None, "pw", None, "ns"
+            ),
+        ),
+        (
+            "redis+sentinel://u:p%40ss@[::1]:5000,localhost/svc/?sentinel_password=sp",
+            SentinelSettings((("::1", 5000), ("localhost", 26379)), "svc", 0, "u", "p@ss", "sp"),
+        ),
+        ("REDIS+SENTINEL://h/svc", SentinelSettings((("h", 26379),), "svc")),
+    ],
+)
+def test_sentinel_url_parses(url: str, expected: SentinelSettings) -> None:
+    assert parse_sentinel_url(url) == expected
+    stripped = split_namespace(url)[0]  # what the connection code hands on
+    assert parse_sentinel_url(stripped).sentinels == expected.sentinels
+
+
+@pytest.mark.parametrize(
+    ("url", "names"),
+    [
+        ("redis://h:1/svc", "scheme"),
+        ("redis+sentinel:///svc", "no sentinel"),
+        ("redis+sentinel://h:1,/svc", "no sentinel"),
+        ("redis+sentinel://h:port/svc", "bad port"),
+        ("redis+sentinel://h:70000/svc", "bad port"),
+        ("redis+sentinel://h:1", "no service name"),
+        ("redis+sentinel://h:1/svc/x", "must be a number"),
+        ("redis+sentinel://h:1/svc/0/1", "too many path segments"),
+        ("redis+sentinel://h:1/svc?timeout=3", "unknown Redis Sentinel option"),
+        ("redis+sentinel://h:1/svc?namespace={x}", "namespace"),
+        ("redis+sentinel://h:1/svc#frag", "fragment"),
+    ],
+)
+def test_bad_sentinel_url_is_refused_by_name(url: str, names: str) -> None:
+    with pytest.raises(InvalidURL, match=names):
+        parse_sentinel_url(url)
+    with pytest.raises(InvalidURL):
+        open_store(url)
+
+
+def test_no_sentinel_reachable_is_a_backend_error() -> None:
+    with pytest.raises(BackendError, match="No master found"):
+        open_store(f"redis+sentinel://127.0.0.1:{free_port()}/svc")

@@ -184,6 +184,9 @@ def sentinel_clients(
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": read_timeout,
         "socket_connect_timeout": fast_connect,
+        # No retries per sentinel: each lookup already tries every sentinel in
+        # turn, and the primary's clients retry the lookup (redis-py's default).
+        "retry": redis_mod.retry.Retry(redis_mod.backoff.NoBackoff(), 0),
     }
     if settings.sentinel_password is not None:
         sentinel_kwargs["password"] = settings.sentinel_password
