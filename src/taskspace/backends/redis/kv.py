@@ -19,6 +19,7 @@ the space prefix P):
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -79,12 +80,16 @@ def _versioned(row: Sequence[bytes]) -> Versioned:
     return Versioned(value, rev, rev, float(expires) if expires else None)
 
 
+@functools.cache
 def _txn_source() -> str:
     """kv_txn with the lease library too (GrantHeld reads the grants that
-    ``lua/_lease.lua`` lays out); load_scripts gives a script one library."""
+    ``lua/_lease.lua`` lays out, so their layout lives in one place);
+    load_scripts gives a script only its own group's library."""
     lua = resources.files(__package__).joinpath("lua")
     kv_lib = lua.joinpath("_kv.lua").read_text()
     source = load_scripts()["kv_txn"]
+    if kv_lib not in source:  # load_scripts changed how it assembles scripts
+        raise RuntimeError("kv_txn: the _kv.lua library is not in the loaded script")
     return source.replace(kv_lib, lua.joinpath("_lease.lua").read_text() + kv_lib, 1)
 
 
@@ -246,7 +251,7 @@ class RedisKV:
         out: list[Change] = []
         cursor = ""
         while True:
-            args = [prefix, int(after_revision), cursor, limit - len(out), SCAN_BUDGET]
+            args = [prefix, max(0, int(after_revision)), cursor, limit - len(out), SCAN_BUDGET]
             reply = self._conn.run("kv_changes", args)
             if reply[0] == b"compacted":
                 raise Compacted(
@@ -279,13 +284,14 @@ class RedisKV:
         writes of a matching key fill for registered waiters; ends early by
         the earliest key expiry."""
         conn = self._conn
-        memo = (prefix, int(after_revision))
+        after_revision = max(0, int(after_revision))
+        memo = (prefix, after_revision)
         deadline = time.monotonic() + timeout
         wake = f"{conn.prefix}kvw:{prefix}"
         while (left := deadline - time.monotonic()) > 0:
             step = min(left, WAIT_STEP_S)
             cursor = self._scanned.get(memo, "")
-            args = [prefix, int(after_revision), cursor, SCAN_BUDGET, repr(step)]
+            args = [prefix, after_revision, cursor, SCAN_BUDGET, repr(step)]
             reply = conn.run("kv_wait", args)
             if reply[0] == b"now":
                 return

@@ -70,14 +70,15 @@ class RedisStreams:
         if wait < 0:
             raise ConfigError(f"wait must not be negative, got {wait!r}")
         conn, key = self._conn, self._key(stream)
-        start = f"{int(after) + 1}-0"
+        after = max(0, int(after))
+        start = f"{after + 1}-0"
         rows = conn.call(lambda: conn.reads.xrange(key, min=start, count=limit))
         if rows or wait <= 0:
             return _entries(rows)
         deadline = time.monotonic() + wait
         while (left := deadline - time.monotonic()) > 0:
             block_ms = max(1, int(min(left, WAIT_STEP_S) * 1000))
-            reply = self._xread(key, int(after), limit, block_ms)
+            reply = self._xread(key, after, limit, block_ms)
             if reply:
                 return _entries(reply[0][1])
         return []
@@ -102,4 +103,9 @@ class RedisStreams:
             "" if min_id is None or min_id <= 1 else int(min_id),
             "" if max_age is None else repr(float(max_age)),
         ]
-        return int(self._conn.run("stream_trim", args))
+        dropped, more = self._conn.run("stream_trim", args)
+        total = int(dropped)
+        while more:  # a long run of old entries: trimmed in steps (see the script)
+            dropped, more = self._conn.run("stream_trim", [stream, "", "", args[3]])
+            total += int(dropped)
+        return total
