@@ -825,3 +825,21 @@ def test_a_page_of_changes_never_splits_a_txn(tmp_path: Path) -> None:
     assert [(c.revision, c.key) for c in page] == [(2, "b"), (2, "c"), (2, "d")]
     assert [c.key for c in store.kv.changes("", 2, limit=2)] == ["e"]
     store.close()
+
+
+def test_a_write_over_an_expired_key_records_the_expiry_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskspace.backends.memory import ManualClock
+    from taskspace.backends.sqlite import kv
+
+    monkeypatch.setattr(kv, "EXPIRE_BATCH", 0)  # only the written key's own expiry
+    clock = ManualClock()
+    store = open_store(f"sqlite:///{tmp_path}/s.db", clock=clock)
+    store.kv.put("k", b"1", ttl=1)
+    store.kv.put("other", b"1", ttl=1)
+    clock.advance(2)
+    assert store.kv.put("k", b"2").version == 4
+    kinds = [(c.revision, c.key, c.kind) for c in store.kv.changes("k", 0)]
+    assert kinds == [(1, "k", "put"), (3, "k", "expire"), (4, "k", "put")]
+    store.close()

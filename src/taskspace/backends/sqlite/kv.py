@@ -77,10 +77,17 @@ class SQLiteKV:
 
     # -- helpers (inside a write transaction) --------------------------------------
 
-    def _begin(self, db: sqlite3.Connection) -> float:
-        """Record the expiries that are due, then return now (lease clock)."""
+    def _begin(self, db: sqlite3.Connection, keys: Sequence[str] = ()) -> float:
+        """Record the expiries that are due (a batch of them, and always those of
+        ``keys``, which the caller is about to write), then return now."""
         now = self._c.clock.now()
         self._expire(db, now, EXPIRE_BATCH)
+        for key in keys:
+            row = db.execute(
+                "SELECT key, version FROM kv WHERE key = ? AND expires <= ?", (key, now)
+            ).fetchone()
+            if row is not None:
+                self._record(db, [row])
         return now
 
     def _expire(self, db: sqlite3.Connection, now: float, limit: int) -> int:
@@ -88,17 +95,21 @@ class SQLiteKV:
             "SELECT key, version FROM kv WHERE expires <= ? ORDER BY expires LIMIT ?",
             (now, limit),
         ).fetchall()
+        self._record(db, rows)
+        return len(rows)
+
+    def _record(self, db: sqlite3.Connection, rows: Sequence[tuple[str, int]]) -> None:
+        """Delete expired keys, each recorded as an ``expire`` at a revision of its own."""
         if not rows:
-            return 0
+            return
         revision = int(self._c.meta(db, "revision", 0))
         for key, version in rows:
-            revision += 1  # every expiry has a revision of its own
+            revision += 1
             db.execute("DELETE FROM kv WHERE key = ?", (key,))
             db.execute(
                 "INSERT INTO kv_changes VALUES (?, ?, 'expire', ?, NULL)", (revision, key, version)
             )
         self._c.set_meta(db, "revision", revision)
-        return len(rows)
 
     def _expiry_due(self) -> bool:
         """Whether a key's TTL passed unrecorded (one read of the expiry index)."""
@@ -200,7 +211,7 @@ class SQLiteKV:
         check_key(key)
         check_ttl(ttl)
         with self._c.write() as db:
-            now = self._begin(db)
+            now = self._begin(db, [key])
             revision = self._next_revision(db)
             expires = None if ttl is None else now + ttl
             self._set(db, key, value, revision, expires)
@@ -212,7 +223,7 @@ class SQLiteKV:
         check_key(key)
         check_ttl(ttl)
         with self._c.write() as db:
-            now = self._begin(db)
+            now = self._begin(db, [key])
             item = self._live(db, key, now)
             if (item.version if item else None) != expected_version:
                 return None
@@ -227,7 +238,7 @@ class SQLiteKV:
         check_key(key)
         check_ttl(ttl)
         with self._c.write() as db:
-            now = self._begin(db)
+            now = self._begin(db, [key])
             rid = None if request_id is None else "incr:" + request_id
             if rid is not None and (seen := self._reply(db, rid, now)) is not None:
                 return int(seen)
@@ -246,7 +257,7 @@ class SQLiteKV:
     def delete(self, key: str, expected_version: int | None = None) -> bool:
         check_key(key)
         with self._c.write() as db:
-            item = self._live(db, key, self._begin(db))
+            item = self._live(db, key, self._begin(db, [key]))
             if item is None or (expected_version is not None and item.version != expected_version):
                 return False
             self._remove(db, key, item.version, self._next_revision(db))
@@ -256,7 +267,7 @@ class SQLiteKV:
         check_key(key)
         check_ttl(ttl)
         with self._c.write() as db:
-            now = self._begin(db)
+            now = self._begin(db, [key])
             item = self._live(db, key, now)
             if item is None:
                 return None
@@ -280,7 +291,7 @@ class SQLiteKV:
             if isinstance(write, Put):
                 check_ttl(write.ttl)
         with self._c.write() as db:
-            now = self._begin(db)
+            now = self._begin(db, keys)
             rid = None if request_id is None else "txn:" + request_id
             if rid is not None and (seen := self._reply(db, rid, now)) is not None:
                 ok, revision, versions, failed = seen
