@@ -20,7 +20,13 @@ same token out twice and accept the stale finish; ``max(last + 1, wall µs)`` ca
 Checked: no token granted twice; every token of phase 3 above every token of phases 1
 and 2; a finish with a lease from before the failover, of a task re-claimed after it,
 is refused (for a task claimed in phase 1 whose lease expired, and for the claim that
-was lost); a grant from the lost window cannot be renewed.
+was lost); a grant from the lost window cannot be renewed; the lease clock does not
+go back.
+
+Known gap, pinned by a strict xfail: KV versions/revisions and stream ids are plain
+counters, so the same failover hands them out again (a CAS on a version read from a
+lost write can succeed against a different value). When they adopt the tokens' rule
+the xfail turns into a failure: remove the marker then.
 """
 
 from __future__ import annotations
@@ -80,7 +86,7 @@ def retrying(run: Run, op: Callable[[], T], what: str) -> T:
         except BackendError:
             run.refused_during_failover += 1
             if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: the store did not come back") from None
+                pytest.fail(f"{what}: the store did not come back")
             time.sleep(0.05)
 
 
@@ -213,6 +219,7 @@ def _failover_run(cluster: SentinelCluster, store: Store) -> None:
     lost_grant = grant(store, run, "lost", "lock-lost")
     rounds(store, run, "lost")
     store.queue.push([spec("marker", "other")])  # the last write before the kill
+    clock_before = store.clock.now()
     primary_offset, replica_offset = cluster.repl_offsets()
     cluster.kill_primary()
     faults.append(
@@ -232,6 +239,9 @@ def _failover_run(cluster: SentinelCluster, store: Store) -> None:
     assert reclaimed.attempts == lost_claim.attempts, "the lost claim was not lost"
     if retrying(run, lambda: store.leases.renew([lost_grant], 30.0), "renew") != [None]:
         run.violations.append(f"grant {lost_grant.id} from the lost window renewed")
+    clock_after = retrying(run, store.clock.now, "clock")
+    if clock_after < clock_before:
+        run.violations.append(f"lease clock went back: {clock_before} -> {clock_after}")
     deadline = time.monotonic() + FAILOVER_DEADLINE_S
     while retrying(run, lambda: store.queue.state("pin-expired"), "state") != "queued":
         retrying(run, store.queue.requeue_expired, "requeue_expired")  # lease_s 0.5 s
@@ -245,6 +255,40 @@ def _failover_run(cluster: SentinelCluster, store: Store) -> None:
     check_tokens(run)
     report(run, faults)
     assert not run.violations, "\n".join(run.violations)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,  # only the final comparison; set-up failures use pytest.fail
+    reason="KV versions/revisions and stream ids count from the promoted replica's"
+    " counters, so a failover that lost writes hands them out again (fencing tokens"
+    " use max(last + 1, wall clock us); these do not)",
+)
+def test_kv_versions_and_stream_ids_never_repeat_across_failover() -> None:
+    run = Run()
+    with SentinelCluster() as cluster:
+        assert cluster.relay is not None
+        store = open_store(cluster.url(namespace=f"t{uuid.uuid4().hex[:12]}"))
+        try:
+            store.kv.put("k", b"replicated")
+            store.streams.append("s", b"replicated")
+            if cluster.wait_replicated() != 1:
+                pytest.fail("the replica did not confirm the replicated write")
+            cluster.relay.hold()
+            lost = store.kv.put("k", b"lost")
+            lost_id = store.streams.append("s", b"lost")
+            cluster.kill_primary()
+            cluster.wait_promoted()
+            current = retrying(run, lambda: store.kv.get("k"), "get")
+            if current is None or current.value != b"replicated":
+                pytest.fail(f"the write before the kill was not lost: {current}")
+            new = retrying(run, lambda: store.kv.put("k", b"new"), "put")
+            new_id = retrying(run, lambda: store.streams.append("s", b"new"), "append")
+        finally:
+            store.close()
+    print(f"lost write: {lost}, stream id {lost_id}; after the failover: {new}, stream id {new_id}")
+    assert new.version > lost.version and new.revision > lost.revision and new_id > lost_id
 
 
 # -- the URL form ----------------------------------------------------------------------
