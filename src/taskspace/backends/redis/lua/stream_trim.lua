@@ -4,7 +4,7 @@
 -- oldest first, STEP at a time, until one is young enough, at most
 -- MAX_STEPS * STEP per call). Returns {how many were dropped, 1 if old
 -- entries may remain (call again) else 0}.
-local STEP, MAX_STEPS = 1000, 100
+local STEP, MAX_STEPS = 1000, 10
 local key = stream_key(ARGV[1])
 local steps = 0
 local before = redis.call('XLEN', key)
