@@ -843,3 +843,30 @@ def test_a_write_over_an_expired_key_records_the_expiry_first(
     kinds = [(c.revision, c.key, c.kind) for c in store.kv.changes("k", 0)]
     assert kinds == [(1, "k", "put"), (3, "k", "expire"), (4, "k", "put")]
     store.close()
+
+
+def test_advancing_an_injected_clock_ends_a_wait_on_an_expiry(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from taskspace.backends.memory import ManualClock
+
+    clock = ManualClock()
+    store = open_store(f"sqlite:///{tmp_path}/s.db", clock=clock)
+    grant = store.leases.acquire("lock", "me", ttl=5)
+    assert grant is not None
+    done = threading.Event()
+
+    def wait() -> None:
+        store.leases.wait("lock", 30.0)
+        done.set()
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    assert not done.wait(0.2)  # 5 manual seconds never pass by themselves
+    started = time.monotonic()
+    clock.advance(5)
+    assert done.wait(5.0)
+    assert time.monotonic() - started < 1.0
+    thread.join()
+    store.close()

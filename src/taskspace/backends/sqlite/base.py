@@ -84,6 +84,11 @@ class SQLiteConn:
         self._write_lock = threading.Lock()
         self._generation = 0
         self._hwm = 0.0  # the high-water mark this process last stored or saw
+        on_advance = getattr(clock, "on_advance", None)
+        if on_advance is not None:
+            # A test's ManualClock: moving it wakes every wait, which re-checks
+            # its expiries at once (as a commit would).
+            on_advance(self.wake)
 
     # -- connections ----------------------------------------------------------
 
@@ -188,9 +193,7 @@ class SQLiteConn:
             except BaseException:
                 self._rollback(conn)
                 raise
-        with self._commits:
-            self._generation += 1
-            self._commits.notify_all()
+        self.wake()
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Rows of one query on this thread's connection (BackendError on failure)."""
@@ -206,6 +209,12 @@ class SQLiteConn:
             raise driver_error("read", exc) from exc
         except OverflowError as exc:
             raise ConfigError(f"a number is out of SQLite's 64-bit range: {exc}") from exc
+
+    def wake(self) -> None:
+        """End every wait of this process as a local commit does."""
+        with self._commits:
+            self._generation += 1
+            self._commits.notify_all()
 
     def wait_commit(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for a commit by this process; True if one happened."""
