@@ -61,8 +61,12 @@ class RedisLeases:
         data: bytes = b"",
         grant_id: str | None = None,
     ) -> Grant | None:
-        if capacity < 1:
-            raise ConfigError(f"capacity must be at least 1, got {capacity!r}")
+        if not name:
+            raise ConfigError("a lease name must be a non-empty string")
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ConfigError(f"capacity must be an integer of at least 1, got {capacity!r}")
+        if grant_id is not None and not grant_id:
+            raise ConfigError("grant_id must be None or a non-empty string")
         check_ttl(ttl)
         gid = grant_id or uuid.uuid4().hex
         args = [name, gid, holder, int(capacity), repr(float(ttl)), data]
