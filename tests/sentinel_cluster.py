@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import redis
 
@@ -168,10 +169,14 @@ class Relay:
 class SentinelCluster:
     """A primary (behind a :class:`Relay`), a replica of it and three sentinels
     monitoring it as :data:`SERVICE` (quorum 2, down after DOWN_AFTER_MS,
-    failover timeout FAILOVER_TIMEOUT_MS). Use as a context manager: every
-    process is SIGKILLed and every file removed on the way out."""
+    failover timeout FAILOVER_TIMEOUT_MS). ``password``: the primary and the
+    replica require it (``requirepass``/``masterauth``, ``sentinel auth-pass``);
+    ``sentinel_password``: the sentinels require it. Use as a context manager:
+    every process is SIGKILLed and every file removed on the way out."""
 
-    def __init__(self, sentinels: int = 3) -> None:
+    def __init__(
+        self, sentinels: int = 3, password: str | None = None, sentinel_password: str | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             missing("redis-server")
@@ -183,6 +188,8 @@ class SentinelCluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.relay: Relay | None = None
         self._clients: dict[int, redis.Redis] = {}
+        self.password = password
+        self.sentinel_password = sentinel_password
 
     # -- processes ----------------------------------------------------------------
 
@@ -202,6 +209,8 @@ class SentinelCluster:
                 "--save", "", "--appendonly", "no", "--daemonize", "no",
                 # a replica's full sync starts at once (the default waits 5 s for more replicas)
                 "--repl-diskless-sync-delay", "0", *extra]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
         self._spawn(name, args, port)
 
     def _sentinel(self, index: int, port: int) -> None:
@@ -215,9 +224,12 @@ class SentinelCluster:
             for j, other in enumerate(self.sentinel_ports)
             if j != index
         )
+        auth = f"sentinel auth-pass {SERVICE} {self.password}\n" if self.password else ""
+        if self.sentinel_password:  # also what a sentinel presents to its peers
+            auth += f"requirepass {self.sentinel_password}\n"
         conf = self.dir / f"sentinel-{index}.conf"
         conf.write_text(
-            f"port {port}\nbind {HOST}\ndaemonize no\ndir {self.dir}\n"
+            auth + f"port {port}\nbind {HOST}\ndaemonize no\ndir {self.dir}\n"
             f"sentinel myid {_sentinel_id(index)}\n"
             f"sentinel monitor {monitor}\n"
             f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
@@ -254,19 +266,34 @@ class SentinelCluster:
         """A plain client of one process of the cluster (closed with the cluster)."""
         client = self._clients.get(port)
         if client is None:
+            sentinel = port in self.sentinel_ports
             client = redis.Redis(
-                host=HOST, port=port, socket_timeout=2.0, socket_connect_timeout=1.0
+                host=HOST,
+                port=port,
+                password=self.sentinel_password if sentinel else self.password,
+                socket_timeout=2.0,
+                socket_connect_timeout=1.0,
             )
             self._clients[port] = client
         return client
 
     # -- addresses ----------------------------------------------------------------
 
-    def url(self, namespace: str | None = None) -> str:
-        """The ``redis+sentinel://`` URL of the service."""
+    def url(
+        self,
+        namespace: str | None = None,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+    ) -> str:
+        """The ``redis+sentinel://`` URL of the service (with the cluster's
+        passwords unless others are given)."""
+        password = password or self.password
+        sentinel_password = sentinel_password or self.sentinel_password
         hosts = ",".join(f"{HOST}:{port}" for port in self.sentinel_ports)
-        suffix = f"?namespace={namespace}" if namespace else ""
-        return f"redis+sentinel://{hosts}/{SERVICE}/0{suffix}"
+        auth = f":{password}@" if password else ""
+        options = {"namespace": namespace, "sentinel_password": sentinel_password}
+        query = urlencode({k: v for k, v in options.items() if v})
+        return f"redis+sentinel://{auth}{hosts}/{SERVICE}/0" + (f"?{query}" if query else "")
 
     def master_addrs(self) -> list[tuple[str, int] | None]:
         """What each sentinel answers to ``SENTINEL get-master-addr-by-name``."""

@@ -291,6 +291,26 @@ def test_kv_versions_and_stream_ids_never_repeat_across_failover() -> None:
     assert new.version > lost.version and new.revision > lost.revision and new_id > lost_id
 
 
+@pytest.mark.timeout(60)
+def test_password_protected_deployment() -> None:
+    """Passwords of the Redis servers (in the URL) and of the sentinels
+    (``sentinel_password``) reach the right processes; a wrong one is a BackendError."""
+    with SentinelCluster(password="data-pw", sentinel_password="sentinel-pw") as cluster:
+        store = open_store(cluster.url(namespace="pw"))
+        try:
+            store.queue.push([spec("a", "q")])
+            (task,) = store.queue.claim(["q"], WORKER, 1)
+            assert store.queue.finish([(task.lease, DONE)]) == [True]
+        finally:
+            store.close()
+        for url, names in [
+            (cluster.url(password="wrong"), "AuthenticationError"),
+            (cluster.url(sentinel_password="wrong"), "No master found"),
+        ]:
+            with pytest.raises(BackendError, match=names):
+                open_store(url)
+
+
 # -- the URL form ----------------------------------------------------------------------
 
 
