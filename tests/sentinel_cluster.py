@@ -200,7 +200,15 @@ class SentinelCluster:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _poll(lambda: self.redis(port).ping(), 15.0, f"{name} on port {port} to answer PING")
+        proc = self.procs[name]
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                text = Path(log).read_text() if Path(log).exists() else ""
+                raise RuntimeError(f"{name} exited with {proc.returncode}: {text[-2000:]}")
+            return bool(self.redis(port).ping())
+
+        _poll(answers, 15.0, f"{name} on port {port} to answer PING")
 
     def _server(self, name: str, port: int, *extra: str) -> None:
         workdir = self.dir / name
