@@ -202,7 +202,16 @@ def test_tokens_never_repeat_across_failover_with_lost_writes() -> None:
 
 
 def _failover_run(cluster: SentinelCluster, store: Store) -> None:
-    run, faults = Run(), []
+    run, faults = Run(), list[str]()
+    try:
+        _phases(cluster, store, run, faults)
+        check_tokens(run)
+    finally:
+        report(run, faults)  # also when a step failed: what had happened so far
+    assert not run.violations, "\n".join(run.violations)
+
+
+def _phases(cluster: SentinelCluster, store: Store, run: Run, faults: list[str]) -> None:
     assert cluster.relay is not None
     store.queue.push([spec(f"w{i}", "work") for i in range(3 * ROUNDS * CLAIM_N)])
     store.queue.push([spec("pin-expired", "pin-a", lease_s=0.5), spec("pin-lost", "pin-b")])
@@ -251,10 +260,6 @@ def _failover_run(cluster: SentinelCluster, store: Store) -> None:
     stale_finish_refused(store, run, expired, again)
     grant(store, run, "after", "lock-lost")
     rounds(store, run, "after")
-
-    check_tokens(run)
-    report(run, faults)
-    assert not run.violations, "\n".join(run.violations)
 
 
 @pytest.mark.timeout(60)
