@@ -208,9 +208,10 @@ def test_msgpack_serializer_round_trip(tmp_path: Path) -> None:
 def test_public_api_is_exactly_this() -> None:
     assert sorted(taskspace.__all__) == sorted(
         [
-            "BackendError", "ConfigError", "Handle", "InvalidURL", "ManualClock", "PayloadTooLarge",
-            "MissingDependency", "NoCurrentTask", "ProcessDied", "ResultTimeout", "Retry",
-            "SerializationError", "Space", "SpaceNotFound", "SubscriptionLost", "Task",
+            "BackendError", "Compacted", "ConfigError", "Handle", "InvalidURL", "ManualClock",
+            "MissingDependency", "NoCurrentTask", "NotAnInteger", "PayloadTooLarge",
+            "ProcessDied", "ResultTimeout", "Retry", "SerializationError", "Space", "SpaceLost",
+            "SpaceNotFound", "SubscriptionLost", "Task",
             "TaskCancelled", "TaskContext", "TaskFailed",
             "TaskNotFound", "TaskRecord", "TaskTimeout", "TaskspaceError", "UnknownTask",
             "Worker", "WorkerConfig", "WorkerReport", "__version__", "current_task",
