@@ -536,7 +536,7 @@ def test_reap_keeps_the_file_bounded_and_uses_its_indexes(
     store.kv.put("late", b"v", ttl=0.0001)
     statements, _ = _traced(store, store.kv.reap)
     plans = _plans(store, statements, keyword="expires <=")
-    assert plans and all("kv_expires" in p or "request_ids_expires" in p for p in plans), plans
+    assert plans and all("kv_expires" in p for p in plans), plans
     store.close()
 
 
@@ -652,28 +652,6 @@ def test_an_injected_clock_drives_leases_ttls_and_delays_without_sleeping(
     clock.advance(3600)
     assert [r.id for r in store.queue.claim(["default"], "w", 5)] == ["later"]
     assert time.monotonic() - started < 2  # nothing slept
-    store.close()
-
-
-def test_request_ids_are_kept_for_their_ttl_then_reaped(tmp_path: Path) -> None:
-    from taskspace.backends.base import REQUEST_ID_TTL_S
-    from taskspace.backends.memory import ManualClock
-
-    clock = ManualClock()
-    store = open_store(f"sqlite:///{tmp_path}/s.db", clock=clock)
-    assert isinstance(store, SQLiteStore)
-    store.queue.push([spec("a"), spec("b")])
-    first = store.queue.claim(["default"], "w", 1, request_id="r")
-    assert [r.id for r in store.queue.claim(["default"], "w", 1, request_id="r")] == ["a"]
-    assert store.kv.incr("n", 5, request_id="i") == 5
-    assert store.kv.incr("n", 5, request_id="i") == 5  # a retry adds nothing
-    assert store.streams.append_many("s", [b"1"], request_id="s") == [1]
-    assert store.streams.append_many("s", [b"1"], request_id="s") == [1]
-    assert store.conn.read("SELECT COUNT(*) FROM request_ids")[0][0] == 3
-    clock.advance(REQUEST_ID_TTL_S + 1)
-    store.kv.reap()
-    assert store.conn.read("SELECT COUNT(*) FROM request_ids")[0][0] == 0
-    assert first[0].id == "a"
     store.close()
 
 

@@ -1,18 +1,16 @@
 """KVStore of the SQLite backend: versioned keys, one revision counter per space
-(a row of ``meta``) and a change feed (``kv_changes``)."""
+(a row of ``meta``) and a change feed (``kv_changes``). Request ids are ignored:
+a local transaction's reply cannot be lost (a driver error means it did not
+commit), so a call is never retried after it took effect."""
 
 from __future__ import annotations
 
 import re
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
-
-import orjson
 
 from taskspace.backends.base import (
     KV_CHANGES_KEEP,
-    REQUEST_ID_TTL_S,
     Change,
     Compare,
     Delete,
@@ -147,19 +145,6 @@ class SQLiteKV:
             "INSERT INTO kv_changes VALUES (?, ?, 'delete', ?, NULL)", (revision, key, version)
         )
 
-    def _reply(self, db: sqlite3.Connection, request_id: str, now: float) -> Any:
-        row = db.execute(
-            "SELECT reply FROM request_ids WHERE id = ? AND expires > ?", (request_id, now)
-        ).fetchone()
-        return None if row is None else orjson.loads(row[0])
-
-    @staticmethod
-    def _remember(db: sqlite3.Connection, request_id: str, now: float, reply: object) -> None:
-        db.execute(
-            "INSERT OR REPLACE INTO request_ids VALUES (?, ?, ?)",
-            (request_id, now + REQUEST_ID_TTL_S, orjson.dumps(reply)),
-        )
-
     # -- reads -----------------------------------------------------------------------
 
     def get(self, key: str) -> Versioned | None:
@@ -239,9 +224,6 @@ class SQLiteKV:
         check_ttl(ttl)
         with self._c.write() as db:
             now = self._begin(db, [key])
-            rid = None if request_id is None else "incr:" + request_id
-            if rid is not None and (seen := self._reply(db, rid, now)) is not None:
-                return int(seen)
             item = self._live(db, key, now)
             if item is not None and not INTEGER.fullmatch(item.value):
                 raise NotAnInteger(
@@ -250,8 +232,6 @@ class SQLiteKV:
             result = (int(item.value) if item else 0) + delta
             expires = item.expires if item else (None if ttl is None else now + ttl)
             self._set(db, key, str(result).encode(), self._next_revision(db), expires)
-            if rid is not None:
-                self._remember(db, rid, now, result)
             return result
 
     def delete(self, key: str, expected_version: int | None = None) -> bool:
@@ -291,16 +271,7 @@ class SQLiteKV:
             if isinstance(write, Put):
                 check_ttl(write.ttl)
         with self._c.write() as db:
-            now = self._begin(db, keys)
-            rid = None if request_id is None else "txn:" + request_id
-            if rid is not None and (seen := self._reply(db, rid, now)) is not None:
-                ok, revision, versions, failed = seen
-                return TxnResult(ok, revision, tuple(versions), failed)
-            result = self._txn(db, compares, writes, now)
-            if rid is not None:
-                reply = [result.ok, result.revision, list(result.versions), result.failed]
-                self._remember(db, rid, now, reply)
-            return result
+            return self._txn(db, compares, writes, self._begin(db, keys))
 
     def _txn(
         self,
@@ -409,11 +380,6 @@ class SQLiteKV:
             now = self._c.clock.now()
             expired = self._expire(db, now, limit)
             self._compact(db)
-            db.execute(
-                "DELETE FROM request_ids WHERE id IN (SELECT id FROM request_ids"
-                " WHERE expires <= ? ORDER BY expires LIMIT ?)",
-                (now, limit),
-            )
             return expired
 
     def _compact(self, db: sqlite3.Connection) -> None:

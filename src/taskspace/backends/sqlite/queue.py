@@ -6,10 +6,7 @@ import sqlite3
 from collections.abc import Collection, Sequence
 from typing import cast
 
-import orjson
-
 from taskspace.backends.base import (
-    REQUEST_ID_TTL_S,
     Lease,
     LeaseStatus,
     Outcome,
@@ -119,47 +116,20 @@ class SQLiteQueue:
         request_id: str | None = None,
         names: Collection[str] | None = None,
     ) -> list[TaskRecord]:
+        # request_id needs no handling: a local transaction's reply cannot be lost
+        # (a driver error means it did not commit).
         if n <= 0 or (names is not None and not names):
             return []
         wanted = None if names is None else sorted(set(names))
         with self._c.write() as db:
             now = self._c.clock.now()
-            if request_id is not None:
-                seen = self._seen_claim(db, request_id, now)
-                if seen is not None:
-                    return seen
             self._promote(db, now)
             seqs: list[int] = []
             for queue in dict.fromkeys(queues):  # a queue listed twice is claimed from once
                 seqs.extend(self._ready(db, queue, wanted, n - len(seqs)))
                 if len(seqs) >= n:
                     break
-            claimed = self._lease_rows(db, seqs, worker, now) if seqs else []
-            if request_id is not None:
-                reply = orjson.dumps([[r.id, r.token] for r in claimed])
-                db.execute(
-                    "INSERT INTO request_ids VALUES (?, ?, ?)",
-                    ("claim:" + request_id, now + REQUEST_ID_TTL_S, reply),
-                )
-            return claimed
-
-    def _seen_claim(
-        self, db: sqlite3.Connection, request_id: str, now: float
-    ) -> list[TaskRecord] | None:
-        """What the first claim with ``request_id`` leased (and still holds), or None
-        if the id is new."""
-        row = db.execute(
-            "SELECT reply FROM request_ids WHERE id = ? AND expires > ?",
-            ("claim:" + request_id, now),
-        ).fetchone()
-        if row is None:
-            return None
-        out = []
-        for task_id, token in orjson.loads(row[0]):
-            rec = self._locked_record(db, task_id)
-            if rec is not None and rec.token == token and rec.state == "running":
-                out.append(rec)
-        return out
+            return self._lease_rows(db, seqs, worker, now) if seqs else []
 
     def _ready(
         self, db: sqlite3.Connection, queue: str, names: list[str] | None, n: int
@@ -428,12 +398,6 @@ class SQLiteQueue:
             cur = db.execute(
                 "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE reap_at <= ?"
                 " ORDER BY reap_at LIMIT ?)",
-                (self._c.clock.now(), limit),
-            )
-            # Claim request ids are kept REQUEST_ID_TTL_S: drop the expired ones.
-            db.execute(
-                "DELETE FROM request_ids WHERE id IN (SELECT id FROM request_ids"
-                " WHERE expires <= ? ORDER BY expires LIMIT ?)",
                 (self._c.clock.now(), limit),
             )
             return cur.rowcount

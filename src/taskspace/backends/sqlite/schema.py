@@ -59,8 +59,6 @@ CREATE TABLE IF NOT EXISTS kv_changes (
     revision INTEGER NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL, version INTEGER NOT NULL,
     value BLOB, PRIMARY KEY (revision, key)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS request_ids (id TEXT PRIMARY KEY, expires REAL NOT NULL, reply BLOB)
-    WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stream_entries (
     id INTEGER PRIMARY KEY AUTOINCREMENT, stream TEXT NOT NULL, data BLOB NOT NULL,
     time REAL NOT NULL
@@ -102,7 +100,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS tasks_dedup ON tasks(dedup_key)
 CREATE INDEX IF NOT EXISTS kv_expires ON kv(expires) WHERE expires IS NOT NULL;
 CREATE INDEX IF NOT EXISTS lease_grants_by_name ON lease_grants(name, expires);
 CREATE INDEX IF NOT EXISTS lease_grants_expires ON lease_grants(expires);
-CREATE INDEX IF NOT EXISTS request_ids_expires ON request_ids(expires);
 CREATE INDEX IF NOT EXISTS messages_time ON messages(time)
 """
 

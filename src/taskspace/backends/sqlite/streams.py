@@ -6,9 +6,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-import orjson
-
-from taskspace.backends.base import REQUEST_ID_TTL_S, StreamEntry
+from taskspace.backends.base import StreamEntry
 from taskspace.backends.sqlite.base import SQLiteConn
 from taskspace.backends.sqlite.waiter import Waiter
 from taskspace.errors import ConfigError
@@ -39,15 +37,8 @@ class SQLiteStreams:
         _check_maxlen(maxlen)
         if not items:
             return []
+        # request_id needs no handling: a local transaction's reply cannot be lost.
         with self._c.write() as db:
-            now = self._c.clock.now()
-            rid = None if request_id is None else "append:" + request_id
-            if rid is not None:
-                row = db.execute(
-                    "SELECT reply FROM request_ids WHERE id = ? AND expires > ?", (rid, now)
-                ).fetchone()
-                if row is not None:
-                    return [int(i) for i in orjson.loads(row[0])]
             wall = self._c.clock.wall()
             ids = [
                 int(
@@ -61,11 +52,6 @@ class SQLiteStreams:
             ]
             if maxlen is not None:
                 self._trim_maxlen(db, stream, maxlen)
-            if rid is not None:
-                db.execute(
-                    "INSERT OR REPLACE INTO request_ids VALUES (?, ?, ?)",
-                    (rid, now + REQUEST_ID_TTL_S, orjson.dumps(ids)),
-                )
             return ids
 
     def read(
