@@ -31,6 +31,10 @@ from taskspace.backends.base import (
 )
 from taskspace.errors import ConfigError
 
+# At most this many request ids are remembered (the oldest go first), so a
+# flood of requests within REQUEST_ID_TTL_S cannot grow the table unbounded.
+REQUESTS_MAX = 100_000
+
 if TYPE_CHECKING:
     from taskspace.backends.memory.pubsub import MemorySubscription
 
@@ -189,6 +193,8 @@ class MemoryState:
         """Keep ``result`` as the answer to ``request_id`` for REQUEST_ID_TTL_S."""
         if request_id is not None:
             self.requests[(kind, request_id)] = (now + REQUEST_ID_TTL_S, result)
+            if len(self.requests) > REQUESTS_MAX:
+                del self.requests[next(iter(self.requests))]
 
     def live_grants(self, name: str, now: float) -> dict[str, Grant]:
         """The unexpired grants of ``name`` (pruning expired ones; forgetting
