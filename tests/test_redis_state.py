@@ -143,7 +143,7 @@ def test_wait_of_a_quiet_prefix_ignores_other_prefixes_and_wakes_on_its_own(
     finally:
         other.close()
     assert woken < 1.0
-    assert keys(store, "kvwn:") == []  # the put consumed the registration
+    assert keys(store, "kvwaiters") == []  # the put consumed the registration
 
 
 def test_scan_pages_past_expired_keys(store: RedisStore) -> None:
@@ -171,8 +171,8 @@ def test_release_wakes_a_waiter_in_another_process(store: RedisStore, url: str) 
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         deadline = time.monotonic() + 10
-        # Released only once the waiter has registered (lease_wait counts it).
-        while not keys(store, "lwn:") and time.monotonic() < deadline:
+        # Released only once the waiter has registered (lease_wait adds it to lwq:).
+        while not keys(store, "lwq:") and time.monotonic() < deadline:
             time.sleep(0.005)
         released = time.perf_counter()
         assert store.leases.release(grant)
@@ -183,6 +183,18 @@ def test_release_wakes_a_waiter_in_another_process(store: RedisStore, url: str) 
         if proc.stdout is not None:
             proc.stdout.close()
     assert waited < 5.0 and latency < 1.0  # woken, not timed out (typically ~2 ms)
+
+
+def test_a_wait_that_timed_out_leaves_no_wake_up_for_the_next_one(store: RedisStore) -> None:
+    leases = store.leases
+    first = leases.acquire("x", "a", 30.0)
+    assert first is not None
+    leases.wait("x", 1.2)  # several BLPOP steps, then the timeout
+    assert leases.release(first)  # wakes only waiters still registered
+    assert leases.acquire("x", "b", 30.0) is not None
+    started = time.monotonic()
+    leases.wait("x", 0.3)
+    assert time.monotonic() - started >= 0.25  # not woken by the earlier wait's token
 
 
 def test_lease_keys_are_gone_after_release(store: RedisStore) -> None:

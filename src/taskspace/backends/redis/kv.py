@@ -13,14 +13,16 @@ the space prefix P):
   ``kvcompact``.
 - ``kvreq``/``kvincr`` (+``exp``): request ids of txn/incr with their reply,
   pruned after REQUEST_ID_TTL_S (a few per call) and capped at 100,000.
-- ``kvwp``, ``kvwn:<prefix>``, ``kvw:<prefix>``: waiting prefixes, waiter
-  counts and wake tokens; each expires within seconds of its wait.
+- ``kvwaiters`` (waiter and prefix -> end of its wait) and ``kvw:<waiter>``
+  (its wake list): a matching write removes the registration and pushes one
+  token; both expire within seconds of the wait.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+import uuid
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -280,18 +282,19 @@ class RedisKV:
     def wait(self, prefix: str, after_revision: int, timeout: float) -> None:
         """Scans the feed from ``after_revision`` (remembering how far, so a
         repeated wait does not rescan), then blocks in BLPOP (steps of
-        WAIT_STEP_S on the reads client) on the prefix's wake list, which
-        writes of a matching key fill for registered waiters; ends early by
-        the earliest key expiry."""
+        WAIT_STEP_S on the reads client) on this wait's own wake list, which
+        the first write of a matching key fills; ends early by the earliest
+        key expiry."""
         conn = self._conn
         after_revision = max(0, int(after_revision))
         memo = (prefix, after_revision)
         deadline = time.monotonic() + timeout
-        wake = f"{conn.prefix}kvw:{prefix}"
+        waiter = uuid.uuid4().hex
+        wake = f"{conn.prefix}kvw:{waiter}"
         while (left := deadline - time.monotonic()) > 0:
             step = min(left, WAIT_STEP_S)
             cursor = self._scanned.get(memo, "")
-            args = [prefix, after_revision, cursor, SCAN_BUDGET, repr(step)]
+            args = [prefix, after_revision, cursor, SCAN_BUDGET, repr(step), waiter]
             reply = conn.run("kv_wait", args)
             if reply[0] == b"now":
                 return

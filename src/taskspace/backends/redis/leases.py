@@ -7,8 +7,9 @@ Layout and retention (keys under the space prefix P; see ``lua/_lease.lua``):
   past its own, and every acquire/wait prunes expired grants of the name, so
   nothing outlives its grant by more than a second or the next use of the name.
 - ``lc:<name>``: the capacity, kept while the name has live grants.
-- ``lwn:<name>`` / ``lw:<name>``: registered waiters and the wake tokens a
-  release pushes for them (at most 64, expiring within seconds).
+- ``lwq:<name>`` / ``lw:<waiter>``: the waiters of a name (deleted by a
+  release, else expiring with the longest wait) and each waiter's own wake
+  list, where a release pushes one token (expiring within seconds).
 
 Tokens come from the space's one fencing counter (``next_tokens`` in
 ``lua/common.lua``), shared with task claims.
@@ -103,14 +104,16 @@ class RedisLeases:
 
     def wait(self, name: str, timeout: float) -> None:
         """Blocks in BLPOP (steps of WAIT_STEP_S on the reads client) on the
-        name's wake list, which ``release`` fills for registered waiters, until
+        waiter's own wake list, which ``release`` fills for the name's registered
+        waiters, until
         a release, the earliest live grant's expiry, or ``timeout``."""
         conn = self._conn
-        key = f"{conn.prefix}lw:{name}"
+        waiter = uuid.uuid4().hex
+        key = f"{conn.prefix}lw:{waiter}"
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             step = min(left, WAIT_STEP_S)
-            until_expiry = float(conn.run("lease_wait", [name, repr(step)]))
+            until_expiry = float(conn.run("lease_wait", [name, waiter, repr(step)]))
             if until_expiry <= 0:
                 return
             block = max(0.001, min(step, until_expiry))

@@ -8,8 +8,10 @@
 --                   write's index within its txn), fields k, kind, ver[, v].
 --   kvcompact       the newest revision compaction dropped from kvlog.
 --   kvreq, kvreqexp request id -> remembered reply (JSON), and -> expiry.
---   kvwp, kvwn:<prefix>, kvw:<prefix>: waiting prefixes, their waiter counts
---                   and the wake lists writes fill for them.
+--   kvwaiters       zset: '<waiter id>\n<prefix>' -> end of its registration
+--                   (lease clock); a matching write removes the member.
+--   kvw:<waiter id> a waiter's wake list: a matching write pushes one token
+--                   (expires after KV_WAKE_KEEP_MS).
 -- Expired keys are removed (and their expiry logged) by the first script that
 -- notices them: every write, changes, wait and reap runs kv_expire_due first.
 local KV_EXPIRE_STEP = 100
@@ -106,28 +108,21 @@ local function kv_live(key, now, touched)
   return rec
 end
 
--- Wake the waiters of every waiting prefix that one of `keys` starts with.
-local function kv_wake(keys)
+-- Wake every registered waiter whose prefix one of `keys` starts with.
+local function kv_wake(keys, now)
   if #keys == 0 then return end
-  local wp = P .. 'kvwp'
-  for _, prefix in ipairs(redis.call('SMEMBERS', wp)) do
-    local count_key = P .. 'kvwn:' .. prefix
-    local n = tonumber(redis.call('GET', count_key) or '0')
-    if n == 0 then
-      redis.call('SREM', wp, prefix)  -- its waiters have gone
-    else
-      for _, key in ipairs(keys) do
-        if string.sub(key, 1, #prefix) == prefix then
-          local ones = {}
-          for i = 1, math.min(n, 64) do ones[i] = '1' end
-          local w = P .. 'kvw:' .. prefix
-          redis.call('RPUSH', w, unpack(ones))
-          redis.call('LTRIM', w, -64, -1)
-          redis.call('PEXPIRE', w, KV_WAKE_KEEP_MS)
-          redis.call('DEL', count_key)
-          redis.call('SREM', wp, prefix)
-          break
-        end
+  local z = P .. 'kvwaiters'
+  if redis.call('EXISTS', z) == 0 then return end
+  redis.call('ZREMRANGEBYSCORE', z, '-inf', '(' .. now)  -- waiters that left
+  for _, member in ipairs(redis.call('ZRANGE', z, 0, -1)) do
+    local waiter, prefix = string.match(member, '^([^\n]*)\n(.*)$')
+    for _, key in ipairs(keys) do
+      if string.sub(key, 1, #prefix) == prefix then
+        local w = P .. 'kvw:' .. waiter
+        redis.call('RPUSH', w, '1')
+        redis.call('PEXPIRE', w, KV_WAKE_KEEP_MS)
+        redis.call('ZREM', z, member)
+        break
       end
     end
   end

@@ -5,8 +5,10 @@
 --   lg:N\nID      hash: holder, token, expires, data; one grant. PEXPIREd at its
 --                 expiry (+ GRANT_SLACK_MS), deleted by release or pruning.
 --   lc:N          the capacity while N has live grants (PEXPIREd with the last grant).
---   lwn:N         waiters registered by lease_wait (expires with their wait).
---   lw:N          wake tokens pushed by release for those waiters (expires after WAKE_KEEP_MS).
+--   lwq:N         zset: waiter id -> end of its registration (lease clock): the
+--                 waiters of N, registered by lease_wait; deleted by release,
+--                 and expiring with the longest registration.
+--   lw:ID         one waiter's wake list: release pushes a token (expires after WAKE_KEEP_MS).
 local GRANT_SLACK_MS = 1000
 local WAKE_KEEP_MS = 2000
 
@@ -66,16 +68,13 @@ local function grant_write(name, g, now)
   redis.call('ZADD', lease_zset(name), g.expires, g.id)
 end
 
--- Wake every waiter registered on `name` (one token each, at most 64).
-local function lease_wake(name)
-  local n = tonumber(redis.call('GET', P .. 'lwn:' .. name) or '0')
-  if n > 0 then
-    local ones = {}
-    for i = 1, math.min(n, 64) do ones[i] = '1' end
-    local w = P .. 'lw:' .. name
-    redis.call('RPUSH', w, unpack(ones))
-    redis.call('LTRIM', w, -64, -1)
+-- Wake every waiter registered on `name` (one token in each one's own list).
+local function lease_wake(name, now)
+  local q = P .. 'lwq:' .. name
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', q, now, '+inf')) do
+    local w = P .. 'lw:' .. id
+    redis.call('RPUSH', w, '1')
     redis.call('PEXPIRE', w, WAKE_KEEP_MS)
-    redis.call('DEL', P .. 'lwn:' .. name)
   end
+  redis.call('DEL', q)
 end

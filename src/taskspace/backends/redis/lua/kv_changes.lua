@@ -6,7 +6,7 @@ local prefix, after, cursor = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local now = clock()
 local touched = {}
 kv_expire_due(now, KV_EXPIRE_STEP, touched)
-kv_wake(touched)
+kv_wake(touched, now)
 local compacted = kv_compacted()
 if after < compacted then return {'compacted', kv_revision(), compacted} end
 if cursor == '' then cursor = string.format('%d', after) .. '-' .. '999999999' end

@@ -13,7 +13,7 @@ local value
 if rec then
   local sign, digits = string.match(rec.value, '^([+-]?)(%d+)$')
   if not digits then
-    kv_wake(touched)
+    kv_wake(touched, now)
     return {'nan'}
   end
   -- The canonical form HINCRBY accepts: no '+', no leading zeros.
@@ -24,7 +24,7 @@ if rec then
   local sum = redis.pcall('HINCRBY', kv_key(key), 'v', delta)
   if type(sum) == 'table' and sum.err then
     if sign .. digits ~= rec.value then redis.call('HSET', kv_key(key), 'v', rec.value) end
-    kv_wake(touched)
+    kv_wake(touched, now)
     return {'nan'}
   end
   value = redis.call('HGET', kv_key(key), 'v')  -- as text: a Lua number has 53 bits
@@ -36,7 +36,7 @@ else
   kv_store(key, value, ttl ~= '' and tonumber(ttl) or nil, now, kv_next_revision(), 0)
 end
 touched[#touched + 1] = key
-kv_wake(touched)
+kv_wake(touched, now)
 local reply = {'ok', value}
 request_remember('kvincr', request, reply, now, ARGV[5])
 return reply

@@ -6,7 +6,7 @@ local limit, keep, step = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]
 local now = clock()
 local touched = {}
 local expired = kv_expire_due(now, limit, touched)
-kv_wake(touched)
+kv_wake(touched, now)
 local log = P .. 'kvlog'
 local excess = redis.call('XLEN', log) - keep
 if excess > 0 then

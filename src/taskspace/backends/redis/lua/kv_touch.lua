@@ -4,7 +4,7 @@ local key, ttl = ARGV[1], ARGV[2]
 local now = clock()
 local touched = {}
 local rec = kv_live(key, now, touched)
-kv_wake(touched)
+kv_wake(touched, now)
 if not rec then return false end
 if ttl == '' then
   rec.expires = nil

@@ -29,7 +29,7 @@ local first_write = 4 + 4 * nc
 for i = 0, nc - 1 do
   local at = 4 + 4 * i
   if not holds(ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]) then
-    kv_wake(touched)
+    kv_wake(touched, now)
     local reply = {0, kv_revision(), i}
     request_remember('kvreq', request, reply, now, request_ttl)
     return reply
@@ -60,6 +60,6 @@ for at = first_write, #ARGV, 4 do
   end
 end
 reply[2] = rev or kv_revision()
-kv_wake(touched)
+kv_wake(touched, now)
 request_remember('kvreq', request, reply, now, request_ttl)
 return reply

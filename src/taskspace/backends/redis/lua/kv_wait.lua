@@ -1,24 +1,25 @@
 -- ARGV: prefix after_revision cursor('' = start after after_revision) budget
--- timeout. Records due expiries first. {'now'}: a change of the prefix above
+-- timeout waiter_id. Records due expiries first. {'now'}: a change of the prefix above
 -- after_revision exists (or the feed was compacted past it); {'more',
 -- cursor}: `budget` entries scanned without a match, call again from cursor;
--- {'wait', cursor, seconds to the earliest expiry or ''}: none yet, and a
--- waiter is registered on kvw:<prefix> for `timeout` seconds.
+-- {'wait', cursor, seconds to the earliest expiry or ''}: none yet, and the
+-- waiter is registered (in kvwaiters, woken through kvw:<waiter_id>) for
+-- `timeout` seconds.
 local prefix, after, cursor = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local now = clock()
 local touched = {}
 kv_expire_due(now, KV_EXPIRE_STEP, touched)
-kv_wake(touched)
+kv_wake(touched, now)
 if after < kv_compacted() then return {'now'} end
 if cursor == '' then cursor = string.format('%d', after) .. '-' .. '999999999' end
 local rows, last, done = kv_scan_log(prefix, cursor, 1, tonumber(ARGV[4]))
 if #rows > 0 then return {'now'} end
 if not done then return {'more', last} end
-local count_key = P .. 'kvwn:' .. prefix
-local ms = math.ceil(tonumber(ARGV[5]) * 1000) + 1000
-redis.call('SADD', P .. 'kvwp', prefix)
-redis.call('INCR', count_key)
-if redis.call('PTTL', count_key) < ms then redis.call('PEXPIRE', count_key, ms) end
+local z = P .. 'kvwaiters'
+local timeout = tonumber(ARGV[5])
+redis.call('ZADD', z, now + timeout + 1, ARGV[6] .. '\n' .. prefix)
+local ms = math.ceil(timeout * 1000) + 1000
+if redis.call('PTTL', z) < ms then redis.call('PEXPIRE', z, ms) end
 local first = redis.call('ZRANGE', P .. 'kvexp', 0, 0, 'WITHSCORES')
 local until_expiry = ''
 if first[2] then until_expiry = fmt(math.max(tonumber(first[2]) - now, 0.001)) end

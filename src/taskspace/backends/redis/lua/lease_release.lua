@@ -5,5 +5,5 @@ if not grant_current(name, id, ARGV[3], now) then return 0 end
 redis.call('DEL', grant_key(name, id))
 redis.call('ZREM', lease_zset(name), id)
 lease_cap_expire(name, now)
-lease_wake(name)
+lease_wake(name, now)
 return 1
