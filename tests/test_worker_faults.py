@@ -119,7 +119,7 @@ class Running:
         options.setdefault("heartbeat_interval", 0.2)
         options.setdefault("idle_wait", 0.05)
         config = WorkerConfig(install_signal_handlers=False, **options)
-        self.worker = Worker(space, config, store=store)  # type: ignore[arg-type]
+        self.worker = Worker(space, config, store=store)
         self.thread = threading.Thread(target=self.worker.run, name="test-worker")
         self.thread.start()
 
@@ -518,7 +518,7 @@ def test_leases_gone_on_a_healthy_space_the_worker_carries_on(
         time.sleep(0.01)
     checks = faulty.calls.get("check_space", 0)
     assert checks >= 1
-    refused = []
+    refused: list[Any] = []
 
     def refuse_once(finish: Callable[..., Any], items: Any) -> list[bool]:
         if not refused:
@@ -579,7 +579,7 @@ def test_a_handle_in_a_wiped_space_raises_space_lost(space: Space, faulty: Fault
     handle = noop.submit()
     with pytest.raises(TaskNotFound):
         space.handle("0" * 32)
-    space._store = faulty  # type: ignore[assignment]
+    space._store = faulty
     ghost = Handle(space, "0" * 32)
     with pytest.raises(TaskNotFound):
         ghost.status()

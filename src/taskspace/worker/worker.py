@@ -41,17 +41,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from taskspace.backends import REDIS_SCHEMES, open_store
 from taskspace.backends.base import Lease, Outcome, Store, TaskRecord
+from taskspace.errors import SpaceLost, SpaceNotFound
 from taskspace.tasks.context import TaskContext
 from taskspace.worker import execution as ex
 from taskspace.worker import tasklog
@@ -63,6 +62,7 @@ from taskspace.worker.outbox import Outbox
 from taskspace.worker.registry import announce, withdraw
 from taskspace.worker.renewal import TICK_S, Renewer
 from taskspace.worker.report import WorkerReport
+from taskspace.worker.signals import install_signal_handlers
 from taskspace.worker.spaceguard import SpaceGuard
 from taskspace.worker.threads import DaemonThreadPool
 
@@ -124,7 +124,7 @@ class Worker:
 
     def run(self) -> WorkerReport:
         """Work until stopped (or drained, in burst mode); return what was done."""
-        restore = self._install_signal_handlers()
+        restore = install_signal_handlers(self)
         try:
             if self._open_stores():
                 self._work()
@@ -164,48 +164,31 @@ class Worker:
         from opening at all) until it opens or the worker is stopped."""
         self._names = self.space.task_names
         backoff = Backoff()
-        while isinstance(self.health.call("open", lambda: self.store), Failed):
+        while isinstance(self.health.call("open", self._open_both), Failed):
             if self._stopping.wait(backoff.next()):
                 return False
-        self._renew_store = self._open_renew_store()
         return True
 
-    def _open_renew_store(self) -> Store:
+    def _open_both(self) -> None:
+        """The store, then (Redis) the renewer's client of its own."""
+        store = self.store
+        if self._renew_store is None:
+            self._renew_store = self._open_renew_store(store)
+
+    def _open_renew_store(self, main: Store) -> Store:
         """Redis: a client of its own, so that no call of another thread (a blocking
         wait, a stalled socket) can hold up renewal. SQLite already gives each
         thread its own connection; memory has no connection."""
         if self._injected or self.space.scheme not in REDIS_SCHEMES:
-            return self.store
-        return open_store(self.space.url, namespace=self.space.namespace)
-
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        if not self.config.install_signal_handlers or (
-            threading.current_thread() is not threading.main_thread()
-        ):
-            return lambda: None
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            if self._stopping.is_set():
-                log.warning(
-                    "worker %s got signal %d again: cutting the shutdown grace, stopping now",
-                    self.name, signum, extra={"worker": self.name},
-                )  # fmt: skip
-                self.stop(0.0)
-                return
-            log.warning(
-                "worker %s got signal %d: shutting down (grace %.1f s; "
-                "send it again to stop at once)",
-                self.name, signum, self._grace, extra={"worker": self.name},
-            )  # fmt: skip
-            self.stop()
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-        def restore() -> None:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-        return restore
+            return main
+        try:  # never creates a space: the one the worker opened is gone if there is none
+            store = open_store(self.space.url, namespace=self.space.namespace, create=False)
+        except SpaceNotFound as exc:
+            raise SpaceLost(f"the space at {self.space.url} vanished: {exc}") from exc
+        if store.space_id != main.space_id:
+            store.close()
+            raise SpaceLost(f"the space at {self.space.url} was replaced since it was opened")
+        return store
 
     def _shutdown(self, threads: list[threading.Thread]) -> None:
         self._stopping.set()
