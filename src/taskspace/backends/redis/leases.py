@@ -103,10 +103,11 @@ class RedisLeases:
         return sorted((_grant(name, row) for row in rows), key=lambda g: g.token)
 
     def wait(self, name: str, timeout: float) -> None:
-        """Blocks in BLPOP (steps of WAIT_STEP_S on the reads client) on the
-        waiter's own wake list, which ``release`` fills for the name's registered
-        waiters, until
-        a release, the earliest live grant's expiry, or ``timeout``."""
+        """Registers this wait with the name, then blocks in BLPOP (steps of
+        WAIT_STEP_S on the reads client) on its own wake list, which a
+        ``release`` fills, until a release, the earliest live grant's expiry
+        or ``timeout`` (Redis ends a BLPOP on its event-loop tick: up to about
+        100 ms late at the default ``hz 10``)."""
         conn = self._conn
         waiter = uuid.uuid4().hex
         key = f"{conn.prefix}lw:{waiter}"
