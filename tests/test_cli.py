@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from taskspace.cli import main
+from tests.services import RedisServer
 
 APP = textwrap.dedent(
     """
@@ -142,3 +145,29 @@ def test_supervisor_burst_with_two_processes(app_dir: Path) -> None:
     assert worker.returncode == 0, worker.stderr
     status = orjson.loads(runner.invoke(main, ["status", "--json"]).output)
     assert status["queues"]["default"] == {"succeeded": 20}
+
+
+def test_submit_wait_in_a_space_wiped_meanwhile_is_one_line_and_exit_4(app_dir: Path) -> None:
+    """FLUSHALL while ``submit --wait`` waits: the task is gone with its space, and
+    the command says so in one line and exits 4 (never waits out its timeout)."""
+    server = RedisServer().start()
+    try:
+        url = server.namespaced_url()
+        command = [sys.executable, "-m", "taskspace", "submit", "cliapp:space", "add",
+                   "--args", "[1, 2]", "--wait", "--timeout", "60", "--url", url]  # fmt: skip
+        waiting = subprocess.Popen(
+            command, cwd=app_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        task_id = (waiting.stdout.readline() if waiting.stdout else "").strip()
+        assert task_id, waiting.communicate(timeout=10)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"FLUSHALL\r\n")
+            assert sock.recv(64).startswith(b"+OK")
+        began = time.monotonic()
+        _, err = waiting.communicate(timeout=30)
+        assert waiting.returncode == 4, err
+        assert time.monotonic() - began < 10
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: space lost: "), err
+    finally:
+        server.close()
