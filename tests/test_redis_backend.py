@@ -475,3 +475,43 @@ def test_get_many_is_one_round_trip(store: RedisStore, monkeypatch: pytest.Monke
     assert executed == [51]  # every read in one pipeline: one round trip
     assert [r.id for r in recs if r is not None] == ids and recs[-1] is None
     assert store.queue.get_many([]) == []
+
+
+# -- fewer hops: the finisher hands the final record to the waiter ---------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("ended_before_the_wait", [False, True])
+def test_a_wait_for_finish_brings_the_final_record_for_the_next_get(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch, ended_before_the_wait: bool
+) -> None:
+    (task_id,) = store.queue.push([spec(payload=b"")])
+    result = b"1:-R\x00" * 100
+
+    def finish() -> None:
+        (rec,) = store.queue.claim(["default"], "w", 1)
+        store.queue.finish([(rec.lease, Outcome("succeeded", result=result))])
+
+    if ended_before_the_wait:
+        finish()
+        store.queue.wait_for_finish([task_id], 5)
+    else:
+        worker = threading.Timer(0.2, finish)
+        worker.start()
+        store.queue.wait_for_finish([task_id], 5)
+        worker.join()
+    fresh = RedisStore(store.url)
+    expected = fresh.queue.get(task_id)
+    fresh.close()
+    assert expected is not None and expected.state == "succeeded"
+
+    def single(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("a read after the wait")
+
+    monkeypatch.setattr(store.conn.reads, "hmget", single)
+    assert store.queue.get(task_id) == expected
+    monkeypatch.undo()
+    # It serves one read: the next get reads the store again.
+    raw(store, "HSET", f"{store.prefix}t:{task_id}", "codec", "changed")
+    again = store.queue.get(task_id)
+    assert again is not None and again.codec == "changed"

@@ -179,12 +179,13 @@ class RedisConnection:
             pool.release(conn)
         return replies
 
-    def block(self, keys: Sequence[str], timeout: float) -> None:
-        """BLPOP ``keys`` for up to ``timeout`` s; BackendError if no reply comes
-        within BLOCK_MARGIN_S after that (a stalled connection)."""
-        self.call(lambda: self._blpop(keys, max(timeout, 0.001)))
+    def block(self, keys: Sequence[str], timeout: float) -> tuple[bytes, bytes] | None:
+        """BLPOP ``keys`` for up to ``timeout`` s: the (key, value) popped, or None
+        after the timeout; BackendError if no reply comes within BLOCK_MARGIN_S
+        after that (a stalled connection)."""
+        return self.call(lambda: self._blpop(keys, max(timeout, 0.001)))
 
-    def _blpop(self, keys: Sequence[str], timeout: float) -> None:
+    def _blpop(self, keys: Sequence[str], timeout: float) -> tuple[bytes, bytes] | None:
         pool = self.reads.connection_pool
         try:
             conn = pool.get_connection()
@@ -197,12 +198,13 @@ class RedisConnection:
                     f"Redis at {self.url}: no reply to a {timeout:.3f} s wait within "
                     f"{BLOCK_MARGIN_S} s after it (stalled connection)"
                 )
-            conn.read_response()
+            reply = conn.read_response()
         except BaseException:
             conn.disconnect()  # its reply may still arrive: never reuse it
             raise
         finally:
             pool.release(conn)
+        return None if not reply else (reply[0], reply[1])
 
     def close(self) -> None:
         """Close both clients; idempotent."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Collection, Sequence
 from typing import Any, cast
 
@@ -20,10 +22,12 @@ from taskspace.backends.base import (
 )
 from taskspace.backends.outcomes import check_list_filters, check_purge_states, unknown_cursor
 from taskspace.backends.redis.conn import RedisConnection
-from taskspace.backends.redis.records import FIELDS, number, record
+from taskspace.backends.redis.records import FIELDS, PACKED, number, record, unpack_record
 
 # Index entries one list/purge script looks at before handing back a cursor.
 SCAN_BUDGET = 1000
+# How long the final record a wait_for_finish brought may serve the next get.
+ENDED_FRESH_S = 1.0
 
 
 def push_args(chunk: Sequence[TaskSpec]) -> list[Any]:
@@ -68,6 +72,8 @@ class RedisQueue:
         self._prefix = conn.prefix
         # The names of this store's last claim: what an idle wait watches.
         self._claim_names: Collection[str] | None = None
+        # Per thread: the final record its last wait_for_finish brought.
+        self._ended = threading.local()
 
     def push(self, specs: Sequence[TaskSpec]) -> list[str]:
         """Enqueue ``specs``; atomic per chunk (see PUSH_CHUNK_TASKS), each
@@ -129,6 +135,12 @@ class RedisQueue:
         return None if state is None else cast(TaskState, state.decode())
 
     def get(self, task_id: str) -> TaskRecord | None:
+        """One HMGET; no round trip at all when this thread's previous call was
+        a ``wait_for_finish`` that ended with this task's final record, less
+        than ENDED_FRESH_S ago (the record the finishing script pushed)."""
+        ended = self._take_ended()
+        if ended is not None and ended.id == task_id:
+            return ended
         key = f"{self._prefix}t:{task_id}"
         values = self._conn.call(lambda: self._conn.reads.hmget(key, FIELDS))
         return None if values[0] is None else record(values)
@@ -218,7 +230,27 @@ class RedisQueue:
         self._conn.block(woken, wait)
 
     def wait_for_finish(self, task_ids: Sequence[str], timeout: float) -> None:
+        """One script that returns at once if a task ended, or registers this
+        wait; then BLPOP on the tasks' done lists. Either way the final record
+        may come along (the script's reply, the finisher's push): it is kept
+        for this thread's next ``get`` of that task (see ``get``)."""
+        self._ended.record = None
         ids = list(dict.fromkeys(task_ids))
-        if not ids or self._conn.run("watch", ids, read=True):
+        if not ids:
             return
-        self._conn.block([f"{self._prefix}done:{i}" for i in ids], timeout)
+        reply = self._conn.run("watch", ids, read=True)
+        if reply == 0:
+            popped = self._conn.block([f"{self._prefix}done:{i}" for i in ids], timeout)
+            reply = None if popped is None else popped[1]
+        if isinstance(reply, bytes) and reply.startswith(PACKED):
+            self._ended.record = record(unpack_record(reply))
+            self._ended.at = time.monotonic()
+
+    def _take_ended(self) -> TaskRecord | None:
+        """The record the last wait_for_finish of this thread brought, if fresh;
+        forgotten either way (it serves one read at most)."""
+        ended: TaskRecord | None = getattr(self._ended, "record", None)
+        if ended is None:
+            return None
+        self._ended.record = None
+        return ended if time.monotonic() - self._ended.at < ENDED_FRESH_S else None

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from taskspace.backends.base import TaskRecord
+from taskspace.backends.base import LIVE_STATES, TaskRecord
 
 # The task hash fields a record is read from, in this order. The scripts get
 # the same list (and a name -> index map) from lua_fields(), so it is stated
@@ -20,10 +20,35 @@ FIELDS = (
 
 
 def lua_fields() -> str:
-    """FIELDS as Lua source: ``FIELDS`` (the list) and ``FIELD`` (name -> index)."""
+    """FIELDS as Lua source: ``FIELDS`` (the list), ``FIELD`` (name -> index),
+    and ``LIVE_STATES`` (base.LIVE_STATES as a set)."""
     names = ", ".join(f"'{name}'" for name in FIELDS)
     index = ", ".join(f"{name} = {i}" for i, name in enumerate(FIELDS, 1))
-    return f"local FIELDS = {{{names}}}\nlocal FIELD = {{{index}}}\n"
+    live = ", ".join(f"{state} = true" for state in sorted(LIVE_STATES))
+    return (
+        f"local FIELDS = {{{names}}}\nlocal FIELD = {{{index}}}\nlocal LIVE_STATES = {{{live}}}\n"
+    )
+
+
+# A record packed into one string by packed_record() in lua/common.lua: this
+# prefix, then per field of FIELDS either b"-" (absent) or b"<length>:<bytes>".
+PACKED = b"R"
+
+
+def unpack_record(data: bytes) -> list[bytes | None]:
+    """The HMGET row of FIELDS that ``data`` (PACKED + fields) carries."""
+    out: list[bytes | None] = []
+    i, end = len(PACKED), len(data)
+    while i < end:
+        if data[i] == 45:  # b"-": an absent field
+            out.append(None)
+            i += 1
+        else:
+            colon = data.index(b":", i)
+            start = colon + 1
+            i = start + int(data[i:colon])
+            out.append(data[start:i])
+    return out
 
 
 def record(v: Sequence[bytes | None]) -> TaskRecord:

@@ -169,12 +169,26 @@ end
 
 local function expiry_member(state, queue, id) return state .. '\n' .. queue .. '\n' .. id end
 
--- A task reached a final state: free its dedup key, wake registered waiters,
--- schedule its deletion after result_ttl ('' or false: kept forever) by
--- adding its reap entry to `expiring` (flat score, member pairs), which the
--- caller writes with one zadd_pairs(P .. 'expiry', expiring) per script.
--- `waiters` is the task's 'waiters' field (see watch.lua), read by the
--- caller with the rest of the task, so an unwatched task costs no lookup.
+-- The task's FIELDS in one string (records.unpack_record reads it): 'R', then
+-- per field '-' (absent) or '<length>:<bytes>'.
+local function packed_record(id)
+  local f = redis.call('HMGET', tkey(id), unpack(FIELDS))
+  local parts = {'R'}
+  for i = 1, #FIELDS do
+    local v = f[i]
+    if v then parts[#parts + 1] = #v .. ':' .. v else parts[#parts + 1] = '-' end
+  end
+  return table.concat(parts)
+end
+
+-- A task reached a final state (its hash already says so): free its dedup
+-- key, wake registered waiters, schedule its deletion after result_ttl ('' or
+-- false: kept forever) by adding its reap entry to `expiring` (flat score,
+-- member pairs), which the caller writes with one zadd_pairs(P .. 'expiry',
+-- expiring) per script. `waiters` is the task's 'waiters' field (see
+-- watch.lua), read by the caller with the rest of the task, so an unwatched
+-- task costs no lookup. The first waiter gets the final record itself
+-- (packed_record), so it needs no read after its wait; the others get '1'.
 local function settle(id, dedup_key, queue, state, now, result_ttl, expiring, waiters)
   if dedup_key then
     local dk = P .. 'dedup:' .. dedup_key
@@ -183,9 +197,10 @@ local function settle(id, dedup_key, queue, state, now, result_ttl, expiring, wa
   local n = tonumber(waiters or '0')
   if n > 0 then
     local dk = P .. 'done:' .. id
-    for _ = 1, math.min(n, 16) do redis.call('RPUSH', dk, '1') end
-    redis.call('EXPIRE', dk, 60)
     redis.call('HDEL', tkey(id), 'waiters')
+    redis.call('RPUSH', dk, packed_record(id))
+    for _ = 2, math.min(n, 16) do redis.call('RPUSH', dk, '1') end
+    redis.call('EXPIRE', dk, 60)
   end
   if result_ttl and result_ttl ~= '' then
     local ttl = tonumber(result_ttl)
