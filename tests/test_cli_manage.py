@@ -60,6 +60,16 @@ def run(
     )  # fmt: skip
 
 
+def assert_timings(doc: dict[str, object]) -> None:
+    """Ages in a shown task are seconds ago on the wall clock (a minute at most
+    here), and the run took no longer than the time since it started."""
+    for key in ("age_s", "started_s_ago", "finished_s_ago"):
+        value = doc[key]
+        assert isinstance(value, float | int) and 0 <= value < 60, (key, doc)
+    ran = doc["ran_s"]
+    assert isinstance(ran, float | int) and 0 <= ran <= doc["started_s_ago"], doc  # type: ignore[operator]
+
+
 @pytest.mark.parametrize("command", [["status"], ["tasks", "list"], ["tasks", "show", "x" * 32]])
 def test_inspecting_an_absent_space_creates_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
@@ -95,12 +105,14 @@ def test_short_task_names_and_tasks_commands(app_dir: Path) -> None:
     assert [(r["id"], r["name"], r["state"]) for r in rows] == [
         (ok_id, "mapp.add", "succeeded"), (fail_id, "mapp.fail", "failed")
     ]  # fmt: skip
+    assert all(0 <= r["age_s"] < 60 for r in rows), rows
     code, out = cli("tasks", "list", "--state", "failed")
     assert code == 0 and fail_id in out and ok_id not in out
 
     code, out = cli("tasks", "show", ok_id)
     doc = orjson.loads(out)
     assert (doc["arguments"], doc["result"], doc["attempts"]) == ([[2, 40]], 42, 1)
+    assert_timings(doc)
     code, out = cli("tasks", "show", fail_id)
     assert "ValueError" in out and "no luck" in out and "Traceback" in out
 
@@ -167,11 +179,15 @@ def test_url_option_acts_on_that_url_only(app_dir: Path) -> None:
         assert done.stdout.splitlines()[-1] == "42"
         task_id = done.stdout.splitlines()[0]
         code, out = cli("status", "--json", "--url", redis_url)
-        assert orjson.loads(out)["queues"]["default"]["succeeded"] == 1
+        status = orjson.loads(out)
+        assert status["queues"]["default"]["succeeded"] == 1
+        now = Space(redis_url).store.clock.wall()
+        assert [0 <= now - w["started"] < 60 for w in status["workers"]] == [True], status
         code, out = cli("tasks", "list", "--json", "--url", redis_url)
         assert orjson.loads(out.splitlines()[0])["id"] == task_id
         code, out = cli("tasks", "show", task_id, "--url", redis_url)
         assert orjson.loads(out)["result"] == 42
+        assert_timings(orjson.loads(out))
         code, out = cli("tasks", "cancel", task_id, "--url", redis_url)
         assert code == 0 and "succeeded" in out
         assert not (app_dir / "space.db").exists()  # the app's own SQLite URL was never touched
