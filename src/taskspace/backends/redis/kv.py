@@ -160,7 +160,9 @@ class RedisKV:
     ) -> list[tuple[str, Versioned]]:
         check_limit(limit)
         out: list[tuple[str, Versioned]] = []
-        cursor = after_key or ""
+        # Python's str order is the byte order of UTF-8, as ZRANGEBYLEX's (Lua's
+        # string comparison follows the server's locale: not used for this).
+        cursor = after_key if after_key is not None and after_key >= prefix else ""
         while len(out) < limit:
             rows, cursor_b = self._conn.run(
                 "kv_scan", [prefix, cursor, limit - len(out)], read=True

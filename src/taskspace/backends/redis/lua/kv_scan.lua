@@ -1,10 +1,11 @@
--- ARGV: prefix after_key('' = from the prefix) limit. Live {key, value,
+-- ARGV: prefix after_key('' = from the prefix; else a key sorting at or after
+-- the prefix) limit. Live {key, value,
 -- version, expires or ''} in key order, at most `limit`; reads at most
 -- 4 * limit index entries, then returns what it has and the last key read as
 -- a cursor ({rows, cursor or ''}). Read-only.
 local prefix, after, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local low = '[' .. prefix
-if after ~= '' and after >= prefix then low = '(' .. after end
+if after ~= '' then low = '(' .. after end  -- the caller passes '' unless after >= prefix
 local high = '+'
 if prefix ~= '' then high = '[' .. prefix .. '\255' end
 local now = clock()
