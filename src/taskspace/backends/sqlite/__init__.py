@@ -28,6 +28,16 @@ that was deleted or replaced raises SpaceLost. The schema is versioned: files
 of earlier layouts are migrated in place when opened, and a file written by a
 newer taskspace is refused.
 
+Retries: request ids (claim, KV txn and incr, stream appends) are ignored: a
+local transaction's reply cannot be lost (a driver error means it did not
+commit), so nothing is retried after it took effect.
+
+Storage stays bounded: ``queue.reap`` deletes finished tasks past their
+``result_ttl``; ``kv.reap`` records expiries and compacts the change feed to
+its newest KV_CHANGES_KEEP changes; expired grants are deleted by the next
+``acquire``; pub/sub messages are kept MESSAGE_RETENTION_S; streams are
+trimmed by their writers (``maxlen``, ``trim``).
+
 Clocks: ``clock.now()`` is the lease clock above; ``clock.wall()`` is
 ``time.time()``. An injected clock (a test's ManualClock) replaces both.
 

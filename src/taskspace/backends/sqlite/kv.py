@@ -79,7 +79,8 @@ class SQLiteKV:
         """Record the expiries that are due (a batch of them, and always those of
         ``keys``, which the caller is about to write), then return now."""
         now = self._c.clock.now()
-        self._expire(db, now, EXPIRE_BATCH)
+        if self._expire(db, now, EXPIRE_BATCH) < EXPIRE_BATCH:
+            return now  # every due expiry is recorded, those of ``keys`` too
         for key in keys:
             row = db.execute(
                 "SELECT key, version FROM kv WHERE key = ? AND expires <= ?", (key, now)
