@@ -31,7 +31,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import platform
-import queue as queue_mod
 import random
 import shutil
 import statistics
@@ -39,11 +38,14 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
+from queue import Empty
+from queue import SimpleQueue as Queue
 from typing import Any, Protocol
 
 from rich.console import Console
@@ -116,9 +118,7 @@ class Channel(Protocol):
 class QueueChannel:
     """One end of a pair of in-process queues."""
 
-    def __init__(
-        self, inbox: queue_mod.SimpleQueue[Any], outbox: queue_mod.SimpleQueue[Any]
-    ) -> None:
+    def __init__(self, inbox: Queue[Any], outbox: Queue[Any]) -> None:
         self.inbox, self.outbox = inbox, outbox
 
     def send(self, message: Any) -> None:
@@ -127,7 +127,7 @@ class QueueChannel:
     def recv(self, timeout: float) -> Any:
         try:
             return self.inbox.get(timeout=timeout)
-        except queue_mod.Empty:
+        except Empty:
             raise BenchError(f"no message in {timeout:g} s") from None
 
 
@@ -222,8 +222,8 @@ def waiter(kind: str, store: Store, url: str, arg: str, threaded: bool) -> Itera
     have been told to stop when the block ends normally; on an error a process is
     killed (a thread exits by itself once idle)."""
     if threaded:
-        to_waiter: queue_mod.SimpleQueue[Any] = queue_mod.SimpleQueue()
-        to_writer: queue_mod.SimpleQueue[Any] = queue_mod.SimpleQueue()
+        to_waiter: Queue[Any] = Queue()
+        to_writer: Queue[Any] = Queue()
         thread = threading.Thread(
             target=_run_waiter,
             args=(kind, store, arg, QueueChannel(to_waiter, to_writer)),
@@ -304,7 +304,8 @@ def measure_lease(ctx: Ctx) -> Run:
     return Run(samples)
 
 
-def _measure_txn(ctx: Ctx, request_ids: bool) -> Run:
+def measure_txn(ctx: Ctx, request_ids: bool = False) -> Run:
+    """``kv.txn`` of 2 VersionIs + 2 Put (with a fresh ``request_id`` each if asked)."""
     kv = ctx.store.kv
     a, b = f"bench/txn/{_tag()}/a", f"bench/txn/{_tag()}/b"
     va, vb = kv.put(a, b"0").version, kv.put(b, b"0").version
@@ -322,16 +323,6 @@ def _measure_txn(ctx: Ctx, request_ids: bool) -> Run:
         if i >= ctx.warmup:
             samples.append(elapsed * 1000.0)
     return Run(samples)
-
-
-def measure_txn(ctx: Ctx) -> Run:
-    """``kv.txn`` of 2 VersionIs + 2 Put, no request id."""
-    return _measure_txn(ctx, request_ids=False)
-
-
-def measure_txn_request_id(ctx: Ctx) -> Run:
-    """The same txn with a fresh ``request_id`` each (retry-safe)."""
-    return _measure_txn(ctx, request_ids=True)
 
 
 def measure_feed(ctx: Ctx) -> Run:
@@ -393,10 +384,11 @@ class Measure:
     waits: bool = False  # a waiter is involved (early returns are meaningful)
 
 
+TXN = "kv.txn 2 VersionIs + 2 Put"
 MEASURES = (
     Measure("lease", "lease acquire+release round trip", measure_lease),
-    Measure("txn", "kv.txn 2 VersionIs + 2 Put", measure_txn),
-    Measure("txn_rid", "kv.txn 2 VersionIs + 2 Put, request_id", measure_txn_request_id),
+    Measure("txn", TXN, measure_txn),
+    Measure("txn_rid", f"{TXN}, request_id", partial(measure_txn, request_ids=True)),
     Measure("feed", "change feed: put → waiter has it", measure_feed, waits=True),
     Measure("wake", "release → blocked leases.wait returns", measure_wake, waits=True),
 )
@@ -455,10 +447,6 @@ def run(config: ContractBench, console: Console) -> list[BackendResults]:
     return [run_backend(b, config, console) for b in config.backends]
 
 
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
 def _verdict(met: bool) -> str:
     return "[green]met[/]" if met else "[red]MISSED[/]"
 
@@ -485,8 +473,8 @@ def report(config: ContractBench, all_results: list[BackendResults], console: Co
                 table.add_row(name, m.label, "error", "error", "", f"[red]{error}[/]",
                               end_section=last)  # fmt: skip
                 continue
-            p50 = _median([r.quantile(0.5) for r in runs])
-            p99 = _median([r.quantile(0.99) for r in runs])
+            p50 = statistics.median([r.quantile(0.5) for r in runs])
+            p99 = statistics.median([r.quantile(0.99) for r in runs])
             notes = []
             if m.key == "wake":
                 met50, met99 = p50 < TARGET_WAKE_MS, p99 < TARGET_WAKE_MS
