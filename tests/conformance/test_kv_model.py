@@ -1,7 +1,8 @@
 """KVStore against a reference model: random puts, cas, deletes, incr, touch,
-txns and time moving on a ManualClock must leave every key, and every key's
-history in the change feed (puts, deletes, expiries), exactly where the model
-says; revisions only grow and the writes of one txn share one.
+txns (fenced by a lease grant too) and time moving on a ManualClock must leave
+every key, and every key's history in the change feed (puts, deletes,
+expiries), exactly where the model says; revisions only grow and the writes of
+one txn share one.
 
 Runs where time can be injected (memory, SQLite); Redis runs the same rules
 through test_kv.py and test_kv_txn.py on real time.
@@ -19,7 +20,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from taskspace.backends import open_store
-from taskspace.backends.base import Delete, Exists, Put, ValueIs, Versioned, VersionIs
+from taskspace.backends.base import (
+    Compare,
+    Delete,
+    Exists,
+    Grant,
+    GrantHeld,
+    Put,
+    ValueIs,
+    Versioned,
+    VersionIs,
+)
 from taskspace.backends.memory import ManualClock
 from taskspace.errors import NotAnInteger
 from tests.conformance.conftest import CAPABILITIES, manual_url
@@ -58,6 +69,8 @@ class KVMachine(RuleBasedStateMachine):
         self.store = open_store(self.url(), clock=self.clock)
         self.keys: dict[str, Key] = defaultdict(Key)
         self.revision = 0  # highest revision seen
+        self.grants: list[Grant] = []  # of the lease "fence": the last may be current
+        self.released = False
 
     def teardown(self) -> None:
         self.store.close()
@@ -155,10 +168,32 @@ class KVMachine(RuleBasedStateMachine):
         k.expires = self._in(ttl)
         assert got == Versioned(k.value, k.version, k.version, k.expires)
 
+    @rule(ttl=st.sampled_from([1.5, 3.5]))
+    def lease_acquire(self, ttl: float) -> None:
+        got = self.store.leases.acquire("fence", "me", ttl)
+        assert (got is None) is (self._grant_held() is not None)
+        if got is not None:
+            self.grants.append(got)
+            self.released = False
+
+    @rule()
+    def lease_release(self) -> None:
+        current = self._grant_held()
+        if self.grants:
+            assert self.store.leases.release(self.grants[-1]) is (current is not None)
+        self.released = True
+
+    def _grant_held(self) -> Grant | None:
+        if not self.grants or self.released or self.grants[-1].expires <= self.clock.now():
+            return None
+        return self.grants[-1]
+
     @rule(data=st.data())
     def txn(self, data: st.DataObject) -> None:
         self._expire_due()
-        compares = []
+        compares: list[Compare] = []
+        if self.grants and data.draw(st.booleans()):
+            compares.append(GrantHeld(data.draw(st.sampled_from(self.grants[-2:]))))
         for key in data.draw(st.lists(KEYS, max_size=2)):
             k = self.keys[key]
             kind = data.draw(st.sampled_from(["version", "value", "exists"]))
@@ -200,7 +235,9 @@ class KVMachine(RuleBasedStateMachine):
             assert r.revision > self.revision
             self.revision = r.revision
 
-    def _holds(self, c: VersionIs | ValueIs | Exists) -> bool:
+    def _holds(self, c: Compare) -> bool:
+        if isinstance(c, GrantHeld):
+            return c.grant == self._grant_held()
         k = self.keys[c.key]
         if isinstance(c, VersionIs):
             return c.version == (k.version if k.value is not None else None)
