@@ -673,8 +673,19 @@ def test_stream_entry_and_task_times_are_epoch_seconds(tmp_path: Path) -> None:
     assert done is not None and done.started is not None and done.finished is not None
     for t in (entry.time, done.created, done.started, done.finished):
         assert before <= t <= after
-    time.sleep(0.02)
-    assert store.streams.trim("s", max_age=0.01) == 1
+    store.close()
+
+
+def test_trim_by_age_follows_the_wall_clock(tmp_path: Path) -> None:
+    from taskspace.backends.memory import ManualClock
+
+    clock = ManualClock()
+    store = open_store(f"sqlite:///{tmp_path}/s.db", clock=clock)
+    store.streams.append("s", b"old")
+    clock.advance(60)
+    store.streams.append("s", b"new")
+    assert store.streams.trim("s", max_age=30) == 1
+    assert [e.data for e in store.streams.read("s")] == [b"new"]
     store.close()
 
 
