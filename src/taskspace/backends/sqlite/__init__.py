@@ -83,7 +83,12 @@ class SQLiteStore:
         self.url = url
         self.settings = settings
         if settings.path != ":memory:":
-            Path(settings.path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(settings.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise BackendError(
+                    f"SQLite cannot create the directory of {settings.path!r}: {exc}"
+                ) from exc
         self.conn = SQLiteConn(settings, clock)
         self.space_id = self._initialise()
         waiter = Waiter(self.conn)
