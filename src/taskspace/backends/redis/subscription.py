@@ -99,13 +99,17 @@ class RedisSubscription(Closeable):
         self._buffer.append(message)
 
     def _fill(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for a reply, then buffer every reply that
-        has arrived. BackendError if the connection is lost."""
+        """Wait up to ``timeout`` for a reply, then buffer the replies that
+        have arrived (reading at most twice SUBSCRIPTION_BUFFER per call, so a
+        publisher faster than this reader cannot keep it here). BackendError
+        if the connection is lost."""
         sock = self._sock
 
         def drain() -> None:
             wait = timeout
-            while sock.can_read(timeout=wait):
+            for _ in range(2 * SUBSCRIPTION_BUFFER):
+                if not sock.can_read(timeout=wait):
+                    return
                 self._take(sock.read_response(push_request=True))
                 wait = 0
 
