@@ -11,7 +11,7 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from taskspace.backends import open_store
-from taskspace.backends.base import Put, VersionIs
+from taskspace.backends.base import Put, TaskSpec, VersionIs
 
 COUNTER = "race/counter"
 
@@ -77,3 +77,27 @@ def run(fn: Callable[..., Any], args: tuple[Any, ...], go: Event, out: Queue[Any
         out.put((i, True, fn(*args, go)))
     except BaseException:  # noqa: BLE001 - reported to the test, which fails on it
         out.put((i, False, traceback.format_exc()))
+
+
+def waker(url: str, held: Event, steps: list[Event], go: Event) -> None:
+    """Hold a lease of "w/lease" (``held`` once it does), then for each step,
+    0.1 s after the test sets it: release that lease, put "w/x", append to
+    stream "w", push a task to queue "w"."""
+    store = open_store(url)
+    try:
+        go.wait(60)
+        grant = store.leases.acquire("w/lease", "waker", 30.0)
+        assert grant is not None
+        held.set()
+        actions: list[Callable[[], Any]] = [
+            lambda: store.leases.release(grant),
+            lambda: store.kv.put("w/x", b"1"),
+            lambda: store.streams.append("w", b"1"),
+            lambda: store.queue.push([TaskSpec("t-w", "job", b"{}", queue="w")]),
+        ]
+        for step, action in zip(steps, actions, strict=True):
+            assert step.wait(60)
+            time.sleep(0.1)  # so the test is blocked by then
+            action()
+    finally:
+        store.close()

@@ -1,6 +1,7 @@
 """Races between processes (backends with ``multi_process``: SQLite, Redis):
-optimistic txn increments lose no update, and a capacity-3 lease is never held
-by more than 3 at once. The bodies live in race_workers.py (spawned)."""
+optimistic txn increments lose no update, a capacity-3 lease is never held by
+more than 3 at once, and blocking waits wake on another process's writes. The
+bodies live in race_workers.py (spawned)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,42 @@ def test_capacity_3_lease_is_never_held_by_more_than_3_processes(backend, caps, 
         assert store.leases.holders("race/lease") == []
     finally:
         store.close()
+
+
+def test_blocking_waits_wake_on_writes_by_another_process(backend, caps, tmp_path):
+    url = _url(backend, caps, tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    held, go = ctx.Event(), ctx.Event()
+    steps = [ctx.Event() for _ in range(4)]
+    proc = ctx.Process(target=race_workers.waker, args=(url, held, steps, go), daemon=True)
+    proc.start()
+    store = open_store(url)
+    try:
+        go.set()
+        assert held.wait(60)
+        rev = store.kv.revision()
+        # (wait, the condition it waits for): waits may return early, so loop
+        waits = [
+            (lambda: store.leases.wait("w/lease", 10.0),
+             lambda: store.leases.holders("w/lease") == []),
+            (lambda: store.kv.wait("w/", rev, 10.0),
+             lambda: store.kv.changes("w/", rev) != []),
+            (lambda: store.streams.read("w", wait=10.0),
+             lambda: store.streams.read("w") != []),
+            (lambda: store.queue.wait_for_tasks(["w"], 10.0),
+             lambda: store.queue.state("t-w") == "queued"),
+        ]  # fmt: skip
+        took = []
+        for step, (wait, done) in zip(steps, waits, strict=True):
+            start = time.monotonic()
+            step.set()
+            while not done():
+                assert time.monotonic() - start < 10.0
+                wait()
+            took.append(time.monotonic() - start)
+        # each woke soon after the write 0.1 s in, far before its 10 s timeout
+        assert max(took) < 1.5, took
+    finally:
+        store.close()
+        proc.join(10)
+    assert proc.exitcode == 0
