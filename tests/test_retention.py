@@ -38,7 +38,8 @@ REDIS_KEPT_KEYS = ("kvlog", "kvreq", "kvreqexp", "claimreq", "claimreqexp")
 def _sqlite_footprint(path: Path) -> Callable[[], int]:
     def measure() -> int:
         with sqlite3.connect(path) as conn:
-            for table in SQLITE_KEPT_TABLES:
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+            for table in tables.intersection(SQLITE_KEPT_TABLES):
                 conn.execute(f"DELETE FROM {table}")
             conn.commit()
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

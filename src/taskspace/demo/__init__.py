@@ -24,6 +24,7 @@ from rich.table import Table
 
 from taskspace.backends.base import FINAL_STATES, TaskRecord
 from taskspace.demo.sweep import grid, make_space
+from taskspace.errors import TaskNotFound
 from taskspace.space import Space
 from taskspace.tasks.handle import Handle
 
@@ -77,7 +78,13 @@ class _Fleet:
 
 
 def _records(space: Space, handles: list[Handle]) -> list[TaskRecord]:
-    return [space.store.queue.get(h.id) for h in handles]  # type: ignore[misc]
+    """Every trial's record, in one round trip; a missing one is a lost space or a bug."""
+    records = space.store.queue.get_many([h.id for h in handles])
+    missing = [h.id for h, r in zip(handles, records, strict=True) if r is None]
+    if missing:
+        space.store.check_space()  # SpaceLost if the space was wiped under the demo
+        raise TaskNotFound(missing[0])
+    return [r for r in records if r is not None]
 
 
 def _leaderboard(records: list[TaskRecord], space: Space, killed_pid: int | None) -> Table:

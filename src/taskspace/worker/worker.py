@@ -321,6 +321,8 @@ class Worker:
         )
 
     def _dispatch(self, record: TaskRecord) -> None:
+        if self.report.space_lost:
+            return  # claimed as the space was lost: gone with it, never run
         task = self.space._tasks.get(record.name)
         prepared = ex.prepare(record, task, self.space.allow_pickle)
         if isinstance(prepared, Outcome) or task is None:
