@@ -131,3 +131,18 @@ def test_a_handle_of_a_task_in_a_wiped_space_raises_space_lost(
         assert time.monotonic() - began < 3.0  # at once: never waited out as an outage
     with pytest.raises(SpaceLost):
         redis_space.handle(handle.id)
+
+
+@pytest.mark.timeout(60)
+def test_redis_restarted_without_persistence_stops_the_worker_once_it_reconnects(
+    redis_server: RedisServer, redis_url: str, redis_space: Space, redis_fleet: Fleet, marks: Path
+) -> None:
+    """No AOF, no RDB: the restarted server is empty. The worker rides out the outage
+    as usual, then finds on reconnecting that its space is gone, and stops."""
+    worker = redis_fleet.start()
+    start_long_task(redis_space, marks, "faults.long_lease")
+    redis_server.kill()
+    wait_for(lambda: "backend unreachable" in worker.log(), 10, "the worker to see the outage")
+    assert worker.alive()  # an outage alone is ridden out
+    redis_server.restart()
+    assert_stopped_for_lost_space(worker, redis_url, held=1, since=time.monotonic())
