@@ -8,7 +8,8 @@ local function stream_key(stream) return P .. 's:' .. stream end
 
 -- Request ids of `family` (a key name): the remembered reply, or nil. Prunes
 -- a few expired ids on every call, so the family stays bounded by what
--- REQUEST_ID_TTL_S of requests leave (and never above REQUEST_MAX ids).
+-- REQUEST_ID_TTL_S of requests leave (and never above REQUEST_MAX ids), and
+-- expires REQUEST_ID_TTL_S after its last request.
 -- (The same rule as _kv.lua's: one library per script.)
 local function request_recall(family, id, now)
   local exp = P .. family .. 'exp'
@@ -28,6 +29,10 @@ local function request_remember(family, id, reply, now, ttl)
   local exp = P .. family .. 'exp'
   redis.call('HSET', P .. family, id, cjson.encode(reply))
   redis.call('ZADD', exp, now + tonumber(ttl), id)
+  -- Both keys go REQUEST_ID_TTL_S after the last request of the family.
+  local ms = math.ceil(tonumber(ttl) * 1000) + 1000
+  redis.call('PEXPIRE', P .. family, ms)
+  redis.call('PEXPIRE', exp, ms)
   if redis.call('ZCARD', exp) > REQUEST_MAX then
     local popped = redis.call('ZPOPMIN', exp, 16)
     for i = 1, #popped, 2 do redis.call('HDEL', P .. family, popped[i]) end
