@@ -220,6 +220,32 @@ def test_grant_id_makes_acquire_idempotent_and_renew_is_one_batch(store: RedisSt
     assert renewed[0].token == a.token and renewed[0].expires > a.expires
 
 
+def test_every_auxiliary_key_expires_on_its_own(store: RedisStore, url: str) -> None:
+    """Grants, capacities, waiter registrations, wake lists and request ids
+    carry a Redis expiry, so a space nobody uses any more sheds them."""
+    leases, kv = store.leases, store.kv
+    held = leases.acquire("busy", "me", 30.0)
+    assert held is not None
+    leases.wait("busy", 0.05)  # registers a waiter, times out
+    kv.wait("quiet/", kv.revision(), 0.05)
+    kv.txn([], [Put("a", b"1")], request_id="t")
+    kv.incr("n", request_id="i")
+    store.streams.append_many("s", [b"x"], request_id="s")
+    waiter = RedisStore(url)
+    try:
+        timer = threading.Timer(0.1, lambda: kv.put("quiet/1", b"x"))
+        timer.start()
+        waiter.kv.wait("quiet/", kv.revision(), 5.0)
+        timer.join()
+    finally:
+        waiter.close()
+    families = ("lz:", "lg:", "lc:", "lwq:", "lw:", "kvwaiters", "kvw:", "kvreq", "kvincr", "sreq")
+    aux = [k for f in families for k in keys(store, f)]
+    assert len(aux) >= 8
+    ttls = {k: store.conn.client.pttl(k) for k in aux}
+    assert all(ttl > 0 for ttl in ttls.values()), ttls
+
+
 # -- Streams -----------------------------------------------------------------
 
 

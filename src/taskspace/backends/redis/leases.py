@@ -2,11 +2,11 @@
 
 Layout and retention (keys under the space prefix P; see ``lua/_lease.lua``):
 
-- ``lz:<name>`` (zset grant id -> expiry) and ``lg:<name>\\n<id>`` (hash per
-  grant): the live grants. A grant's hash carries a Redis expiry one second
-  past its own, and every acquire/wait prunes expired grants of the name, so
-  nothing outlives its grant by more than a second or the next use of the name.
-- ``lc:<name>``: the capacity, kept while the name has live grants.
+- ``lz:<name>`` (zset grant id -> expiry), ``lg:<name>\\n<id>`` (hash per
+  grant) and ``lc:<name>`` (the capacity): the live grants. Each key carries a
+  Redis expiry one second past the grant(s) it holds, and every acquire or
+  wait prunes a name's expired grants, so nothing outlives its grants by more
+  than a second.
 - ``lwq:<name>`` / ``lw:<waiter>``: the waiters of a name (deleted by a
   release, else expiring with the longest wait) and each waiter's own wake
   list, where a release pushes one token (expiring within seconds).

@@ -1,7 +1,8 @@
 -- Named leases (library of the lease_* scripts; kv_txn reads it too, for GrantHeld).
 --
 -- Keys of a name N (all deleted or expiring once N has no live grant):
---   lz:N          zset: grant id -> expires (lease clock); the live grants.
+--   lz:N          zset: grant id -> expires (lease clock); the live grants
+--                 (PEXPIREd with the last grant, as lc:N).
 --   lg:N\nID      hash: holder, token, expires, data; one grant. PEXPIREd at its
 --                 expiry (+ GRANT_SLACK_MS), deleted by release or pruning.
 --   lc:N          the capacity while N has live grants (PEXPIREd with the last grant).
@@ -34,12 +35,14 @@ local function grant_current(name, id, token, now)
   return g ~= nil and g.token == token and g.expires > now
 end
 
--- Keep the capacity key as long as the longest-lived grant, no longer.
+-- Keep the grant index and the capacity of `name` as long as its
+-- longest-lived grant (+ GRANT_SLACK_MS), no longer.
 local function lease_cap_expire(name, now)
   local last = redis.call('ZRANGE', lease_zset(name), -1, -1, 'WITHSCORES')
   if last[2] then
-    local ms = math.ceil((tonumber(last[2]) - now) * 1000) + GRANT_SLACK_MS
-    redis.call('PEXPIRE', lease_cap_key(name), math.max(ms, 1))
+    local ms = math.max(math.ceil((tonumber(last[2]) - now) * 1000) + GRANT_SLACK_MS, 1)
+    redis.call('PEXPIRE', lease_cap_key(name), ms)
+    redis.call('PEXPIRE', lease_zset(name), ms)
   else
     redis.call('DEL', lease_cap_key(name))
   end
