@@ -113,7 +113,7 @@ local function kv_wake(keys, now)
   if #keys == 0 then return end
   local z = P .. 'kvwaiters'
   if redis.call('EXISTS', z) == 0 then return end
-  redis.call('ZREMRANGEBYSCORE', z, '-inf', '(' .. now)  -- waiters that left
+  redis.call('ZREMRANGEBYSCORE', z, '-inf', '(' .. fmt(now))  -- waiters that left
   for _, member in ipairs(redis.call('ZRANGE', z, 0, -1)) do
     local waiter, prefix = string.match(member, '^([^\n]*)\n(.*)$')
     for _, key in ipairs(keys) do

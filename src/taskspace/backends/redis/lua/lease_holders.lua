@@ -2,7 +2,7 @@
 -- Read-only (runs on the reads client): expired grants are skipped, not pruned.
 local name = ARGV[1]
 local now = clock()
-local ids = redis.call('ZRANGEBYSCORE', lease_zset(name), '(' .. now, '+inf')
+local ids = redis.call('ZRANGEBYSCORE', lease_zset(name), '(' .. fmt(now), '+inf')
 local out = {}
 for _, id in ipairs(ids) do
   local g = grant_read(name, id)

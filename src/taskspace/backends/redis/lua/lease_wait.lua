@@ -9,7 +9,7 @@ if live == 0 or live < cap then return '0' end
 local first = redis.call('ZRANGE', lease_zset(name), 0, 0, 'WITHSCORES')
 local q = P .. 'lwq:' .. name
 local timeout = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', q, '-inf', '(' .. now)  -- waiters that left
+redis.call('ZREMRANGEBYSCORE', q, '-inf', '(' .. fmt(now))  -- waiters that left
 redis.call('ZADD', q, now + timeout + 1, waiter)
 local ms = math.ceil(timeout * 1000) + 1000
 if redis.call('PTTL', q) < ms then redis.call('PEXPIRE', q, ms) end
