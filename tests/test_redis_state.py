@@ -146,6 +146,20 @@ def test_wait_of_a_quiet_prefix_ignores_other_prefixes_and_wakes_on_its_own(
     assert keys(store, "kvwaiters") == []  # the put consumed the registration
 
 
+def test_wait_ends_by_an_expiry_of_its_own_prefix_only(store: RedisStore) -> None:
+    kv = store.kv
+    kv.put("other/1", b"x", ttl=0.05)
+    started = time.monotonic()
+    kv.wait("quiet/", kv.revision(), 0.3)
+    assert time.monotonic() - started >= 0.25  # another prefix's expiry: no wake-up
+    kv.put("quiet/1", b"x", ttl=0.05)
+    rev = kv.revision()
+    started = time.monotonic()
+    kv.wait("quiet/", rev, 5.0)
+    assert time.monotonic() - started < 1.0  # its own key's expiry ends the wait
+    assert [c.kind for c in kv.changes("quiet/", rev)] == ["expire"]
+
+
 def test_scan_pages_past_expired_keys(store: RedisStore) -> None:
     kv = store.kv
     for i in range(10):

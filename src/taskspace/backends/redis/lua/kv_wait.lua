@@ -20,7 +20,18 @@ local timeout = tonumber(ARGV[5])
 redis.call('ZADD', z, now + timeout + 1, ARGV[6] .. '\n' .. prefix)
 local ms = math.ceil(timeout * 1000) + 1000
 if redis.call('PTTL', z) < ms then redis.call('PEXPIRE', z, ms) end
-local first = redis.call('ZRANGE', P .. 'kvexp', 0, 0, 'WITHSCORES')
+-- The earliest expiry of a key of the prefix among the EXPIRY_LOOK soonest
+-- (past those, the last one looked at: the wait re-checks then).
+local EXPIRY_LOOK = 100
+local soon = redis.call('ZRANGE', P .. 'kvexp', 0, EXPIRY_LOOK - 1, 'WITHSCORES')
+local at = nil
+for i = 1, #soon, 2 do
+  if string.sub(soon[i], 1, #prefix) == prefix then
+    at = tonumber(soon[i + 1])
+    break
+  end
+end
+if not at and #soon == 2 * EXPIRY_LOOK then at = tonumber(soon[#soon]) end
 local until_expiry = ''
-if first[2] then until_expiry = fmt(math.max(tonumber(first[2]) - now, 0.001)) end
+if at then until_expiry = fmt(math.max(at - now, 0.001)) end
 return {'wait', last, until_expiry}
