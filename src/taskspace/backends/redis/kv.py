@@ -285,8 +285,8 @@ class RedisKV:
         """Scans the feed from ``after_revision`` (remembering how far, so a
         repeated wait does not rescan), then blocks in BLPOP (steps of
         WAIT_STEP_S on the reads client) on this wait's own wake list, which
-        the first write of a matching key fills; ends early by the earliest
-        key expiry."""
+        the first write of a matching key fills; ends by the earliest expiry
+        of a key of the prefix."""
         conn = self._conn
         after_revision = max(0, int(after_revision))
         memo = (prefix, after_revision)
