@@ -92,10 +92,9 @@ def scheme_of(url: str) -> str:
 
 def _check_redis_url(url: str) -> None:
     if url.split("://", 1)[0].lower() == "redis+sentinel":
-        from taskspace.backends.redis.conn import split_namespace
         from taskspace.backends.redis.sentinel import parse_sentinel_url
 
-        parse_sentinel_url(split_namespace(url)[0])
+        parse_sentinel_url(url)  # the namespace option included
         return
     parts = urlsplit(url)
     try:

@@ -113,7 +113,7 @@ class RedisConnection:
             from taskspace.backends.redis.sentinel import sentinel_clients
 
             self.client, self.reads = sentinel_clients(
-                plain,
+                url,
                 socket_timeout=SOCKET_TIMEOUT_S,
                 connect_timeout=CONNECT_TIMEOUT_S,
                 read_timeout=READ_TIMEOUT_S,
