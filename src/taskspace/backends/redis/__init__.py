@@ -27,14 +27,14 @@ a restart without persistence) or replaced.
 Wake-ups: idle workers block in ``BLPOP`` on per-queue and per-(queue, name)
 wake lists that every enqueue fills (bounded); result waiters register
 interest and block in ``BLPOP`` on a per-task done list that the finishing
-script fills only when someone registered. Nothing sleep-polls. A wait
+script fills only when someone registered, with the final record itself, so
+the waiter's next ``get`` needs no round trip. Nothing sleep-polls. A wait
 returns, or raises BackendError, within about its timeout even behind a
 stalled connection (see ``conn.py``).
 
 Storage stays bounded: a settled task with a ``result_ttl`` is deleted by
-``reap`` once it has passed, and its hash carries an EXPIRE an hour later as
-a backstop (reap still fixes counts and indexes then); ``reap`` also drops
-expired KV keys from the KV index.
+``queue.reap`` once it has passed, and its hash carries an EXPIRE an hour
+later as a backstop (reap still fixes counts and indexes then).
 
 Faults: every Redis error surfaces as :class:`~taskspace.errors.BackendError`;
 workers retry with backoff and resume when Redis returns. Every claim's
