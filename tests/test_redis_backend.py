@@ -515,3 +515,33 @@ def test_a_wait_for_finish_brings_the_final_record_for_the_next_get(
     raw(store, "HSET", f"{store.prefix}t:{task_id}", "codec", "changed")
     again = store.queue.get(task_id)
     assert again is not None and again.codec == "changed"
+
+
+@pytest.mark.timeout(30)
+def test_a_record_nobody_took_is_never_served_after_a_retry(store: RedisStore) -> None:
+    (task_id,) = store.queue.push([spec()])
+    (rec,) = store.queue.claim(["default"], "w", 1)
+    store.queue.wait_for_finish([task_id], 0.05)  # registers, then gives up
+    store.queue.finish([(rec.lease, Outcome("failed", error={"type": "E"}))])
+    assert store.queue.retry(task_id) == "queued"
+    started = time.monotonic()
+    store.queue.wait_for_finish([task_id], 0.3)
+    assert time.monotonic() - started >= 0.25  # nothing ended: no early wake
+    again = store.queue.get(task_id)
+    assert again is not None and again.state == "queued"
+
+
+@pytest.mark.timeout(30)
+def test_a_wait_after_redis_lost_its_scripts_loads_them_and_waits(store: RedisStore) -> None:
+    (task_id,) = store.queue.push([spec()])
+    store.queue.wait_for_finish([task_id], 0.01)
+    raw(store, "SCRIPT", "FLUSH")  # as a restarted Redis has no cached scripts
+    started = time.monotonic()
+    store.queue.wait_for_finish([task_id], 0.3)
+    assert 0.25 <= time.monotonic() - started < 2
+    (rec,) = store.queue.claim(["default"], "w", 1)
+    store.queue.finish([(rec.lease, Outcome("succeeded", result=b"7"))])
+    raw(store, "SCRIPT", "FLUSH")
+    store.queue.wait_for_finish([task_id], 5)  # ended: returns at once, with the record
+    got = store.queue.get(task_id)
+    assert got is not None and got.result == b"7"

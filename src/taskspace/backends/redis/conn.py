@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -122,6 +123,7 @@ class RedisConnection:
             self.client = _client(redis_mod, url, plain, SOCKET_TIMEOUT_S, CONNECT_TIMEOUT_S)
             self.reads = _client(redis_mod, url, plain, READ_TIMEOUT_S, READ_TIMEOUT_S)
         self._errors: tuple[type[BaseException], ...] = (redis_mod.RedisError, OSError)
+        self._noscript: type[BaseException] = redis_mod.exceptions.NoScriptError
         self._scripts = {
             name: self.client.register_script(source) for name, source in load_scripts().items()
         }
@@ -183,28 +185,55 @@ class RedisConnection:
         """BLPOP ``keys`` for up to ``timeout`` s: the (key, value) popped, or None
         after the timeout; BackendError if no reply comes within BLOCK_MARGIN_S
         after that (a stalled connection)."""
-        return self.call(lambda: self._blpop(keys, max(timeout, 0.001)))
+        return self.call(lambda: self._blpop(None, keys, max(timeout, 0.001))[1])
 
-    def _blpop(self, keys: Sequence[str], timeout: float) -> tuple[bytes, bytes] | None:
+    def run_then_block(
+        self, script: str, args: Sequence[Any], keys: Sequence[str], timeout: float
+    ) -> tuple[Any, tuple[bytes, bytes] | None]:
+        """Run ``script`` and, sent with it in one write on the same connection,
+        BLPOP ``keys`` (as ``block``): one round trip. Returns the script's
+        reply and what BLPOP popped. A script that fails abandons the
+        connection, and with it the BLPOP; a script missing from Redis's cache
+        (a restart) is loaded and the pair sent again."""
+        call = (script, args)
+        try:
+            return self.call(lambda: self._blpop(call, keys, max(timeout, 0.001)))
+        except BackendError as exc:
+            if not isinstance(exc.__cause__, self._noscript):
+                raise
+        self.call(lambda: self.reads.script_load(self._scripts[script].script))
+        return self.call(lambda: self._blpop(call, keys, max(timeout, 0.001)))
+
+    def _blpop(
+        self, call: tuple[str, Sequence[Any]] | None, keys: Sequence[str], timeout: float
+    ) -> tuple[Any, tuple[bytes, bytes] | None]:
         pool = self.reads.connection_pool
         try:
             conn = pool.get_connection()
         except TypeError:  # redis-py < 6 wants a command name
             conn = pool.get_connection("BLPOP")
+        deadline = time.monotonic() + timeout + BLOCK_MARGIN_S
+        commands: list[tuple[Any, ...]] = [("BLPOP", *keys, f"{timeout:.3f}")]
+        if call is not None:
+            script, args = call
+            commands.insert(0, ("EVALSHA", self._scripts[script].sha, 1, self.prefix, *args))
         try:
-            conn.send_command("BLPOP", *keys, f"{timeout:.3f}")
-            if not conn.can_read(timeout=timeout + BLOCK_MARGIN_S):
-                raise BackendError(
-                    f"Redis at {self.url}: no reply to a {timeout:.3f} s wait within "
-                    f"{BLOCK_MARGIN_S} s after it (stalled connection)"
-                )
-            reply = conn.read_response()
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies = []
+            for _ in commands:
+                if not conn.can_read(timeout=max(0.0, deadline - time.monotonic())):
+                    raise BackendError(
+                        f"Redis at {self.url}: no reply to a {timeout:.3f} s wait within "
+                        f"{BLOCK_MARGIN_S} s after it (stalled connection)"
+                    )
+                replies.append(conn.read_response())
         except BaseException:
             conn.disconnect()  # its reply may still arrive: never reuse it
             raise
         finally:
             pool.release(conn)
-        return None if not reply else (reply[0], reply[1])
+        popped = replies[-1]
+        return replies[0] if call else None, None if not popped else (popped[0], popped[1])
 
     def close(self) -> None:
         """Close both clients; idempotent."""

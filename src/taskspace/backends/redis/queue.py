@@ -230,20 +230,19 @@ class RedisQueue:
         self._conn.block(woken, wait)
 
     def wait_for_finish(self, task_ids: Sequence[str], timeout: float) -> None:
-        """One script that returns at once if a task ended, or registers this
-        wait; then BLPOP on the tasks' done lists. Either way the final record
-        may come along (the script's reply, the finisher's push): it is kept
-        for this thread's next ``get`` of that task (see ``get``)."""
+        """One round trip: the watch script (which registers this wait, or, if a
+        task ended, pushes its final record to its done list itself) and, in
+        the same write, BLPOP on the tasks' done lists. The final record that
+        comes along (from watch or from the finishing script) is kept for this
+        thread's next ``get`` of that task (see ``get``)."""
         self._ended.record = None
         ids = list(dict.fromkeys(task_ids))
         if not ids:
             return
-        reply = self._conn.run("watch", ids, read=True)
-        if reply == 0:
-            popped = self._conn.block([f"{self._prefix}done:{i}" for i in ids], timeout)
-            reply = None if popped is None else popped[1]
-        if isinstance(reply, bytes) and reply.startswith(PACKED):
-            self._ended.record = record(unpack_record(reply))
+        done = [f"{self._prefix}done:{i}" for i in ids]
+        _, popped = self._conn.run_then_block("watch", ids, done, timeout)
+        if popped is not None and popped[1].startswith(PACKED):
+            self._ended.record = record(unpack_record(popped[1]))
             self._ended.at = time.monotonic()
 
     def _take_ended(self) -> TaskRecord | None:

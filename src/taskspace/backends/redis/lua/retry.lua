@@ -11,6 +11,7 @@ local now = clock()
 local woken = {}
 redis.call('ZREM', P .. 'expiry', expiry_member(t.state, t.queue, id))
 redis.call('PERSIST', k)
+redis.call('DEL', P .. 'done:' .. id)  -- records of its end nobody took: never serve them
 redis.call('HSET', k, 'state', 'queued', 'attempts', 0, 'lost', 0, 'ready_at', fmt(now))
 redis.call('HDEL', k, 'finished', 'worker', 'lease_expires', 'cancel', 'pdone', 'ptotal',
   'result')
