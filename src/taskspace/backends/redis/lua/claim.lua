@@ -41,27 +41,31 @@ local function take(q, wanted, want, tidy)
     for j = 1, #popped, 2 do ids[#ids + 1] = popped[j] end
     return ids
   end
-  local cands, keys = {}, {}
+  -- Each candidate: its score, id and ready set; each set: its key and how
+  -- many of its members were taken.
+  local cands, sets = {}, {}
   for _, name in ipairs(wanted) do
     local key = rkey(q, name)
     local head = redis.call('ZRANGE', key, 0, want - 1, 'WITHSCORES')
     if #head > 0 then
-      keys[#keys + 1] = {key, 0}
-      for j = 1, #head, 2 do cands[#cands + 1] = {tonumber(head[j + 1]), head[j], #keys} end
+      local set = {key = key, taken = 0}
+      sets[#sets + 1] = set
+      for j = 1, #head, 2 do
+        cands[#cands + 1] = {score = tonumber(head[j + 1]), id = head[j], set = set}
+      end
     elseif tidy then
       redis.call('SREM', P .. 'qnames:' .. q, name)  -- re-added by the next enqueue
     end
   end
-  if #keys > 1 then table.sort(cands, function(a, b) return a[1] < b[1] end) end
+  if #sets > 1 then table.sort(cands, function(a, b) return a.score < b.score end) end
   local ids = {}
   for j = 1, math.min(want, #cands) do
-    ids[j] = cands[j][2]
-    local key = keys[cands[j][3]]
-    key[2] = key[2] + 1
+    ids[j] = cands[j].id
+    cands[j].set.taken = cands[j].set.taken + 1
   end
   -- The taken members of each set are its lowest-ranked ones.
-  for _, key in ipairs(keys) do
-    if key[2] > 0 then redis.call('ZREMRANGEBYRANK', key[1], 0, key[2] - 1) end
+  for _, set in ipairs(sets) do
+    if set.taken > 0 then redis.call('ZREMRANGEBYRANK', set.key, 0, set.taken - 1) end
   end
   return ids
 end
