@@ -609,7 +609,11 @@ class KVStore(Protocol):
     Guarantees:
 
     - Every write (put, cas, incr, delete, a txn's writes, and an expiry)
-      takes the next space **revision**; a txn's writes share one revision.
+      takes a new space **revision**, above every earlier one; a txn's
+      writes share one revision. Revisions are not dense (a backend may skip
+      numbers) and are never handed out twice, also across a failover that
+      lost the last writes (Redis derives them as it derives fencing tokens).
+      A call that changes nothing takes no revision.
     - ``version`` strictly increases with every write of a key and is never
       reused, also across delete and re-create, so compare-and-set has no ABA.
     - An expired key behaves exactly like a missing one, at once.
@@ -691,8 +695,12 @@ class KVStore(Protocol):
 
     def changes(self, prefix: str, after_revision: int, limit: int = 1000) -> list[Change]:
         """Changes of keys starting with ``prefix`` with revision above
-        ``after_revision``, oldest first, at most ``limit``. Raises Compacted
-        if the feed dropped a change above ``after_revision``."""
+        ``after_revision``, oldest first. A page never splits a revision (a
+        txn's changes come whole), so resuming from the last change's
+        revision misses nothing: it holds at most ``limit`` changes unless
+        its first revision alone has more, and is never empty while changes
+        remain. Raises Compacted if the feed dropped a change above
+        ``after_revision``."""
         ...
 
     def wait(self, prefix: str, after_revision: int, timeout: float) -> None:
@@ -713,7 +721,8 @@ class StreamStore(Protocol):
     """Append-only streams.
 
     Guarantees: ids increase within a stream and are never reused, also after
-    a trim; an entry is durable once ``append`` returns; ``time`` is the wall
+    a trim and across a failover that lost the last appends (ids are not
+    dense); an entry is durable once ``append`` returns; ``time`` is the wall
     clock of the append. Errors: BackendError (see the module docstring),
     ConfigError for a maxlen or limit below 1 or a negative wait.
     """
