@@ -94,8 +94,35 @@ def test_expiry_is_recorded_by_changes_without_reading_the_key(store: RedisStore
     while not (changes := kv.changes("e/", put.revision)) and time.monotonic() < deadline:
         kv.wait("e/", put.revision, 0.5)
     assert [(c.kind, c.version) for c in changes] == [("expire", put.version)]
-    assert changes[0].revision == put.revision + 1
+    assert changes[0].revision > put.revision and kv.revision() == changes[0].revision
     assert keys(store, "kv:") == [] and kv.get("e/1") is None
+
+
+def test_revisions_and_stream_ids_follow_the_fencing_rule(store: RedisStore) -> None:
+    """next = max(last + 1, wall µs): a small (pre-existing, dense) counter jumps
+    up to the wall clock, a counter ahead of the clock (a failover to a server
+    whose clock is behind) still moves by one, and old feed entries stay readable."""
+    client, p = store.conn.client, store.prefix
+    kv, st = store.kv, store.streams
+    client.set(p + "kvrev", 5)
+    client.xadd(p + "kvlog", {"k": "old", "kind": "put", "ver": 5, "v": b"o"}, id="5-0")
+    client.set(p + "sid:s", 7)
+    client.xadd(p + "s:s", {"d": b"old", "t": "1.0"}, id="7-0")
+    before_us = int(time.time() * 1e6) - 10**6  # loopback server: clocks agree within 1 s
+    jumped = kv.put("new", b"n")
+    first = st.append("s", b"new")
+    assert jumped.revision > before_us and first > before_us
+    assert [c.revision for c in kv.changes("", 0)] == [5, jumped.revision]
+    assert [e.id for e in st.read("s")] == [7, first]
+    ahead = 2**52  # far above the wall clock, still exact in a double
+    client.set(p + "kvrev", ahead)
+    client.set(p + "sid:s", ahead)
+    assert kv.txn([], [Put("a", b""), Put("b", b"")]).revision == ahead + 1
+    assert kv.incr("c") == 1 and kv.get("c") == Versioned(b"1", ahead + 2, ahead + 2)
+    assert st.append_many("s", [b"x", b"y"], request_id="r") == [ahead + 1, ahead + 2]
+    assert st.append_many("s", [b"x", b"y"], request_id="r") == [ahead + 1, ahead + 2]
+    assert kv.revision() == ahead + 2
+    assert [c.revision for c in kv.changes("", jumped.revision)] == [ahead + 1] * 2 + [ahead + 2]
 
 
 def test_compaction_keeps_a_revision_whole_and_raises_compacted(
@@ -103,15 +130,14 @@ def test_compaction_keeps_a_revision_whole_and_raises_compacted(
 ) -> None:
     monkeypatch.setattr(redis_kv, "KV_CHANGES_KEEP", 3)
     kv = store.kv
-    for i in range(3):
-        kv.put(f"k{i}", b"v")  # revisions 1..3
-    kv.txn([], [Put("t1", b""), Put("t2", b"")])  # revision 4: two changes
+    r = [kv.put(f"k{i}", b"v").revision for i in range(3)]
+    r.append(kv.txn([], [Put("t1", b""), Put("t2", b"")]).revision)  # two changes
     assert kv.reap() == 0
-    # Five changes, keep 3: revision 4's two entries stay together, so 1 and 2 go.
-    assert [c.revision for c in kv.changes("", 2)] == [3, 4, 4]
+    # Five changes, keep 3: r[3]'s two entries stay together, so r[0] and r[1] go.
+    assert [c.revision for c in kv.changes("", r[1])] == [r[2], r[3], r[3]]
     with pytest.raises(Compacted) as info:
-        kv.changes("", 1)
-    assert info.value.compacted == 2 and info.value.revision == 4
+        kv.changes("", r[0])
+    assert info.value.compacted == r[1] and info.value.revision == r[3]
 
 
 def test_wait_of_a_quiet_prefix_ignores_other_prefixes_and_wakes_on_its_own(
@@ -265,15 +291,16 @@ def test_every_auxiliary_key_expires_on_its_own(store: RedisStore, url: str) -> 
 
 def test_append_many_request_id_and_blocking_read(store: RedisStore, url: str) -> None:
     st = store.streams
-    assert st.append_many("s", [b"a", b"b"], request_id="r") == [1, 2]
-    assert st.append_many("s", [b"a", b"b"], request_id="r") == [1, 2]
-    assert [e.id for e in st.read("s")] == [1, 2]
+    ids = st.append_many("s", [b"a", b"b"], request_id="r")
+    assert ids[1] == ids[0] + 1 and ids[0] > 10**15  # wall microseconds: not dense
+    assert st.append_many("s", [b"a", b"b"], request_id="r") == ids  # exact, not 14 digits
+    assert [e.id for e in st.read("s")] == ids
     other = RedisStore(url)
     try:
         timer = threading.Timer(0.05, lambda: other.streams.append("s", b"c"))
         timer.start()
         started = time.monotonic()
-        got = st.read("s", after=2, wait=5.0)
+        got = st.read("s", after=ids[1], wait=5.0)
         timer.join()
     finally:
         other.close()

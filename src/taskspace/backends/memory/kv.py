@@ -314,10 +314,15 @@ class MemoryKV:
             self._expire_due(s.clock.now())
             self._check_compacted(after_revision)
             for change in s.changes[self._first_after(after_revision) :]:
+                if len(out) >= limit and change.revision != out[-1].revision:
+                    break  # the page is full and its last revision complete
                 if change.key.startswith(prefix):
                     out.append(change)
-                    if len(out) >= limit:
-                        break
+        if len(out) > limit and out[0].revision != out[-1].revision:
+            # A page never splits a revision: the last one, which took the page
+            # past the limit, starts the next page (unless it is the only one).
+            last = out[-1].revision
+            out = [c for c in out if c.revision != last]
         return out
 
     def wait(self, prefix: str, after_revision: int, timeout: float) -> None:

@@ -1,7 +1,10 @@
 """KVStore on Redis: versioned keys, one revision per space, a change feed.
 
 Every write is one Lua script (``lua/kv_*.lua`` with the library
-``lua/_kv.lua``, which lists the keys). Retention of each key family (under
+``lua/_kv.lua``, which lists the keys). Revisions (hence versions) are
+advanced like fencing tokens, ``max(last + 1, server wall clock in µs)``: never
+handed out twice, also across a failover that lost the last writes, and not
+dense. Retention of each key family (under
 the space prefix P):
 
 - ``kv:<key>``, ``kvidx``, ``kvexp``: one hash and two index entries per live
@@ -129,6 +132,15 @@ def _write_args(writes: Sequence[Write]) -> list[Any]:
     return args
 
 
+def _whole_revisions(page: list[Change], limit: int) -> list[Change]:
+    """``page`` (whole revisions, only its last one may take it past ``limit``)
+    without that last revision when it went past ``limit`` and is not the only one."""
+    if len(page) <= limit or page[0].revision == page[-1].revision:
+        return page
+    last = page[-1].revision
+    return [c for c in page if c.revision != last]
+
+
 class RedisKV:
     """Versioned keys (see base.KVStore and the module docstring)."""
 
@@ -251,11 +263,23 @@ class RedisKV:
     # -- change feed --------------------------------------------------------------
 
     def changes(self, prefix: str, after_revision: int, limit: int = 1000) -> list[Change]:
+        """Scans the feed in script calls of SCAN_BUDGET entries until the page
+        holds ``limit`` changes and its last revision is complete; a last
+        revision that took the page past ``limit`` is then left for the next
+        page, unless it is the page's only one (never split, never empty)."""
         check_limit(limit)
         out: list[Change] = []
         cursor = ""
         while True:
-            args = [prefix, max(0, int(after_revision)), cursor, limit - len(out), SCAN_BUDGET]
+            open_rev = str(out[-1].revision) if out else ""
+            args = [
+                prefix,
+                max(0, int(after_revision)),
+                cursor,
+                max(0, limit - len(out)),
+                SCAN_BUDGET,
+                open_rev,
+            ]
             reply = self._conn.run("kv_changes", args)
             if reply[0] == b"compacted":
                 raise Compacted(
@@ -265,7 +289,7 @@ class RedisKV:
                     revision=int(reply[1]),
                     compacted=int(reply[2]),
                 )
-            _, _, last, done, rows = reply
+            _, _, last, state, rows = reply
             for rev, key, kind, version, value in rows:
                 kind_s = kind.decode()
                 out.append(
@@ -277,8 +301,8 @@ class RedisKV:
                         value if kind_s == "put" else None,
                     )
                 )
-            if done or len(out) >= limit:
-                return out
+            if state != b"more":
+                return _whole_revisions(out, limit)
             cursor = last.decode()
 
     def wait(self, prefix: str, after_revision: int, timeout: float) -> None:

@@ -1,10 +1,12 @@
 """StreamStore on Redis: append-only logs on Redis Streams.
 
 Each stream is a Redis stream ``s:<name>`` under the space prefix, entry ids
-``<n>-0`` from the counter ``sid:<name>`` (so ids never repeat, also after a
-trim), fields ``d`` (data) and ``t`` (wall clock of the append). Retention:
-entries stay until ``trim`` or an append's ``maxlen`` drops them; the counter
-stays with the stream's name; request ids of ``append_many`` (``sreq``) are
+``<n>-0`` from the counter ``sid:<name>``, advanced like fencing tokens
+(``max(last + 1, server wall clock in µs)``, ``lua/_stream.lua``): ids never
+repeat, also after a trim and across a failover that lost the last appends,
+and are not dense. Fields ``d`` (data) and ``t`` (wall clock of the append).
+Retention: entries stay until ``trim`` or an append's ``maxlen`` drops them;
+the counter stays with the stream's name; request ids of ``append_many`` (``sreq``) are
 pruned after REQUEST_ID_TTL_S and capped at 100,000 (``lua/_stream.lua``).
 """
 

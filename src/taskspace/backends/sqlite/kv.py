@@ -325,10 +325,12 @@ class SQLiteKV:
         where, params = prefix_range(prefix)
         sql = f"{CHANGES} WHERE revision > ? AND {where} ORDER BY revision, key LIMIT ?"
         rows = self._c.read(sql, (after_revision, *params, limit + 1))
-        if len(rows) > limit:
-            # Never split a txn's changes across pages (the next page starts after
-            # a revision): end before the last revision, unless it is the only
-            # one, which is then returned whole.
+        if len(rows) > limit and rows[limit][0] != rows[limit - 1][0]:
+            rows = rows[:limit]  # the limit falls between two revisions
+        elif len(rows) > limit:
+            # The limit would split a txn's changes (the next page starts after a
+            # revision): end before that revision, unless it is the only one,
+            # which is then returned whole.
             last = rows[limit - 1][0]
             whole = [row for row in rows[:limit] if row[0] != last]
             if whole:

@@ -3,7 +3,8 @@
 --                   (expiry on the lease clock; absent: no TTL).
 --   kvidx           zset, every score 0: the stored keys, for scans in key order.
 --   kvexp           zset: key -> expiry, for keys with a TTL.
---   kvrev           the space's KV revision (INCR).
+--   kvrev           the space's KV revision, the last one handed out (see
+--                   kv_next_revision: not dense, never handed out twice).
 --   kvlog           stream: the change feed; entry id <revision>-<n> (n: the
 --                   write's index within its txn), fields k, kind, ver[, v].
 --   kvcompact       the newest revision compaction dropped from kvlog.
@@ -37,8 +38,19 @@ local function kv_is_live(rec, now)
   return rec ~= nil and (rec.expires == nil or rec.expires > now)
 end
 
+-- The next revision of the space, as text: above every earlier one and never
+-- below the server's wall clock in microseconds (the fencing tokens' rule,
+-- base.next_token), so a kvrev that lost its last writes (a failover to a
+-- replica that missed them) still restarts above every revision handed out
+-- before, and a version read from a lost write can never match again.
+-- Revisions stay below 2^53 (exact in a Lua number) until the year 2255.
 local function kv_next_revision()
-  return string.format('%d', redis.call('INCR', P .. 'kvrev'))
+  local t = redis.call('TIME')
+  local wall_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', P .. 'kvrev') or '0')
+  local rev = string.format('%d', math.max(last + 1, wall_us))
+  redis.call('SET', P .. 'kvrev', rev)
+  return rev
 end
 
 local function kv_log(rev, n, key, kind, version, value)
@@ -161,23 +173,31 @@ local function request_remember(family, id, reply, now, ttl)
 end
 
 -- Changes of keys starting with `prefix` after stream id `from` (exclusive;
--- '-' for the start), scanning at most `budget` entries: the matches (at most
--- `limit`) as {revision, key, kind, version, value or ''} and the last id scanned.
-local function kv_scan_log(prefix, from, limit, budget)
+-- '-' for the start), scanning at most `budget` entries. Collects matches as
+-- {revision, key, kind, version, value or ''} until it holds `limit` of them
+-- (`limit` may be 0: the caller's page is full already) and then only those of
+-- the revision being read, so it stops at a revision boundary: a revision it
+-- returns changes of is complete, unless the scan ran out of budget.
+-- `open_rev` is the revision of the caller's last match so far ('' if none).
+-- Returns the matches, the last id scanned and 'full' (stopped at a boundary
+-- with `limit` matches), 'end' (reached the end of the feed) or 'more'
+-- (budget spent: call again from the last id).
+local function kv_scan_log(prefix, from, limit, budget, open_rev)
   local start = from == '-' and '-' or '(' .. from
   local entries = redis.call('XRANGE', P .. 'kvlog', start, '+', 'COUNT', budget)
-  local out, last = {}, from
-  for i, entry in ipairs(entries) do
-    if #out >= limit then return out, last, false end
+  local out, last, current = {}, from, open_rev
+  for _, entry in ipairs(entries) do
+    local rev = string.match(entry[1], '^(%d+)')
+    if #out >= limit and rev ~= current then return out, last, 'full' end
     last = entry[1]
     local f = {}
     for j = 1, #entry[2], 2 do f[entry[2][j]] = entry[2][j + 1] end
     if string.sub(f.k, 1, #prefix) == prefix then
-      local rev = string.match(entry[1], '^(%d+)')
       out[#out + 1] = {rev, f.k, f.kind, f.ver, f.v or ''}
+      current = rev
     end
   end
-  return out, last, #entries < budget
+  return out, last, #entries < budget and 'end' or 'more'
 end
 
 -- The compaction point (newest dropped revision, 0: none).

@@ -12,9 +12,9 @@ kv_expire_due(now, KV_EXPIRE_STEP, touched)
 kv_wake(touched, now)
 if after < kv_compacted() then return {'now'} end
 if cursor == '' then cursor = string.format('%d', after) .. '-' .. '999999999' end
-local rows, last, done = kv_scan_log(prefix, cursor, 1, tonumber(ARGV[4]))
+local rows, last, state = kv_scan_log(prefix, cursor, 1, tonumber(ARGV[4]), '')
 if #rows > 0 then return {'now'} end
-if not done then return {'more', last} end
+if state == 'more' then return {'more', last} end
 local z = P .. 'kvwaiters'
 local timeout = tonumber(ARGV[5])
 redis.call('ZADD', z, now + timeout + 1, ARGV[6] .. '\n' .. prefix)
