@@ -140,6 +140,35 @@ def test_compaction_keeps_a_revision_whole_and_raises_compacted(
     assert info.value.compacted == r[1] and info.value.revision == r[3]
 
 
+def test_a_page_of_changes_is_whole_revisions_across_script_calls(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a scan budget of one feed entry per script call, a revision (with
+    changes of another prefix inside it) is still never split."""
+    monkeypatch.setattr(redis_kv, "SCAN_BUDGET", 1)
+    kv = store.kv
+    t1 = kv.txn([], [Put(k, b"") for k in ("p/a", "x/1", "p/b", "x/2", "p/c")]).revision
+    d = kv.put("p/d", b"").revision
+    kv.put("x/3", b"")
+    t3 = kv.txn([], [Put(k, b"") for k in ("p/e", "p/f", "x/4", "p/g")]).revision
+
+    def pages(limit: int) -> list[list[int]]:
+        out: list[list[int]] = []
+        after = 0
+        while page := kv.changes("p/", after, limit):
+            out.append([c.revision for c in page])
+            after = page[-1].revision
+        return out
+
+    assert pages(2) == [[t1] * 3, [d], [t3] * 3]
+    assert pages(4) == [[t1] * 3 + [d], [t3] * 3]
+    assert pages(7) == [[t1] * 3 + [d] + [t3] * 3]
+    started = time.monotonic()
+    kv.wait("p/", t1, 5.0)  # returns at once: p/d is there, 5 feed entries on
+    assert time.monotonic() - started < 1.0
+    assert [c.key for c in kv.changes("p/", d, 1)] == ["p/e", "p/f", "p/g"]
+
+
 def test_wait_of_a_quiet_prefix_ignores_other_prefixes_and_wakes_on_its_own(
     store: RedisStore, url: str
 ) -> None:

@@ -172,16 +172,85 @@ def test_changes_in_revision_order_with_kind_version_and_value(timed):
     assert revisions[-1] == s.kv.revision()  # the expiry took its own revision
     assert all(isinstance(c, Change) for c in changes)
     assert s.kv.changes("app/", revisions[2]) == changes[3:]
-    # pages of at most ``limit`` (a backend may end a page early, e.g. so as not
-    # to split a txn), never empty while more remain, together the whole feed
+    # pages of ``limit`` (one change per revision here: nothing to keep whole),
+    # never empty while more remain, together the whole feed
     paged: list[Change] = []
     while page := s.kv.changes("app/", paged[-1].revision if paged else 0, limit=2):
-        assert 1 <= len(page) <= 2
+        assert len(page) == min(2, len(changes) - len(paged))
         paged.extend(page)
     assert paged == changes
     assert s.kv.changes("app/", revisions[-1]) == []
     assert [c.key for c in s.kv.changes("", 0)].count("other") == 1
     assert s.kv.changes("nothing/", 0) == []
+
+
+def _pages(store, prefix: str, limit: int) -> list[list[Change]]:
+    """Every page of ``changes(prefix, ...)``, each resumed from the last
+    change's revision of the page before, until an empty one."""
+    pages: list[list[Change]] = []
+    after = 0
+    while page := store.kv.changes(prefix, after, limit=limit):
+        pages.append(page)
+        after = page[-1].revision
+        assert len(pages) < 100, "paging does not advance"
+    return pages
+
+
+def _greedy_pages(feed: list[Change], limit: int) -> list[list[Change]]:
+    """``feed`` cut as every backend pages it: whole revisions, as many as fit in
+    ``limit`` changes, or the first revision alone when it has more."""
+    revs: list[list[Change]] = []
+    for c in feed:
+        if revs and revs[-1][0].revision == c.revision:
+            revs[-1].append(c)
+        else:
+            revs.append([c])
+    pages: list[list[Change]] = []
+    for rev in revs:
+        if pages and len(pages[-1]) + len(rev) <= limit:
+            pages[-1].extend(rev)
+        else:
+            pages.append(list(rev))
+    return pages
+
+
+def test_pages_of_changes_never_split_a_txn(store):
+    """Txns of 3 keys paged with limit 2 (a revision larger than the page: it
+    comes whole) and limit 4 (one txn fits, two do not), resuming from the last
+    change's revision: every change exactly once, in order, none skipped."""
+    kv = store.kv
+    revs = [
+        kv.txn([], [Put("p/a", b"1"), Put("p/b", b"1"), Put("p/c", b"1")]).revision,
+        kv.put("p/d", b"1").revision,
+        kv.txn([], [Put("p/e", b"1"), Delete("p/a"), Put("x/1", b"1")]).revision,
+        kv.txn([], [Put("p/f", b"1"), Put("p/g", b"1"), Put("p/h", b"1")]).revision,
+        kv.put("x/2", b"1").revision,
+        kv.txn([], [Put("p/b", b"2"), Put("p/c", b"2"), Put("p/i", b"1")]).revision,
+        kv.put("p/j", b"1").revision,
+        kv.txn([], [Put("p/k", b"1"), Put("p/l", b"1"), Put("p/m", b"1")]).revision,
+    ]
+    assert revs == sorted(set(revs))
+    for prefix, total in [("p/", 16), ("", 18)]:
+        feed = kv.changes(prefix, 0, limit=100)
+        assert len(feed) == total
+        assert len({(c.revision, c.key) for c in feed}) == total
+        with_prefix = revs if prefix == "" else [r for r in revs if r != revs[4]]  # x/2
+        assert sorted({c.revision for c in feed}) == with_prefix
+        for limit in (2, 4):
+            pages = _pages(store, prefix, limit)
+            assert [c for page in pages for c in page] == feed, (prefix, limit)
+            for page in pages:  # at most limit, unless one revision alone has more
+                assert len(page) <= limit or {c.revision for c in page} == {page[0].revision}
+            assert pages == _greedy_pages(feed, limit), (prefix, limit)
+    # a limit falling between two revisions ends the page there, not earlier:
+    # p/d, then the two p/ changes of the third txn (3), then a txn of 3
+    # (sorted: the order within a revision is the backend's)
+    page = kv.changes("p/", revs[0], limit=3)
+    assert sorted((c.revision, c.key) for c in page) == [
+        (revs[1], "p/d"),
+        (revs[2], "p/a"),
+        (revs[2], "p/e"),
+    ]
 
 
 def test_expiry_is_recorded_by_a_write_or_reap_without_reading_the_key(timed):
