@@ -32,14 +32,16 @@ end
 local function wall() return server_time() end
 
 -- The lease clock: TIME plus the space's offset (0 until the server's clock
--- ever stepped back), never below a time it returned before. The hash
--- P..'clock' keeps `mark`, a high-water mark at least every time returned so
--- far, written at most once per CLOCK_REFRESH_S (a script pays one HMGET, not
--- a write): while the clock runs normally it lies in [mark - REFRESH, mark].
--- A clock below that window stepped back: the offset grows so that the clock
--- resumes at the mark, above every earlier time. (A step back smaller than
--- the clock's position in the window, at most CLOCK_REFRESH_S, can go
--- unnoticed.) Computed once per script run.
+-- ever stepped back), kept from going backwards by a high-water mark: the hash
+-- P..'clock' keeps `mark`, above every time returned so far, rewritten at most
+-- once per CLOCK_REFRESH_S (a script pays one HMGET, not a write): while the
+-- clock runs normally it lies in [mark - CLOCK_REFRESH_S, mark]. A clock below
+-- that window stepped back: the offset grows so that the clock resumes at the
+-- mark (at most CLOCK_REFRESH_S past the last time handed out, so a lease may
+-- end that much early once). A step back smaller than the clock's position in
+-- the window (so below CLOCK_REFRESH_S) can go unnoticed. The mark lives in
+-- the space, so it survives restarts with persistence and follows failovers.
+-- Computed once per script run.
 local CLOCK_REFRESH_S = 1.0
 local clock_memo = nil
 local function clock()
