@@ -197,6 +197,34 @@ def test_a_finish_whose_reply_was_lost_is_accepted_once_when_retried(
         direct.close()
 
 
+@pytest.mark.timeout(30)
+def test_a_push_whose_reply_was_lost_adds_each_task_once_when_retried(
+    server: RedisServer,
+) -> None:
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    proxy = Proxy(server.port)
+    client = RedisStore(proxy.url(namespace))
+    direct = RedisStore(f"{server.url}?namespace={namespace}")
+    try:
+        script = direct.conn._scripts["push"]
+        direct.conn.client.script_load(script.script)
+        specs = [spec(), spec(dedup_key="once"), spec()]
+        proxy.lose(script.sha.encode())
+        try:
+            first: list[str] | None = client.queue.push(specs)
+        except BackendError:
+            first = None
+        assert proxy.lost.wait(5), "the push never went through the proxy"
+        ids = client.queue.push(specs)  # the caller's retry, same ids
+        assert ids == [s.id for s in specs] and first in (None, ids)
+        assert direct.queue.stats().counts["default"] == {"queued": 3}
+        assert len(direct.queue.claim(["default"], "w", 10)) == 3
+    finally:
+        proxy.close()
+        client.close()
+        direct.close()
+
+
 # -- item 12: a timeout is a promise, even behind a stalled connection -----------------
 
 
