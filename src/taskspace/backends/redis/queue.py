@@ -79,7 +79,8 @@ class RedisQueue:
         """Enqueue ``specs``; atomic per chunk (see PUSH_CHUNK_TASKS), each
         chunk durable and deduplicated once its script returns. Chunks are
         pipelined (conn.RUN_MANY_WINDOW): when one fails, the next may have run
-        too, as with any lost reply; a retried push adds no task twice."""
+        too, as with any lost reply; a retried push adds no task twice (a task
+        whose id exists is never pushed again)."""
         if not specs:
             return []
         replies = self._conn.run_many("push", map(push_args, push_chunks(specs)))
@@ -111,7 +112,11 @@ class RedisQueue:
         }
 
     def finish(self, items: Sequence[tuple[Lease, Outcome]]) -> list[bool]:
-        """One script for every item and every accepted item's follow-ups."""
+        """One script for every item and every accepted item's follow-ups (so a
+        fan-out of thousands of follow-ups is one long script: atomicity wins
+        over PUSH_CHUNK_TASKS here). A retry after a lost reply is answered
+        True with no second effect (the task's ``fin`` field holds the token
+        of its accepted finish)."""
         if not items:
             return []
         return [bool(r) for r in self._conn.run("finish", finish_args(items))]
