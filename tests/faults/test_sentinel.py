@@ -23,10 +23,9 @@ is refused (for a task claimed in phase 1 whose lease expired, and for the claim
 was lost); a grant from the lost window cannot be renewed; the lease clock does not
 go back.
 
-Known gap, pinned by a strict xfail: KV versions/revisions and stream ids are plain
-counters, so the same failover hands them out again (a CAS on a version read from a
-lost write can succeed against a different value). When they adopt the tokens' rule
-the xfail turns into a failure: remove the marker then.
+KV versions/revisions and stream ids follow the tokens' rule too, so the same failover
+does not hand them out again (a CAS on a version read from a lost write can never
+succeed against a different value): checked by a second test.
 """
 
 from __future__ import annotations
@@ -263,13 +262,6 @@ def _phases(cluster: SentinelCluster, store: Store, run: Run, faults: list[str])
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # only the final comparison; set-up failures use pytest.fail
-    reason="KV versions/revisions and stream ids count from the promoted replica's"
-    " counters, so a failover that lost writes hands them out again (fencing tokens"
-    " use max(last + 1, wall clock us); these do not)",
-)
 def test_kv_versions_and_stream_ids_never_repeat_across_failover() -> None:
     run = Run()
     with SentinelCluster() as cluster:
@@ -289,11 +281,21 @@ def test_kv_versions_and_stream_ids_never_repeat_across_failover() -> None:
             if current is None or current.value != b"replicated":
                 pytest.fail(f"the write before the kill was not lost: {current}")
             new = retrying(run, lambda: store.kv.put("k", b"new"), "put")
-            new_id = retrying(run, lambda: store.streams.append("s", b"new"), "append")
+            (new_id,) = retrying(
+                run, lambda: store.streams.append_many("s", [b"new"], request_id="n"), "append"
+            )
+            # What a reused number would break: a CAS on the version read from the
+            # lost write (ABA), and readers resuming from what they last saw.
+            aba = retrying(run, lambda: store.kv.cas("k", lost.version, b"aba"), "cas")
+            watched = retrying(run, lambda: store.kv.changes("k", lost.revision), "changes")
+            read = retrying(run, lambda: store.streams.read("s", after=lost_id), "read")
         finally:
             store.close()
     print(f"lost write: {lost}, stream id {lost_id}; after the failover: {new}, stream id {new_id}")
     assert new.version > lost.version and new.revision > lost.revision and new_id > lost_id
+    assert aba is None, "a CAS on the version of a lost write succeeded"
+    assert [(c.revision, c.value) for c in watched] == [(new.revision, b"new")]
+    assert [(e.id, e.data) for e in read] == [(new_id, b"new")]
 
 
 @pytest.mark.timeout(60)
