@@ -16,15 +16,12 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-import re
 from collections.abc import Sequence
 
 from taskspace.backends.base import (
     KV_CHANGES_KEEP,
     Change,
     Compare,
-    Delete,
-    Exists,
     GrantHeld,
     Put,
     TxnResult,
@@ -33,10 +30,9 @@ from taskspace.backends.base import (
     VersionIs,
     Write,
 )
-from taskspace.backends.memory.state import MemoryState, check_key, check_limit, check_ttl
+from taskspace.backends.checks import check_key, check_limit, check_ttl, check_txn, is_integer
+from taskspace.backends.memory.state import MemoryState
 from taskspace.errors import Compacted, ConfigError, NotAnInteger
-
-_INTEGER = re.compile(rb"[+-]?[0-9]+")
 
 
 def _expires(now: float, ttl: float | None) -> float | None:
@@ -182,7 +178,7 @@ class MemoryKV:
                 return int(first)
             self._expire_due(now)
             item = self._live(key, now)
-            if item is not None and not _INTEGER.fullmatch(item.value):
+            if item is not None and not is_integer(item.value):
                 raise NotAnInteger(
                     f"incr: key {key!r} holds {item.value[:40]!r}, not a decimal integer"
                 )
@@ -229,7 +225,7 @@ class MemoryKV:
     ) -> TxnResult:
         """As the contract. A txn whose writes change nothing (only deletes of
         absent keys, or no writes) succeeds without taking a revision."""
-        self._check_txn(compares, writes)
+        check_txn(compares, writes)
         s = self._s
         with s.cond:
             now = s.clock.now()
@@ -245,26 +241,6 @@ class MemoryKV:
                 result = self._apply(writes, now)
             s.remember("txn", request_id, now, result)
             return result
-
-    def _check_txn(self, compares: Sequence[Compare], writes: Sequence[Write]) -> None:
-        for compare in compares:
-            if isinstance(compare, GrantHeld):
-                continue
-            if not isinstance(compare, VersionIs | ValueIs | Exists):
-                raise ConfigError(
-                    f"txn compare {compare!r}: not a VersionIs, ValueIs, Exists or GrantHeld"
-                )
-            check_key(compare.key)
-        seen: set[str] = set()
-        for write in writes:
-            if not isinstance(write, Put | Delete):
-                raise ConfigError(f"txn write {write!r}: not a Put or Delete")
-            check_key(write.key)
-            if isinstance(write, Put):
-                check_ttl(write.ttl)
-            if write.key in seen:
-                raise ConfigError(f"txn writes key {write.key!r} twice")
-            seen.add(write.key)
 
     def _holds(self, compare: Compare, now: float) -> bool:
         if isinstance(compare, GrantHeld):

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from taskspace.backends.base import Grant
-from taskspace.backends.memory.state import MemoryState, check_key, check_ttl
+from taskspace.backends.checks import check_key, check_limit, check_ttl
+from taskspace.backends.memory.state import MemoryState
 from taskspace.errors import ConfigError
 
 
@@ -39,8 +40,7 @@ class MemoryLeases:
     ) -> Grant | None:
         check_key(name, "name")
         check_ttl(ttl, optional=False)
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ConfigError(f"capacity={capacity!r}: must be an integer >= 1")
+        check_limit(capacity, "capacity")
         if grant_id is not None:
             check_key(grant_id, "grant_id")
         s = self._s

@@ -27,7 +27,8 @@ from taskspace.backends.base import (
     TaskSpec,
     TaskState,
 )
-from taskspace.backends.memory.state import MemoryState, ReadyHeap, Slot, check_limit
+from taskspace.backends.checks import check_limit
+from taskspace.backends.memory.state import MemoryState, ReadyHeap, Slot
 from taskspace.backends.outcomes import (
     CANCEL_AT_ONCE_STATES,
     RETRYABLE_STATES,

@@ -29,7 +29,6 @@ from taskspace.backends.base import (
     Versioned,
     next_token,
 )
-from taskspace.errors import ConfigError
 
 # At most this many request ids are remembered (the oldest go first), so a
 # flood of requests within REQUEST_ID_TTL_S cannot grow the table unbounded.
@@ -217,23 +216,3 @@ class MemoryState:
         if current is None or current.token != grant.token:
             return None
         return current
-
-
-def check_key(key: str, what: str = "key") -> None:
-    """ConfigError unless ``key`` is a non-empty string."""
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"{what}={key!r}: must be a non-empty string")
-
-
-def check_ttl(ttl: float | None, what: str = "ttl", optional: bool = True) -> None:
-    """ConfigError unless ``ttl`` is a positive number (or None when ``optional``)."""
-    if ttl is None and optional:
-        return
-    if ttl is None or not ttl > 0 or math.isinf(ttl):
-        raise ConfigError(f"{what}={ttl!r}: must be a positive number of seconds")
-
-
-def check_limit(limit: int, what: str = "limit") -> None:
-    """ConfigError unless ``limit`` is at least 1."""
-    if not isinstance(limit, int) or limit < 1:
-        raise ConfigError(f"{what}={limit!r}: must be an integer >= 1")

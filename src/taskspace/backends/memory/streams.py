@@ -15,13 +15,9 @@ import math
 from collections.abc import Sequence
 
 from taskspace.backends.base import StreamEntry
-from taskspace.backends.memory.state import MemoryState, check_key, check_limit
+from taskspace.backends.checks import check_key, check_limit
+from taskspace.backends.memory.state import MemoryState
 from taskspace.errors import ConfigError
-
-
-def _check_maxlen(maxlen: int | None) -> None:
-    if maxlen is not None:
-        check_limit(maxlen, "maxlen")
 
 
 class MemoryStreams:
@@ -41,7 +37,7 @@ class MemoryStreams:
         request_id: str | None = None,
     ) -> list[int]:
         check_key(stream, "stream")
-        _check_maxlen(maxlen)
+        check_limit(maxlen, "maxlen", optional=True)
         s = self._s
         with s.cond:
             now, wall = s.clock.now(), s.clock.wall()
@@ -92,7 +88,7 @@ class MemoryStreams:
         max_age: float | None = None,
     ) -> int:
         check_key(stream, "stream")
-        _check_maxlen(maxlen)
+        check_limit(maxlen, "maxlen", optional=True)
         if max_age is not None and not max_age >= 0:
             raise ConfigError(f"max_age={max_age!r}: must be >= 0 seconds")
         s = self._s

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
@@ -23,6 +24,8 @@ from taskspace.backends.redis.records import lua_fields
 from taskspace.errors import BackendError, InvalidURL, MissingDependency
 
 T = TypeVar("T")
+# A library a Lua script or library needs: a line `-- requires: _name.lua`.
+REQUIRES = re.compile(r"^-- requires: (_\w+\.lua)\s*$", re.MULTILINE)
 DEFAULT_NAMESPACE = "default"
 # Redis behind Sentinels: the clients follow the master they name.
 SENTINEL_SCHEME = "redis+sentinel"
@@ -53,19 +56,32 @@ def import_redis() -> Any:
 def load_scripts() -> dict[str, str]:
     """Every script of ``lua/`` by name. Each is prefixed with the task state
     rules generated from ``outcomes``, the task fields generated from
-    ``records.FIELDS``, ``common.lua`` and, for a script
-    named ``<group>_<verb>.lua``, with the library ``_<group>.lua`` if there
-    is one (functions its group shares)."""
+    ``records.FIELDS``, ``common.lua``, then its libraries: ``_<group>.lua``
+    for a script named ``<group>_<verb>.lua`` (functions its group shares),
+    and every library a ``-- requires: _name.lua`` line of the script or of
+    a library names (each once, before what requires it)."""
     lua = resources.files(__package__).joinpath("lua")
     prelude = lua_rules() + lua_fields() + lua.joinpath("common.lua").read_text()
-    files = {e.name: e for e in lua.iterdir() if e.name.endswith(".lua")}
+    sources = {e.name: e.read_text() for e in lua.iterdir() if e.name.endswith(".lua")}
+
+    def with_libraries(name: str, seen: list[str]) -> None:
+        for required in REQUIRES.findall(sources[name]):
+            if required not in seen:
+                with_libraries(required, seen)
+        if name not in seen:
+            seen.append(name)
+
     scripts = {}
-    for name, entry in files.items():
+    for name in sources:
         if name == "common.lua" or name.startswith("_"):
             continue
-        library = files.get("_" + name.split("_")[0].removesuffix(".lua") + ".lua")
-        extra = library.read_text() if library is not None else ""
-        scripts[name.removesuffix(".lua")] = prelude + extra + entry.read_text()
+        libraries: list[str] = []
+        group = "_" + name.removesuffix(".lua").split("_")[0] + ".lua"
+        if group in sources:
+            with_libraries(group, libraries)
+        with_libraries(name, libraries)
+        body = "".join(sources[lib] for lib in libraries)
+        scripts[name.removesuffix(".lua")] = prelude + body
     return scripts
 
 

@@ -23,11 +23,9 @@ the space prefix P):
 
 from __future__ import annotations
 
-import functools
 import time
 import uuid
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any
 
 from taskspace.backends.base import (
@@ -45,7 +43,8 @@ from taskspace.backends.base import (
     VersionIs,
     Write,
 )
-from taskspace.backends.redis.conn import RedisConnection, load_scripts
+from taskspace.backends.checks import check_key, check_limit, check_ttl, check_txn
+from taskspace.backends.redis.conn import RedisConnection
 from taskspace.backends.redis.leases import pop_wake
 from taskspace.errors import Compacted, ConfigError, NotAnInteger
 
@@ -60,21 +59,6 @@ SCANNED_MAX = 256
 INT64 = 2**63
 
 
-def check_key(key: str) -> None:
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"KV keys are non-empty strings, got {key!r}")
-
-
-def check_ttl(ttl: float | None) -> None:
-    if ttl is not None and not ttl > 0:
-        raise ConfigError(f"ttl must be positive seconds or None, got {ttl!r}")
-
-
-def check_limit(limit: int) -> None:
-    if limit < 1:
-        raise ConfigError(f"limit must be at least 1, got {limit!r}")
-
-
 def _number(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
@@ -85,28 +69,12 @@ def _versioned(row: Sequence[bytes]) -> Versioned:
     return Versioned(value, rev, rev, float(expires) if expires else None)
 
 
-@functools.cache
-def _txn_source() -> str:
-    """kv_txn with the lease library too (GrantHeld reads the grants that
-    ``lua/_lease.lua`` lays out, so their layout lives in one place);
-    load_scripts gives a script only its own group's library."""
-    lua = resources.files(__package__).joinpath("lua")
-    kv_lib = lua.joinpath("_kv.lua").read_text()
-    source = load_scripts()["kv_txn"]
-    if kv_lib not in source:  # load_scripts changed how it assembles scripts
-        raise RuntimeError("kv_txn: the _kv.lua library is not in the loaded script")
-    return source.replace(kv_lib, lua.joinpath("_lease.lua").read_text() + kv_lib, 1)
-
-
 def _compare_args(c: Compare) -> list[Any]:
     if isinstance(c, VersionIs):
-        check_key(c.key)
         return ["ver", c.key, "" if c.version is None else int(c.version), ""]
     if isinstance(c, ValueIs):
-        check_key(c.key)
         return ["val", c.key, c.value, ""]
     if isinstance(c, Exists):
-        check_key(c.key)
         return ["ex", c.key, int(bool(c.exists)), ""]
     if isinstance(c, GrantHeld):
         g = c.grant
@@ -116,16 +84,8 @@ def _compare_args(c: Compare) -> list[Any]:
 
 def _write_args(writes: Sequence[Write]) -> list[Any]:
     args: list[Any] = []
-    seen: set[str] = set()
     for w in writes:
-        if not isinstance(w, Put | Delete):
-            raise ConfigError(f"txn write {w!r}: not a Put or Delete")
-        check_key(w.key)
-        if w.key in seen:
-            raise ConfigError(f"txn writes key {w.key!r} twice")
-        seen.add(w.key)
         if isinstance(w, Put):
-            check_ttl(w.ttl)
             args += ["put", w.key, w.value, _number(w.ttl)]
         else:
             args += ["del", w.key, "", ""]
@@ -146,13 +106,11 @@ class RedisKV:
 
     def __init__(self, conn: RedisConnection) -> None:
         self._conn = conn
-        self._txn = conn.client.register_script(_txn_source())
         # (prefix, after_revision) -> the feed id a wait scanned up to.
         self._scanned: dict[tuple[str, int], str] = {}
 
     def _run_txn(self, args: Sequence[Any]) -> Any:
-        conn = self._conn
-        return conn.call(lambda: self._txn(keys=[conn.prefix], args=list(args), client=conn.client))
+        return self._conn.run("kv_txn", args)
 
     # -- reads ----------------------------------------------------------------
 
@@ -197,6 +155,7 @@ class RedisKV:
         writes: Sequence[Write],
         request_id: str | None = None,
     ) -> TxnResult:
+        check_txn(compares, writes)
         args: list[Any] = [request_id or "", repr(REQUEST_ID_TTL_S), len(compares)]
         for c in compares:
             args += _compare_args(c)

@@ -22,18 +22,13 @@ import uuid
 from collections.abc import Sequence
 
 from taskspace.backends.base import Grant
+from taskspace.backends.checks import check_limit, check_ttl
 from taskspace.backends.redis.conn import RedisConnection
 from taskspace.errors import ConfigError
 
 # One BLPOP of a wait lasts at most this long (below the reads client's socket
 # timeout, conn.READ_TIMEOUT_S), so a stalled connection fails a wait quickly.
 WAIT_STEP_S = 0.5
-
-
-def check_ttl(ttl: float) -> None:
-    """ConfigError unless ``ttl`` is a positive number of seconds."""
-    if not ttl > 0:
-        raise ConfigError(f"ttl must be positive seconds, got {ttl!r}")
 
 
 def pop_wake(conn: RedisConnection, key: str, timeout: float) -> bool:
@@ -64,11 +59,10 @@ class RedisLeases:
     ) -> Grant | None:
         if not name:
             raise ConfigError("a lease name must be a non-empty string")
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ConfigError(f"capacity must be an integer of at least 1, got {capacity!r}")
+        check_limit(capacity, "capacity")
         if grant_id is not None and not grant_id:
             raise ConfigError("grant_id must be None or a non-empty string")
-        check_ttl(ttl)
+        check_ttl(ttl, optional=False)
         gid = grant_id or uuid.uuid4().hex
         args = [name, gid, holder, int(capacity), repr(float(ttl)), data]
         reply = self._conn.run("lease_acquire", args)
@@ -83,7 +77,7 @@ class RedisLeases:
         return None
 
     def renew(self, grants: Sequence[Grant], ttl: float) -> list[Grant | None]:
-        check_ttl(ttl)
+        check_ttl(ttl, optional=False)
         if not grants:
             return []
         args: list[object] = [repr(float(ttl))]

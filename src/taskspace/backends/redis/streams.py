@@ -17,16 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from taskspace.backends.base import REQUEST_ID_TTL_S, StreamEntry
+from taskspace.backends.checks import check_limit
 from taskspace.backends.redis.conn import RedisConnection
 from taskspace.errors import ConfigError
 
 # One XREAD BLOCK of a read lasts at most this long (below conn.READ_TIMEOUT_S).
 WAIT_STEP_S = 0.5
-
-
-def _check_positive(what: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ConfigError(f"{what} must be at least 1, got {value!r}")
 
 
 def _entries(rows: Sequence[Any]) -> list[StreamEntry]:
@@ -55,7 +51,7 @@ class RedisStreams:
         maxlen: int | None = None,
         request_id: str | None = None,
     ) -> list[int]:
-        _check_positive("maxlen", maxlen)
+        check_limit(maxlen, "maxlen", optional=True)
         if not items:
             return []
         args = [stream, "" if maxlen is None else int(maxlen), request_id or "",
@@ -68,7 +64,7 @@ class RedisStreams:
     ) -> list[StreamEntry]:
         """With ``wait``, blocks in XREAD BLOCK on the reads client, in steps
         of WAIT_STEP_S (an append wakes it at once)."""
-        _check_positive("limit", limit)
+        check_limit(limit)
         if wait < 0:
             raise ConfigError(f"wait must not be negative, got {wait!r}")
         conn, key = self._conn, self._key(stream)
@@ -96,7 +92,7 @@ class RedisStreams:
         min_id: int | None = None,
         max_age: float | None = None,
     ) -> int:
-        _check_positive("maxlen", maxlen)
+        check_limit(maxlen, "maxlen", optional=True)
         if max_age is not None and max_age < 0:
             raise ConfigError(f"max_age must not be negative, got {max_age!r}")
         args = [

@@ -5,7 +5,6 @@ commit), so a call is never retried after it took effect."""
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from collections.abc import Sequence
 
@@ -23,30 +22,15 @@ from taskspace.backends.base import (
     VersionIs,
     Write,
 )
+from taskspace.backends.checks import check_key, check_limit, check_ttl, check_txn, is_integer
 from taskspace.backends.sqlite.base import SQLiteConn
 from taskspace.backends.sqlite.waiter import Waiter
 from taskspace.errors import Compacted, ConfigError, NotAnInteger
 
-INTEGER = re.compile(rb"-?[0-9]+")
 # Expiries a single write records before its own work (the rest: the next ones).
 EXPIRE_BATCH = 1000
 LIVE = "(expires IS NULL OR expires > ?)"
 CHANGES = "SELECT revision, key, kind, version, value FROM kv_changes"
-
-
-def check_key(key: str) -> None:
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"key={key!r}: a KV key must be a non-empty string")
-
-
-def check_ttl(ttl: float | None) -> None:
-    if ttl is not None and not ttl > 0:
-        raise ConfigError(f"ttl={ttl!r} must be a positive number of seconds (or None)")
-
-
-def check_limit(limit: int) -> None:
-    if limit < 1:
-        raise ConfigError(f"limit={limit!r} must be at least 1")
 
 
 def prefix_range(prefix: str, column: str = "key") -> tuple[str, list[object]]:
@@ -226,7 +210,7 @@ class SQLiteKV:
         with self._c.write() as db:
             now = self._begin(db, [key])
             item = self._live(db, key, now)
-            if item is not None and not INTEGER.fullmatch(item.value):
+            if item is not None and not is_integer(item.value):
                 raise NotAnInteger(
                     f"incr of {key!r}: its value {item.value[:40]!r} is not a decimal integer"
                 )
@@ -262,15 +246,8 @@ class SQLiteKV:
         writes: Sequence[Write],
         request_id: str | None = None,
     ) -> TxnResult:
+        check_txn(compares, writes)
         keys = [w.key for w in writes]
-        for key in keys:
-            check_key(key)
-        if len(set(keys)) != len(keys):
-            twice = sorted({k for k in keys if keys.count(k) > 1})
-            raise ConfigError(f"a txn writes key(s) {', '.join(map(repr, twice))} more than once")
-        for write in writes:
-            if isinstance(write, Put):
-                check_ttl(write.ttl)
         with self._c.write() as db:
             return self._txn(db, compares, writes, self._begin(db, keys))
 

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Sequence
 
 from taskspace.backends.base import Grant
+from taskspace.backends.checks import check_limit, check_ttl
 from taskspace.backends.sqlite.base import SQLiteConn
 from taskspace.backends.sqlite.waiter import Waiter
 from taskspace.errors import ConfigError
@@ -16,12 +17,6 @@ GRANT_COLUMNS = "name, id, holder, token, expires, data"
 
 def _grant(row: Sequence[object]) -> Grant:
     return Grant(str(row[0]), str(row[1]), str(row[2]), int(row[3]), float(row[4]), bytes(row[5]))  # type: ignore[arg-type,call-overload]
-
-
-def check_ttl(ttl: float) -> None:
-    """ConfigError unless ``ttl`` is a positive number of seconds."""
-    if not ttl > 0:
-        raise ConfigError(f"ttl={ttl!r} must be a positive number of seconds")
 
 
 class SQLiteLeases:
@@ -42,9 +37,8 @@ class SQLiteLeases:
         data: bytes = b"",
         grant_id: str | None = None,
     ) -> Grant | None:
-        check_ttl(ttl)
-        if capacity < 1:
-            raise ConfigError(f"capacity={capacity!r} must be at least 1")
+        check_ttl(ttl, optional=False)
+        check_limit(capacity, "capacity")
         with self._c.write() as db:
             now = self._c.clock.now()
             db.execute("DELETE FROM lease_grants WHERE expires <= ?", (now,))
@@ -86,7 +80,7 @@ class SQLiteLeases:
         return int(held), None if capacity is None else int(capacity)
 
     def renew(self, grants: Sequence[Grant], ttl: float) -> list[Grant | None]:
-        check_ttl(ttl)
+        check_ttl(ttl, optional=False)
         if not grants:
             return []
         out: list[Grant | None] = []

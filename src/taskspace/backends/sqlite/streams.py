@@ -7,14 +7,10 @@ import sqlite3
 from collections.abc import Sequence
 
 from taskspace.backends.base import StreamEntry
+from taskspace.backends.checks import check_limit
 from taskspace.backends.sqlite.base import SQLiteConn
 from taskspace.backends.sqlite.waiter import Waiter
 from taskspace.errors import ConfigError
-
-
-def _check_maxlen(maxlen: int | None) -> None:
-    if maxlen is not None and maxlen < 1:
-        raise ConfigError(f"maxlen={maxlen!r} must be at least 1")
 
 
 class SQLiteStreams:
@@ -34,7 +30,7 @@ class SQLiteStreams:
         maxlen: int | None = None,
         request_id: str | None = None,
     ) -> list[int]:
-        _check_maxlen(maxlen)
+        check_limit(maxlen, "maxlen", optional=True)
         if not items:
             return []
         # request_id needs no handling: a local transaction's reply cannot be lost.
@@ -94,7 +90,7 @@ class SQLiteStreams:
         min_id: int | None = None,
         max_age: float | None = None,
     ) -> int:
-        _check_maxlen(maxlen)
+        check_limit(maxlen, "maxlen", optional=True)
         if max_age is not None and max_age < 0:
             raise ConfigError(f"max_age={max_age!r} must not be negative")
         dropped = 0

@@ -1,3 +1,4 @@
+-- requires: _request.lua
 -- Versioned KV (library of the kv_* scripts). Keys under P:
 --   kv:<key>        hash: v (value), ver (version = revision of the write), exp
 --                   (expiry on the lease clock; absent: no TTL).
@@ -17,7 +18,6 @@
 -- notices them: every write, changes, wait and reap runs kv_expire_due first.
 local KV_EXPIRE_STEP = 100
 local KV_WAKE_KEEP_MS = 2000
-local REQUEST_MAX = 100000
 
 local function kv_key(key) return P .. 'kv:' .. key end
 
@@ -45,12 +45,7 @@ end
 -- before, and a version read from a lost write can never match again.
 -- Revisions stay below 2^53 (exact in a Lua number) until the year 2255.
 local function kv_next_revision()
-  local t = redis.call('TIME')
-  local wall_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local last = tonumber(redis.call('GET', P .. 'kvrev') or '0')
-  local rev = string.format('%d', math.max(last + 1, wall_us))
-  redis.call('SET', P .. 'kvrev', rev)
-  return rev
+  return string.format('%d', next_ids(P .. 'kvrev', 1))
 end
 
 local function kv_log(rev, n, key, kind, version, value)
@@ -137,38 +132,6 @@ local function kv_wake(keys, now)
         break
       end
     end
-  end
-end
-
--- Request ids of `family` (a key name): the remembered reply, or nil. Prunes
--- a few expired ids on every call, so the family stays bounded by what
--- REQUEST_ID_TTL_S of requests leave (and never above REQUEST_MAX ids), and
--- expires REQUEST_ID_TTL_S after its last request.
-local function request_recall(family, id, now)
-  local exp = P .. family .. 'exp'
-  local old = redis.call('ZRANGEBYSCORE', exp, '-inf', now, 'LIMIT', 0, 16)
-  for _, gone in ipairs(old) do
-    redis.call('ZREM', exp, gone)
-    redis.call('HDEL', P .. family, gone)
-  end
-  if id == '' then return nil end
-  local reply = redis.call('HGET', P .. family, id)
-  if reply then return cjson.decode(reply) end
-  return nil
-end
-
-local function request_remember(family, id, reply, now, ttl)
-  if id == '' then return end
-  local exp = P .. family .. 'exp'
-  redis.call('HSET', P .. family, id, cjson.encode(reply))
-  redis.call('ZADD', exp, now + tonumber(ttl), id)
-  -- Both keys go REQUEST_ID_TTL_S after the last request of the family.
-  local ms = math.ceil(tonumber(ttl) * 1000) + 1000
-  redis.call('PEXPIRE', P .. family, ms)
-  redis.call('PEXPIRE', exp, ms)
-  if redis.call('ZCARD', exp) > REQUEST_MAX then
-    local popped = redis.call('ZPOPMIN', exp, 16)
-    for i = 1, #popped, 2 do redis.call('HDEL', P .. family, popped[i]) end
   end
 end
 

@@ -61,20 +61,23 @@ local function clock()
   return now
 end
 
--- The next n fencing tokens of the space (one counter for task claims and
--- lease grants): strictly above every earlier one and never below the server's
+-- The first of the next n values of the counter at key `counter` (the n are
+-- consecutive): strictly above every earlier one and never below the server's
 -- wall clock in microseconds, so a counter that lost its last writes (a
 -- failover to a replica that missed them, a wiped space) still restarts above
--- every token handed out before. Returns the first; the n are consecutive.
+-- every value handed out before. Fencing tokens (one counter for task claims
+-- and lease grants), KV revisions and stream ids all come from it.
 -- (taskspace.backends.base.next_token states the same rule.)
-local function next_tokens(n)
+local function next_ids(counter, n)
   local t = redis.call('TIME')
   local wall_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local last = tonumber(redis.call('GET', P .. 'token') or '0')
+  local last = tonumber(redis.call('GET', counter) or '0')
   local first = math.max(last + 1, wall_us)
-  redis.call('SET', P .. 'token', string.format('%d', first + n - 1))
+  redis.call('SET', counter, string.format('%d', first + n - 1))
   return first
 end
+
+local function next_tokens(n) return next_ids(P .. 'token', n) end
 
 
 local function tkey(id) return P .. 't:' .. id end

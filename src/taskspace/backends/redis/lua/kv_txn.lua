@@ -1,3 +1,4 @@
+-- requires: _lease.lua
 -- ARGV: request_id('' = none) request_ttl n_compares, then 4 per compare:
 --   'ver' key version('' = absent) '' | 'val' key value '' | 'ex' key 1|0 '' |
 --   'grant' lease_name grant_id token

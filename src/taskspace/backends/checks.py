@@ -1,0 +1,74 @@
+"""Argument checks of the store contract, written once for every backend.
+
+Each raises :class:`~taskspace.errors.ConfigError` naming the bad value
+before a backend touches its store, so a bad call changes nothing and reads
+the same on memory, SQLite and Redis.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+from taskspace.backends.base import Compare, Delete, Exists, GrantHeld, Put, ValueIs, VersionIs
+from taskspace.backends.base import Write as Write
+from taskspace.errors import ConfigError
+
+# What ``kv.incr`` accepts as an integer value: optional sign, decimal digits.
+INTEGER = re.compile(rb"[+-]?[0-9]+")
+
+
+def is_integer(value: bytes) -> bool:
+    """True if ``incr`` may add to ``value`` (else it raises NotAnInteger)."""
+    return INTEGER.fullmatch(value) is not None
+
+
+def check_key(key: str, what: str = "key") -> None:
+    """A KV key, lease name or stream name: a non-empty string."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{what}={key!r}: must be a non-empty string")
+
+
+def check_ttl(ttl: float | None, what: str = "ttl", optional: bool = True) -> None:
+    """A positive, finite number of seconds (or None when ``optional``)."""
+    if ttl is None and optional:
+        return
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0 or math.isinf(ttl):
+        raise ConfigError(f"{what}={ttl!r}: must be a positive number of seconds")
+
+
+def check_limit(limit: int | None, what: str = "limit", optional: bool = False) -> None:
+    """An integer of at least 1 (or None when ``optional``: no bound)."""
+    if limit is None and optional:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"{what}={limit!r}: must be an integer >= 1")
+
+
+def check_wait(wait: float, what: str = "wait") -> None:
+    """A number of seconds of at least 0."""
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
+        raise ConfigError(f"{what}={wait!r}: must be a number of seconds >= 0")
+
+
+def check_txn(compares: Sequence[Compare], writes: Sequence[Write]) -> None:
+    """Every compare and write of a txn is well formed, and no key is written twice."""
+    for compare in compares:
+        if isinstance(compare, GrantHeld):
+            continue
+        if not isinstance(compare, VersionIs | ValueIs | Exists):
+            raise ConfigError(
+                f"txn compare {compare!r}: not a VersionIs, ValueIs, Exists or GrantHeld"
+            )
+        check_key(compare.key)
+    seen: set[str] = set()
+    for write in writes:
+        if not isinstance(write, Put | Delete):
+            raise ConfigError(f"txn write {write!r}: not a Put or Delete")
+        check_key(write.key)
+        if isinstance(write, Put):
+            check_ttl(write.ttl)
+        if write.key in seen:
+            raise ConfigError(f"txn writes key {write.key!r} twice")
+        seen.add(write.key)
