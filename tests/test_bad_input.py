@@ -260,3 +260,12 @@ def test_missing_redis_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(sys.modules, "redis", None)  # as if redis-py were not installed
     with pytest.raises(MissingDependency, match=r"pip install 'taskspace\[redis\]'"):
         Space("redis://127.0.0.1:6379/0").stats()
+
+
+def test_backend_errors_never_show_a_password() -> None:
+    from taskspace.backends import open_store
+
+    with pytest.raises(taskspace.BackendError) as caught:
+        open_store("redis://:hunter2@127.0.0.1:1/0")
+    assert "hunter2" not in str(caught.value)
+    assert ":***@127.0.0.1:1" in str(caught.value)

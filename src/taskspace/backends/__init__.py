@@ -20,7 +20,7 @@ Every scheme is imported explicitly here; an unknown scheme or option raises
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from taskspace.backends.base import Clock, Store
 from taskspace.backends.memory import MemoryStore, open_memory
@@ -73,6 +73,20 @@ def _positive(options: dict[str, str], key: str, default: float, url: str) -> fl
     if value <= 0:
         raise InvalidURL(f"{key}={options[key]!r} in {url!r} must be a positive number")
     return value
+
+
+def display_url(url: str) -> str:
+    """``url`` with its password masked, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if password is None:
+        return url
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 def scheme_of(url: str) -> str:
@@ -150,4 +164,12 @@ def open_store(
     return SQLiteStore(settings, url, clock=clock)
 
 
-__all__ = ["SCHEMES", "MemoryStore", "SQLiteStore", "open_store", "scheme_of", "validate_url"]
+__all__ = [
+    "SCHEMES",
+    "MemoryStore",
+    "SQLiteStore",
+    "display_url",
+    "open_store",
+    "scheme_of",
+    "validate_url",
+]

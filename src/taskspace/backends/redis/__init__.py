@@ -97,5 +97,6 @@ class RedisStore:
         check_space(self.conn, self.space_id)
 
     def close(self) -> None:
-        """Close the connections; idempotent."""
+        """Close the subscriptions and connections; idempotent."""
+        self.pubsub.close()
         self.conn.close()

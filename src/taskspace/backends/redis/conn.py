@@ -19,6 +19,7 @@ from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from taskspace.backends import display_url
 from taskspace.backends.outcomes import lua_rules
 from taskspace.backends.redis.records import lua_fields
 from taskspace.errors import BackendError, InvalidURL, MissingDependency
@@ -120,7 +121,7 @@ class RedisConnection:
 
     def __init__(self, url: str, namespace: str | None = None) -> None:
         redis_mod = import_redis()
-        self.url = url
+        self.url = display_url(url)  # for messages: never the password
         plain, in_url = split_namespace(url)
         self.namespace = check_namespace(namespace or in_url or DEFAULT_NAMESPACE)
         self.prefix = f"ts:{{{self.namespace}}}:"
