@@ -141,7 +141,8 @@ class Outbox:
                 if not isinstance(accepted, Failed):
                     for lease, _ in items:
                         self._items.pop(lease, None)
-                self._cond.notify_all()
+                if self._closing.is_set():
+                    self._cond.notify_all()  # close() waits for the outbox to empty
             if isinstance(accepted, Failed):
                 return False
         finally:

@@ -72,6 +72,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskspace.worker")
 
 CLAIM_GATHER_S = 0.002
+# After a short claim: how long the claim loop lets the claimed attempts start first.
+HANDOFF_S = 0.002
 # After the grace, outcomes (the releases above all) get this long to land.
 FINAL_FLUSH_S = 1.0
 THREAD_JOIN_S = 1.0
@@ -243,27 +245,45 @@ class Worker:
     # -- claiming and dispatch ----------------------------------------------
 
     def _claim_loop(self) -> None:
-        queues = self.config.queues
         backoff = Backoff()
         while not self._stopping.is_set():
             free = self._wait_for_slots()
             if free <= 0:
                 continue
             records = self._claim(free, backoff)
-            for record in records:
-                self._dispatch(record)
-            if records or self._stopping.is_set():
-                continue
-            if self.config.burst and self._drained():
+            attempts = [a for a in map(self._dispatch, records) if a is not None]
+            if self._stopping.is_set() or len(records) >= free:
+                continue  # a full claim: there may be more to claim at once
+            if records:
+                # A short claim took every claimable task: no second claim (the idle
+                # wait returns at once if more came meanwhile), except in burst mode,
+                # where an empty claim leads to the drained check. The attempts start
+                # before this thread's next store call, so their finishes go first.
+                self._await_start(attempts)
+                if self.config.burst:
+                    continue
+            elif self.config.burst and self._drained():
                 return
-            waited = self.health.call(
-                "wait",
-                lambda: self.store.queue.wait_for_tasks(
-                    queues, self.config.idle_wait, names=self._names
-                ),
-            )
-            if isinstance(waited, Failed):
-                self._stopping.wait(self.config.idle_wait)
+            self._idle_wait()
+
+    def _idle_wait(self) -> None:
+        """Block until a task may be claimable (or the idle wait ends)."""
+        queues, names = self.config.queues, self._names
+        waited = self.health.call(
+            "wait",
+            lambda: self.store.queue.wait_for_tasks(queues, self.config.idle_wait, names=names),
+        )
+        if isinstance(waited, Failed):
+            self._stopping.wait(self.config.idle_wait)
+
+    def _await_start(self, attempts: list[Attempt]) -> None:
+        """Give the GIL to the threads that run ``attempts`` until each has begun
+        (or ended), for at most HANDOFF_S: the next store call of this thread
+        would otherwise hold the GIL, and the backend, ahead of them."""
+        if not attempts:
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: all(a.started or a.settled for a in attempts), HANDOFF_S)
 
     def _wait_for_slots(self) -> int:
         free = self._free_slots()
@@ -320,16 +340,17 @@ class Worker:
             for name in self._names
         )
 
-    def _dispatch(self, record: TaskRecord) -> None:
+    def _dispatch(self, record: TaskRecord) -> Attempt | None:
+        """Start running ``record``'s attempt; the attempt, or None if it never runs."""
         if self.report.space_lost:
-            return  # claimed as the space was lost: gone with it, never run
+            return None  # claimed as the space was lost: gone with it, never run
         task = self.space._tasks.get(record.name)
         prepared = ex.prepare(record, task, self.space.allow_pickle)
         if isinstance(prepared, Outcome) or task is None:
             assert isinstance(prepared, Outcome)
             self._outbox.add(record.lease, prepared, record.lease_s)
             self._outbox.send(inline=True)
-            return
+            return None
         args, kwargs = prepared
         lease = record.lease
         ctx = TaskContext(
@@ -353,6 +374,7 @@ class Worker:
             self._pool.submit(self._run_process, attempt, args, kwargs)
         else:
             self._pool.submit(self._run_thread, attempt, args, kwargs)
+        return attempt
 
     def _start(self, attempt: Attempt, with_deadline: bool) -> bool:
         with attempt.lock:
@@ -363,6 +385,8 @@ class Worker:
             timeout = attempt.record.timeout
             if with_deadline and timeout is not None:
                 attempt.deadline = attempt.began + timeout
+        with self._cond:
+            self._cond.notify_all()  # the claim loop may wait for this start (_await_start)
         tasklog.started(attempt, self.name)
         return True
 
