@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from taskspace.backends import open_store, validate_url
 from taskspace.backends.base import (
     DEFAULT_RESULT_TTL_S,
+    MAX_DURATION_S,
     TASK_STATES,
     Clock,
     Closeable,
@@ -101,6 +102,8 @@ class Space(Closeable):
             raise ConfigError(f"unknown serializer {serializer!r}; valid: {', '.join(SERIALIZERS)}")
         _check_size("max_payload", max_payload, allow_none=True)
         _check_size("result_ttl", result_ttl, allow_none=True)
+        if result_ttl is not None and result_ttl > MAX_DURATION_S:
+            raise ConfigError(f"result_ttl must be at most ten years (or None), got {result_ttl!r}")
         self.max_payload = max_payload
         self.result_ttl = result_ttl
         self.codec: Codec = get_codec(serializer).limited(max_payload)

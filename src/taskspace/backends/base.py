@@ -19,7 +19,9 @@ that are each atomic (a push of many chunks, a paged purge).
   reply can be lost on a network backend are safe to retry: ``push`` by task
   id, ``claim``/``kv.txn``/``kv.incr``/``streams.append_many`` by
   ``request_id``, ``leases.acquire`` by ``grant_id``, ``finish`` by the
-  accepted token; the others are idempotent by nature.
+  accepted token; the others are idempotent by nature. Backends whose
+  replies cannot be lost (memory, a local SQLite file: a call returns or
+  raises before anything is committed) may ignore request ids.
 - :class:`~taskspace.errors.SpaceLost`: the space was wiped or replaced
   (``store.check_space``); never retry, stop.
 - :class:`~taskspace.errors.ConfigError`: an argument that could only be a
@@ -211,6 +213,14 @@ class QueueStats:
             if queues is None or queue in queues
         )
 
+
+# The longest duration (ttl, lease, delay, result_ttl) any call accepts: ten
+# years. Longer ones are refused up front (Redis's EXPIRE would fail halfway
+# through a script on them).
+MAX_DURATION_S = 10 * 365.25 * 24 * 3600
+# The range of KV integers (``incr``): signed 64 bits on every backend.
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
 
 # Each grant, KV change and request id is kept for at most this long or count.
 REQUEST_ID_TTL_S = 600.0
@@ -653,8 +663,10 @@ class KVStore(Protocol):
         self, key: str, delta: int = 1, ttl: float | None = None, request_id: str | None = None
     ) -> int:
         """Add ``delta`` to a decimal integer value (absent: 0) and return the
-        result; ``ttl`` applies only when the key is created. A value that is
-        not an integer raises NotAnInteger and changes nothing. A repeated
+        result; ``ttl`` applies only when the key is created. ``delta`` must
+        be an int in [INT64_MIN, INT64_MAX] (ConfigError); a stored value that
+        is not such an integer, or a result outside that range, raises
+        NotAnInteger and changes nothing. A repeated
         ``request_id`` (a retry after a lost reply) returns the first result
         without adding again."""
         ...

@@ -11,8 +11,19 @@ import math
 import re
 from collections.abc import Sequence
 
-from taskspace.backends.base import Compare, Delete, Exists, GrantHeld, Put, ValueIs, VersionIs
-from taskspace.backends.base import Write as Write
+from taskspace.backends.base import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_DURATION_S,
+    Compare,
+    Delete,
+    Exists,
+    GrantHeld,
+    Put,
+    ValueIs,
+    VersionIs,
+    Write,
+)
 from taskspace.errors import ConfigError
 
 # What ``kv.incr`` accepts as an integer value: optional sign, decimal digits.
@@ -20,8 +31,20 @@ INTEGER = re.compile(rb"[+-]?[0-9]+")
 
 
 def is_integer(value: bytes) -> bool:
-    """True if ``incr`` may add to ``value`` (else it raises NotAnInteger)."""
-    return INTEGER.fullmatch(value) is not None
+    """True if ``incr`` may add to ``value``: a decimal integer in the int64
+    range (else incr raises NotAnInteger)."""
+    return INTEGER.fullmatch(value) is not None and INT64_MIN <= int(value) <= INT64_MAX
+
+
+def in_int64(value: int) -> bool:
+    """True if an ``incr`` result fits (else incr raises NotAnInteger)."""
+    return INT64_MIN <= value <= INT64_MAX
+
+
+def check_delta(delta: int) -> None:
+    """An ``incr`` delta: an int (not a bool) in the int64 range."""
+    if isinstance(delta, bool) or not isinstance(delta, int) or not in_int64(delta):
+        raise ConfigError(f"delta={delta!r}: must be an integer in the 64-bit range")
 
 
 def check_key(key: str, what: str = "key") -> None:
@@ -47,9 +70,13 @@ def check_limit(limit: int | None, what: str = "limit", optional: bool = False) 
 
 
 def check_wait(wait: float, what: str = "wait") -> None:
-    """A number of seconds of at least 0."""
-    if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
-        raise ConfigError(f"{what}={wait!r}: must be a number of seconds >= 0")
+    """A number of seconds from 0 to MAX_DURATION_S."""
+    if (
+        isinstance(wait, bool)
+        or not isinstance(wait, int | float)
+        or not 0 <= wait <= MAX_DURATION_S
+    ):
+        raise ConfigError(f"{what}={wait!r}: must be a number of seconds >= 0, at most ten years")
 
 
 def check_txn(compares: Sequence[Compare], writes: Sequence[Write]) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from taskspace.backends.base import PRIORITY_MAX, PRIORITY_MIN
+from taskspace.backends.base import MAX_DURATION_S, PRIORITY_MAX, PRIORITY_MIN
 from taskspace.errors import ConfigError
 
 Isolation = Literal["thread", "async", "process"]
@@ -26,9 +26,12 @@ def _check_number(name: str, value: Any, *, positive: bool, allow_none: bool) ->
     if value is None and allow_none:
         return
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
+    if not ok or value < 0 or (positive and value == 0) or value > MAX_DURATION_S:
         need = "a positive number" if positive else "a number >= 0"
-        raise ConfigError(f"{name} must be {need}{' or None' if allow_none else ''}, got {value!r}")
+        raise ConfigError(
+            f"{name} must be {need} of seconds up to ten years"
+            f"{' or None' if allow_none else ''}, got {value!r}"
+        )
 
 
 def reject_unknown(kind: str, options: dict[str, Any], config: Any) -> None:
