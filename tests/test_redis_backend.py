@@ -259,12 +259,15 @@ def test_an_idle_wait_for_some_names_ignores_tasks_of_other_names(store: RedisSt
     store.queue.push([spec("other")])
     assert store.queue.claim(["default"], "w", 1, names=["mine"]) == []
     started = time.monotonic()
-    store.queue.wait_for_tasks(["default"], 0.5)  # no spin on a task it cannot run
+    store.queue.wait_for_tasks(["default"], 0.5, names=["mine"])  # no spin on other names
     assert time.monotonic() - started >= 0.45
+    started = time.monotonic()
+    store.queue.wait_for_tasks(["default"], 5)  # names=None: any name, whatever was claimed
+    assert time.monotonic() - started < 0.2
     pusher = threading.Timer(0.2, lambda: store.queue.push([spec("mine")]))
     pusher.start()
     started = time.monotonic()
-    store.queue.wait_for_tasks(["default"], 5)  # woken by its own name
+    store.queue.wait_for_tasks(["default"], 5, names=["mine"])  # woken by its own name
     pusher.join()
     assert time.monotonic() - started < 2
     assert len(store.queue.claim(["default"], "w", 5, names=["mine"])) == 1

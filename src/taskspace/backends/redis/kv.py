@@ -43,10 +43,10 @@ from taskspace.backends.base import (
     VersionIs,
     Write,
 )
-from taskspace.backends.checks import check_key, check_limit, check_ttl, check_txn
+from taskspace.backends.checks import check_delta, check_key, check_limit, check_ttl, check_txn
 from taskspace.backends.redis.conn import RedisConnection
 from taskspace.backends.redis.leases import pop_wake
-from taskspace.errors import Compacted, ConfigError, NotAnInteger
+from taskspace.errors import Compacted, NotAnInteger
 
 # Feed entries one changes/wait script reads before handing back a cursor.
 SCAN_BUDGET = 2000
@@ -56,7 +56,6 @@ COMPACT_STEP = 10_000
 WAIT_STEP_S = 0.5
 # Waits remember how far they scanned the feed for this many (prefix, revision) pairs.
 SCANNED_MAX = 256
-INT64 = 2**63
 
 
 def _number(value: float | None) -> str:
@@ -76,10 +75,9 @@ def _compare_args(c: Compare) -> list[Any]:
         return ["val", c.key, c.value, ""]
     if isinstance(c, Exists):
         return ["ex", c.key, int(bool(c.exists)), ""]
-    if isinstance(c, GrantHeld):
-        g = c.grant
-        return ["grant", g.name, g.id, g.token]
-    raise ConfigError(f"txn compare {c!r}: not a VersionIs, ValueIs, Exists or GrantHeld")
+    assert isinstance(c, GrantHeld)
+    g = c.grant  # a GrantHeld: check_txn let nothing else through
+    return ["grant", g.name, g.id, g.token]
 
 
 def _write_args(writes: Sequence[Write]) -> list[Any]:
@@ -195,8 +193,7 @@ class RedisKV:
     ) -> int:
         check_key(key)
         check_ttl(ttl)
-        if not isinstance(delta, int) or not -INT64 <= delta < INT64:
-            raise ConfigError(f"delta={delta!r}: must be a 64-bit integer")
+        check_delta(delta)
         args = [key, int(delta), _number(ttl), request_id or "", repr(REQUEST_ID_TTL_S)]
         reply = self._conn.run("kv_incr", args)
         if reply[0] != b"ok":
@@ -280,7 +277,8 @@ class RedisKV:
             step = min(left, WAIT_STEP_S)
             cursor = self._scanned.get(memo, "")
             args = [prefix, after_revision, cursor, SCAN_BUDGET, repr(step), waiter]
-            reply = conn.run("kv_wait", args)
+            # On the reads client: a stalled server fails the wait within about a second.
+            reply = conn.run("kv_wait", args, read=True)
             if reply[0] == b"now":
                 return
             self._remember(memo, reply[1].decode())

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Sequence
 
 from taskspace.backends.base import Grant
-from taskspace.backends.checks import check_limit, check_ttl
+from taskspace.backends.checks import check_key, check_limit, check_ttl
 from taskspace.backends.redis.conn import RedisConnection
 from taskspace.errors import ConfigError
 
@@ -57,12 +57,11 @@ class RedisLeases:
         data: bytes = b"",
         grant_id: str | None = None,
     ) -> Grant | None:
-        if not name:
-            raise ConfigError("a lease name must be a non-empty string")
-        check_limit(capacity, "capacity")
-        if grant_id is not None and not grant_id:
-            raise ConfigError("grant_id must be None or a non-empty string")
+        check_key(name, "name")
         check_ttl(ttl, optional=False)
+        check_limit(capacity, "capacity")
+        if grant_id is not None:
+            check_key(grant_id, "grant_id")
         gid = grant_id or uuid.uuid4().hex
         args = [name, gid, holder, int(capacity), repr(float(ttl)), data]
         reply = self._conn.run("lease_acquire", args)
@@ -108,7 +107,9 @@ class RedisLeases:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             step = min(left, WAIT_STEP_S)
-            until_expiry = float(conn.run("lease_wait", [name, waiter, repr(step)]))
+            # On the reads client: a stalled server fails the wait within about a second.
+            args = [name, waiter, repr(step)]
+            until_expiry = float(conn.run("lease_wait", args, read=True))
             if until_expiry <= 0:
                 return
             block = max(0.001, min(step, until_expiry))

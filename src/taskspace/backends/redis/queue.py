@@ -11,6 +11,7 @@ import orjson
 
 from taskspace.backends.base import (
     ERROR_HISTORY_MAX,
+    REQUEST_ID_TTL_S,
     Lease,
     LeaseStatus,
     Outcome,
@@ -20,12 +21,15 @@ from taskspace.backends.base import (
     TaskState,
     push_chunks,
 )
+from taskspace.backends.checks import check_limit
 from taskspace.backends.outcomes import check_list_filters, check_purge_states, unknown_cursor
 from taskspace.backends.redis.conn import RedisConnection
 from taskspace.backends.redis.records import FIELDS, PACKED, number, record, unpack_record
 
 # Index entries one list/purge script looks at before handing back a cursor.
 SCAN_BUDGET = 1000
+# How long a claim's request id is remembered (lua/_request.lua).
+CLAIM_REQUEST_TTL = repr(REQUEST_ID_TTL_S)
 # How long the final record a wait_for_finish brought may serve the next get.
 ENDED_FRESH_S = 1.0
 
@@ -70,8 +74,6 @@ class RedisQueue:
     def __init__(self, conn: RedisConnection) -> None:
         self._conn = conn
         self._prefix = conn.prefix
-        # The names of this store's last claim: what an idle wait watches.
-        self._claim_names: Collection[str] | None = None
         # Per thread: the final record its last wait_for_finish brought.
         self._ended = threading.local()
 
@@ -94,12 +96,10 @@ class RedisQueue:
         request_id: str | None = None,
         names: Collection[str] | None = None,
     ) -> list[TaskRecord]:
-        if names is not None:
-            # The idle wait that follows an empty claim watches these names.
-            self._claim_names = names
         if n <= 0 or (names is not None and not names):
             return []
-        rows = self._conn.run("claim", [worker, n, request_id or "", *names_args(names), *queues])
+        args = [worker, n, request_id or "", CLAIM_REQUEST_TTL, *names_args(names), *queues]
+        rows = self._conn.run("claim", args)
         return [record(row) for row in rows]
 
     def renew(self, leases: Sequence[Lease]) -> dict[str, LeaseStatus]:
@@ -205,7 +205,8 @@ class RedisQueue:
         return deleted
 
     def reap(self, limit: int = 1000) -> int:
-        return int(self._conn.run("reap", [limit])) if limit > 0 else 0
+        check_limit(limit)
+        return int(self._conn.run("reap", [limit]))
 
     def stats(self) -> QueueStats:
         pipe = self._conn.reads.pipeline(transaction=True)
@@ -222,10 +223,9 @@ class RedisQueue:
     def wait_for_tasks(
         self, queues: Sequence[str], timeout: float, names: Collection[str] | None = None
     ) -> None:
-        """Blocks on the wake lists of ``names`` (default: the names of this
-        store's last claim, so a worker is not woken by, nor spins on, tasks it
+        """Blocks on the wake lists of ``names`` (None: any name; a worker
+        passes the names it runs, so it is not woken by, nor spins on, tasks it
         cannot run)."""
-        names = self._claim_names if names is None else names
         due_text, keys = self._conn.run("next_due", [*names_args(names), *queues], read=True)
         due = float(due_text)
         if due == 0:

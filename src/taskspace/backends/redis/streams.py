@@ -17,9 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from taskspace.backends.base import REQUEST_ID_TTL_S, StreamEntry
-from taskspace.backends.checks import check_limit
+from taskspace.backends.checks import check_key, check_limit, check_wait
 from taskspace.backends.redis.conn import RedisConnection
-from taskspace.errors import ConfigError
 
 # One XREAD BLOCK of a read lasts at most this long (below conn.READ_TIMEOUT_S).
 WAIT_STEP_S = 0.5
@@ -51,6 +50,7 @@ class RedisStreams:
         maxlen: int | None = None,
         request_id: str | None = None,
     ) -> list[int]:
+        check_key(stream, "stream")
         check_limit(maxlen, "maxlen", optional=True)
         if not items:
             return []
@@ -64,9 +64,9 @@ class RedisStreams:
     ) -> list[StreamEntry]:
         """With ``wait``, blocks in XREAD BLOCK on the reads client, in steps
         of WAIT_STEP_S (an append wakes it at once)."""
+        check_key(stream, "stream")
         check_limit(limit)
-        if wait < 0:
-            raise ConfigError(f"wait must not be negative, got {wait!r}")
+        check_wait(wait)
         conn, key = self._conn, self._key(stream)
         after = max(0, int(after))
         start = f"{after + 1}-0"
@@ -92,9 +92,10 @@ class RedisStreams:
         min_id: int | None = None,
         max_age: float | None = None,
     ) -> int:
+        check_key(stream, "stream")
         check_limit(maxlen, "maxlen", optional=True)
-        if max_age is not None and max_age < 0:
-            raise ConfigError(f"max_age must not be negative, got {max_age!r}")
+        if max_age is not None:
+            check_wait(max_age, "max_age")
         args = [
             stream,
             "" if maxlen is None else int(maxlen),

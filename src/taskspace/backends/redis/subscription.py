@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from taskspace.backends.base import SUBSCRIPTION_BUFFER, Closeable, Gap, Message
-from taskspace.backends.redis.conn import CONNECT_TIMEOUT_S, RedisConnection
+from taskspace.backends.redis.conn import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, RedisConnection
 from taskspace.errors import BackendError
 
 FOREVER_S = 1e9
@@ -62,7 +62,13 @@ class RedisSubscription(Closeable):
         pool = self._conn.client.connection_pool
         kwargs = {**pool.connection_kwargs, "health_check_interval": 0}
         kwargs["socket_connect_timeout"] = max(0.05, connect_timeout)
+        # Replies (the confirmations, then each message once can_read saw it)
+        # come within READ_TIMEOUT_S from a healthy server, not the pool's long timeout.
+        kwargs["socket_timeout"] = READ_TIMEOUT_S
         sock = pool.connection_class(**kwargs)
+        # The confirmations come within the caller's time (at least 50 ms, at
+        # most READ_TIMEOUT_S), else BackendError: a stalled server.
+        deadline = time.monotonic() + min(READ_TIMEOUT_S, max(0.05, connect_timeout))
         try:
             sock.connect()
             if self._names:
@@ -71,6 +77,11 @@ class RedisSubscription(Closeable):
                 sock.send_command("PSUBSCRIBE", *self._patterns)
             confirmed, wanted = 0, len(self._names) + len(self._patterns)
             while confirmed < wanted:
+                if not sock.can_read(timeout=max(0.0, deadline - time.monotonic())):
+                    raise BackendError(
+                        f"Redis at {self._conn.url}: no subscription confirmation "
+                        "in time (stalled connection)"
+                    )
                 reply = sock.read_response(push_request=True)
                 if _text(reply[0]) in ("subscribe", "psubscribe"):
                     confirmed += 1

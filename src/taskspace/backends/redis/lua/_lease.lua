@@ -40,7 +40,7 @@ end
 local function lease_cap_expire(name, now)
   local last = redis.call('ZRANGE', lease_zset(name), -1, -1, 'WITHSCORES')
   if last[2] then
-    local ms = math.max(math.ceil((tonumber(last[2]) - now) * 1000) + GRANT_SLACK_MS, 1)
+    local ms = expire_ms(tonumber(last[2]) - now + GRANT_SLACK_MS / 1000)
     redis.call('PEXPIRE', lease_cap_key(name), ms)
     redis.call('PEXPIRE', lease_zset(name), ms)
   else
@@ -63,7 +63,7 @@ end
 
 -- Store grant `g` of `name` (new or renewed).
 local function grant_write(name, g, now)
-  local ms = math.ceil((g.expires - now) * 1000) + GRANT_SLACK_MS
+  local ms = expire_ms(g.expires - now + GRANT_SLACK_MS / 1000)  -- before any write
   local k = grant_key(name, g.id)
   redis.call('HSET', k, 'holder', g.holder, 'token', g.token, 'expires', fmt(g.expires),
     'data', g.data)

@@ -1,25 +1,26 @@
--- ARGV: worker, n, request_id ('' = none), k (-1 = any name), k names,
--- queue... Leases up to n ready tasks: earlier queues first, then by score
--- (priority, then FIFO) across the ready sets of the wanted names, merged
+-- requires: _request.lua
+-- ARGV: worker, n, request_id ('' = none), request_ttl, k (-1 = any name), k
+-- names, queue... Leases up to n ready tasks: earlier queues first, then by
+-- score (priority, then FIFO) across the ready sets of the wanted names, merged
 -- here. Cost: O(names x n), whatever number of tasks of other names waits.
 -- Every request id is remembered (with the tasks it leased, maybe none) for
--- CLAIM_REQUEST_TTL: a repeat returns what the first call leased and never
--- leases more, so neither a retry nor a late duplicate leases to nobody.
-local CLAIM_REQUEST_TTL = 600
+-- request_ttl seconds (request_recall/request_remember, family 'claimreq'): a
+-- repeat returns what the first call leased and never leases more, so neither
+-- a retry nor a late duplicate leases to nobody.
 local worker, n, request = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local k = tonumber(ARGV[4])
+local request_ttl = ARGV[4]
+local k = tonumber(ARGV[5])
 local names = nil
 if k >= 0 then
   names = {}
-  for i = 1, k do names[i] = ARGV[4 + i] end
+  for i = 1, k do names[i] = ARGV[5 + i] end
 end
-local first_queue = 5 + math.max(k, 0)
+local first_queue = 6 + math.max(k, 0)
 local out = {}
--- Request ids live in one hash (id -> grants) and one zset (id -> expiry),
--- pruned a few at a time by each claim, so the keyspace stays small.
-local rk, rx = P .. 'claimreq', P .. 'claimreqexp'
+local now = clock()
 if request ~= '' then
-  local granted = redis.call('HGET', rk, request)
+  -- The remembered grants: 'id\ttoken\n' per task leased.
+  local granted = request_recall('claimreq', request, now)
   if granted then
     for id, token in string.gmatch(granted, '([^\n]+)\t([^\n]+)\n') do
       local f = redis.call('HMGET', tkey(id), unpack(FIELDS))
@@ -70,7 +71,6 @@ local function take(q, wanted, want, tidy)
   return ids
 end
 
-local now = clock()
 local started = fmt(wall())
 promote(now)
 local running = {}
@@ -113,12 +113,6 @@ for i = 1, #running, 2000 do
   redis.call('ZADD', P .. 'running', unpack(running, i, math.min(i + 1999, #running)))
 end
 if request ~= '' then
-  redis.call('HSET', rk, request, table.concat(granted))
-  redis.call('ZADD', rx, now + CLAIM_REQUEST_TTL, request)
-  local old = redis.call('ZRANGEBYSCORE', rx, '-inf', now, 'LIMIT', 0, 8)
-  if #old > 0 then
-    redis.call('ZREM', rx, unpack(old))
-    redis.call('HDEL', rk, unpack(old))
-  end
+  request_remember('claimreq', request, table.concat(granted), now, request_ttl)
 end
 return out

@@ -12,15 +12,29 @@
 -- submission order), expiry (finished tasks with a result_ttl, by reap time;
 -- member state\nqueue\nid, so counts stay right even after the backstop
 -- EXPIRE removed the hash), counts, stale, dedup:<key>, done:<id>,
--- wake:<queue>[\n<name>], claimreq and claimreqexp.
+-- wake:<queue>[\n<name>] (expire WAKE_TTL_S after their last token),
+-- claimreq and claimreqexp (request ids of claims, lua/_request.lua).
 local P = KEYS[1]
 local WAKE_MAX = 64
 -- A settled task's hash expires this long after its reap time: a backstop for
 -- a space nobody reaps. Reap still fixes counts and indexes from `expiry`.
 local BACKSTOP_S = 3600
+-- Redis expiries (EXPIRE/PEXPIRE arguments) are clamped to this many
+-- milliseconds (about 317 years, past base.MAX_DURATION_S), so that no
+-- duration a caller got through can make an EXPIRE fail halfway through a
+-- script; scripts compute their expiries before their first write.
+local MAX_EXPIRE_MS = 10000000000000
+-- A wake list expires this long after its last token (tokens are only hints).
+local WAKE_TTL_S = 60
 
 -- Times as text with microseconds (Lua's tostring keeps only 14 digits).
 local function fmt(x) return string.format('%.6f', x) end
+
+-- `seconds` as a PEXPIRE argument: whole milliseconds, rounded up, from 1 to
+-- MAX_EXPIRE_MS.
+local function expire_ms(seconds)
+  return math.min(math.max(math.ceil(seconds * 1000), 1), MAX_EXPIRE_MS)
+end
 
 -- The server's TIME as Unix epoch seconds.
 local function server_time()
@@ -95,8 +109,13 @@ local function cancel_requested(cancel) return cancel ~= false and cancel ~= nil
 
 local function rkey(queue, name) return P .. 'ready:' .. queue .. '\n' .. name end
 
+-- Add `delta` to the count of `state` in `queue`; a count back at 0 is
+-- removed, so the counts of queues and states no longer used do not stay.
 local function count(queue, state, delta)
-  redis.call('HINCRBY', P .. 'counts', queue .. '\n' .. state, delta)
+  local field = queue .. '\n' .. state
+  if redis.call('HINCRBY', P .. 'counts', field, delta) == 0 then
+    redis.call('HDEL', P .. 'counts', field)
+  end
 end
 
 -- Higher priority first, then FIFO by submission sequence. Exact in a double
@@ -127,6 +146,7 @@ local function wake_list(key, n)
   if redis.call('RPUSH', key, unpack(ones)) > 2 * WAKE_MAX then
     redis.call('LTRIM', key, -WAKE_MAX, -1)
   end
+  redis.call('EXPIRE', key, WAKE_TTL_S)
 end
 
 local function wake(woken)
@@ -195,6 +215,8 @@ end
 -- task costs no lookup. The first waiter gets the final record itself
 -- (packed_record), so it needs no read after its wait; the others get '1'.
 local function settle(id, dedup_key, queue, state, now, result_ttl, expiring, waiters)
+  local ttl = result_ttl and result_ttl ~= '' and tonumber(result_ttl) or nil
+  local backstop_ms = ttl and expire_ms(ttl + BACKSTOP_S)  -- computed before any write
   if dedup_key then
     local dk = P .. 'dedup:' .. dedup_key
     if redis.call('GET', dk) == id then redis.call('DEL', dk) end
@@ -207,11 +229,10 @@ local function settle(id, dedup_key, queue, state, now, result_ttl, expiring, wa
     for _ = 2, math.min(n, 16) do redis.call('RPUSH', dk, '1') end
     redis.call('EXPIRE', dk, 60)
   end
-  if result_ttl and result_ttl ~= '' then
-    local ttl = tonumber(result_ttl)
+  if ttl then
     expiring[#expiring + 1] = now + ttl
     expiring[#expiring + 1] = expiry_member(state, queue, id)
-    redis.call('EXPIRE', tkey(id), math.ceil(ttl) + BACKSTOP_S)
+    redis.call('PEXPIRE', tkey(id), backstop_ms)
   end
 end
 

@@ -1,7 +1,8 @@
 -- ARGV: limit keep step. Records the expiry of up to `limit` keys whose TTL
 -- passed, then compacts the change feed towards its newest `keep` entries
--- (at most `step` entries per call; a revision is never split: its entries
--- go together or stay together). Returns how many keys expired.
+-- (at most `step` entries per call, or one whole revision larger than that;
+-- a revision is never split: its entries go together or stay together).
+-- Returns how many keys expired.
 local limit, keep, step = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = clock()
 local touched = {}
@@ -19,6 +20,19 @@ if excess > 0 then
     if rev_of(batch[i]) < keep_from then
       dropped = rev_of(batch[i])
       break
+    end
+  end
+  if not dropped and take < excess then
+    -- The `take` oldest entries are all of one revision, larger than `step`:
+    -- that whole revision goes (its entries are <rev>-0 .. <rev>-<last>), if
+    -- all of it lies past the newest `keep`, so compaction always progresses.
+    local oldest = rev_of(batch[1])
+    local id = string.format('%d', oldest)
+    local tail = redis.call('XREVRANGE', log, id, id, 'COUNT', 1)  -- its last entry
+    local size = tonumber(string.match(tail[1][1], '-(%d+)$')) + 1
+    if size <= excess then
+      keep_from = oldest + 1
+      dropped = oldest
     end
   end
   if dropped then

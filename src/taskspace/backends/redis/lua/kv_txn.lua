@@ -37,6 +37,13 @@ for i = 0, nc - 1 do
   end
 end
 
+-- Every written key's record first: a key whose TTL passed logs its expiry
+-- (at its own revision) before the txn's revision is taken, so the feed stays
+-- in revision order, as on memory and SQLite.
+local live = {}
+for at = first_write, #ARGV, 4 do
+  live[at] = kv_live(ARGV[at + 1], now, touched) or false
+end
 local reply = {1, '', ''}
 local rev = nil
 local n = 0
@@ -50,14 +57,11 @@ for at = first_write, #ARGV, 4 do
     reply[#reply + 1] = expires and fmt(expires) or ''
     touched[#touched + 1] = key
     n = n + 1
-  else
-    local rec = kv_live(key, now, touched)
-    if rec then
-      rev = rev or kv_next_revision()
-      kv_remove(key, rec, rev, n, 'delete')
-      touched[#touched + 1] = key
-      n = n + 1
-    end
+  elseif live[at] then
+    rev = rev or kv_next_revision()
+    kv_remove(key, live[at], rev, n, 'delete')
+    touched[#touched + 1] = key
+    n = n + 1
   end
 end
 reply[2] = rev or kv_revision()

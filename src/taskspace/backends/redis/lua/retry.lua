@@ -13,7 +13,7 @@ redis.call('ZREM', P .. 'expiry', expiry_member(t.state, t.queue, id))
 redis.call('PERSIST', k)
 redis.call('DEL', P .. 'done:' .. id)  -- records of its end nobody took: never serve them
 redis.call('HSET', k, 'state', 'queued', 'attempts', 0, 'lost', 0, 'ready_at', fmt(now))
-redis.call('HDEL', k, 'finished', 'worker', 'lease_expires', 'cancel', 'pdone', 'ptotal',
+redis.call('HDEL', k, 'started', 'finished', 'worker', 'lease_expires', 'cancel', 'pdone', 'ptotal',
   'result')
 if t.dedup_key and redis.call('SET', P .. 'dedup:' .. t.dedup_key, id, 'NX') == false then
   redis.call('HDEL', k, 'dedup_key')  -- another live task holds the key now
