@@ -22,6 +22,7 @@ from taskspace.backends.base import (
     PRIORITY_MAX,
     PRIORITY_MIN,
     PUSH_CHUNK_TASKS,
+    REQUEST_ID_TTL_S,
     Gap,
     Lease,
     Message,
@@ -548,3 +549,53 @@ def test_a_wait_after_redis_lost_its_scripts_loads_them_and_waits(store: RedisSt
     store.queue.wait_for_finish([task_id], 5)  # ended: returns at once, with the record
     got = store.queue.get(task_id)
     assert got is not None and got.result == b"7"
+
+
+# -- review fixes ------------------------------------------------------------------------
+
+
+def test_retry_clears_started_as_every_backend_does(store: RedisStore) -> None:
+    (task_id,) = store.queue.push([spec()])
+    (rec,) = store.queue.claim(["default"], "w", 1)
+    assert store.queue.get(task_id).started is not None  # type: ignore[union-attr]
+    store.queue.finish([(rec.lease, Outcome("failed", error={"type": "E", "message": "m"}))])
+    assert store.queue.retry(task_id) == "queued"
+    again = store.queue.get(task_id)
+    assert again is not None and again.started is None and again.finished is None
+
+
+def test_a_huge_result_ttl_settles_the_task_whole(store: RedisStore) -> None:
+    (task_id,) = store.queue.push([spec(result_ttl=1e16, dedup_key="d")])
+    (rec,) = store.queue.claim(["default"], "w", 1)
+    assert store.queue.finish([(rec.lease, Outcome("succeeded"))]) == [True]
+    assert store.queue.state(task_id) == "succeeded"
+    assert store.queue.stats().counts["default"] == {"succeeded": 1}
+    ttl = raw(store, "PTTL", f"{store.prefix}t:{task_id}")
+    assert isinstance(ttl, int) and ttl > 10**12  # the backstop, clamped
+    assert store.queue.push([spec(dedup_key="d")]) != [task_id]  # the dedup key was freed
+
+
+def test_claim_request_ids_expire_and_a_repeat_leases_nothing_more(store: RedisStore) -> None:
+    store.queue.push([spec(), spec()])
+    first = store.queue.claim(["default"], "w", 1, request_id="r1")
+    assert len(first) == 1
+    assert store.queue.claim(["default"], "w", 1, request_id="r1") == first  # a retry
+    assert store.queue.claim(["default"], "w", 5, request_id="r1") == first  # never more
+    empty = store.queue.claim(["nothing"], "w", 1, request_id="r2")
+    assert empty == []
+    store.queue.push([spec(queue="nothing")])
+    assert store.queue.claim(["nothing"], "w", 1, request_id="r2") == []  # a late duplicate
+    for family in ("claimreq", "claimreqexp"):
+        ttl = raw(store, "PTTL", f"{store.prefix}{family}")
+        assert isinstance(ttl, int) and 0 < ttl <= (REQUEST_ID_TTL_S + 1) * 1000
+
+
+def test_wake_lists_expire_and_zero_counts_are_removed(store: RedisStore) -> None:
+    store.queue.push([spec("a"), spec("b", queue="other")])
+    wakes = store.conn.client.keys(f"{store.prefix}wake:*")
+    assert len(wakes) == 4
+    assert all(0 < store.conn.client.ttl(k) <= 60 for k in wakes)
+    for rec in store.queue.claim(["default", "other"], "w", 2):
+        store.queue.finish([(rec.lease, Outcome("succeeded"))])
+    counts = raw(store, "HGETALL", f"{store.prefix}counts")
+    assert counts == {b"default\nsucceeded": b"1", b"other\nsucceeded": b"1"}

@@ -5,15 +5,18 @@ connection must not hold a call past its timeout."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from taskspace.backends.base import Outcome, TaskSpec
+from taskspace.backends.base import Gap, Outcome, TaskSpec
 from taskspace.backends.redis import RedisStore
 from taskspace.backends.redis.conn import BLOCK_MARGIN_S, READ_TIMEOUT_S
 from taskspace.errors import BackendError
@@ -274,4 +277,82 @@ def test_a_wait_blocks_for_its_timeout_then_returns(server: RedisServer) -> None
             elapsed = time.monotonic() - started
             assert timeout - 0.05 <= elapsed < timeout + BLOCK_MARGIN_S
     finally:
+        store.close()
+
+
+# -- a stopped server: every wait fails within about its timeout ------------------------
+
+
+@pytest.fixture
+def stopped(server: RedisServer) -> Iterator[tuple[RedisStore, Any]]:
+    """A store whose every wait path was used once, and a subscription; the
+    server is then stopped (SIGSTOP: connections stay open, nothing answers)
+    until the test ends."""
+    store = RedisStore(server.namespaced_url())
+    assert store.leases.acquire("L", "h", 60) is not None
+    sub = store.pubsub.subscribe(["c"])
+    store.kv.wait("p", store.kv.revision(), 0.05)  # connections made, scripts loaded
+    store.leases.wait("L", 0.05)
+    store.queue.wait_for_tasks(["q"], 0.05)
+    store.queue.wait_for_finish(["x"], 0.05)
+    store.streams.read("st", wait=0.05)
+    assert sub.get(0.05) is None
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        yield store, sub
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        sub.close()
+        store.close()
+
+
+@pytest.mark.timeout(60)
+def test_every_wait_behind_a_stopped_server_raises_within_about_a_second(
+    stopped: tuple[RedisStore, Any],
+) -> None:
+    store, sub = stopped
+    waits: dict[str, Callable[[], object]] = {
+        "kv.wait": lambda: store.kv.wait("p", 0, 0.2),
+        "leases.wait": lambda: store.leases.wait("L", 0.2),
+        "wait_for_tasks": lambda: store.queue.wait_for_tasks(["q"], 0.2),
+        "wait_for_finish": lambda: store.queue.wait_for_finish(["x"], 0.2),
+        "streams.read": lambda: store.streams.read("st", wait=0.2),
+    }
+    slow = {}
+    for what, wait in waits.items():
+        started = time.monotonic()
+        with pytest.raises(BackendError):
+            wait()
+        slow[what] = time.monotonic() - started
+    assert all(t < READ_TIMEOUT_S + 0.5 for t in slow.values()), slow
+    started = time.monotonic()
+    sub.get(0.2)  # a live but silent connection: nothing comes
+    assert time.monotonic() - started < READ_TIMEOUT_S + 0.5
+
+
+@pytest.mark.timeout(60)
+def test_a_resubscription_to_a_stopped_server_fails_within_about_a_second(
+    server: RedisServer,
+) -> None:
+    store = RedisStore(server.namespaced_url())
+    sub = store.pubsub.subscribe(["c"])
+    try:
+        assert sub.get(0.05) is None
+        admin = store.conn.client
+        admin.client_kill_filter(_type="pubsub")
+        while admin.client_list(_type="pubsub"):  # until the server dropped it
+            time.sleep(0.01)
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(BackendError):  # reconnected, but no confirmation comes
+                sub.get(0.2)
+            assert time.monotonic() - started < READ_TIMEOUT_S + 0.5
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert sub.get(5.0) == Gap("reconnect")
+    finally:
+        sub.close()
         store.close()

@@ -8,14 +8,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import taskspace.backends.redis.kv as redis_kv
 import taskspace.backends.redis.subscription as redis_subscription
-from taskspace.backends.base import Delete, Gap, GrantHeld, Message, Put, Versioned, VersionIs
+from taskspace.backends.base import (
+    MAX_DURATION_S,
+    Delete,
+    Gap,
+    GrantHeld,
+    Message,
+    Put,
+    Versioned,
+    VersionIs,
+)
+from taskspace.backends.checks import check_ttl
 from taskspace.backends.redis import RedisStore
 from taskspace.errors import BackendError, Compacted, ConfigError, NotAnInteger
 from tests.services import RedisServer, shared_redis
@@ -378,3 +388,96 @@ def test_pubsub_gap_after_the_server_restarts(tmp_path: Path) -> None:
         store.close()
     finally:
         server.close()
+
+
+# -- review fixes -------------------------------------------------------------
+
+
+def wait_past(store: RedisStore, expires: float | None) -> None:
+    """Block until the lease clock is past ``expires``."""
+    assert expires is not None
+    while store.clock.now() <= expires:
+        time.sleep(0.02)
+
+
+def test_a_put_over_an_expired_key_records_its_expiry_past_the_first_due_ones(
+    store: RedisStore,
+) -> None:
+    kv = store.kv
+    last = None
+    for i in range(300):  # more than KV_EXPIRE_STEP (100) due expiries per script
+        last = kv.put(f"k{i:03d}", b"v", ttl=1.0)  # none expires before the last is put
+    assert last is not None
+    wait_past(store, last.expires)
+    kv.put("k299", b"again")  # its script records the first 100 due expiries, then k299's
+    assert [c.kind for c in kv.changes("k299", 0)] == ["put", "expire", "put"]
+    # Writes of a txn over expired keys (past the next 100 due): each expiry
+    # is logged before the txn's own revision, so the feed stays in order.
+    result = kv.txn([], [Put("new", b"1"), Delete("k298"), Put("k297", b"2")])
+    assert result.ok
+    feed = kv.changes("", 0, limit=10_000)
+    tail = [(c.key, c.kind) for c in feed if c.key in ("new", "k297", "k298")]
+    assert set(tail[-4:-2]) == {("k298", "expire"), ("k297", "expire")}
+    assert tail[-2:] == [("new", "put"), ("k297", "put")]
+    revisions = [c.revision for c in feed]
+    assert revisions == sorted(revisions)
+    assert kv.get("k297") == Versioned(b"2", result.revision, result.revision, None)
+
+
+def test_a_huge_valid_ttl_is_stored_and_nothing_fails_halfway(store: RedisStore) -> None:
+    leases = store.leases
+    huge = MAX_DURATION_S
+    grant = leases.acquire("long", "me", huge)
+    assert grant is not None and grant.expires > store.clock.now() + huge - 60
+    assert leases.renew([grant], huge)[0] is not None
+    assert [g.id for g in leases.holders("long")] == [grant.id]
+    assert all(store.conn.client.pttl(k) > 0 for k in keys(store, "lg:long"))
+    # Past the cap: refused up front by check_ttl with nothing written, or, if
+    # the contract's check lets it through, stored whole (Redis expiries are
+    # clamped, so no script fails after its first write).
+    way_over = 1e16
+    try:
+        check_ttl(way_over, optional=False)
+    except ConfigError:
+        with pytest.raises(ConfigError):
+            leases.acquire("other", "me", way_over)
+        assert keys(store, "lz:other") == [] and keys(store, "lg:other") == []
+    else:
+        other = leases.acquire("other", "me", way_over)
+        assert other is not None and leases.renew([other], way_over)[0] is not None
+        assert [g.id for g in leases.holders("other")] == [other.id]
+        assert leases.acquire("other", "you", 5) is None  # capacity 1: held
+
+
+def test_compaction_passes_a_revision_larger_than_its_step(store: RedisStore) -> None:
+    kv, conn = store.kv, store.conn
+    big = kv.txn([], [Put(f"k{i}", b"v") for i in range(6)]).revision  # one revision, 6 entries
+    for _ in range(10):
+        kv.put("x", b"v")
+    log = conn.prefix + "kvlog"
+    for _ in range(4):
+        conn.run("kv_reap", [100, 5, 4])  # keep 5, at most 4 per call (or one whole revision)
+    assert conn.client.xlen(log) <= 5 + 3
+    with pytest.raises(Compacted) as info:
+        kv.changes("", 0)
+    assert info.value.compacted > big
+    assert all(c.revision > big for c in kv.changes("", info.value.compacted))
+
+
+def test_names_and_arguments_are_checked_as_on_every_backend(store: RedisStore) -> None:
+    bad: list[Callable[[], object]] = [
+        lambda: store.streams.append("", b"x"),
+        lambda: store.streams.read("", wait=0),
+        lambda: store.streams.read("s", wait=-1),
+        lambda: store.streams.trim("", maxlen=1),
+        lambda: store.streams.trim("s", max_age=-1),
+        lambda: store.leases.acquire("", "h", 5),
+        lambda: store.leases.acquire("n", "h", 5, grant_id=""),
+        lambda: store.kv.incr("n", True),
+        lambda: store.kv.incr("n", 2**63),
+        lambda: store.queue.reap(0),
+    ]
+    for call in bad:
+        with pytest.raises(ConfigError):
+            call()
+    assert keys(store, "s:") == [] and keys(store, "lz:") == [] and keys(store, "kv:") == []
