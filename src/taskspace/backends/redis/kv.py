@@ -12,8 +12,8 @@ the space prefix P):
   expiry logged) by the next write, ``changes``, ``wait`` or ``reap``.
 - ``kvlog`` (the change feed, a Redis stream with ids ``<revision>-<n>``):
   ``reap`` compacts it to the newest KV_CHANGES_KEEP changes (at most
-  COMPACT_STEP dropped per call), recording the newest dropped revision in
-  ``kvcompact``.
+  COMPACT_STEP dropped per call, or one whole older revision larger than
+  that), recording the newest dropped revision in ``kvcompact``.
 - ``kvreq``/``kvincr`` (+``exp``): request ids of txn/incr with their reply,
   pruned after REQUEST_ID_TTL_S (a few per call) and capped at 100,000.
 - ``kvwaiters`` (waiter and prefix -> end of its wait) and ``kvw:<waiter>``
