@@ -7,7 +7,6 @@ the same on memory, SQLite and Redis.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
@@ -54,11 +53,13 @@ def check_key(key: str, what: str = "key") -> None:
 
 
 def check_ttl(ttl: float | None, what: str = "ttl", optional: bool = True) -> None:
-    """A positive, finite number of seconds (or None when ``optional``)."""
+    """A positive number of seconds, at most MAX_DURATION_S (or None when ``optional``)."""
     if ttl is None and optional:
         return
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0 or math.isinf(ttl):
-        raise ConfigError(f"{what}={ttl!r}: must be a positive number of seconds")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_DURATION_S:
+        raise ConfigError(
+            f"{what}={ttl!r}: must be a positive number of seconds, at most ten years"
+        )
 
 
 def check_limit(limit: int | None, what: str = "limit", optional: bool = False) -> None:
