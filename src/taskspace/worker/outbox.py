@@ -100,6 +100,10 @@ class Outbox:
             self._cond.notify_all()
         return ids
 
+    def pending(self, lease: Lease) -> bool:
+        """True while an outcome of ``lease`` waits to be recorded."""
+        return lease in self._items
+
     def task_ids(self) -> set[str]:
         """The task id of every pending outcome."""
         with self._cond:

@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskspace.worker")
 
 CLAIM_GATHER_S = 0.002
-# After a short claim: how long the claim loop lets the claimed attempts start first.
+# After a short claim: how long at most the claim loop lets the claimed attempts go first.
 HANDOFF_S = 0.002
 # After the grace, outcomes (the releases above all) get this long to land.
 FINAL_FLUSH_S = 1.0
@@ -259,7 +259,7 @@ class Worker:
                 # wait returns at once if more came meanwhile), except in burst mode,
                 # where an empty claim leads to the drained check. The attempts start
                 # before this thread's next store call, so their finishes go first.
-                self._await_start(attempts)
+                self._let_go_first(attempts)
                 if self.config.burst:
                     continue
             elif self.config.burst and self._drained():
@@ -276,14 +276,22 @@ class Worker:
         if isinstance(waited, Failed):
             self._stopping.wait(self.config.idle_wait)
 
-    def _await_start(self, attempts: list[Attempt]) -> None:
-        """Give the GIL to the threads that run ``attempts`` until each has begun
-        (or ended), for at most HANDOFF_S: the next store call of this thread
-        would otherwise hold the GIL, and the backend, ahead of them."""
+    def _let_go_first(self, attempts: list[Attempt]) -> None:
+        """Let ``attempts`` go first, for at most HANDOFF_S: until each is running,
+        or has ended and its outcome was recorded. This thread's next store call
+        (the idle wait) would otherwise take the GIL and the backend ahead of
+        them; a task still running when this thread looks does not hold it up."""
         if not attempts:
             return
+
+        def ahead() -> bool:
+            return all(
+                (a.started and not a.settled) or (a.settled and not self._outbox.pending(a.lease))
+                for a in attempts
+            )
+
         with self._cond:
-            self._cond.wait_for(lambda: all(a.started or a.settled for a in attempts), HANDOFF_S)
+            self._cond.wait_for(ahead, HANDOFF_S)
 
     def _wait_for_slots(self) -> int:
         free = self._free_slots()
@@ -386,7 +394,7 @@ class Worker:
             if with_deadline and timeout is not None:
                 attempt.deadline = attempt.began + timeout
         with self._cond:
-            self._cond.notify_all()  # the claim loop may wait for this start (_await_start)
+            self._cond.notify_all()  # the claim loop may wait for this start (_let_go_first)
         tasklog.started(attempt, self.name)
         return True
 
@@ -450,6 +458,8 @@ class Worker:
             self.guard.check("progress refused", [lease.task_id])
 
     def _tally(self, items: list[tuple[Lease, Outcome]], accepted: list[bool]) -> None:
+        with self._cond:
+            self._cond.notify_all()  # outcomes recorded: the claim loop may wait for them
         for (_, outcome), ok in zip(items, accepted, strict=False):
             self.report.count(outcome, ok)
         refused = [lease for (lease, _), ok in zip(items, accepted, strict=False) if not ok]
