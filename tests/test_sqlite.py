@@ -859,3 +859,69 @@ def test_advancing_an_injected_clock_ends_a_wait_on_an_expiry(tmp_path: Path) ->
     assert time.monotonic() - started < 1.0
     thread.join()
     store.close()
+
+
+# -- a wait never queues for the write lock; pub/sub retention is reported ------------------
+
+
+def test_a_kv_wait_over_an_expired_key_never_waits_for_the_write_lock(tmp_path: Path) -> None:
+    import time
+
+    from taskspace.backends.memory import ManualClock
+
+    clock = ManualClock()
+    path = tmp_path / "s.db"
+    # Before the fix a wait took the write lock to record the expiry: with this
+    # busy_timeout it raised BackendError after 3 s (30 s by default).
+    store = open_store(f"sqlite:///{path}?busy_timeout=3", clock=clock)
+    store.kv.put("k/1", b"v", ttl=1.0)
+    revision = store.kv.revision()
+    clock.advance(2.0)  # k/1 expired, unrecorded
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock meanwhile
+    try:
+        started = time.monotonic()
+        store.kv.wait("other/", revision, 0.2)  # nothing of this prefix: times out
+        assert time.monotonic() - started < 0.5
+        started = time.monotonic()
+        store.kv.wait("k/", revision, 5.0)  # k/1's TTL passed: may have changes, at once
+        assert time.monotonic() - started < 0.5
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    # changes() records the expiry (once)
+    changes = store.kv.changes("k/", revision)
+    assert [(c.kind, c.key) for c in changes] == [("expire", "k/1")]
+    assert store.kv.changes("k/", revision) == changes
+    store.close()
+
+
+def test_a_subscription_idle_past_the_retention_reports_a_gap(tmp_path: Path) -> None:
+    from taskspace.backends.memory import ManualClock
+    from taskspace.backends.sqlite.pubsub import MESSAGE_RETENTION_S
+
+    clock = ManualClock()
+    store = open_store(f"sqlite:///{tmp_path}/s.db", clock=clock)
+    assert isinstance(store, SQLiteStore)
+    with store.pubsub.subscribe(["c"]) as sub, store.pubsub.subscribe(["c"]) as kept_up:
+        store.pubsub.publish("c", b"m1")
+        assert kept_up.get(1.0) == Message("c", b"m1")
+        clock.advance(MESSAGE_RETENTION_S + 1)
+        store.pubsub.publish("c", b"m2")  # its cleanup deletes m1, which ``sub`` never read
+        assert sub.get(1.0) == Gap("overflow")
+        assert sub.get(1.0) == Message("c", b"m2")
+        assert sub.get(0.01) is None
+        # a subscriber that read everything before the cleanup missed nothing
+        assert kept_up.get(1.0) == Message("c", b"m2")
+        assert kept_up.get(0.01) is None
+        # every message after the last one ``sub`` saw deleted, none left
+        store.pubsub.publish("c", b"m3")
+        with store.conn.write() as db:
+            db.execute("DELETE FROM messages")  # as a cleanup of everything would
+        assert sub.get(1.0) == Gap("overflow")
+        assert sub.get(0.01) is None
+    # a subscription made after every message was deleted starts clean
+    with store.pubsub.subscribe(["c"]) as late:
+        store.pubsub.publish("c", b"m4")
+        assert late.get(1.0) == Message("c", b"m4")
+    store.close()

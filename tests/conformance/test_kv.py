@@ -219,6 +219,42 @@ def test_incr_on_a_non_integer_raises_and_changes_nothing(store, value):
     assert [c.revision for c in store.kv.changes("", 0)] == [w.revision]
 
 
+@pytest.mark.parametrize("delta", [1.5, 2.0, "1", None, True, 2**63, -(2**63) - 1])
+def test_incr_delta_must_be_an_int64(store, delta):
+    w = store.kv.put("k", b"7")
+    with pytest.raises(ConfigError):
+        store.kv.incr("k", delta)
+    with pytest.raises(ConfigError):
+        store.kv.incr("new", delta)
+    assert store.kv.get("k") == w
+    assert store.kv.get("new") is None
+    assert store.kv.revision() == w.revision
+
+
+def test_incr_stays_within_int64(store):
+    top, bottom = 2**63 - 1, -(2**63)
+    assert store.kv.incr("hi", top) == top
+    assert store.kv.incr("lo", bottom) == bottom
+    assert store.kv.incr("mid", 2**62) == 2**62
+    before = {key: store.kv.get(key) for key in ("hi", "lo", "mid")}
+    rev = store.kv.revision()
+    for key, delta in (("hi", 1), ("lo", -1), ("mid", 2**62), ("mid", top)):
+        with pytest.raises(NotAnInteger):
+            store.kv.incr(key, delta)
+    assert {key: store.kv.get(key) for key in before} == before  # nothing written
+    assert store.kv.revision() == rev
+    assert store.kv.incr("mid", 2**62 - 1) == top  # exactly the top fits
+    assert store.kv.incr("hi", bottom) == -1
+    # a stored integer beyond 64 bits is not one incr can add to
+    for big in (b"9223372036854775808", b"-9223372036854775809", b"1" * 30):
+        put = store.kv.put("big", big)
+        rev = store.kv.revision()
+        with pytest.raises(NotAnInteger):
+            store.kv.incr("big", -1)
+        assert store.kv.get("big") == put
+        assert store.kv.revision() == rev
+
+
 def test_incr_on_expired_key_starts_from_zero(timed):
     s = timed.store
     s.kv.put("n", b"41", ttl=TTL)

@@ -104,6 +104,21 @@ def test_grant_id_makes_acquire_idempotent(store):
     assert fresh.token > other.token > g.token
 
 
+def test_a_live_grant_id_is_refused_for_another_name(timed):
+    s = timed.store
+    g = s.leases.acquire("a", "h", TTL, grant_id="gid")
+    assert g is not None
+    with pytest.raises(ConfigError, match="gid"):
+        s.leases.acquire("b", "h", LONG, grant_id="gid")
+    assert s.leases.holders("b") == []
+    assert s.leases.holders("a") == [g]
+    timed.pass_time_until(g.expires)  # expired: the id is free for any name
+    other = s.leases.acquire("b", "h", LONG, grant_id="gid")
+    assert other is not None and (other.name, other.id) == ("b", "gid")
+    assert s.leases.release(other) is True
+    assert s.leases.acquire("a", "h", LONG, grant_id="gid") is not None  # released: free too
+
+
 def test_data_rides_on_the_grant(timed):
     s = timed.store
     g = s.leases.acquire("leader", "host:1", LONG, data=b"\x00http://10.0.0.1:80")

@@ -71,6 +71,24 @@ def test_followups_dedup_like_push(store):
     assert [r.id for r in store.queue.list(queue="next")] == [live]
 
 
+@pytest.mark.parametrize("order", ["holder_last", "holder_first"])
+def test_followups_are_pushed_after_every_item_of_the_finish_is_settled(store, order):
+    # B holds dedup key "D"; A's follow-up F asks for "D". One finish ends both:
+    # follow-ups go in after every item is settled, so F is created (wherever
+    # B sits in the call) instead of being folded into B, which just ended.
+    store.queue.push([spec(id="A"), spec(id="B", dedup_key="D")])
+    a, b = store.queue.claim(["default"], "w", 2)
+    follow = Outcome("succeeded", followups=(spec("next", id="F", dedup_key="D"),))
+    items = [(a.lease, follow), (b.lease, Outcome("succeeded"))]
+    if order == "holder_first":
+        items.reverse()
+    assert store.queue.finish(items) == [True, True]
+    assert store.queue.state("B") == "succeeded"
+    assert store.queue.state("F") == "queued"
+    # F holds "D" now
+    assert store.queue.push([spec("next", id="G", dedup_key="D")]) == ["F"]
+
+
 # -- retried finish -------------------------------------------------------------------
 
 

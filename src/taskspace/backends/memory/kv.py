@@ -30,9 +30,17 @@ from taskspace.backends.base import (
     VersionIs,
     Write,
 )
-from taskspace.backends.checks import check_key, check_limit, check_ttl, check_txn, is_integer
+from taskspace.backends.checks import (
+    check_delta,
+    check_key,
+    check_limit,
+    check_ttl,
+    check_txn,
+    in_int64,
+    is_integer,
+)
 from taskspace.backends.memory.state import MemoryState
-from taskspace.errors import Compacted, ConfigError, NotAnInteger
+from taskspace.errors import Compacted, NotAnInteger
 
 
 def _expires(now: float, ttl: float | None) -> float | None:
@@ -168,8 +176,7 @@ class MemoryKV:
     ) -> int:
         check_key(key)
         check_ttl(ttl)
-        if not isinstance(delta, int):
-            raise ConfigError(f"delta={delta!r}: must be an integer")
+        check_delta(delta)
         s = self._s
         with s.cond:
             now = s.clock.now()
@@ -183,6 +190,8 @@ class MemoryKV:
                     f"incr: key {key!r} holds {item.value[:40]!r}, not a decimal integer"
                 )
             result = (int(item.value) if item else 0) + delta
+            if not in_int64(result):
+                raise NotAnInteger(f"incr: key {key!r} would hold {result}, beyond 64 bits")
             expires = item.expires if item else _expires(now, ttl)
             self._write(key, str(result).encode(), expires, self._next_revision())
             s.remember("incr", request_id, now, result)

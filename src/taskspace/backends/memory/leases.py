@@ -49,6 +49,11 @@ class MemoryLeases:
             live = s.live_grants(name, now)
             if grant_id is not None and grant_id in live:
                 return live[grant_id]
+            other = s.grant_names.get(grant_id) if grant_id is not None else None
+            if other is not None and grant_id in s.live_grants(other, now):
+                raise ConfigError(
+                    f"grant_id={grant_id!r} is a live grant of lease {other!r}, not of {name!r}"
+                )
             if live and s.capacity[name] != capacity:
                 raise ConfigError(
                     f"lease {name!r} is held with capacity={s.capacity[name]};"
@@ -65,6 +70,7 @@ class MemoryLeases:
                 data=data,
             )
             s.grants.setdefault(name, {})[grant.id] = grant
+            s.grant_names[grant.id] = name
             s.capacity[name] = capacity
             return grant
 
@@ -91,6 +97,7 @@ class MemoryLeases:
             if s.grant_current(grant, now) is None:
                 return False
             del s.grants[grant.name][grant.id]
+            s.grant_names.pop(grant.id, None)
             s.live_grants(grant.name, now)  # forgets the name once it has no grant
             s.cond.notify_all()
             return True

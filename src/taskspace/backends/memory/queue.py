@@ -3,8 +3,10 @@
 Guarantees (as the contract): every method is one step under the space's lock;
 claim tokens come from the space's fencing counter (shared with lease
 grants); a finish is accepted only for the current lease of a running task,
-pushes its follow-ups in the same step, and is answered True again (with no
-effect) when retried with the token it accepted; task times a person reads
+pushes its follow-ups in the same step (after every item of the call is
+settled, so a dedup key freed by the call is free for them), and is answered
+True again (with no effect) when retried with the token it accepted; task
+times a person reads
 (created, started, finished) are on the wall clock, every expiry and ready
 time on the lease clock. State changes go through :mod:`outcomes` only.
 """
@@ -184,6 +186,7 @@ class MemoryQueue:
     def finish(self, items: Sequence[tuple[Lease, Outcome]]) -> list[bool]:
         s = self._s
         accepted: list[bool] = []
+        followups: list[TaskSpec] = []
         with s.cond:
             now, wall = s.clock.now(), s.clock.wall()
             for lease, outcome in items:
@@ -196,9 +199,12 @@ class MemoryQueue:
                     continue
                 self._apply(slot, outcome, now, wall)
                 s.accepted[lease.task_id] = lease.token
-                for spec in outcome.followups:
-                    self._push_one(spec, now, wall)
+                followups.extend(outcome.followups)
                 accepted.append(True)
+            # Follow-ups are pushed once every item is settled (as on Redis), so
+            # a follow-up's dedup key held by a task this same call ends is free.
+            for spec in followups:
+                self._push_one(spec, now, wall)
             s.cond.notify_all()
         return accepted
 

@@ -135,6 +135,7 @@ class MemoryState:
         # Leases
         self.grants: dict[str, dict[str, Grant]] = {}  # name -> grant id -> grant
         self.capacity: dict[str, int] = {}  # name -> capacity, while it has live grants
+        self.grant_names: dict[str, str] = {}  # grant id -> its name, while it is stored
         # KV
         self.kv: dict[str, Versioned] = {}
         self.kv_keys: list[str] = []  # sorted
@@ -203,6 +204,7 @@ class MemoryState:
             return {}
         for grant_id in [i for i, g in grants.items() if g.expires <= now]:
             del grants[grant_id]
+            self.grant_names.pop(grant_id, None)
         if not grants:
             del self.grants[name]
             self.capacity.pop(name, None)

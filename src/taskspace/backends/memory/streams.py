@@ -15,9 +15,8 @@ import math
 from collections.abc import Sequence
 
 from taskspace.backends.base import StreamEntry
-from taskspace.backends.checks import check_key, check_limit
+from taskspace.backends.checks import check_key, check_limit, check_wait
 from taskspace.backends.memory.state import MemoryState
-from taskspace.errors import ConfigError
 
 
 class MemoryStreams:
@@ -66,8 +65,7 @@ class MemoryStreams:
     ) -> list[StreamEntry]:
         check_key(stream, "stream")
         check_limit(limit)
-        if not wait >= 0:
-            raise ConfigError(f"wait={wait!r}: must be >= 0 seconds")
+        check_wait(wait)
         s = self._s
         with s.cond:
             if wait > 0:
@@ -89,8 +87,8 @@ class MemoryStreams:
     ) -> int:
         check_key(stream, "stream")
         check_limit(maxlen, "maxlen", optional=True)
-        if max_age is not None and not max_age >= 0:
-            raise ConfigError(f"max_age={max_age!r}: must be >= 0 seconds")
+        if max_age is not None:
+            check_wait(max_age, "max_age")
         s = self._s
         with s.cond:
             entries = s.streams.get(stream)

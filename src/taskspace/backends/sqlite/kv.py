@@ -13,7 +13,6 @@ from taskspace.backends.base import (
     Change,
     Compare,
     Delete,
-    Exists,
     GrantHeld,
     Put,
     TxnResult,
@@ -22,10 +21,18 @@ from taskspace.backends.base import (
     VersionIs,
     Write,
 )
-from taskspace.backends.checks import check_key, check_limit, check_ttl, check_txn, is_integer
+from taskspace.backends.checks import (
+    check_delta,
+    check_key,
+    check_limit,
+    check_ttl,
+    check_txn,
+    in_int64,
+    is_integer,
+)
 from taskspace.backends.sqlite.base import SQLiteConn
 from taskspace.backends.sqlite.waiter import Waiter
-from taskspace.errors import Compacted, ConfigError, NotAnInteger
+from taskspace.errors import Compacted, NotAnInteger
 
 # Expiries a single write records before its own work (the rest: the next ones).
 EXPIRE_BATCH = 1000
@@ -207,14 +214,18 @@ class SQLiteKV:
     ) -> int:
         check_key(key)
         check_ttl(ttl)
+        check_delta(delta)
         with self._c.write() as db:
             now = self._begin(db, [key])
             item = self._live(db, key, now)
             if item is not None and not is_integer(item.value):
                 raise NotAnInteger(
                     f"incr of {key!r}: its value {item.value[:40]!r} is not a decimal integer"
+                    " in the 64-bit range"
                 )
             result = (int(item.value) if item else 0) + delta
+            if not in_int64(result):
+                raise NotAnInteger(f"incr of {key!r}: the result {result} is beyond 64 bits")
             expires = item.expires if item else (None if ttl is None else now + ttl)
             self._set(db, key, str(result).encode(), self._next_revision(db), expires)
             return result
@@ -284,15 +295,12 @@ class SQLiteKV:
                 (g.id, g.token, g.name, now),
             ).fetchone()
             return row is not None
-        check_key(compare.key)
         item = self._live(db, compare.key, now)
         if isinstance(compare, VersionIs):
             return (item.version if item else None) == compare.version
         if isinstance(compare, ValueIs):
             return item is not None and item.value == compare.value
-        if isinstance(compare, Exists):
-            return (item is not None) == compare.exists
-        raise ConfigError(f"unknown txn compare {compare!r}")
+        return (item is not None) == compare.exists  # an Exists: check_txn let nothing else by
 
     # -- the change feed ---------------------------------------------------------------
 
@@ -334,10 +342,12 @@ class SQLiteKV:
         return int(rows.get("compacted", 0)), int(rows.get("revision", 0))
 
     def wait(self, prefix: str, after_revision: int, timeout: float) -> None:
+        """As the contract; only reads: a key of ``prefix`` whose TTL passed ends
+        the wait (a change may exist) and ``changes`` records its expiry, so a
+        wait never queues for the write lock behind another writer."""
         where, params = prefix_range(prefix)
 
         def ready() -> float | None:
-            self._record_expiries()
             found = self._c.read(
                 f"SELECT 1 FROM kv_changes WHERE revision > ? AND {where} LIMIT 1",
                 (after_revision, *params),
@@ -354,8 +364,7 @@ class SQLiteKV:
         self._waiter.until(ready, timeout)
 
     def reap(self, limit: int = 1000) -> int:
-        if limit < 1:
-            return 0
+        check_limit(limit)
         with self._c.write() as db:
             now = self._c.clock.now()
             expired = self._expire(db, now, limit)

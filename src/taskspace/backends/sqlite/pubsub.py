@@ -1,5 +1,10 @@
 """PubSub of the SQLite backend: messages are rows of ``messages``, kept
-MESSAGE_RETENTION_S; subscribers poll them on a connection of their own."""
+MESSAGE_RETENTION_S; subscribers poll them on a connection of their own.
+
+Message ids come from an AUTOINCREMENT sequence: dense (a rolled-back insert
+takes no id) and never reused, so a subscriber that finds the first id after
+the last one it saw already deleted (it stayed away longer than the retention)
+knows it may have missed messages and reports a Gap."""
 
 from __future__ import annotations
 
@@ -28,7 +33,10 @@ class SQLiteSubscription(Closeable):
     ``Gap("reconnect")`` once; the next ``get`` reopens it (raising BackendError
     while that fails) and carries on after the last message delivered. More than
     SUBSCRIPTION_BUFFER undelivered messages: the oldest are dropped and a
-    ``Gap("overflow", missed=n)`` comes first."""
+    ``Gap("overflow", missed=n)`` comes first. Messages deleted after
+    MESSAGE_RETENTION_S before this subscription read them (it was not polled
+    for that long) are reported the same way, as ``Gap("overflow")`` with
+    ``missed=None``: how many of them it subscribed to is not known."""
 
     def __init__(self, conn: SQLiteConn, channels: Sequence[str], prefixes: Sequence[str]) -> None:
         self._c = conn
@@ -37,6 +45,7 @@ class SQLiteSubscription(Closeable):
         self._conn: sqlite3.Connection | None = None
         self._buffer: deque[Message] = deque()
         self._missed = 0
+        self._expired = False  # messages were deleted before this subscription read them
         self._lost = False
         self._closed = False
         conds = []
@@ -61,7 +70,10 @@ class SQLiteSubscription(Closeable):
             raise driver_error("subscription read", exc) from exc
 
     def _top(self) -> int:
-        return int(self._query("SELECT COALESCE(MAX(id), 0) FROM messages")[0][0])
+        """The last message id handed out (kept by the sequence even when every
+        message was deleted)."""
+        rows = self._query("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
+        return int(rows[0][0]) if rows else 0
 
     def _fetch(self) -> None:
         # Read the top id first, then only up to it: every message up to a visible
@@ -70,6 +82,11 @@ class SQLiteSubscription(Closeable):
         top = self._top()
         if top <= self._last:
             return
+        first = self._query(
+            "SELECT MIN(id) FROM messages WHERE id > ? AND id <= ?", (self._last, top)
+        )[0][0]
+        if first is None or first > self._last + 1:
+            self._expired = True  # ids are dense: the ones before ``first`` were deleted
         rows = self._query(
             f"SELECT channel, data FROM messages WHERE id > ? AND id <= ? AND ({self._where})"
             " ORDER BY id",
@@ -91,6 +108,9 @@ class SQLiteSubscription(Closeable):
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         delay = 0.0005
         while not self._closed:
+            if self._expired:
+                self._expired, self._missed = False, 0  # one Gap covers both
+                return Gap("overflow")
             if self._missed:
                 missed, self._missed = self._missed, 0
                 return Gap("overflow", missed=missed)
@@ -104,7 +124,7 @@ class SQLiteSubscription(Closeable):
                 self._lost = True
                 return Gap("reconnect")
             self._lost = False
-            if self._buffer or self._missed:
+            if self._buffer or self._missed or self._expired:
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:

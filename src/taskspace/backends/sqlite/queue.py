@@ -15,6 +15,7 @@ from taskspace.backends.base import (
     TaskSpec,
     TaskState,
 )
+from taskspace.backends.checks import check_limit
 from taskspace.backends.outcomes import (
     CANCEL_AT_ONCE_STATES,
     RETRYABLE_STATES,
@@ -192,6 +193,7 @@ class SQLiteQueue:
         with self._c.write() as db:
             now, wall = self._c.clock.now(), self._c.clock.wall()
             stale = 0
+            followups: list[TaskSpec] = []
             for lease, outcome in items:
                 done = self._finish_one(db, lease, outcome, now, wall)
                 if done is None:  # a retry of the accepted finish: no second effect
@@ -200,8 +202,12 @@ class SQLiteQueue:
                 accepted.append(done)
                 if not done:
                     stale += 1
-                elif outcome.followups:
-                    self._push(db, outcome.followups)
+                else:
+                    followups.extend(outcome.followups)
+            # Follow-ups are pushed once every item is settled (as on Redis), so
+            # a follow-up's dedup key held by a task this same call ends is free.
+            if followups:
+                self._push(db, followups)
             if stale:
                 self._c.bump(db, "stale_finishes", stale)
         return accepted
@@ -392,8 +398,7 @@ class SQLiteQueue:
             return cur.rowcount
 
     def reap(self, limit: int = 1000) -> int:
-        if limit < 1:
-            return 0
+        check_limit(limit)
         with self._c.write() as db:
             cur = db.execute(
                 "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE reap_at <= ?"

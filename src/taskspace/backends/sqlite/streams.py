@@ -7,10 +7,9 @@ import sqlite3
 from collections.abc import Sequence
 
 from taskspace.backends.base import StreamEntry
-from taskspace.backends.checks import check_limit
+from taskspace.backends.checks import check_key, check_limit, check_wait
 from taskspace.backends.sqlite.base import SQLiteConn
 from taskspace.backends.sqlite.waiter import Waiter
-from taskspace.errors import ConfigError
 
 
 class SQLiteStreams:
@@ -30,6 +29,7 @@ class SQLiteStreams:
         maxlen: int | None = None,
         request_id: str | None = None,
     ) -> list[int]:
+        check_key(stream, "stream")
         check_limit(maxlen, "maxlen", optional=True)
         if not items:
             return []
@@ -53,10 +53,9 @@ class SQLiteStreams:
     def read(
         self, stream: str, after: int = 0, limit: int = 100, wait: float = 0.0
     ) -> list[StreamEntry]:
-        if limit < 1:
-            raise ConfigError(f"limit={limit!r} must be at least 1")
-        if wait < 0:
-            raise ConfigError(f"wait={wait!r} must not be negative")
+        check_key(stream, "stream")
+        check_limit(limit)
+        check_wait(wait)
         found: list[StreamEntry] = []
 
         def ready() -> float | None:
@@ -90,9 +89,10 @@ class SQLiteStreams:
         min_id: int | None = None,
         max_age: float | None = None,
     ) -> int:
+        check_key(stream, "stream")
         check_limit(maxlen, "maxlen", optional=True)
-        if max_age is not None and max_age < 0:
-            raise ConfigError(f"max_age={max_age!r} must not be negative")
+        if max_age is not None:
+            check_wait(max_age, "max_age")
         dropped = 0
         with self._c.write() as db:
             if maxlen is not None:
