@@ -72,8 +72,11 @@ class SQLiteSubscription(Closeable):
     def _top(self) -> int:
         """The last message id handed out (kept by the sequence even when every
         message was deleted)."""
-        rows = self._query("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
-        return int(rows[0][0]) if rows else 0
+        rows = self._query(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),"
+            " COALESCE((SELECT MAX(id) FROM messages), 0))"
+        )
+        return int(rows[0][0])
 
     def _fetch(self) -> None:
         # Read the top id first, then only up to it: every message up to a visible
@@ -82,16 +85,18 @@ class SQLiteSubscription(Closeable):
         top = self._top()
         if top <= self._last:
             return
-        first = self._query(
-            "SELECT MIN(id) FROM messages WHERE id > ? AND id <= ?", (self._last, top)
-        )[0][0]
-        if first is None or first > self._last + 1:
-            self._expired = True  # ids are dense: the ones before ``first`` were deleted
         rows = self._query(
             f"SELECT channel, data FROM messages WHERE id > ? AND id <= ? AND ({self._where})"
             " ORDER BY id",
             (self._last, top, *self._params),
         )
+        # Checked after the read (a cleanup deletes the oldest messages first), so
+        # a message deleted before the read is never missed silently.
+        first = self._query(
+            "SELECT MIN(id) FROM messages WHERE id > ? AND id <= ?", (self._last, top)
+        )[0][0]
+        if first is None or first > self._last + 1:
+            self._expired = True  # ids are dense: the ones before ``first`` were deleted
         for channel, data in rows:
             if channel in self._channels:
                 self._buffer.append(Message(channel, data))
