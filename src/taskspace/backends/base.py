@@ -629,8 +629,9 @@ class KVStore(Protocol):
     - An expired key behaves exactly like a missing one, at once.
     - The change feed holds every put, delete and expiry in revision order.
       An expiry is recorded (with its own revision) by the first ``changes``,
-      ``wait``, write or ``reap`` that runs after the key's TTL passed, so a
-      watcher sees it without anyone reading the key.
+      write or ``reap`` that runs after the key's TTL passed (a ``wait``
+      returns when one is due), so a watcher sees it without anyone reading
+      the key.
     - The feed is bounded: ``reap`` compacts it to the newest KV_CHANGES_KEEP
       changes; asking for changes it dropped raises
       :class:`~taskspace.errors.Compacted` (etcd's model: re-list, resume).
