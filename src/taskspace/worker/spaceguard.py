@@ -30,8 +30,8 @@ import logging
 import threading
 from collections.abc import Collection
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
+from taskspace.backends import display_url
 from taskspace.errors import SpaceLost
 from taskspace.worker import execution as ex
 from taskspace.worker.config import EXIT_SPACE_LOST
@@ -40,18 +40,6 @@ if TYPE_CHECKING:
     from taskspace.worker.worker import Worker
 
 log = logging.getLogger("taskspace.worker")
-
-
-def display_url(url: str) -> str:
-    """``url`` without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + host))
 
 
 class SpaceGuard:
