@@ -427,6 +427,7 @@ class QueueStore(Protocol):
         n: int,
         request_id: str | None = None,
         names: Collection[str] | None = None,
+        wait: float = 0.0,
     ) -> list[TaskRecord]:
         """Lease up to ``n`` ready tasks: earlier queues first, then higher
         priority, then FIFO. Each claim increments ``attempts``, gets a fresh
@@ -442,7 +443,13 @@ class QueueStore(Protocol):
         reply) returns what the first call leased instead of leasing more,
         and a request id the store has seen before never leases anything new
         (a late duplicate of a claim leases nothing); backends whose replies
-        cannot be lost may ignore it."""
+        cannot be lost may ignore it.
+
+        With ``wait`` > 0 and nothing claimable, block up to ``wait`` seconds
+        until a task may be claimable (as ``wait_for_tasks``: tasks of other
+        names do not end the wait), then claim (one round trip where the
+        backend allows); returns [] if none came. May return early. ``wait``
+        out of range (see checks.check_wait): ConfigError."""
         ...
 
     def renew(self, leases: Sequence[Lease]) -> dict[str, LeaseStatus]:

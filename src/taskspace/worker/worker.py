@@ -246,24 +246,30 @@ class Worker:
 
     def _claim_loop(self) -> None:
         backoff = Backoff()
+        wait = 0.0  # the next claim's wait: a wake-up carries the claim
         while not self._stopping.is_set():
             free = self._wait_for_slots()
             if free <= 0:
                 continue
-            records = self._claim(free, backoff)
+            records = self._claim(free, backoff, wait)
+            wait = 0.0
             attempts = [a for a in map(self._dispatch, records) if a is not None]
             if self._stopping.is_set() or len(records) >= free:
                 continue  # a full claim: there may be more to claim at once
             if records:
-                # A short claim took every claimable task: no second claim (the idle
-                # wait returns at once if more came meanwhile), except in burst mode,
-                # where an empty claim leads to the drained check. The attempts start
-                # before this thread's next store call, so their finishes go first.
+                # A short claim took every claimable task: the next claim waits for
+                # more (it returns at once if more came meanwhile), except in burst
+                # mode, where an empty claim leads to the drained check. The
+                # attempts start before this thread's next store call, so their
+                # finishes go first.
                 self._let_go_first(attempts)
-                if self.config.burst:
-                    continue
-            elif self.config.burst and self._drained():
+                if not self.config.burst:
+                    wait = self.config.idle_wait
+                continue
+            if self.config.burst and self._drained():
                 return
+            # Nothing came: idle on wait_for_tasks, which writes nothing while
+            # it waits (a claim's wait runs the claim script on every step).
             self._idle_wait()
 
     def _idle_wait(self) -> None:
@@ -308,13 +314,16 @@ class Worker:
             free = self._free_slots()
         return free
 
-    def _claim(self, n: int, backoff: Backoff) -> list[TaskRecord]:
-        """Claim up to ``n`` tasks of the registered names, retrying through an outage
-        with the same request id (a lost reply then returns what it leased)."""
+    def _claim(self, n: int, backoff: Backoff, wait: float = 0.0) -> list[TaskRecord]:
+        """Claim up to ``n`` tasks of the registered names, waiting up to ``wait``
+        for one when none is claimable (the idle wait: a wake-up carries the
+        claim), retrying through an outage with the same request id (a lost
+        reply then returns what it leased)."""
         request = os.urandom(8).hex()
         claim = partial(
-            self.store.queue.claim, self.config.queues, self.name, n, request, names=self._names
-        )
+            self.store.queue.claim, self.config.queues, self.name, n, request,
+            names=self._names, wait=wait,
+        )  # fmt: skip
         while not self._stopping.is_set():
             records = self.health.call("claim", claim)
             if not isinstance(records, Failed):

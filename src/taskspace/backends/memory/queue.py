@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 
@@ -29,7 +30,7 @@ from taskspace.backends.base import (
     TaskSpec,
     TaskState,
 )
-from taskspace.backends.checks import check_limit
+from taskspace.backends.checks import check_limit, check_wait
 from taskspace.backends.memory.state import MemoryState, ReadyHeap, Slot
 from taskspace.backends.outcomes import (
     CANCEL_AT_ONCE_STATES,
@@ -112,8 +113,33 @@ class MemoryQueue:
         n: int,
         request_id: str | None = None,
         names: Collection[str] | None = None,
+        wait: float = 0.0,
     ) -> list[TaskRecord]:
-        """As the contract; a repeated ``request_id`` returns the first call's records."""
+        """As the contract; a repeated ``request_id`` returns the first call's
+        records. With ``wait``: claim, and while nothing came, wait_for_tasks
+        then claim again (each claim after a wait under its own request id,
+        derived from ``request_id``), until ``wait`` has passed."""
+        check_wait(wait)
+        claimed = self._claim_now(queues, worker, n, request_id, names)
+        if claimed or n <= 0 or (names is not None and not names):
+            return claimed  # nothing to wait for
+        deadline = time.monotonic() + wait
+        step = 0
+        while not claimed and (left := deadline - time.monotonic()) > 0:
+            self.wait_for_tasks(queues, left, names)
+            step += 1
+            request = None if request_id is None else f"{request_id}\n{step}"
+            claimed = self._claim_now(queues, worker, n, request, names)
+        return claimed
+
+    def _claim_now(
+        self,
+        queues: Sequence[str],
+        worker: str,
+        n: int,
+        request_id: str | None,
+        names: Collection[str] | None,
+    ) -> list[TaskRecord]:
         s = self._s
         claimed: list[TaskRecord] = []
         with s.cond:

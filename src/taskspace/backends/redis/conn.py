@@ -221,9 +221,72 @@ class RedisConnection:
         self.call(lambda: self.reads.script_load(self._scripts[script].script))
         return self.call(lambda: self._blpop(call, keys, max(timeout, 0.001)))
 
+    def run_pair(
+        self, first: tuple[str, Sequence[Any]], second: tuple[str, Sequence[Any]]
+    ) -> tuple[Any, Any]:
+        """Run two scripts (each atomic on its own, in order) sent in one write
+        on the short-timeout client: one round trip; their replies. A script
+        missing from Redis's cache (a restart) is loaded and run again on its
+        own, the other's reply kept."""
+        calls = (first, second)
+        replies = self.call(lambda: self._send_scripts(calls))
+        for i, (script, args) in enumerate(calls):
+            if isinstance(replies[i], self._noscript):
+                replies[i] = self.run(script, args, read=True)
+        return replies[0], replies[1]
+
+    def _send_scripts(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        pool = self.reads.connection_pool
+        try:
+            conn = pool.get_connection()
+        except TypeError:  # redis-py < 6 wants a command name
+            conn = pool.get_connection("EVALSHA")
+        commands = [
+            ("EVALSHA", self._scripts[script].sha, 1, self.prefix, *args) for script, args in calls
+        ]
+        replies: list[Any] = []
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except self._noscript as exc:  # the other reply still comes
+                    replies.append(exc)
+        except BaseException:
+            conn.disconnect()  # replies may still be on the way: never reuse it
+            raise
+        finally:
+            pool.release(conn)
+        return replies
+
+    def block_then_run(
+        self, keys: Sequence[str], timeout: float, script: str, args: Sequence[Any]
+    ) -> tuple[tuple[bytes, bytes] | None, Any]:
+        """BLPOP ``keys`` (as ``block``) and, sent with it in one write on the
+        same connection, run ``script``, which Redis runs as soon as the BLPOP
+        returns or times out: one round trip. Returns what BLPOP popped and the
+        script's reply. A script missing from Redis's cache (a restart) is
+        loaded and run once more on its own (the BLPOP is not repeated: it may
+        have popped)."""
+        call = (script, args)
+        try:
+            reply, popped = self.call(lambda: self._blpop(None, keys, max(timeout, 0.001), call))
+        except BackendError as exc:
+            if not isinstance(exc.__cause__, self._noscript):
+                raise
+            return None, self.run(script, args, read=True)
+        return popped, reply
+
     def _blpop(
-        self, call: tuple[str, Sequence[Any]] | None, keys: Sequence[str], timeout: float
+        self,
+        call: tuple[str, Sequence[Any]] | None,
+        keys: Sequence[str],
+        timeout: float,
+        after: tuple[str, Sequence[Any]] | None = None,
     ) -> tuple[Any, tuple[bytes, bytes] | None]:
+        """Send ``call`` (a script, or None), BLPOP and ``after`` (a script, or
+        None) in one write; the reply of the script sent (``after``'s when
+        given) and what BLPOP popped."""
         pool = self.reads.connection_pool
         try:
             conn = pool.get_connection()
@@ -234,6 +297,9 @@ class RedisConnection:
         if call is not None:
             script, args = call
             commands.insert(0, ("EVALSHA", self._scripts[script].sha, 1, self.prefix, *args))
+        if after is not None:
+            script, args = after
+            commands.append(("EVALSHA", self._scripts[script].sha, 1, self.prefix, *args))
         try:
             conn.send_packed_command(conn.pack_commands(commands))
             replies = []
@@ -249,8 +315,11 @@ class RedisConnection:
             raise
         finally:
             pool.release(conn)
-        popped = replies[-1]
-        return replies[0] if call else None, None if not popped else (popped[0], popped[1])
+        if after is not None:
+            reply, popped = replies[-1], replies[-2]
+        else:
+            reply, popped = replies[0] if call else None, replies[-1]
+        return reply, None if not popped else (popped[0], popped[1])
 
     def close(self) -> None:
         """Close both clients; idempotent."""

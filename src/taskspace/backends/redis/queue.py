@@ -21,7 +21,7 @@ from taskspace.backends.base import (
     TaskState,
     push_chunks,
 )
-from taskspace.backends.checks import check_limit
+from taskspace.backends.checks import check_limit, check_wait
 from taskspace.backends.outcomes import check_list_filters, check_purge_states, unknown_cursor
 from taskspace.backends.redis.conn import RedisConnection
 from taskspace.backends.redis.records import FIELDS, PACKED, number, record, unpack_record
@@ -32,6 +32,8 @@ SCAN_BUDGET = 1000
 CLAIM_REQUEST_TTL = repr(REQUEST_ID_TTL_S)
 # How long the final record a wait_for_finish brought may serve the next get.
 ENDED_FRESH_S = 1.0
+# Claim steps (see claim) remembered for repeats, at most.
+MAX_PENDING_STEPS = 1024
 
 
 def push_args(chunk: Sequence[TaskSpec]) -> list[Any]:
@@ -76,6 +78,9 @@ class RedisQueue:
         self._prefix = conn.prefix
         # Per thread: the final record its last wait_for_finish brought.
         self._ended = threading.local()
+        # Request id -> the claim step in flight when a claim with a wait raised.
+        self._steps: dict[str, int] = {}
+        self._steps_lock = threading.Lock()
 
     def push(self, specs: Sequence[TaskSpec]) -> list[str]:
         """Enqueue ``specs``; atomic per chunk (see PUSH_CHUNK_TASKS), each
@@ -95,12 +100,59 @@ class RedisQueue:
         n: int,
         request_id: str | None = None,
         names: Collection[str] | None = None,
+        wait: float = 0.0,
     ) -> list[TaskRecord]:
+        """With ``wait``, after an empty claim: per step, the next_due script
+        (is a task ready? when is the next delayed one due?), then BLPOP on the
+        wake lists with the claim sent in the same write, so Redis claims the
+        moment the BLPOP returns: a wake-up carries the claim. Each claim after
+        the first has its own request id (``request_id`` + step); a repeat of a
+        call of this process whose reply was lost first repeats the step in
+        flight (``_steps``), so it returns what that step leased."""
+        check_wait(wait)
         if n <= 0 or (names is not None and not names):
             return []
-        args = [worker, n, request_id or "", CLAIM_REQUEST_TTL, *names_args(names), *queues]
-        rows = self._conn.run("claim", args)
+        fixed = [worker, n, "", CLAIM_REQUEST_TTL, *names_args(names), *queues]
+
+        def args(step: int) -> list[Any]:
+            if request_id is not None:
+                fixed[2] = request_id if step == 0 else f"{request_id}/{step}"
+            return fixed
+
+        step = 0 if request_id is None else self._steps.get(request_id, 0)
+        if wait <= 0:
+            return [record(row) for row in self._conn.run("claim", args(step))]
+        due_args = [*names_args(names), *queues]
+        # The first claim and the first next_due in one write: one round trip.
+        rows, due_reply = self._conn.run_pair(("claim", args(step)), ("next_due", due_args))
+        deadline = time.monotonic() + wait
+        while not rows and (left := deadline - time.monotonic()) > 0:
+            if due_reply is None:
+                due_reply = self._conn.run("next_due", due_args, read=True)
+            due_text, keys = due_reply
+            due_reply = None
+            due = float(due_text)
+            step += 1
+            if request_id is not None:
+                self._remember_step(request_id, step)
+            if due == 0:
+                rows = self._conn.run("claim", args(step))
+                continue
+            woken = [k.decode() for k in keys] or [f"{self._prefix}wake:{q}" for q in queues]
+            block = left if due < 0 else min(left, due)
+            _, rows = self._conn.block_then_run(woken, block, "claim", args(step))
+        if request_id is not None and step:
+            with self._steps_lock:
+                self._steps.pop(request_id, None)
         return [record(row) for row in rows]
+
+    def _remember_step(self, request_id: str, step: int) -> None:
+        """Note the claim step in flight for ``request_id`` (forgotten when the
+        call returns; kept when it raises, for a repeat to recall)."""
+        with self._steps_lock:
+            if len(self._steps) >= MAX_PENDING_STEPS:
+                self._steps.pop(next(iter(self._steps)))
+            self._steps[request_id] = step
 
     def renew(self, leases: Sequence[Lease]) -> dict[str, LeaseStatus]:
         if not leases:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Collection, Sequence
 from typing import cast
 
@@ -15,7 +16,7 @@ from taskspace.backends.base import (
     TaskSpec,
     TaskState,
 )
-from taskspace.backends.checks import check_limit
+from taskspace.backends.checks import check_limit, check_wait
 from taskspace.backends.outcomes import (
     CANCEL_AT_ONCE_STATES,
     RETRYABLE_STATES,
@@ -116,9 +117,25 @@ class SQLiteQueue:
         n: int,
         request_id: str | None = None,
         names: Collection[str] | None = None,
+        wait: float = 0.0,
     ) -> list[TaskRecord]:
-        # request_id needs no handling: a local transaction's reply cannot be lost
-        # (a driver error means it did not commit).
+        """As the contract. With ``wait``: claim, and while nothing came,
+        wait_for_tasks then claim again, until ``wait`` has passed.
+        ``request_id`` needs no handling: a local transaction's reply cannot
+        be lost (a driver error means it did not commit)."""
+        check_wait(wait)
+        claimed = self._claim_now(queues, worker, n, names)
+        if claimed or n <= 0 or (names is not None and not names):
+            return claimed  # nothing to wait for
+        deadline = time.monotonic() + wait
+        while not claimed and (left := deadline - time.monotonic()) > 0:
+            self.wait_for_tasks(queues, left, names)
+            claimed = self._claim_now(queues, worker, n, names)
+        return claimed
+
+    def _claim_now(
+        self, queues: Sequence[str], worker: str, n: int, names: Collection[str] | None
+    ) -> list[TaskRecord]:
         if n <= 0 or (names is not None and not names):
             return []
         wanted = None if names is None else sorted(set(names))
