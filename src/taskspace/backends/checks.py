@@ -100,3 +100,32 @@ def check_txn(compares: Sequence[Compare], writes: Sequence[Write]) -> None:
         if write.key in seen:
             raise ConfigError(f"txn writes key {write.key!r} twice")
         seen.add(write.key)
+
+
+def check_acquire(name: str, ttl: float, capacity: int, grant_id: str | None) -> None:
+    """The arguments of ``leases.acquire``."""
+    check_key(name, "name")
+    check_ttl(ttl, optional=False)
+    check_limit(capacity, "capacity")
+    if grant_id is not None:
+        check_key(grant_id, "grant_id")
+
+
+def check_append(stream: str, maxlen: int | None) -> None:
+    """The arguments of ``streams.append`` / ``append_many``."""
+    check_key(stream, "stream")
+    check_limit(maxlen, "maxlen", optional=True)
+
+
+def check_read(stream: str, limit: int, wait: float) -> None:
+    """The arguments of ``streams.read``."""
+    check_key(stream, "stream")
+    check_limit(limit)
+    check_wait(wait)
+
+
+def check_trim(stream: str, maxlen: int | None, max_age: float | None) -> None:
+    """The arguments of ``streams.trim``."""
+    check_append(stream, maxlen)
+    if max_age is not None:
+        check_wait(max_age, "max_age")

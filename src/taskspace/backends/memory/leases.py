@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from taskspace.backends.base import Grant
-from taskspace.backends.checks import check_key, check_limit, check_ttl
+from taskspace.backends.checks import (
+    check_acquire,
+    check_ttl,
+)
 from taskspace.backends.memory.state import MemoryState
 from taskspace.errors import ConfigError
 
@@ -38,11 +41,7 @@ class MemoryLeases:
         data: bytes = b"",
         grant_id: str | None = None,
     ) -> Grant | None:
-        check_key(name, "name")
-        check_ttl(ttl, optional=False)
-        check_limit(capacity, "capacity")
-        if grant_id is not None:
-            check_key(grant_id, "grant_id")
+        check_acquire(name, ttl, capacity, grant_id)
         s = self._s
         with s.cond:
             now = s.clock.now()

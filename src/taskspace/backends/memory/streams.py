@@ -15,7 +15,11 @@ import math
 from collections.abc import Sequence
 
 from taskspace.backends.base import StreamEntry
-from taskspace.backends.checks import check_key, check_limit, check_wait
+from taskspace.backends.checks import (
+    check_append,
+    check_read,
+    check_trim,
+)
 from taskspace.backends.memory.state import MemoryState
 
 
@@ -35,8 +39,7 @@ class MemoryStreams:
         maxlen: int | None = None,
         request_id: str | None = None,
     ) -> list[int]:
-        check_key(stream, "stream")
-        check_limit(maxlen, "maxlen", optional=True)
+        check_append(stream, maxlen)
         s = self._s
         with s.cond:
             now, wall = s.clock.now(), s.clock.wall()
@@ -63,9 +66,7 @@ class MemoryStreams:
     def read(
         self, stream: str, after: int = 0, limit: int = 100, wait: float = 0.0
     ) -> list[StreamEntry]:
-        check_key(stream, "stream")
-        check_limit(limit)
-        check_wait(wait)
+        check_read(stream, limit, wait)
         s = self._s
         with s.cond:
             if wait > 0:
@@ -85,10 +86,7 @@ class MemoryStreams:
         min_id: int | None = None,
         max_age: float | None = None,
     ) -> int:
-        check_key(stream, "stream")
-        check_limit(maxlen, "maxlen", optional=True)
-        if max_age is not None:
-            check_wait(max_age, "max_age")
+        check_trim(stream, maxlen, max_age)
         s = self._s
         with s.cond:
             entries = s.streams.get(stream)

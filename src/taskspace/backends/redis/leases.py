@@ -22,7 +22,10 @@ import uuid
 from collections.abc import Sequence
 
 from taskspace.backends.base import Grant
-from taskspace.backends.checks import check_key, check_limit, check_ttl
+from taskspace.backends.checks import (
+    check_acquire,
+    check_ttl,
+)
 from taskspace.backends.redis.conn import RedisConnection
 from taskspace.errors import ConfigError
 
@@ -57,11 +60,7 @@ class RedisLeases:
         data: bytes = b"",
         grant_id: str | None = None,
     ) -> Grant | None:
-        check_key(name, "name")
-        check_ttl(ttl, optional=False)
-        check_limit(capacity, "capacity")
-        if grant_id is not None:
-            check_key(grant_id, "grant_id")
+        check_acquire(name, ttl, capacity, grant_id)
         gid = grant_id or uuid.uuid4().hex
         args = [name, gid, holder, int(capacity), repr(float(ttl)), data]
         reply = self._conn.run("lease_acquire", args)

@@ -17,7 +17,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from taskspace.backends.base import REQUEST_ID_TTL_S, StreamEntry
-from taskspace.backends.checks import check_key, check_limit, check_wait
+from taskspace.backends.checks import (
+    check_append,
+    check_read,
+    check_trim,
+)
 from taskspace.backends.redis.conn import RedisConnection
 
 # One XREAD BLOCK of a read lasts at most this long (below conn.READ_TIMEOUT_S).
@@ -50,8 +54,7 @@ class RedisStreams:
         maxlen: int | None = None,
         request_id: str | None = None,
     ) -> list[int]:
-        check_key(stream, "stream")
-        check_limit(maxlen, "maxlen", optional=True)
+        check_append(stream, maxlen)
         if not items:
             return []
         args = [stream, "" if maxlen is None else int(maxlen), request_id or "",
@@ -64,9 +67,7 @@ class RedisStreams:
     ) -> list[StreamEntry]:
         """With ``wait``, blocks in XREAD BLOCK on the reads client, in steps
         of WAIT_STEP_S (an append wakes it at once)."""
-        check_key(stream, "stream")
-        check_limit(limit)
-        check_wait(wait)
+        check_read(stream, limit, wait)
         conn, key = self._conn, self._key(stream)
         after = max(0, int(after))
         start = f"{after + 1}-0"
@@ -92,10 +93,7 @@ class RedisStreams:
         min_id: int | None = None,
         max_age: float | None = None,
     ) -> int:
-        check_key(stream, "stream")
-        check_limit(maxlen, "maxlen", optional=True)
-        if max_age is not None:
-            check_wait(max_age, "max_age")
+        check_trim(stream, maxlen, max_age)
         args = [
             stream,
             "" if maxlen is None else int(maxlen),

@@ -7,7 +7,10 @@ import uuid
 from collections.abc import Sequence
 
 from taskspace.backends.base import Grant
-from taskspace.backends.checks import check_key, check_limit, check_ttl
+from taskspace.backends.checks import (
+    check_acquire,
+    check_ttl,
+)
 from taskspace.backends.sqlite.base import SQLiteConn
 from taskspace.backends.sqlite.waiter import Waiter
 from taskspace.errors import ConfigError
@@ -37,11 +40,7 @@ class SQLiteLeases:
         data: bytes = b"",
         grant_id: str | None = None,
     ) -> Grant | None:
-        check_key(name, "name")
-        check_ttl(ttl, optional=False)
-        check_limit(capacity, "capacity")
-        if grant_id is not None:
-            check_key(grant_id, "grant_id")
+        check_acquire(name, ttl, capacity, grant_id)
         with self._c.write() as db:
             now = self._c.clock.now()
             db.execute("DELETE FROM lease_grants WHERE expires <= ?", (now,))

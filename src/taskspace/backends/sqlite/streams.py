@@ -7,7 +7,11 @@ import sqlite3
 from collections.abc import Sequence
 
 from taskspace.backends.base import StreamEntry
-from taskspace.backends.checks import check_key, check_limit, check_wait
+from taskspace.backends.checks import (
+    check_append,
+    check_read,
+    check_trim,
+)
 from taskspace.backends.sqlite.base import SQLiteConn
 from taskspace.backends.sqlite.waiter import Waiter
 
@@ -29,8 +33,7 @@ class SQLiteStreams:
         maxlen: int | None = None,
         request_id: str | None = None,
     ) -> list[int]:
-        check_key(stream, "stream")
-        check_limit(maxlen, "maxlen", optional=True)
+        check_append(stream, maxlen)
         if not items:
             return []
         # request_id needs no handling: a local transaction's reply cannot be lost.
@@ -53,9 +56,7 @@ class SQLiteStreams:
     def read(
         self, stream: str, after: int = 0, limit: int = 100, wait: float = 0.0
     ) -> list[StreamEntry]:
-        check_key(stream, "stream")
-        check_limit(limit)
-        check_wait(wait)
+        check_read(stream, limit, wait)
         found: list[StreamEntry] = []
 
         def ready() -> float | None:
@@ -89,10 +90,7 @@ class SQLiteStreams:
         min_id: int | None = None,
         max_age: float | None = None,
     ) -> int:
-        check_key(stream, "stream")
-        check_limit(maxlen, "maxlen", optional=True)
-        if max_age is not None:
-            check_wait(max_age, "max_age")
+        check_trim(stream, maxlen, max_age)
         dropped = 0
         with self._c.write() as db:
             if maxlen is not None:
