@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from taskspace.backends.base import Store
-from taskspace.errors import ConfigError
+from taskspace.errors import BackendError, ConfigError
 from tests.conformance.queue_helpers import push_one, spec
 
 
@@ -104,3 +105,31 @@ def test_claim_wait_ignores_tasks_of_other_names(store: Store) -> None:
 def test_claim_wait_out_of_range_is_a_config_error(store: Store, wait: object) -> None:
     with pytest.raises(ConfigError):
         store.queue.claim(["q"], "w", 1, wait=wait)  # type: ignore[arg-type]
+
+
+def test_claim_wait_repeated_after_a_lost_reply_returns_what_it_leased(
+    store: Store, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply lost after a wake-up's claim ran: the repeat (same request id,
+    even with no wait) returns that task at once, and leases nothing more."""
+    if backend != "redis":
+        pytest.skip("replies cannot be lost")
+    conn = store.conn  # type: ignore[attr-defined]
+    real = conn.block_then_run
+
+    def lossy(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)
+        raise BackendError("the reply was lost")
+
+    monkeypatch.setattr(conn, "block_then_run", lossy)
+    pushed: list[str] = []
+    t = _later(0.2, lambda: pushed.extend(store.queue.push([spec("q"), spec("q")])))
+    with pytest.raises(BackendError):
+        store.queue.claim(["q"], "w", 1, request_id="lost", wait=5.0)
+    _join_ok(t)
+    monkeypatch.undo()
+    start = time.monotonic()
+    records = store.queue.claim(["q"], "w", 1, request_id="lost")  # even with no wait
+    assert time.monotonic() - start < 1.0
+    assert [r.id for r in records] == pushed[:1]
+    assert store.queue.state(pushed[1]) == "queued"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Collection, Sequence
@@ -23,7 +24,7 @@ from taskspace.backends.base import (
 )
 from taskspace.backends.checks import check_limit, check_wait
 from taskspace.backends.outcomes import check_list_filters, check_purge_states, unknown_cursor
-from taskspace.backends.redis.conn import RedisConnection
+from taskspace.backends.redis.conn import READ_TIMEOUT_S, RedisConnection
 from taskspace.backends.redis.records import FIELDS, PACKED, number, record, unpack_record
 
 # Index entries one list/purge script looks at before handing back a cursor.
@@ -102,10 +103,14 @@ class RedisQueue:
         names: Collection[str] | None = None,
         wait: float = 0.0,
     ) -> list[TaskRecord]:
-        """With ``wait``, after an empty claim: per step, the next_due script
-        (is a task ready? when is the next delayed one due?), then BLPOP on the
-        wake lists with the claim sent in the same write, so Redis claims the
-        moment the BLPOP returns: a wake-up carries the claim. Each claim after
+        """With ``wait``, the first claim goes with the next_due script (is a
+        task ready? when is the next delayed one due?) in one write; while
+        nothing came, each step (at most READ_TIMEOUT_S, so a stalled server is
+        BackendError soon) is BLPOP on the wake lists with the claim sent in
+        the same write, so Redis claims the moment the BLPOP returns: a wake-up
+        carries the claim. next_due runs again only after a step that timed
+        out (a wake-up whose task another claim took blocks again at once).
+        Each claim after
         the first has its own request id (``request_id`` + step); a repeat of a
         call of this process whose reply was lost first repeats the step in
         flight (``_steps``), so it returns what that step leased."""
@@ -120,27 +125,36 @@ class RedisQueue:
             return fixed
 
         step = 0 if request_id is None else self._steps.get(request_id, 0)
-        if wait <= 0:
-            return [record(row) for row in self._conn.run("claim", args(step))]
         due_args = [*names_args(names), *queues]
-        # The first claim and the first next_due in one write: one round trip.
-        rows, due_reply = self._conn.run_pair(("claim", args(step)), ("next_due", due_args))
+        due_reply = None
+        if wait <= 0:
+            rows = self._conn.run("claim", args(step))
+        else:  # the first claim and the first next_due in one write: one round trip
+            rows, due_reply = self._conn.run_pair(("claim", args(step)), ("next_due", due_args))
         deadline = time.monotonic() + wait
+        known, woken, due_at = False, [], math.inf
         while not rows and (left := deadline - time.monotonic()) > 0:
-            if due_reply is None:
-                due_reply = self._conn.run("next_due", due_args, read=True)
-            due_text, keys = due_reply
-            due_reply = None
-            due = float(due_text)
+            if not known:  # what to block on, and until when at most
+                if due_reply is None:
+                    due_reply = self._conn.run("next_due", due_args, read=True)
+                due_text, keys = due_reply
+                due_reply, known = None, True
+                due = float(due_text)
+                due_at = math.inf if due < 0 else time.monotonic() + due
+                woken = [k.decode() for k in keys] or [f"{self._prefix}wake:{q}" for q in queues]
             step += 1
             if request_id is not None:
                 self._remember_step(request_id, step)
-            if due == 0:
+            until_due = due_at - time.monotonic()
+            if until_due <= 0:  # a task is ready (the claim promotes a due one)
                 rows = self._conn.run("claim", args(step))
+                known = False
                 continue
-            woken = [k.decode() for k in keys] or [f"{self._prefix}wake:{q}" for q in queues]
-            block = left if due < 0 else min(left, due)
-            _, rows = self._conn.block_then_run(woken, block, "claim", args(step))
+            block = min(left, READ_TIMEOUT_S, until_due)
+            popped, rows = self._conn.block_then_run(woken, block, "claim", args(step))
+            # A wake-up whose task was gone (claimed with no BLPOP, leaving its wake
+            # entry) blocks again at once; a timed-out step looks again first.
+            known = known and popped is not None
         if request_id is not None and step:
             with self._steps_lock:
                 self._steps.pop(request_id, None)
