@@ -254,7 +254,7 @@ def bench_drain(
         _, handles = submit_batched(space, config.tasks, config.batch, progress, label + " submit")
         group = sandbox.workers(space, config.workers, concurrency, burst=True, tag="drain")
         with _phase(progress, label, config.tasks) as bar:
-            launched_store = space.store.clock.now()
+            launched_store = space.store.clock.wall()  # tasks record started on the wall clock
             start = time.perf_counter()
             group.start()
             try:
