@@ -104,11 +104,7 @@ def test_grant_id_makes_acquire_idempotent(store):
     assert fresh.token > other.token > g.token
 
 
-def test_a_live_grant_id_is_refused_for_another_name(timed, backend, request):
-    if backend == "redis":  # until the Redis acquire looks the id up across names
-        request.applymarker(
-            pytest.mark.xfail(reason="Redis makes a second grant with the id", strict=False)
-        )
+def test_a_live_grant_id_is_refused_for_another_name(timed):
     s = timed.store
     g = s.leases.acquire("a", "h", TTL, grant_id="gid")
     assert g is not None

@@ -72,6 +72,10 @@ class RedisLeases:
                 f"lease {name!r} is held with capacity {int(reply[1])}, "
                 f"not {capacity}: every acquirer must agree on a name's capacity"
             )
+        if kind == b"grant_id":
+            raise ConfigError(
+                f"grant_id={gid!r} is a live grant of lease {reply[1].decode()!r}, not of {name!r}"
+            )
         return None
 
     def renew(self, grants: Sequence[Grant], ttl: float) -> list[Grant | None]:

@@ -10,12 +10,21 @@
 --                 waiters of N, registered by lease_wait; deleted by release,
 --                 and expiring with the longest registration.
 --   lw:ID         one waiter's wake list: release pushes a token (expires after WAKE_KEEP_MS).
+--   lgid:ID       the name whose grant ID is (a grant id is live under one name at
+--                 a time); PEXPIREd with the grant, deleted with it.
 local GRANT_SLACK_MS = 1000
 local WAKE_KEEP_MS = 2000
 
 local function lease_zset(name) return P .. 'lz:' .. name end
 local function lease_cap_key(name) return P .. 'lc:' .. name end
 local function grant_key(name, id) return P .. 'lg:' .. name .. '\n' .. id end
+local function grant_name_key(id) return P .. 'lgid:' .. id end
+
+-- Delete grant `id` of `name` and its id entry (if the entry is still this name's).
+local function grant_delete(name, id)
+  redis.call('DEL', grant_key(name, id))
+  if redis.call('GET', grant_name_key(id)) == name then redis.call('DEL', grant_name_key(id)) end
+end
 
 -- The grant `id` of `name` as a record with named fields, or nil.
 local function grant_read(name, id)
@@ -54,7 +63,7 @@ local function lease_prune(name, now)
   local gone = redis.call('ZRANGEBYSCORE', z, '-inf', now)
   for _, id in ipairs(gone) do
     redis.call('ZREM', z, id)
-    redis.call('DEL', grant_key(name, id))
+    grant_delete(name, id)
   end
   local live = redis.call('ZCARD', z)
   if live == 0 and #gone > 0 then redis.call('DEL', lease_cap_key(name)) end
@@ -68,6 +77,7 @@ local function grant_write(name, g, now)
   redis.call('HSET', k, 'holder', g.holder, 'token', g.token, 'expires', fmt(g.expires),
     'data', g.data)
   redis.call('PEXPIRE', k, ms)
+  redis.call('SET', grant_name_key(g.id), name, 'PX', ms)
   redis.call('ZADD', lease_zset(name), g.expires, g.id)
 end
 
