@@ -14,6 +14,9 @@
      ├── TaskTimeout            (recorded) an attempt ran past the task's timeout
      ├── ProcessDied            (recorded) a process-isolated attempt died without reporting
      ├── SpaceNotFound          a read-only command named a space that does not exist
+     ├── LeaseLost              a lock, semaphore slot or leader term is no longer held
+     ├── LockTimeout            not acquired within ``wait`` (also the builtin TimeoutError)
+     ├── RateLimited            a rate limit's budget is spent; ``retry_after`` says for how long
      ├── BackendError           the store is unreachable or refused the operation
      │    └── SubscriptionLost  a subscription's connection dropped: messages may be missed
      └── MissingDependency      an optional extra is not installed (also an ImportError)
@@ -150,6 +153,30 @@ class Compacted(TaskspaceError, LookupError):
 
 class NotAnInteger(TaskspaceError, ValueError):
     """``incr`` on a KV value that is not a decimal integer; nothing was written."""
+
+
+class LeaseLost(TaskspaceError):
+    """A lock, semaphore slot or leader term is no longer held (it expired, was
+    released, or a renewal failed past its deadline): stop acting on it. A
+    fenced write made with it was refused and changed nothing."""
+
+
+class LockTimeout(TaskspaceError, TimeoutError):
+    """A lock or semaphore was not acquired within its ``wait``."""
+
+
+class RateLimited(TaskspaceError):
+    """A rate limit's budget is spent: try again after ``retry_after`` seconds
+    (None: unknown). Raised by ``limiter.acquire`` when ``wait`` runs out; raise
+    it inside a task (on an HTTP 429, say) to have the task rescheduled after
+    ``retry_after`` without spending an attempt."""
+
+    def __init__(self, message: str = "rate limited", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.retry_after))
 
 
 class MissingDependency(TaskspaceError, ImportError):

@@ -36,6 +36,12 @@ from taskspace.tasks.options import TaskOptions
 from taskspace.tasks.task import Task
 
 if TYPE_CHECKING:
+    from taskspace.coordination.election import Election
+    from taskspace.coordination.lock import Lock, Semaphore
+    from taskspace.coordination.periodic import Schedule
+    from taskspace.coordination.ratelimit import RateLimiter
+    from taskspace.coordination.registry import Registry
+    from taskspace.state.kv import KV
     from taskspace.worker.report import WorkerReport
 
 P = ParamSpec("P")
@@ -114,6 +120,9 @@ class Space(Closeable):
         self._store: Store | None = None
         self._store_lock = threading.Lock()
         self._tasks: dict[str, Task[Any, Any]] = {}
+        self._schedules: dict[str, Schedule] = {}
+        self._facades: dict[str, Any] = {}
+        self._facade_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Space {self.url} tasks={len(self._tasks)}>"
@@ -139,6 +148,7 @@ class Space(Closeable):
                       max_payload=self.max_payload, result_ttl=self.result_ttl,
                       create=create)  # fmt: skip
         other._tasks = {name: task.bound_to(other) for name, task in self._tasks.items()}
+        other._schedules = {name: s.bound_to(other) for name, s in self._schedules.items()}
         return other
 
     def close(self) -> None:
@@ -279,6 +289,73 @@ class Space(Closeable):
         from taskspace.worker.registry import live_workers
 
         return live_workers(self.store)
+
+    # -- coordination and shared state ----------------------------------------
+
+    def lock(self, name: str, **options: Any) -> Lock:
+        """A fenced distributed lock: ``with space.lock("gpu-0", ttl=10, wait=5) as
+        lease``; options and guarantees as :class:`~taskspace.coordination.lock.Lock`."""
+        from taskspace.coordination.lock import Lock
+
+        return Lock(self, name, **options)
+
+    def semaphore(self, name: str, limit: int, **options: Any) -> Semaphore:
+        """At most ``limit`` holders at once across every process: ``with
+        space.semaphore("openai", limit=8, ttl=30)``; see
+        :class:`~taskspace.coordination.lock.Semaphore`."""
+        from taskspace.coordination.lock import Semaphore
+
+        return Semaphore(self, name, limit, **options)
+
+    def election(self, name: str, **options: Any) -> Election:
+        """Leader election with fenced terms and failover; see
+        :class:`~taskspace.coordination.election.Election`."""
+        from taskspace.coordination.election import Election
+
+        return Election(self, name, **options)
+
+    def rate_limit(self, name: str, rate: str | None = None, **options: Any) -> RateLimiter:
+        """A rate limit shared by every process of the space: ``space.rate_limit(
+        "openai", rate="500/m", burst=50)``; see
+        :class:`~taskspace.coordination.ratelimit.RateLimiter`."""
+        from taskspace.coordination.ratelimit import RateLimiter
+
+        return RateLimiter(self, name, rate, **options)
+
+    def periodic(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """Register a function as a task fired on a schedule: ``@space.periodic(
+        cron="*/5 * * * *", tz="UTC")`` or ``@space.periodic(every=60)``; see
+        :mod:`taskspace.coordination.periodic`."""
+        from taskspace.coordination.periodic import periodic
+
+        return periodic(self, fn, **options)
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        """The periodic schedules registered on this Space, by name."""
+        return dict(self._schedules)
+
+    @property
+    def registry(self) -> Registry:
+        """Service discovery: register, discover, watch; see
+        :class:`~taskspace.coordination.registry.Registry`."""
+        from taskspace.coordination.registry import Registry
+
+        return self._facade("registry", Registry)
+
+    @property
+    def kv(self) -> KV:
+        """The space's key-value blackboard (JSON values, versions, fenced
+        writes); see :class:`~taskspace.state.kv.KV`."""
+        from taskspace.state.kv import KV
+
+        return self._facade("kv", KV)
+
+    def _facade(self, key: str, cls: Callable[[Space], R]) -> R:
+        with self._facade_lock:
+            if key not in self._facades:
+                self._facades[key] = cls(self)
+            return self._facades[key]  # type: ignore[no-any-return]
 
     def run_worker(self, **options: Any) -> WorkerReport:
         """Run a worker in this process until stopped (or, with ``burst=True``,

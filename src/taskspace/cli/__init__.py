@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from taskspace import __version__
-from taskspace.cli import manage
+from taskspace.cli import db, manage, periodic, services
 from taskspace.cli.common import guard, load_space
 from taskspace.errors import ConfigError, TaskFailed
 
@@ -38,6 +38,9 @@ def main() -> None:
 
 
 manage.register(main)
+periodic.register(main)
+services.register(main)
+db.register(main)
 
 
 @main.command()

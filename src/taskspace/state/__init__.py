@@ -1,0 +1,1 @@
+"""Shared state on the store protocols: the KV blackboard (``space.kv``)."""
