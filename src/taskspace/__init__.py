@@ -39,6 +39,7 @@ from taskspace.errors import (
     TaskspaceError,
     TaskTimeout,
     UnknownTask,
+    VersionConflict,
 )
 from taskspace.space import Space
 from taskspace.tasks import Handle, Task, TaskContext, current_task
@@ -92,6 +93,7 @@ __all__ = [
     "TaskTimeout",
     "TaskspaceError",
     "UnknownTask",
+    "VersionConflict",
     "Worker",
     "WorkerConfig",
     "WorkerReport",

@@ -16,6 +16,7 @@
      ├── SpaceNotFound          a read-only command named a space that does not exist
      ├── LeaseLost              a lock, semaphore slot or leader term is no longer held
      ├── LockTimeout            not acquired within ``wait`` (also the builtin TimeoutError)
+     ├── VersionConflict        a compare-and-set found another version; ``current`` has it
      ├── RateLimited            a rate limit's budget is spent; ``retry_after`` says for how long
      ├── BackendError           the store is unreachable or refused the operation
      │    └── SubscriptionLost  a subscription's connection dropped: messages may be missed
@@ -163,6 +164,18 @@ class LeaseLost(TaskspaceError):
 
 class LockTimeout(TaskspaceError, TimeoutError):
     """A lock or semaphore was not acquired within its ``wait``."""
+
+
+class VersionConflict(TaskspaceError):
+    """A compare-and-set found the key at another version than expected;
+    nothing was written. ``current`` is the version found (None: absent)."""
+
+    def __init__(self, message: str, current: int | None = None) -> None:
+        super().__init__(message)
+        self.current = current
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.current))
 
 
 class RateLimited(TaskspaceError):
