@@ -59,8 +59,8 @@ def validate_check(url: object) -> str:
 def run_check(url: str, timeout: float) -> CheckResult:
     """Probe ``url`` (see the module docstring) within ``timeout`` seconds."""
     start = time.monotonic()
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)
         result = _tcp(parts, timeout) if parts.scheme == "tcp" else _http(url, timeout)
     except Exception as exc:  # noqa: BLE001 - a check never raises: the failure is the result
         result = CheckResult("critical", f"{type(exc).__name__}: {exc}")

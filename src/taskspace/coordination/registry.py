@@ -24,8 +24,9 @@ Guarantees and faults:
   ``check`` URL (see :mod:`taskspace.coordination.health`) starts
   ``critical`` ("not checked yet", as Consul does) and the elected
   maintainer (:func:`maintain_registry`) probes it every ``interval``
-  seconds. A status change is a real write (a revision: watchers see it);
-  a check that finds the same status writes nothing. An instance
+  seconds. A status change (and the first check's result) is a real write
+  (a revision: watchers see it); a check that finds the same status writes
+  nothing. An instance
   ``critical`` for longer than its ``deregister_after`` is deregistered by
   the maintainer.
 - **Discovery.** ``discover(service)`` returns only ``passing`` instances by
@@ -875,15 +876,16 @@ def _write_health(store: Store, checked: Instance, result: CheckResult, now: flo
     current = store.kv.get(checked.key)
     if current is None or current.version != checked.version:
         return
-    if result.status == checked.status:
-        return
+    if result.status == checked.status and checked.checked is not None:
+        return  # unchanged (the first check is always recorded: it says why)
     ttl = None
     if current.expires is not None:
         ttl = current.expires - now
         if ttl <= 0:
             return
     doc = orjson.loads(current.value)
-    doc.update(status=result.status, output=result.output, since=wall, checked=wall)
+    since = checked.since if result.status == checked.status else wall
+    doc.update(status=result.status, output=result.output, since=since, checked=wall)
     if store.kv.cas(checked.key, current.version, orjson.dumps(doc), ttl) is not None:
         log.info("registry: %s is %s (%s)", checked.key, result.status, result.output)
 

@@ -1,0 +1,290 @@
+"""Service registry on every backend: register, discover, heartbeats, health
+checks against loopback servers, deregister_after, watch, bad input."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+
+from taskspace import Space
+from taskspace.coordination.health import run_check
+from taskspace.coordination.registry import PREFIX, maintain_registry
+from taskspace.errors import Compacted, ConfigError
+from tests.coordination.registry_helpers import Watcher, closed_port, http_server, wait_for
+
+
+def test_register_discover_by_tags_and_health(space: Space) -> None:
+    reg = space.registry
+    a = reg.register("api", "a1", "10.0.0.1:80", tags=["v1", "eu"], meta={"zone": "a"})
+    b = reg.register("api", "a2", "10.0.0.2:80", tags=["v2", "eu"])
+    c = reg.register("api", "a3", "10.0.0.3:80", tags=["v1"])
+    reg.register("db", "d1", "10.0.1.1:5432")
+    try:
+        assert [i.id for i in reg.discover("api")] == ["a1", "a2", "a3"]
+        assert [i.id for i in reg.discover("api", tags=["eu"])] == ["a1", "a2"]
+        assert [i.id for i in reg.discover("api", tags=["v1", "eu"])] == ["a1"]
+        first = reg.discover("api")[0]
+        assert (first.address, first.meta, first.status) == (
+            "10.0.0.1:80",
+            {"zone": "a"},
+            "passing",
+        )
+        assert first.registered > 1.7e9 and first.expires is not None  # wall clock; a TTL
+        b.update(status="warning", output="disk 91%")
+        c.update(status="critical", output="down")
+        assert [i.id for i in reg.discover("api")] == ["a1"]  # passing only (Consul's ?passing)
+        assert [i.id for i in reg.discover("api", include_warning=True)] == ["a1", "a2"]
+        assert [(i.id, i.status) for i in reg.discover("api", healthy_only=False)] == [
+            ("a1", "passing"), ("a2", "warning"), ("a3", "critical"),
+        ]  # fmt: skip
+        assert reg.get("api", "a2").output == "disk 91%"  # type: ignore[union-attr]
+        a.update(meta={"zone": "b"}, tags=["v3"])
+        got = reg.get("api", "a1")
+        assert got is not None and got.meta == {"zone": "b"} and got.tags == ("v3",)
+        assert sorted(reg.services()) == ["api", "db"]
+        assert reg.discover("nothing") == []
+    finally:
+        reg.close()
+    assert reg.services() == {}
+
+
+def test_heartbeats_keep_an_instance_alive_without_new_revisions(space: Space) -> None:
+    with space.registry.register("api", "hb", "127.0.0.1:1", ttl=0.6) as registration:
+        revision = space.store.kv.revision()
+        time.sleep(1.5)  # the point: 2.5 TTLs pass, heartbeats alone keep it
+        assert [i.id for i in space.registry.discover("api")] == ["hb"]
+        assert space.store.kv.revision() == revision  # kv.touch: no change on the feed
+        assert registration.active
+    assert not registration.active
+    assert space.registry.discover("api", healthy_only=False) == []
+
+
+def test_ttl_expiry_without_heartbeats_and_rewrite_after_loss(space: Space) -> None:
+    silent = space.registry.register("api", "quiet", "h:1", ttl=0.3, heartbeat=False)
+    wait_for(lambda: space.registry.get("api", "quiet") is None, timeout=5)
+    assert silent.heartbeat()  # the key was gone: written again
+    assert silent.rewrites == 1 and space.registry.get("api", "quiet") is not None
+    assert silent.deregister() and not silent.deregister()
+    assert not silent.heartbeat()  # deregistered: never resurrected
+
+
+def test_deregister_by_name_and_reregister_overwrites(space: Space) -> None:
+    reg = space.registry
+    reg.register("api", "x", "h:1", ttl=None)
+    reg.register("api", "x", "h:2", ttl=None, tags=["new"])
+    assert [(i.address, i.tags) for i in reg.discover("api")] == [("h:2", ("new",))]
+    assert reg.deregister("api", "x") and not reg.deregister("api", "x")
+    assert reg.get("api", "x") is None
+
+
+@pytest.mark.parametrize(
+    ("args", "options", "named"),
+    [
+        (("", "i", "a"), {}, "service"),
+        (("a/b", "i", "a"), {}, "service"),
+        (("api", "i/1", "a"), {}, "instance_id"),
+        (("api", "", "a"), {}, "instance_id"),
+        (("api", "i", ""), {}, "address"),
+        (("api", "i", "a"), {"ttl": -1}, "ttl"),
+        (("api", "i", "a"), {"ttl": 0}, "ttl"),
+        (("api", "i", "a"), {"tags": "v1"}, "tags"),
+        (("api", "i", "a"), {"meta": {"x": object()}}, "meta"),
+        (("api", "i", "a"), {"meta": {1: 2}}, "meta"),
+        (("api", "i", "a"), {"check": "ftp://host/"}, "check"),
+        (("api", "i", "a"), {"check": "tcp://host"}, "check"),
+        (("api", "i", "a"), {"check": "tcp://host:99999"}, "check"),
+        (("api", "i", "a"), {"interval": 0}, "interval"),
+        (("api", "i", "a"), {"timeout": float("nan")}, "timeout"),
+        (("api", "i", "a"), {"deregister_after": -5}, "deregister_after"),
+        (("api", "i", "a"), {"heartbeat": "yes"}, "heartbeat"),
+    ],
+)
+def test_bad_input_is_refused_and_writes_nothing(
+    space: Space, args: tuple[str, str, str], options: dict[str, object], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        space.registry.register(*args, **options)  # type: ignore[arg-type]
+    assert space.store.kv.scan(PREFIX) == []
+
+
+def test_bad_arguments_of_the_other_calls(space: Space) -> None:
+    reg = space.registry
+    with pytest.raises(ConfigError, match="service"):
+        reg.discover("no spaces")
+    with pytest.raises(ConfigError, match="tags"):
+        reg.discover("api", tags="v1")
+    with pytest.raises(ConfigError, match="since"):
+        reg.watch("api", since=-1)
+    with pytest.raises(ConfigError, match="instance_id"):
+        reg.deregister("api", "a b")
+    with (
+        reg.register("api", "i", "h:1") as registration,
+        pytest.raises(ConfigError, match="status"),
+    ):
+        registration.update(status="ok")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="deregistered"):
+        registration.update(meta={})
+
+
+def _settle(space: Space, expected: dict[str, str], timeout: float = 10.0) -> None:
+    """Run maintainer passes until every instance has its expected status."""
+
+    def settled() -> bool:
+        maintain_registry(space)
+        found = {i.id: i.status for i in space.registry.discover("web", healthy_only=False)}
+        return found == expected
+
+    wait_for(settled, timeout=timeout, step=0.05)
+
+
+def test_http_and_tcp_checks_by_the_maintainer(space: Space) -> None:
+    reg = space.registry
+    down = closed_port()
+    with http_server() as base:
+        port = base.rsplit(":", 1)[1]
+        checks = {"ok": f"{base}/200", "busy": f"{base}/429", "broken": f"{base}/500",
+                  "down": f"http://127.0.0.1:{down}/", "tcp-up": f"tcp://127.0.0.1:{port}",
+                  "tcp-down": f"tcp://127.0.0.1:{down}"}  # fmt: skip
+        for name, url in checks.items():
+            reg.register("web", name, url, check=url, interval=0.1, timeout=1.0, ttl=None)
+        assert {i.status for i in reg.discover("web", healthy_only=False)} == {"critical"}
+        assert reg.discover("web") == []  # not checked yet: critical, as Consul starts checks
+        expected = {"ok": "passing", "busy": "warning", "broken": "critical",
+                    "down": "critical", "tcp-up": "passing", "tcp-down": "critical"}  # fmt: skip
+        _settle(space, expected)
+        ok = reg.get("web", "ok")
+        assert ok is not None and ok.output == "HTTP 200: status 200" and ok.checked is not None
+        assert "HTTP 500" in reg.get("web", "broken").output  # type: ignore[union-attr]
+        # a check that finds the same status writes nothing: no revision
+        revision = space.store.kv.revision()
+        time.sleep(0.15)
+        maintain_registry(space)
+        maintain_registry(space)
+        assert space.store.kv.revision() == revision
+    # the server went away: its instances turn critical
+    _settle(space, {**expected, "ok": "critical", "busy": "critical", "tcp-up": "critical"})
+    reg.close()
+
+
+def test_a_status_change_keeps_the_remaining_ttl(space: Space) -> None:
+    with http_server() as base:
+        space.registry.register("web", "t", base, check=f"{base}/200", interval=0.1, ttl=30,
+                                heartbeat=False)  # fmt: skip
+        _settle(space, {"t": "passing"})
+    inst = space.registry.get("web", "t")
+    assert inst is not None and inst.expires is not None
+    assert inst.expires - space.store.clock.now() <= 30  # not extended past the owner's TTL
+
+
+def test_maintain_is_bounded_and_records_slow_checks_later(space: Space) -> None:
+    with http_server() as base:
+        space.registry.register("web", "slow", base, check=f"{base}/slow", interval=60,
+                                timeout=1.5, ttl=None)  # fmt: skip
+        start = time.monotonic()
+        maintain_registry(space)
+        assert time.monotonic() - start < 1.4  # the budget, not the check's 3 s
+        assert space.registry.get("web", "slow").output == "not checked yet"  # type: ignore[union-attr]
+        space.registry.get("web", "slow")
+        # the check times out in the pool; a later pass records it
+        _settle(space, {"slow": "critical"})
+        inst = space.registry.get("web", "slow")
+        assert inst is not None and inst.checked is not None and "timed out" in inst.output
+
+
+def test_critical_instances_are_deregistered_after_deregister_after(space: Space) -> None:
+    down = f"tcp://127.0.0.1:{closed_port()}"
+    space.registry.register("web", "dead", "h:1", check=down, interval=0.1, timeout=0.5,
+                            deregister_after=0.5, ttl=None)  # fmt: skip
+    space.registry.register("web", "kept", "h:1", check=down, interval=0.1, timeout=0.5,
+                            deregister_after=None, ttl=None)  # fmt: skip
+    watcher = Watcher(space, "web")
+    try:
+        removed = wait_for(
+            lambda: maintain_registry(space) or space.registry.get("web", "dead") is None
+        )
+        assert removed
+        watcher.expect("removed", "dead")
+        assert space.registry.get("web", "kept") is not None  # deregister_after=None: never
+    finally:
+        watcher.close()
+
+
+def test_run_check_never_raises() -> None:
+    assert run_check("tcp://127.0.0.1:1", 0.5).status == "critical"
+    assert run_check("http://[::1", 0.5).status == "critical"
+    assert run_check("http://127.0.0.1:1/", 0.5).status == "critical"
+
+
+def test_watch_sees_every_kind_of_change(space: Space) -> None:
+    reg = space.registry
+    reg.register("api", "before", "h:0", ttl=None)
+    watcher = Watcher(space, "api", initial=True)
+    try:
+        assert watcher.expect("added", "before").instance.address == "h:0"  # type: ignore[union-attr]
+        a = reg.register("api", "a", "h:1", ttl=0.5, heartbeat=False)
+        assert watcher.expect("added", "a").instance.address == "h:1"  # type: ignore[union-attr]
+        a.update(status="warning", output="slow")
+        change = watcher.expect("updated", "a")
+        assert change.instance.status == "warning" and change.previous.status == "passing"  # type: ignore[union-attr]
+        reg.register("other", "o", "h:2", ttl=None)  # another service: not seen
+        reg.deregister("api", "before")
+        assert watcher.expect("removed", "before").instance.address == "h:0"  # type: ignore[union-attr]
+        expired = watcher.expect("expired", "a")  # no heartbeat: its TTL ran out
+        assert expired.instance is not None and expired.revision > change.revision
+        assert all(c.service == "api" for c in watcher.seen)
+    finally:
+        watcher.close()
+    # resuming from a revision replays what came after it
+    resumed = list(reg.watch("api", since=change.revision, idle_timeout=0.3))
+    assert [(c.kind, c.id) for c in resumed] == [("removed", "before"), ("expired", "a")]
+
+
+def _patch_keep(monkeypatch: pytest.MonkeyPatch, space: Space, keep: int) -> None:
+    import sys
+
+    module = sys.modules[type(space.store.kv).__module__]
+    assert hasattr(module, "KV_CHANGES_KEEP"), module
+    monkeypatch.setattr(module, "KV_CHANGES_KEEP", keep)
+
+
+def test_watch_misses_nothing_across_compacted(
+    space: Space, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _patch_keep(monkeypatch, space, 3)
+    reg, kv = space.registry, space.store.kv
+    reg.register("api", "gone", "h:0", ttl=None)
+    reg.register("api", "changed", "h:0", ttl=None)
+    reg.register("api", "same", "h:0", ttl=None)
+    watch = reg.watch("api", initial=True, idle_timeout=1.0)
+    assert sorted(next(watch).id for _ in range(3)) == ["changed", "gone", "same"]
+    start = kv.revision()
+    # while the watch is not reading: churn, a removal, an update, an addition
+    for i in range(10):
+        reg.register("api", f"churn{i}", "h:9", ttl=None)
+        reg.deregister("api", f"churn{i}")
+    reg.deregister("api", "gone")
+    reg.register("api", "changed", "h:1", ttl=None)
+    reg.register("api", "new", "h:2", ttl=None)
+    reg.register("api", "brief", "h:3", ttl=None)
+    reg.deregister("api", "brief")
+    kv.reap()
+    with pytest.raises(Compacted):  # the fault bites: the feed lost these changes
+        kv.changes(PREFIX, start)
+    net = sorted((c.kind, c.id) for c in (next(watch) for _ in range(3)))
+    # the net difference: nothing of the churn or of "brief", nothing twice
+    assert net == [("added", "new"), ("removed", "gone"), ("updated", "changed")]
+    reg.register("api", "after", "h:4", ttl=None)  # then the feed again
+    assert [(c.kind, c.id) for c in watch] == [("added", "after")]
+    assert [i.id for i in reg.discover("api")] == ["after", "changed", "new", "same"]
+
+
+def test_meta_is_json_and_the_document_is_readable(space: Space) -> None:
+    space.registry.register("api", "j", "h:1", meta={"n": 1, "l": [1, 2]}, ttl=None)
+    raw = space.store.kv.get(PREFIX + "api/j")
+    assert raw is not None
+    doc = orjson.loads(raw.value)
+    assert doc["service"] == "api" and doc["status"] == "passing" and doc["meta"]["l"] == [1, 2]
+    space.store.kv.put(PREFIX + "api/garbage", b"not json")  # ignored, never a crash
+    assert [i.id for i in space.registry.discover("api")] == ["j"]
