@@ -78,6 +78,20 @@ db.register(main)
     help="Seconds running tasks get after SIGTERM.",
 )
 @click.option(
+    "--maintainer-ttl",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="Seconds the elected maintainer's term lives without renewal (at least 1).",
+)
+@click.option(
+    "--maintainer-retry",
+    default=2.0,
+    show_default=True,
+    type=float,
+    help="Seconds between campaigns for maintainer (at least 1); failover <= ttl + retry.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -92,8 +106,8 @@ db.register(main)
 )
 @guard
 def worker(app: str, processes: int, concurrency: int, queues: str, burst: bool,
-           url: str | None, shutdown_grace: float, log_level: str,
-           log_format: str) -> None:  # fmt: skip
+           url: str | None, shutdown_grace: float, maintainer_ttl: float,
+           maintainer_retry: float, log_level: str, log_format: str) -> None:  # fmt: skip
     """Run workers for APP (module:attribute naming a Space).
 
     \b
@@ -102,12 +116,19 @@ def worker(app: str, processes: int, concurrency: int, queues: str, burst: bool,
     4 the space was wiped or replaced (FLUSHALL, a Redis restarted without
     persistence, a deleted SQLite file): its tasks are gone, and the worker
     stops rather than serve a new, empty space. Not restarted by --processes.
+
+    \b
+    One worker at a time is elected maintainer: it requeues expired leases,
+    promotes due tasks, fires periodic schedules, checks the service registry
+    and reaps old results. If it dies, another takes over within
+    --maintainer-ttl + --maintainer-retry seconds.
     """
     _setup_logging(log_level, log_format)
     space = load_space(app, url)
     options: dict[str, Any] = {
         "queues": queues, "concurrency": concurrency, "burst": burst,
-        "shutdown_grace": shutdown_grace,
+        "shutdown_grace": shutdown_grace, "maintainer_ttl": maintainer_ttl,
+        "maintainer_retry": maintainer_retry,
     }  # fmt: skip
     if processes == 1:
         from taskspace.worker.config import EXIT_SPACE_LOST, EXIT_WEDGED
@@ -124,7 +145,8 @@ def worker(app: str, processes: int, concurrency: int, queues: str, burst: bool,
     WorkerConfig.build(**options)  # validate once, before starting anything
     command = [sys.executable, "-m", "taskspace", "worker", app, "--processes", "1",
                "--concurrency", str(concurrency), "--queues", queues, "--url", space.url,
-               "--shutdown-grace", str(shutdown_grace), "--log-level", log_level,
+               "--shutdown-grace", str(shutdown_grace), "--maintainer-ttl", str(maintainer_ttl),
+               "--maintainer-retry", str(maintainer_retry), "--log-level", log_level,
                "--log-format", log_format]  # fmt: skip
     if burst:
         command.append("--burst")

@@ -1,13 +1,372 @@
-"""Leader election (being built; see the coordination issue)."""
+"""Leader election with fenced terms and failover.
+
+``space.election("maintainer")`` elects one leader among any number of
+processes. A candidate campaigns by acquiring the lease ``election/<name>``
+(capacity 1, its identity as the grant's data); winning it starts a **term**
+whose number is the grant's fencing token, so terms strictly increase across
+every failover, restart and backend failover (see
+:mod:`taskspace.backends.base`). The lease is renewed in the background
+(:mod:`taskspace.coordination.lease`).
+
+Guarantee: a leader stops acting once it cannot renew before its renew
+deadline, which is shorter than the TTL: ``term.active`` turns False (and
+``on_lost`` fires) before the store can hand the lease to anyone else. So two
+leaders never act in the same instant on a healthy clock, and the term number
+fences what a stale one writes: a write made with ``GrantHeld(term.grant)``
+(``space.kv.put(..., fence=term.lease)``) is refused once another term began.
+Check ``term.active`` before each action; pass the term to every write that
+must not come from a deposed leader.
+
+Faults:
+
+- **Lease lost** (the renewal was refused or failed past its deadline):
+  ``term.active`` is False and ``on_lost(term)`` runs once, on the renewer
+  thread. The term never comes back; campaign again for a new one.
+- **Backend down**: renewals fail, and the term is lost at the renew
+  deadline, as above. ``leader()`` raises BackendError; ``observe()`` logs,
+  backs off and resumes where it was once the backend answers.
+- **Process paused** (SIGSTOP, a long GC, a suspended VM) past the renew
+  deadline: on waking, ``term.active`` is already False before any code of the
+  leader can act on it (the renewer checks the deadline on the monotonic
+  clock); if the pause outlived the TTL another candidate may have won, with
+  a larger term number, and the store refuses the old term's fenced writes.
+- **Process killed**: its lease expires after at most ``ttl``; a waiting
+  candidate is woken by the expiry (``leases.wait``), so failover takes at
+  most ``ttl`` plus the candidates' retry period.
+
+The leader record. A winner also writes ``taskspace/elections/<name>`` =
+``{"identity", "term"}`` as a fenced KV write with the term's TTL, touches it
+on every renewal and deletes it (fenced) when it resigns. ``observe()`` follows
+that record on the KV change feed. ``leader()`` reads the lease itself, which
+is the authority; the record can lag it by one write, and a killed leader's
+record lasts until its TTL passes unless a new leader overwrites it first.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+import orjson
+
+from taskspace.backends.base import MAX_DURATION_S, Delete, GrantHeld, KVStore, Put
+from taskspace.backends.checks import check_ttl
+from taskspace.errors import BackendError, Compacted, ConfigError, LockTimeout, SpaceLost
 
 if TYPE_CHECKING:
+    from taskspace.backends.base import Grant
+    from taskspace.coordination.lease import Lease
     from taskspace.space import Space
+
+log = logging.getLogger("taskspace.coordination")
+
+LEASE_PREFIX = "election/"
+RECORD_PREFIX = "taskspace/elections/"
+DEFAULT_TTL_S = 10.0
+# observe(): the longest single kv.wait, and the page of changes it reads.
+OBSERVE_WAIT_S = 1.0
+OBSERVE_PAGE = 100
+# observe() and the record heartbeat back off this way through an outage.
+BACKOFF_START_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+LeaderState = tuple[str | None, int | None]
+
+
+def default_identity() -> str:
+    """``host:pid``: who leads, as people read it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"election name must be a non-empty string, got {name!r}")
+    return name
+
+
+def _check_identity(identity: object) -> str:
+    if identity is None:
+        return default_identity()
+    if not isinstance(identity, str) or not identity:
+        raise ConfigError(f"election identity must be a non-empty string, got {identity!r}")
+    return identity
+
+
+def _check_wait(wait: float | None) -> None:
+    if wait is None:
+        return
+    if (
+        isinstance(wait, bool)
+        or not isinstance(wait, int | float)
+        or not 0 <= wait <= MAX_DURATION_S
+    ):
+        raise ConfigError(f"wait={wait!r}: must be None or a number of seconds >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderChange:
+    """The leader record changed at ``revision``: ``identity`` leads in term
+    ``term``, or nobody does (both None: resigned, or the record expired)."""
+
+    identity: str | None
+    term: int | None
+    revision: int
+
+
+class Term:
+    """One leader's term: from winning the election until it is resigned or lost.
+
+    ``number`` is the fencing epoch (the lease's token; strictly increasing
+    across terms), ``identity`` the leader's, ``lease``/``grant`` what fenced
+    writes take. ``active`` is False as soon as the leader can no longer be
+    sure it leads (see the module docstring). ``with term:`` resigns on exit.
+    """
+
+    def __init__(self, election: Election, lease: Lease, identity: str, ttl: float) -> None:
+        self.election = election
+        self.lease = lease
+        self.identity = identity
+        self.ttl = ttl
+        self.number = lease.token
+        self._resigned = False
+        self._lock = threading.Lock()
+
+    @property
+    def grant(self) -> Grant:
+        """The lease grant: ``GrantHeld(term.grant)`` fences a KV txn."""
+        return self.lease.grant
+
+    @property
+    def active(self) -> bool:
+        """True while this process may act as the leader."""
+        return not self._resigned and self.lease.held
+
+    def resign(self) -> bool:
+        """Step down: delete the leader record (fenced) and release the lease,
+        so a waiting candidate wins at once. True if this term was still
+        current; idempotent. BackendError if the store cannot be reached (the
+        lease then expires by itself within its TTL)."""
+        with self._lock:
+            if self._resigned:
+                return False
+            self._resigned = True
+        store = self.election.space.store
+        try:
+            store.kv.txn([GrantHeld(self.grant)], [Delete(self.election.key)])
+        finally:
+            released = self.lease.release()
+        return released
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "ended"
+        return f"<Term {self.election.name} #{self.number} {self.identity} {state}>"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.resign()
 
 
 class Election:
-    def __init__(self, space: Space, name: str, **options: Any) -> None:
-        raise NotImplementedError
+    """Leader election ``name`` of a Space (see the module docstring)."""
+
+    def __init__(self, space: Space, name: str) -> None:
+        self.space = space
+        self.name = _check_name(name)
+        self.lease_name = LEASE_PREFIX + name
+        self.key = RECORD_PREFIX + name
+
+    def __repr__(self) -> str:
+        return f"<Election {self.name}>"
+
+    # -- campaigning ----------------------------------------------------------
+
+    def campaign(
+        self,
+        identity: str | None = None,
+        ttl: float = DEFAULT_TTL_S,
+        wait: float | None = None,
+        on_lost: Callable[[Term], None] | None = None,
+    ) -> Term:
+        """Block until this process leads (at most ``wait`` seconds: LockTimeout
+        past it; None waits for ever) and return its term. ``ttl``: how long the
+        store keeps the term alive without a renewal (failover time after a
+        crash). ``on_lost(term)`` runs on the renewer thread if the term is lost."""
+        identity, deadline = self._check(identity, ttl, wait)
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            term = self._win(identity, ttl, left, on_lost, fair=True)
+            if term is not None:
+                return term
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LockTimeout(f"election {self.name!r}: not elected within {wait} s")
+
+    def try_campaign(
+        self,
+        identity: str | None = None,
+        ttl: float = DEFAULT_TTL_S,
+        on_lost: Callable[[Term], None] | None = None,
+    ) -> Term | None:
+        """Try once, without waiting: the new term, or None if another leads."""
+        identity, _ = self._check(identity, ttl, 0)
+        return self._win(identity, ttl, 0, on_lost, fair=False)
+
+    def _check(
+        self, identity: str | None, ttl: float, wait: float | None
+    ) -> tuple[str, float | None]:
+        who = _check_identity(identity)
+        check_ttl(ttl, "ttl", optional=False)
+        _check_wait(wait)
+        return who, None if wait is None else time.monotonic() + wait
+
+    def _win(
+        self,
+        identity: str,
+        ttl: float,
+        wait: float | None,
+        on_lost: Callable[[Term], None] | None,
+        fair: bool,
+    ) -> Term | None:
+        """One acquisition and the leader record; None if the lease was not won
+        within ``wait`` or was lost before the record was written."""
+        from taskspace.coordination.lease import acquire_lease
+
+        box: list[Term] = []
+
+        def lost(_: Lease) -> None:
+            if box and on_lost is not None:
+                on_lost(box[0])
+
+        def renewed(_: Lease) -> None:
+            if box:
+                self._heartbeat(box[0])
+
+        lease = acquire_lease(
+            self.space, self.lease_name, ttl=ttl, holder=identity, data=identity.encode(),
+            wait=wait, on_lost=lost, on_renewed=renewed, fair=fair,
+        )  # fmt: skip
+        if lease is None:
+            return None
+        term = Term(self, lease, identity, ttl)
+        box.append(term)
+        try:
+            written = self._write_record(term)
+        except BackendError as exc:
+            if isinstance(exc, SpaceLost):
+                lease.release()
+                raise
+            # The lease is the authority: the heartbeat writes the record later.
+            log.warning("election %s: leader record not written yet: %s", self.name, exc)
+            written = True
+        if not written or not lease.held:
+            lease.release()
+            return None
+        log.info("election %s: %s leads, term %d", self.name, identity, term.number)
+        return term
+
+    def _record(self, term: Term) -> bytes:
+        return orjson.dumps({"identity": term.identity, "term": term.number})
+
+    def _write_record(self, term: Term) -> bool:
+        """The fenced write of the leader record; False if the term is no longer current."""
+        put = Put(self.key, self._record(term), ttl=term.ttl)
+        return self.space.store.kv.txn([GrantHeld(term.grant)], [put]).ok
+
+    def _heartbeat(self, term: Term) -> None:
+        """After each renewal (renewer thread): extend the record's TTL, or write
+        it again if it is gone. Never raises: a failure waits for the next renewal."""
+        if not term.active:
+            return
+        try:
+            if self.space.store.kv.touch(self.key, term.ttl) is None:
+                self._write_record(term)
+        except Exception as exc:  # noqa: BLE001 - never the renewer thread's death
+            log.debug("election %s: leader record heartbeat failed: %s", self.name, exc)
+
+    # -- watching -------------------------------------------------------------
+
+    def leader(self) -> tuple[str, int] | None:
+        """The current leader's ``(identity, term)`` from the lease itself, or None."""
+        holders = self.space.store.leases.holders(self.lease_name)
+        if not holders:
+            return None
+        grant = holders[0]
+        return grant.data.decode(errors="replace") or grant.holder, grant.token
+
+    def observe(self, since: int | None = None) -> Iterator[LeaderChange]:
+        """Leader changes, for ever: first the current leader record (unless
+        ``since``, a KV revision, says where to resume), then each change of it.
+
+        Built on the KV change feed. It never misses the latest state: after
+        ``Compacted`` (the feed dropped changes it had not read) it re-reads
+        the record and yields it if it differs from the last one yielded, so
+        changes in between may collapse into one. Through a backend outage it
+        logs, backs off and resumes from the last revision it saw; it never
+        ends by itself (SpaceLost, a wiped space, is raised). Stop by leaving
+        the loop; each step blocks at most OBSERVE_WAIT_S."""
+        kv = self.space.store.kv
+        after = since
+        last: LeaderState | None = None
+        delay = BACKOFF_START_S
+        while True:
+            try:
+                if after is None:
+                    after, state, revision = self._snapshot(kv)
+                    if state != last:
+                        last = state
+                        yield LeaderChange(*state, revision)
+                changes = kv.changes(self.key, after, limit=OBSERVE_PAGE)
+                if not changes:
+                    kv.wait(self.key, after, OBSERVE_WAIT_S)
+                    delay = BACKOFF_START_S
+                    continue
+                after = changes[-1].revision
+                for change in changes:
+                    if change.key != self.key:
+                        continue
+                    state = self._decode(change.value if change.kind == "put" else None)
+                    if state != last:
+                        last = state
+                        yield LeaderChange(*state, change.revision)
+                delay = BACKOFF_START_S
+            except Compacted as exc:
+                log.info("election %s: change feed compacted past %d; re-reading", self.name, after)
+                log.debug("compacted: %s", exc)
+                after = None
+            except SpaceLost:
+                raise
+            except BackendError as exc:
+                log.warning("election %s: observe retrying in %.2f s: %s", self.name, delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+
+    def _snapshot(self, kv: KVStore) -> tuple[int, LeaderState, int]:
+        """(revision to follow the feed from, the current state, its revision)."""
+        revision = kv.revision()
+        current = kv.get(self.key)
+        if current is None:
+            return revision, (None, None), revision
+        return revision, self._decode(current.value), current.revision
+
+    def _decode(self, value: bytes | None) -> LeaderState:
+        if value is None:
+            return None, None
+        try:
+            record = orjson.loads(value)
+            return str(record["identity"]), int(record["term"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("election %s: unreadable leader record %r", self.name, value[:100])
+            return None, None

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from taskspace.backends.base import MAX_DURATION_S
 from taskspace.errors import ConfigError
 from taskspace.tasks.options import check_queue, reject_unknown
 
@@ -16,6 +17,13 @@ DEFAULT_SHUTDOWN_GRACE_S = 30.0
 DEFAULT_MAINTENANCE_INTERVAL_S = 1.0
 DEFAULT_HEARTBEAT_INTERVAL_S = 2.0
 DEFAULT_IDLE_WAIT_S = 0.25
+# The maintainer election (:mod:`taskspace.worker.maintainer`): the term's TTL
+# and how often a candidate retries; failover takes at most their sum. Neither
+# may be below MAINTAINER_FLOOR_S: a shorter TTL would let a busy machine's
+# scheduling delays cost the term (it is renewed every third of it).
+DEFAULT_MAINTAINER_TTL_S = 10.0
+DEFAULT_MAINTAINER_RETRY_S = 2.0
+MAINTAINER_FLOOR_S = 1.0
 
 # Exit codes of ``taskspace worker`` besides 0 (stopped) and 2 (a usage or
 # startup error): every slot held a task stuck past its timeout (a supervisor
@@ -30,9 +38,25 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def _check_maintainer_seconds(name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not MAINTAINER_FLOOR_S <= value <= MAX_DURATION_S
+    ):
+        raise ConfigError(
+            f"{name} must be a number of seconds from {MAINTAINER_FLOOR_S:g} up, got {value!r}"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    """How a worker runs: which queues, how many tasks at once, when to stop."""
+    """How a worker runs: which queues, how many tasks at once, when to stop.
+
+    ``maintenance_interval``: seconds between the maintainer's passes.
+    ``maintainer_ttl`` / ``maintainer_retry``: the maintainer term's TTL and
+    the candidates' retry period (each at least 1 s); a killed or paused
+    maintainer is replaced within their sum."""
 
     queues: tuple[str, ...] = ("default",)
     concurrency: int = DEFAULT_CONCURRENCY
@@ -42,6 +66,8 @@ class WorkerConfig:
     maintenance_interval: float = DEFAULT_MAINTENANCE_INTERVAL_S
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S
     idle_wait: float = DEFAULT_IDLE_WAIT_S
+    maintainer_ttl: float = DEFAULT_MAINTAINER_TTL_S
+    maintainer_retry: float = DEFAULT_MAINTAINER_RETRY_S
     install_signal_handlers: bool = True
 
     def __post_init__(self) -> None:
@@ -59,6 +85,8 @@ class WorkerConfig:
                 or (value == 0 and name != "shutdown_grace")
             ):
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        for name in ("maintainer_ttl", "maintainer_retry"):
+            _check_maintainer_seconds(name, getattr(self, name))
 
     @classmethod
     def build(cls, **options: Any) -> WorkerConfig:

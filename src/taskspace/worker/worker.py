@@ -6,7 +6,7 @@ Guarantees (at-least-once):
   connection of its own) renews every running lease in one store call at a
   third of the shortest lease, so no slow maintenance step, finish or claim
   can delay it. If the worker dies or is paused past the lease, the store
-  requeues the task (any worker's maintenance does it) and a later
+  requeues the task (the maintainer does it) and a later
   ``finish`` from this worker is refused.
 - Attempts are keyed by lease (task id and fencing token): a worker that
   re-claims a task it lost during a pause runs and renews the new attempt,
@@ -32,8 +32,10 @@ Guarantees (at-least-once):
   and ``taskspace worker`` exits with code 4 (EXIT_SPACE_LOST). Every slot
   stuck past its timeout exits with code 3 (EXIT_WEDGED).
 
-Maintenance (:mod:`taskspace.worker.maintenance`) runs in every worker; each
-step is one atomic store operation, so concurrent runs are safe.
+Maintenance runs in one worker at a time, the elected maintainer
+(:mod:`taskspace.worker.maintainer`): every worker campaigns, a killed or
+paused maintainer is replaced within ``maintainer_ttl + maintainer_retry``
+seconds, and a worker that stops resigns so another takes over at once.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from taskspace.worker import tasklog
 from taskspace.worker.config import WorkerConfig
 from taskspace.worker.execution import Attempt
 from taskspace.worker.health import BackendHealth, Backoff, Failed
-from taskspace.worker.maintenance import maintain
+from taskspace.worker.maintainer import Maintainer
 from taskspace.worker.outbox import Outbox
 from taskspace.worker.registry import announce, withdraw
 from taskspace.worker.renewal import TICK_S, Renewer
@@ -112,8 +114,8 @@ class Worker:
         self._started_wall: float | None = None  # the store's wall clock, at the first beat
         self._names: list[str] = []
         self._renew_store: Store | None = None
-        self._next_maintenance = 0.0
         self._next_beat = 0.0
+        self.maintainer = Maintainer(self)
 
     @property
     def store(self) -> Store:
@@ -141,8 +143,13 @@ class Worker:
         self._outbox.start()
         threads = [
             self._background("taskspace-renewer", Renewer(self).step),
-            self._background("taskspace-ticker", self._maintenance_step),
+            self._background("taskspace-ticker", self._tick),
         ]
+        maintainer = threading.Thread(
+            target=self.maintainer.run, name="taskspace-maintainer", daemon=True
+        )
+        maintainer.start()
+        threads.append(maintainer)
         log.info(
             "worker %s started on queues %s with tasks %s",
             self.name, ",".join(self.config.queues), ",".join(self._names),
@@ -214,11 +221,18 @@ class Worker:
         deadline = max(begun + self._grace, time.monotonic() + FINAL_FLUSH_S)
         self._abandon(self._outbox.close(deadline))
         self._threads_stop.set()
+        self.maintainer.stop()
         for thread in threads:
             thread.join(timeout=THREAD_JOIN_S)
         if not self.health.down and not self.report.space_lost:
-            _bounded(partial(self.health.call, "withdraw", self._withdraw), THREAD_JOIN_S)
+            _bounded(self._leave, THREAD_JOIN_S)
         self._close_runtime()
+
+    def _leave(self) -> None:
+        """Resign as maintainer (another takes over at once; a term left behind
+        expires within its TTL), then withdraw from the registry."""
+        self.maintainer.resign()
+        self.health.call("withdraw", self._withdraw)
 
     def _abandon(self, count: int) -> None:
         if count:
@@ -266,8 +280,10 @@ class Worker:
                 if not self.config.burst:
                     wait = self.config.idle_wait
                 continue
-            if self.config.burst and self._drained():
-                return
+            if self.config.burst:
+                if self._drained():
+                    return
+                self.maintainer.requeue_if_idle()  # never wait on a maintainer to drain
             # Nothing came: idle on wait_for_tasks, which writes nothing while
             # it waits (a claim's wait runs the claim script on every step).
             self._idle_wait()
@@ -480,7 +496,7 @@ class Worker:
                 extra={"task_id": lease.task_id, "worker": self.name},
             )  # fmt: skip
 
-    # -- background threads: renewal (with deadlines), maintenance, heartbeat --
+    # -- background threads: renewal (with deadlines), space checks, heartbeat --
 
     def _background(self, name: str, step: Callable[[float], None]) -> threading.Thread:
         thread = threading.Thread(target=self._loop_forever, args=(step,), name=name, daemon=True)
@@ -501,13 +517,10 @@ class Worker:
                 )
                 self._threads_stop.wait(backoff.next())
 
-    def _maintenance_step(self, now: float) -> None:
+    def _tick(self, now: float) -> None:
         if self.report.space_lost:
             return
         self.guard.run_if_due()
-        if now >= self._next_maintenance:
-            self.health.call("maintenance", lambda: maintain(self.store))
-            self._next_maintenance = now + self.config.maintenance_interval
         if now >= self._next_beat:
             self.health.call("heartbeat", self._heartbeat)
             self._next_beat = now + self.config.heartbeat_interval

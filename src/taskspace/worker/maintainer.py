@@ -1,0 +1,262 @@
+"""The maintainer: the space's housekeeping, run by one elected worker at a time.
+
+Every worker campaigns for the election ``maintainer``
+(:mod:`taskspace.coordination.election`) without blocking: at start, then
+whenever the term's lease is released or expires (``store.leases.wait``
+wakes it) and at least every ``maintainer_retry`` seconds. The worker holding
+the term runs :func:`maintain` every ``maintenance_interval`` seconds:
+expired task leases go back to their queues (or ``dead``), due tasks become
+claimable, due periodic ticks fire, the service registry is checked and
+expired, and finished tasks and expired KV keys are reaped (bounded batches).
+
+Guarantees:
+
+- **One maintainer at a time** on a healthy clock: a worker checks
+  ``term.active`` before every step and stops at once when the term is lost
+  (its renew deadline, two thirds of ``maintainer_ttl`` after the last
+  renewal, comes before the store can elect anyone else).
+- **Failover** takes at most ``maintainer_ttl + maintainer_retry`` seconds
+  after a maintainer is killed or paused (its term expires within the TTL;
+  a candidate is woken by the expiry, or retries within the retry period).
+  A worker that exits gracefully resigns: another takes over at once.
+- **Faults are contained**: each step is guarded (a failing step is logged
+  as an outage by the worker and never stops the others); a backend outage
+  loses the term at its renew deadline and the worker campaigns again once
+  the backend answers.
+- Two maintainers at once (a clock running wild) would still be correct:
+  every step is an atomic store operation that is safe to run concurrently,
+  and periodic ticks are deduplicated by the tick. The election saves the
+  load of every worker doing all of this every second; it is not needed for
+  correctness.
+
+A burst worker (``burst=True``) campaigns like any other. It also never waits
+on someone else to finish: while idle and not drained, and not the
+maintainer, it requeues expired task leases itself (at most every
+``maintainer_retry``), so the tasks of a killed worker come back to it even
+while the maintainer role is in failover.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from taskspace.coordination.election import Election, Term
+from taskspace.worker.health import Backoff, Failed
+
+if TYPE_CHECKING:
+    from taskspace.backends.base import Store
+    from taskspace.space import Space
+    from taskspace.worker.worker import Worker
+
+log = logging.getLogger("taskspace.worker")
+T = TypeVar("T")
+
+ELECTION = "maintainer"
+REAP_BATCH = 1000
+REAP_BATCHES_PER_PASS = 10
+# A candidate waits for a vacancy in slices of at most this long, so that a
+# stopping worker's maintainer thread ends promptly.
+WAIT_SLICE_S = 0.25
+# A wait that returned this much before its timeout was (probably) woken by a
+# release or an expiry: campaign at once.
+WOKEN_MARGIN_S = 0.02
+
+Guard = Callable[[str, Callable[[], Any]], Any]
+
+
+def _log_failure(step: str, op: Callable[[], T]) -> T | None:
+    try:
+        return op()
+    except Exception as exc:  # noqa: BLE001 - one failing step never stops the others
+        log.warning("%s failed: %s: %s", step, type(exc).__name__, exc)
+        return None
+
+
+def _reap_batches(reap: Callable[[int], int]) -> int:
+    """Up to REAP_BATCHES_PER_PASS batches of REAP_BATCH; a backlog waits for the next pass."""
+    total = 0
+    for _ in range(REAP_BATCHES_PER_PASS):
+        done = reap(REAP_BATCH)
+        total += done
+        if done < REAP_BATCH:
+            break
+    return total
+
+
+def _fire_due(space: Space) -> int:
+    from taskspace.coordination.periodic import fire_due
+
+    return fire_due(space)
+
+
+def _maintain_registry(space: Space) -> None:
+    from taskspace.coordination.registry import maintain_registry
+
+    maintain_registry(space)
+
+
+def steps(space: Space, store: Store) -> list[tuple[str, Callable[[], object]]]:
+    """The maintenance steps, in the order a pass runs them."""
+    return [
+        ("requeue_expired", store.queue.requeue_expired),
+        ("promote_due", store.queue.promote_due),
+        ("fire_due", lambda: _fire_due(space)),
+        ("maintain_registry", lambda: _maintain_registry(space)),
+        ("reap", lambda: _reap_batches(store.queue.reap)),
+        ("kv.reap", lambda: _reap_batches(store.kv.reap)),
+    ]
+
+
+def maintain(
+    space: Space,
+    *,
+    store: Store | None = None,
+    term: Term | None = None,
+    guard: Guard | None = None,
+) -> int:
+    """One maintenance pass; returns how many steps ran.
+
+    Each step runs through ``guard(name, op)`` (default: log a failure as a
+    WARNING and carry on), so one failing step never stops the others.
+    ``term``: the pass stops before the next step once ``term.active`` is
+    False. ``store``: the store for the queue and KV steps (default
+    ``space.store``). Retention is bounded per pass (REAP_BATCHES_PER_PASS
+    batches of REAP_BATCH for tasks and for KV keys)."""
+    run = guard or _log_failure
+    ran = 0
+    for name, op in steps(space, store or space.store):
+        if term is not None and not term.active:
+            break
+        run(f"maintenance {name}", op)
+        ran += 1
+    return ran
+
+
+class Maintainer:
+    """The maintainer thread of one worker: campaigns, and maintains while it leads."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.election = Election(worker.space, ELECTION)
+        self.term: Term | None = None
+        self.terms = 0  # terms won
+        self.passes = 0  # passes run
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._next_pass = 0.0
+        self._next_requeue = 0.0
+
+    @property
+    def leading(self) -> bool:
+        """True while this worker holds an active maintainer term."""
+        term = self.term
+        return term is not None and term.active
+
+    def run(self) -> None:
+        """The thread's body: until :meth:`stop`; never dies of an exception."""
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                self._step()
+                backoff.reset()
+            except Exception:
+                log.exception("unexpected error in the maintainer; carrying on")
+                self._stop.wait(backoff.next())
+
+    def stop(self) -> None:
+        """End the thread; :meth:`resign` then gives the term back."""
+        self._stop.set()
+        self._wake.set()
+
+    def resign(self) -> None:
+        """Give up the term, if any, so another worker takes over at once."""
+        term, self.term = self.term, None
+        if term is None or self.w.report.space_lost:
+            return
+        if self.w.health.call("resign", term.resign) is True:
+            log.info("worker %s resigned as maintainer (term %d)", self.w.name, term.number,
+                     extra={"worker": self.w.name})  # fmt: skip
+
+    def _step(self) -> None:
+        if self.w.report.space_lost:
+            self._stop.wait(self.w.config.maintenance_interval)
+            return
+        if not self.leading and not self._campaign():
+            self._wait_for_vacancy()
+            return
+        now = time.monotonic()
+        if now >= self._next_pass:
+            term = self.term
+            assert term is not None
+            maintain(self.w.space, store=self.w.store, term=term, guard=self._guard)
+            self.passes += 1
+            self._next_pass = now + self.w.config.maintenance_interval
+        self._wake.wait(max(0.0, self._next_pass - time.monotonic()))
+        self._wake.clear()
+
+    def _guard(self, step: str, op: Callable[[], T]) -> T | Failed | None:
+        if self.w.report.space_lost:
+            return None
+        return self.w.health.call(step, op)
+
+    def _campaign(self) -> bool:
+        """Try once for the term; True if this worker now leads."""
+        if self.term is not None:  # lost: say so once, then campaign again
+            log.warning("worker %s is no longer the maintainer (term %d lost)", self.w.name,
+                        self.term.number, extra={"worker": self.w.name})  # fmt: skip
+            self.term = None
+        cfg = self.w.config
+        term = self.w.health.call(
+            "campaign",
+            lambda: self.election.try_campaign(
+                identity=self.w.name, ttl=cfg.maintainer_ttl, on_lost=self._lost
+            ),
+        )
+        if term is None or isinstance(term, Failed):
+            return False
+        self.term = term
+        if self._stop.is_set():  # stopped while campaigning: hand it back at once
+            self.resign()
+            return False
+        self.terms += 1
+        self._next_pass = 0.0
+        log.info("worker %s is the maintainer (term %d)", self.w.name, term.number,
+                 extra={"worker": self.w.name})  # fmt: skip
+        return True
+
+    def _lost(self, term: Term) -> None:
+        self._wake.set()
+
+    def _wait_for_vacancy(self) -> None:
+        """Block until the term may be free (a release or an expiry wakes the
+        wait) or ``maintainer_retry`` passes, in slices so that a stop ends it."""
+        retry_at = time.monotonic() + self.w.config.maintainer_retry
+        leases = self.w.space.store.leases
+        while not self._stop.is_set():
+            left = retry_at - time.monotonic()
+            if left <= 0:
+                return
+            step = min(WAIT_SLICE_S, left)
+            began = time.monotonic()
+            waited = self.w.health.call(
+                "campaign wait", partial(leases.wait, self.election.lease_name, step)
+            )
+            if isinstance(waited, Failed):
+                self._stop.wait(min(left, self.w.config.maintainer_retry))
+                return
+            if time.monotonic() - began < step - WOKEN_MARGIN_S:
+                return  # woken: a release or an expiry
+
+    def requeue_if_idle(self) -> None:
+        """Burst mode, idle and not drained: requeue expired task leases here
+        unless this worker leads (at most every ``maintainer_retry``)."""
+        now = time.monotonic()
+        if self.leading or now < self._next_requeue:
+            return
+        self._next_requeue = now + self.w.config.maintainer_retry
+        self.w.health.call("requeue_expired", self.w.store.queue.requeue_expired)
