@@ -10,6 +10,7 @@ import click
 
 from taskspace.backends.base import FINAL_STATES, TASK_STATES, TaskRecord
 from taskspace.cli.common import URL_HELP, echo_json, existing_space, guard
+from taskspace.cli.services import HEALTH_STYLE
 from taskspace.codec import decoder_for
 from taskspace.errors import ConfigError, SerializationError
 from taskspace.space import Space
@@ -81,14 +82,17 @@ def _print_status(space: Space, workers: list[dict[str, Any]], unknown: dict[str
         queues.add_column(state, justify="right")
     for name in sorted(stats.counts):
         queues.add_row(name, *(str(stats.counts[name].get(s, 0)) for s in TASK_STATES))
-    table = Table(title="live workers")
-    for column in ("name", "queues", "concurrency", "running", "succeeded", "up"):
+    table = Table(title="live workers (service taskspace.worker)")
+    for column in ("name", "health", "queues", "concurrency", "running", "succeeded", "up"):
         table.add_column(column)
     now = space.store.clock.wall()  # workers stamp ``started`` with it
     for info in sorted(workers, key=lambda w: str(w["name"])):
         up = "?" if info.get("started") is None else f"{now - float(info['started']):.0f} s"
-        table.add_row(str(info["name"]), ",".join(info["queues"]), str(info["concurrency"]),
-                      str(info["running"]), str(info["succeeded"]), up)  # fmt: skip
+        health = str(info.get("health", "?"))
+        style = HEALTH_STYLE.get(health, "")
+        table.add_row(str(info["name"]), f"[{style}]{health}[/{style}]" if style else health,
+                      ",".join(info["queues"]), str(info["concurrency"]), str(info["running"]),
+                      str(info["succeeded"]), up)  # fmt: skip
     console = Console()
     console.print(queues)
     console.print(table)
@@ -112,7 +116,12 @@ def register(main: click.Group) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @guard
 def status(url: str | None, as_json: bool) -> None:
-    """Print queue depths by state, the live workers, and queued tasks no worker runs."""
+    """Print queue depths by state, the live workers with their health, and
+    queued tasks no worker runs.
+
+    Workers register themselves in the service registry as ``taskspace.worker``
+    (``taskspace services show taskspace.worker`` shows them in detail); a
+    worker's load (``running``) is at most a few seconds old."""
     space = existing_space(url)
     workers = space.workers()
     unknown = _unknown_names(space, workers)
