@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from taskspace.backends.base import MAX_DURATION_S, PRIORITY_MAX, PRIORITY_MIN
 from taskspace.errors import ConfigError
+
+if TYPE_CHECKING:
+    from taskspace.coordination.ratelimit import RateLimiter
 
 Isolation = Literal["thread", "async", "process"]
 ISOLATIONS: tuple[str, ...] = ("thread", "async", "process")
@@ -20,6 +24,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 30.0
 DEFAULT_RETRY_BACKOFF_S = 1.0
 DEFAULT_RETRY_BACKOFF_MAX_S = 300.0
+DEFAULT_MAX_RATE_LIMITED = 100
 
 
 def _check_number(name: str, value: Any, *, positive: bool, allow_none: bool) -> None:
@@ -64,13 +69,43 @@ def check_priority(priority: Any) -> None:
         )
 
 
+def check_rate_limit(value: Any) -> Any:
+    """A task's ``rate_limit``: None, a rate (``"10/s"``), a dict of limits
+    (``{"requests": "500/m"}``) or a RateLimiter; ConfigError naming the value
+    otherwise. Returns it with a dict copied (the options stay frozen)."""
+    from taskspace.coordination.ratelimit import RateLimiter, build_limits
+
+    if value is None or isinstance(value, RateLimiter):
+        return value
+    if isinstance(value, str):
+        build_limits("task", value, None, None)
+        return value
+    if isinstance(value, Mapping):
+        build_limits("task", None, None, value)
+        return dict(value)
+    raise ConfigError(
+        "rate_limit must be a rate like '10/s', a dict of limits like {'requests': '500/m'}"
+        f" or a RateLimiter (space.rate_limit(...)), got {value!r}"
+    )
+
+
 SPACE_DEFAULT: Final = "space"
 """``result_ttl`` value meaning: the Space's ``result_ttl``."""
 
 
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
-    """How a task runs: its queue, priority, attempts, lease, timeout and isolation."""
+    """How a task runs: its queue, priority, attempts, lease, timeout and isolation.
+
+    ``rate_limit``: a budget every attempt must fit before it runs, shared by
+    every worker (``"10/s"``, ``{"requests": "500/m"}`` for a limiter of the
+    task's own named ``task:<task name>``, or a RateLimiter shared with other
+    code); an attempt that does not fit goes back to the queue until the
+    budget allows, without spending an attempt. A task that raises
+    RateLimited is likewise rescheduled after its ``retry_after`` without
+    spending an attempt, ``max_rate_limited`` times in a row at most; past
+    that each one counts as an attempt, like any error.
+    """
 
     queue: str = DEFAULT_QUEUE
     priority: int = DEFAULT_PRIORITY
@@ -82,9 +117,20 @@ class TaskOptions:
     retry_backoff_max: float = DEFAULT_RETRY_BACKOFF_MAX_S
     retry_jitter: bool = True
     result_ttl: float | Literal["space"] | None = SPACE_DEFAULT
+    rate_limit: str | Mapping[str, str] | RateLimiter | None = None
+    max_rate_limited: int = DEFAULT_MAX_RATE_LIMITED
 
     def __post_init__(self) -> None:
         check_queue(self.queue)
+        object.__setattr__(self, "rate_limit", check_rate_limit(self.rate_limit))
+        if (
+            isinstance(self.max_rate_limited, bool)
+            or not isinstance(self.max_rate_limited, int)
+            or self.max_rate_limited < 0
+        ):
+            raise ConfigError(
+                f"max_rate_limited must be an integer >= 0, got {self.max_rate_limited!r}"
+            )
         if self.result_ttl != SPACE_DEFAULT:
             _check_number("result_ttl", self.result_ttl, positive=True, allow_none=True)
         check_priority(self.priority)

@@ -15,6 +15,21 @@ Isolation:
 An attempt whose lease was lost is abandoned: whatever cancellation it ends
 with is never recorded as ``cancelled`` (the task is requeued by lease
 expiry, or already runs elsewhere).
+
+Rate limits (the task option ``rate_limit=``, see
+:mod:`taskspace.coordination.ratelimit`): before the task's code runs (in the
+worker process, also for ``process`` isolation), :func:`admit` takes a
+concurrency slot if the limiter has one (waiting at most GATE_SLOT_WAIT_S)
+and charges one unit to every limit with ``limiter.reserve(task id)``. Within
+GATE_SLEEP_S of the budget the attempt sleeps and runs; later, the task goes
+back to the queue (a ``release``: no attempt spent) until its reserved
+moment, when its next claim runs it without charging again. So each waiting
+task is deferred once, in claim order, and a spent budget never makes tasks
+spin through the queue. When the store fails during the check the task is
+released for GATE_RETRY_S (never run unchecked). A task that raises
+RateLimited is released after ``retry_after`` (or its retry backoff when
+None) keeping the error, ``max_rate_limited`` times in a row at most; past
+that each one is an ordinary retry (an attempt spent).
 """
 
 from __future__ import annotations
@@ -22,21 +37,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from taskspace.backends.base import ErrorInfo, Lease, Outcome, TaskRecord
+from taskspace.backends.base import MAX_DURATION_S, ErrorInfo, Lease, Outcome, TaskRecord
 from taskspace.codec import Codec, decoder_for
+from taskspace.coordination.ratelimit import Permit, RateLimiter
 from taskspace.errors import (
+    BackendError,
+    ConfigError,
     ProcessDied,
+    RateLimited,
     Retry,
     SerializationError,
     TaskCancelled,
@@ -49,6 +72,12 @@ from taskspace.tasks.task import Task
 
 PROCESS_POLL_S = 0.05
 PR_SET_PDEATHSIG = 1
+# Rate-limited tasks (see the module docstring).
+GATE_SLEEP_S = 0.5
+GATE_SLOT_WAIT_S = 5.0
+GATE_RETRY_S = 1.0
+
+log = logging.getLogger("taskspace.worker")
 
 
 def error_info(exc: BaseException, tb: str | None = None) -> ErrorInfo:
@@ -106,11 +135,100 @@ def outcome_for_error(attempt: Attempt, exc: BaseException, tb: str | None = Non
         return Outcome("failed", error=error_info(exc, tb))
     if isinstance(exc, Retry):
         return Outcome("retry", error=error_info(exc, tb), delay=exc.countdown)
+    if isinstance(exc, RateLimited):
+        return rate_limited_outcome(attempt, exc, tb)
+    return Outcome("retry", error=error_info(exc, tb), delay=_backoff(attempt))
+
+
+def _backoff(attempt: Attempt) -> float:
     opts = attempt.task.opts
-    delay = backoff_delay(
+    return backoff_delay(
         attempt.record.attempts, opts.retry_backoff, opts.retry_backoff_max, opts.retry_jitter
     )
-    return Outcome("retry", error=error_info(exc, tb), delay=delay)
+
+
+def rate_limited_outcome(attempt: Attempt, exc: RateLimited, tb: str | None = None) -> Outcome:
+    """A task raised RateLimited: back to the queue after ``retry_after`` (its
+    backoff when None) without spending an attempt, counting the consecutive
+    times in its error (``rate_limited``); past the task's
+    ``max_rate_limited`` the retry spends an attempt like any error."""
+    previous = attempt.record.error or {}
+    count = int(previous.get("rate_limited", 0)) + 1
+    after = exc.retry_after
+    if isinstance(after, int | float) and math.isfinite(after) and after >= 0:
+        delay = min(float(after), MAX_DURATION_S)
+    else:
+        delay = _backoff(attempt)
+    error = {**error_info(exc, tb), "rate_limited": count}
+    if count <= attempt.task.opts.max_rate_limited:
+        return Outcome("release", error=error, delay=delay)
+    return Outcome("retry", error=error, delay=delay)
+
+
+_limiters: weakref.WeakKeyDictionary[Any, dict[str, RateLimiter]] = weakref.WeakKeyDictionary()
+_limiters_lock = threading.Lock()
+
+
+def limiter_for(task: Task[Any, Any]) -> RateLimiter | None:
+    """The RateLimiter of a task's ``rate_limit`` option on the task's Space
+    (one per Space and task, so its view of the store is reused), or None."""
+    spec = task.opts.rate_limit
+    if spec is None:
+        return None
+    with _limiters_lock:
+        mine = _limiters.setdefault(task.space, {})
+        limiter = mine.get(task.name)
+        if limiter is None:
+            if isinstance(spec, RateLimiter):
+                limiter = spec if spec.space is task.space else spec.bound_to(task.space)
+            elif isinstance(spec, str):
+                limiter = RateLimiter(task.space, f"task:{task.name}", spec)
+            else:
+                limiter = RateLimiter(task.space, f"task:{task.name}", limits=spec)
+            mine[task.name] = limiter
+    return limiter
+
+
+def admit(attempt: Attempt) -> tuple[Permit | None, Outcome | None]:
+    """The task's rate limit for this attempt: ``(permit, None)`` to run it
+    (holding the permit's concurrency slot, if any, until it ends; no
+    permit: no rate limit), or ``(None, outcome)`` that sends it back to the
+    queue (or fails it, if its limiter can never admit it)."""
+    limiter = limiter_for(attempt.task)
+    if limiter is None:
+        return None, None
+    lease = None
+    try:
+        if limiter.concurrency is not None:
+            timeout = attempt.record.timeout
+            lease = limiter.slot(min(GATE_SLOT_WAIT_S, timeout / 4 if timeout else math.inf))
+            if lease is None:
+                return None, Outcome("release", delay=GATE_RETRY_S)
+        reserved = limiter.reserve(attempt.record.id, hold_after=GATE_SLEEP_S)
+        if reserved.charged and not reserved.held:
+            if reserved.delay > 0:
+                time.sleep(reserved.delay)
+            return Permit(limiter, limiter.costs(1), reserved.at, lease), None
+        _give_back(lease)
+        return None, Outcome("release", delay=reserved.delay)
+    except ConfigError as exc:
+        _give_back(lease)
+        return None, Outcome("failed", error=error_info(exc, tb=""))
+    except BackendError as exc:
+        _give_back(lease)
+        log.warning("rate limit of task %s not checked, released for %.1f s: %s",
+                    attempt.record.id, GATE_RETRY_S, exc)  # fmt: skip
+        return None, Outcome("release", delay=GATE_RETRY_S)
+
+
+def _give_back(what: Any) -> None:
+    """Release a permit or slot; a store failure only delays its return (TTL)."""
+    if what is None:
+        return
+    try:
+        what.release()
+    except Exception:  # a slot not given back returns when its lease expires
+        log.warning("rate limit slot not released (it returns at its TTL)", exc_info=True)
 
 
 def timeout_outcome(attempt: Attempt) -> Outcome:
@@ -130,6 +248,17 @@ def success(codec: Codec, value: Any) -> Outcome:
 
 
 def run_inline(attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec: Codec) -> Outcome:
+    """Run a sync task in the calling thread, once its rate limit admits it."""
+    permit, refused = admit(attempt)
+    if refused is not None:
+        return refused
+    try:
+        return call_inline(attempt, args, kwargs, codec)
+    finally:
+        _give_back(permit)
+
+
+def call_inline(attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec: Codec) -> Outcome:
     """Run a sync task in the calling thread with its context bound."""
     token = bind(attempt.ctx)
     try:
@@ -143,7 +272,13 @@ def run_inline(attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec:
 async def run_coroutine(
     attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec: Codec
 ) -> Outcome:
-    """Run an async task on the worker's loop, cancelling it at its timeout."""
+    """Run an async task on the worker's loop, cancelling it at its timeout,
+    once its rate limit admits it (checked off the loop)."""
+    permit: Permit | None = None
+    if attempt.task.opts.rate_limit is not None:
+        permit, refused = await asyncio.to_thread(admit, attempt)
+        if refused is not None:
+            return refused
     token = bind(attempt.ctx)
     try:
         value = await asyncio.wait_for(attempt.task.fn(*args, **kwargs), attempt.record.timeout)
@@ -154,6 +289,8 @@ async def run_coroutine(
         return outcome_for_error(attempt, exc)
     finally:
         unbind(token)
+        if permit is not None:
+            await asyncio.to_thread(_give_back, permit)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -178,7 +315,7 @@ def _child_main(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     attempt.ctx._report = lambda done, total: conn.send(("progress", done, total))
-    outcome = run_inline(attempt, args, kwargs, codec)
+    outcome = call_inline(attempt, args, kwargs, codec)  # the parent checked the rate limit
     conn.send(("outcome", outcome))
     conn.close()
     os._exit(0)
@@ -191,7 +328,24 @@ def run_in_process(
     codec: Codec,
     report: Callable[[float, float], None],
 ) -> Outcome | None:
-    """Run a task in a forked child; None if the worker killed it (timeout, cancel)."""
+    """Run a task in a forked child, once its rate limit admits it; None if the
+    worker killed it (timeout, cancel)."""
+    permit, refused = admit(attempt)
+    if refused is not None:
+        return refused
+    try:
+        return _run_child(attempt, args, kwargs, codec, report)
+    finally:
+        _give_back(permit)
+
+
+def _run_child(
+    attempt: Attempt,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    codec: Codec,
+    report: Callable[[float, float], None],
+) -> Outcome | None:
     mp = multiprocessing.get_context("fork")
     parent, child = mp.Pipe(duplex=False)
     proc = mp.Process(
