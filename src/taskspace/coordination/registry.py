@@ -629,8 +629,9 @@ class Registry:
     ) -> Iterator[ServiceChange]:
         """Yield every change of ``service``'s instances (every service: None).
 
-        ``since=None`` starts now (``initial=True``: first an ``added`` for each
-        live instance, the race-free way to list and then follow); ``since=R``
+        ``since=None`` starts now, at this call (not at the first ``next``;
+        ``initial=True``: first an ``added`` for each live instance, the
+        race-free way to list and then follow); ``since=R``
         resumes after revision R (a change's ``revision``), and the first put
         it sees of an instance it does not know is reported ``added``. Ends
         when ``stop`` is set (seen within WATCH_WAIT_S) or after
@@ -643,7 +644,7 @@ class Registry:
             raise ConfigError(f"since={since!r}: must be a revision (an integer >= 0) or None")
         if idle_timeout is not None:
             _check_seconds(idle_timeout, "idle_timeout", optional=False)
-        return _Watch(self.space, prefix, stop or threading.Event(), idle_timeout).run(
+        return _Watch(self.space, prefix, stop or threading.Event(), idle_timeout).begin(
             since, initial
         )
 
@@ -716,16 +717,22 @@ class _Watch:
                 found[key] = inst
         return revision, found
 
-    def run(self, since: int | None, initial: bool) -> Iterator[ServiceChange]:
+    def begin(self, since: int | None, initial: bool) -> Iterator[ServiceChange]:
+        """Fix the starting point now (at the ``watch`` call, not at the first
+        ``next``), then return the generator of changes."""
+        first: list[ServiceChange] = []
         if since is None:
             snap = self._retry(self._snapshot)
-            if snap is None:
-                return
-            since, found = snap
-            if initial:
-                yield from self._resync(found, since)
-            self.known, self.complete = found, True
-        self.revision = since
+            if snap is not None:
+                since, found = snap
+                if initial:
+                    first = list(self._resync(found, since))
+                self.known, self.complete = found, True
+        self.revision = since or 0
+        return self._run(first)
+
+    def _run(self, first: list[ServiceChange]) -> Iterator[ServiceChange]:
+        yield from first
         self.idle_since = time.monotonic()
         while not self.stop.is_set():
             try:
