@@ -241,9 +241,11 @@ class Fleet:
         return self._spawn(command, "runner")
 
     def start_cli(self, *extra: str, concurrency: int = 1, grace: float = 30.0) -> WorkerProc:
-        """A worker (or, with ``--processes``, a supervisor) through ``python -m taskspace``."""
+        """A worker (or, with ``--processes``, a supervisor) through ``python -m taskspace``,
+        with the shortest maintainer term (1 s) so that failover fits the tests' timeouts."""
         command = [sys.executable, "-m", "taskspace", "worker", APP, "--url", self.url,
                    "--concurrency", str(concurrency), "--shutdown-grace", str(grace),
+                   "--maintainer-ttl", "1", "--maintainer-retry", "1",
                    "--log-level", "warning", *extra]  # fmt: skip
         return self._spawn(command, "cli")
 

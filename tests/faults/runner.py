@@ -26,6 +26,10 @@ from tests.faults.app import make_space
 MAINTENANCE_S = 0.1
 HEARTBEAT_S = 0.25
 IDLE_WAIT_S = 0.05
+# The shortest maintainer term and retry a worker accepts: a killed or paused
+# maintainer is replaced within 2 s, well inside the tests' timeouts.
+MAINTAINER_TTL_S = 1.0
+MAINTAINER_RETRY_S = 1.0
 
 
 def slow_down_finish(store: Store, delay: float) -> None:
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         maintenance_interval=MAINTENANCE_S,
         heartbeat_interval=HEARTBEAT_S,
         idle_wait=IDLE_WAIT_S,
+        maintainer_ttl=MAINTAINER_TTL_S,
+        maintainer_retry=MAINTAINER_RETRY_S,
     )
     with make_space(args.url) as space:
         if args.slow_finish:
