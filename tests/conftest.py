@@ -13,11 +13,30 @@ from taskspace import Space
 from taskspace.backends import open_store
 from taskspace.backends.base import Store
 from taskspace.backends.memory import ManualClock, MemoryStore
-from tests.services import close_shared, shared_redis
+from tests.services import close_shared, close_shared_postgres, postgres_url, shared_redis
 
-# Backends every test parametrized with `backend` runs on. Redis and PostgreSQL
-# join here when their backends land; the tests themselves do not change.
-BACKENDS = ["memory", "sqlite", "redis"]
+# Backends every test parametrized with `backend` runs on; PostgreSQL joins
+# when the whole conformance suite passes on it. TASKSPACE_TEST_BACKENDS (a
+# comma list) chooses the backends of a run, e.g.
+# `TASKSPACE_TEST_BACKENDS=postgres pytest tests/conformance/test_kv.py`.
+DEFAULT_BACKENDS = ["memory", "sqlite", "redis"]
+KNOWN_BACKENDS = ("memory", "sqlite", "redis", "postgres")
+
+
+def _chosen_backends() -> list[str]:
+    chosen = os.environ.get("TASKSPACE_TEST_BACKENDS", "").strip()
+    if not chosen:
+        return list(DEFAULT_BACKENDS)
+    names = [name.strip() for name in chosen.split(",") if name.strip()]
+    unknown = [name for name in names if name not in KNOWN_BACKENDS]
+    if unknown:
+        raise pytest.UsageError(
+            f"TASKSPACE_TEST_BACKENDS names unknown backend(s) {unknown}; known: {KNOWN_BACKENDS}"
+        )
+    return names
+
+
+BACKENDS = _chosen_backends()
 
 
 def backend_url(backend: str, tmp_path: Path) -> str:
@@ -31,11 +50,14 @@ def backend_url(backend: str, tmp_path: Path) -> str:
         if external:
             return f"{external}?namespace=t{uuid.uuid4().hex[:12]}"
         return shared_redis().namespaced_url()
+    if backend == "postgres":
+        return postgres_url()
     raise AssertionError(f"unknown backend {backend}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     close_shared()
+    close_shared_postgres()
 
 
 @pytest.fixture(params=BACKENDS)

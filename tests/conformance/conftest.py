@@ -51,6 +51,7 @@ CAPABILITIES = {
     "memory": Capabilities(manual_time=True, multi_process=False, lost_replies=False),
     "sqlite": Capabilities(manual_time=True, multi_process=True, lost_replies=False),
     "redis": Capabilities(manual_time=False, multi_process=True, lost_replies=True),
+    "postgres": Capabilities(manual_time=False, multi_process=True, lost_replies=True),
 }
 
 
@@ -84,7 +85,7 @@ def manual_url(backend: str, tmp_path: Path) -> str:
 
 def open_timed(backend: str, tmp_path: Path) -> TimedStore:
     """A fresh store on ``backend``: on a ManualClock where the backend takes
-    one (deterministic, as trio's MockClock), real time (sleeps) on Redis."""
+    one (deterministic, as trio's MockClock), real time (sleeps) on Redis and PostgreSQL."""
     if CAPABILITIES[backend].manual_time:
         clock = ManualClock()
         s = open_store(manual_url(backend, tmp_path), clock=clock)

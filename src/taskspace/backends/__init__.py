@@ -11,7 +11,11 @@ URLs follow SQLAlchemy's forms:
   ``namespace`` option (several spaces can share one Redis);
 - ``redis+sentinel://…``: Redis behind Sentinels, which name the master
   (the form is documented in ``taskspace.backends.redis.sentinel``), with the
-  same ``namespace`` option.
+  same ``namespace`` option;
+- ``postgresql://user@host:port/db``, ``postgres://…`` and
+  ``postgresql+psycopg://…`` with libpq's options and taskspace's ``schema``
+  (alias ``namespace``), ``pool_min``, ``pool_max``, ``connect_timeout`` and
+  ``statement_timeout`` (``taskspace.backends.postgres.conn``).
 
 Every scheme is imported explicitly here; an unknown scheme or option raises
 :class:`~taskspace.errors.InvalidURL` naming what would be valid.
@@ -20,15 +24,26 @@ Every scheme is imported explicitly here; an unknown scheme or option raises
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from taskspace.backends.base import Clock, Store
 from taskspace.backends.memory import MemoryStore, open_memory
 from taskspace.backends.sqlite import SQLiteSettings, SQLiteStore
 from taskspace.errors import InvalidURL, SpaceNotFound
 
-SCHEMES = ("sqlite", "memory", "redis", "rediss", "unix", "redis+sentinel")
+SCHEMES = (
+    "sqlite",
+    "memory",
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "postgresql",
+    "postgres",
+    "postgresql+psycopg",
+)
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 SQLITE_OPTIONS = ("synchronous", "busy_timeout", "poll_ms")
 SYNCHRONOUS_MODES = ("normal", "full", "off")
 
@@ -129,9 +144,20 @@ def validate_url(url: str) -> str:
         _sqlite_settings(url)
     elif scheme in REDIS_SCHEMES:
         _check_redis_url(url)
+    elif scheme in POSTGRES_SCHEMES:
+        from taskspace.backends.postgres.conn import parse_url
+
+        parse_url(url)
     elif urlsplit(url).query:
         raise InvalidURL(f"memory:// takes no options, got {url!r}")
     return scheme
+
+
+def _with_schema(url: str, namespace: str) -> str:
+    """``url`` with its schema set to ``namespace`` (Space(namespace=...))."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("schema", "namespace")]
+    return urlunsplit(parts._replace(query=urlencode([*query, ("schema", namespace)])))
 
 
 def open_store(
@@ -145,16 +171,20 @@ def open_store(
     SpaceNotFound and nothing is created (a SQLite file that does not exist, a
     Redis namespace without a space id; memory spaces always exist)."""
     scheme = validate_url(url)
-    if clock is not None and scheme in REDIS_SCHEMES:
-        raise InvalidURL(
-            f"an injected clock is not valid for Redis (its clock is the server's): {url!r}"
-        )
+    if clock is not None and scheme in (*REDIS_SCHEMES, *POSTGRES_SCHEMES):
+        raise InvalidURL(f"an injected clock is not valid for {url!r} (its clock is the server's)")
     if scheme in REDIS_SCHEMES:
         from taskspace.backends.redis import RedisStore
 
         return RedisStore(url, namespace=namespace, create=create)
+    if scheme in POSTGRES_SCHEMES:
+        from taskspace.backends.postgres import PostgresStore
+
+        if namespace is not None:
+            url = _with_schema(url, namespace)
+        return PostgresStore(url, create=create)
     if namespace is not None:
-        raise InvalidURL(f"namespace applies to Redis spaces only, not {url!r}")
+        raise InvalidURL(f"namespace applies to Redis and PostgreSQL spaces only, not {url!r}")
     if scheme == "memory":
         name = url.split("://", 1)[1]
         return MemoryStore(clock=clock, url=url) if clock is not None else open_memory(name, url)
