@@ -63,6 +63,7 @@ def shared_space(space: Space, backend: str) -> Iterator[Space]:
     if backend == "memory":
         pytest.skip("a memory space lives in one process")
     yield space
+    space.registry.close()
 
 
 def test_a_killed_instance_expires_within_its_ttl(shared_space: Space) -> None:

@@ -5,6 +5,7 @@ live_workers keeps returning the info dicts (with health)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -15,6 +16,13 @@ from taskspace.worker import registry as workers
 from taskspace.worker.config import WorkerConfig
 from taskspace.worker.worker import Worker
 from tests.coordination.registry_helpers import wait_for
+
+
+@pytest.fixture(autouse=True)
+def _close_registry(space: Space) -> Iterator[None]:
+    """Registrations a test left behind stop heartbeating with the test."""
+    yield
+    space.registry.close()
 
 
 def _info(name: str, **changes: object) -> dict[str, object]:

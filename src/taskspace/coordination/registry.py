@@ -38,7 +38,12 @@ Guarantees and faults:
   *net difference* between what it knew and the store (not every
   intermediate change, which the store no longer has), then follows the
   feed again. It never misses a change of state: after any fault its view
-  equals the store's.
+  equals the store's. (A watch resumed with ``since`` below the compaction
+  point knows nothing yet: it reports every live instance ``added``, and
+  cannot report the removal of one it never saw.)
+- **Closing.** :meth:`Registry.close` deregisters what it registered and
+  stops its heartbeat thread; a process that exits without it leaves its
+  instances to their TTL.
 """
 
 from __future__ import annotations
