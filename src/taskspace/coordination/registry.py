@@ -820,13 +820,14 @@ class _Checker:
         self._inflight: dict[str, tuple[Future[CheckResult], Instance]] = {}
         self._last: dict[str, float] = {}
 
-    def _submit(self, inst: Instance) -> None:
+    def _submit(self, inst: Instance) -> Future[CheckResult]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="taskspace-check")
         assert inst.check is not None
         future = self._pool.submit(run_check, inst.check, min(inst.timeout, inst.interval))
         self._inflight[inst.key] = (future, inst)
         self._last[inst.key] = time.monotonic()
+        return future
 
     def run(self, store: Store, budget: float) -> None:
         deadline = time.monotonic() + budget
@@ -836,6 +837,7 @@ class _Checker:
         live = {inst.key for inst in instances}
         for key in [k for k in self._last if k not in live]:
             del self._last[key]
+        submitted: list[Future[CheckResult]] = []
         for inst in instances:
             if _deregister_due(inst, wall):
                 if store.kv.delete(inst.key, expected_version=inst.version):
@@ -843,10 +845,9 @@ class _Checker:
                                 inst.key, wall - inst.since)  # fmt: skip
                 continue
             if inst.check is not None and self._due(inst):
-                self._submit(inst)
-        pending = [future for future, _ in self._inflight.values()]
-        if pending:
-            wait_futures(pending, timeout=max(0.0, deadline - time.monotonic()))
+                submitted.append(self._submit(inst))
+        if submitted:  # a check still running from an earlier pass holds up no later one
+            wait_futures(submitted, timeout=max(0.0, deadline - time.monotonic()))
         self._record(store)
 
     def _due(self, inst: Instance) -> bool:
