@@ -306,60 +306,74 @@ class Election:
         grant = holders[0]
         return grant.data.decode(errors="replace") or grant.holder, grant.token
 
-    def observe(self, since: int | None = None) -> Iterator[LeaderChange]:
-        """Leader changes, for ever: first the current leader record (unless
-        ``since``, a KV revision, says where to resume), then each change of it.
+    def observe(
+        self, since: int | None = None, *, idle_timeout: float | None = None
+    ) -> Iterator[LeaderChange]:
+        """Leader changes: first the current leader record (unless ``since``, a
+        KV revision, says where to resume: then only the changes after it),
+        then each change of it, for ever (or until ``idle_timeout`` seconds
+        pass without one; resume with ``since=`` the last change's revision).
 
         Built on the KV change feed. It never misses the latest state: after
         ``Compacted`` (the feed dropped changes it had not read) it re-reads
         the record and yields it if it differs from the last one yielded, so
         changes in between may collapse into one. Through a backend outage it
         logs, backs off and resumes from the last revision it saw; it never
-        ends by itself (SpaceLost, a wiped space, is raised). Stop by leaving
-        the loop; each step blocks at most OBSERVE_WAIT_S."""
+        ends by itself (SpaceLost, a wiped space, is raised). Each step blocks
+        at most OBSERVE_WAIT_S."""
+        if idle_timeout is not None:
+            _check_wait(idle_timeout)
         kv = self.space.store.kv
-        after = since
-        last: LeaderState | None = None
+        after, last = since, None
         delay = BACKOFF_START_S
+        quiet_since = time.monotonic()
         while True:
+            left = OBSERVE_WAIT_S
+            if idle_timeout is not None:
+                left = min(left, quiet_since + idle_timeout - time.monotonic())
+                if left <= 0:
+                    return
             try:
-                if after is None:
-                    after, state, revision = self._snapshot(kv)
-                    if state != last:
-                        last = state
-                        yield LeaderChange(*state, revision)
-                changes = kv.changes(self.key, after, limit=OBSERVE_PAGE)
-                if not changes:
-                    kv.wait(self.key, after, OBSERVE_WAIT_S)
-                    delay = BACKOFF_START_S
-                    continue
-                after = changes[-1].revision
-                for change in changes:
-                    if change.key != self.key:
-                        continue
-                    state = self._decode(change.value if change.kind == "put" else None)
-                    if state != last:
-                        last = state
-                        yield LeaderChange(*state, change.revision)
+                after, found = self._read(kv, after, left)
                 delay = BACKOFF_START_S
             except Compacted as exc:
-                log.info("election %s: change feed compacted past %d; re-reading", self.name, after)
-                log.debug("compacted: %s", exc)
+                log.info("election %s: change feed compacted past revision %s (%s); re-reading",
+                         self.name, after, exc)  # fmt: skip
                 after = None
+                continue
             except SpaceLost:
                 raise
             except BackendError as exc:
                 log.warning("election %s: observe retrying in %.2f s: %s", self.name, delay, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            for change in found:
+                if (change.identity, change.term) != last:
+                    last = change.identity, change.term
+                    quiet_since = time.monotonic()
+                    yield change
 
-    def _snapshot(self, kv: KVStore) -> tuple[int, LeaderState, int]:
-        """(revision to follow the feed from, the current state, its revision)."""
-        revision = kv.revision()
-        current = kv.get(self.key)
-        if current is None:
-            return revision, (None, None), revision
-        return revision, self._decode(current.value), current.revision
+    def _read(self, kv: KVStore, after: int | None, wait: float) -> tuple[int, list[LeaderChange]]:
+        """One step of observe: the snapshot (``after`` None), or the next page of
+        changes after ``after`` (waiting up to ``wait`` for one). Returns the
+        revision to continue from and the leader states found, oldest first."""
+        if after is None:
+            revision = kv.revision()
+            current = kv.get(self.key)
+            if current is None:
+                return revision, [LeaderChange(None, None, revision)]
+            return revision, [LeaderChange(*self._decode(current.value), current.revision)]
+        changes = kv.changes(self.key, after, limit=OBSERVE_PAGE)
+        if not changes:
+            kv.wait(self.key, after, wait)
+            return after, []
+        found = [
+            LeaderChange(*self._decode(c.value if c.kind == "put" else None), c.revision)
+            for c in changes
+            if c.key == self.key
+        ]
+        return changes[-1].revision, found
 
     def _decode(self, value: bytes | None) -> LeaderState:
         if value is None:
