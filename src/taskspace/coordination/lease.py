@@ -441,7 +441,7 @@ class LeaseOptions:
         _check_number("ttl", self.ttl, MIN_TTL_S)
         cap = self.capacity
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-            raise ConfigError(f"limit={cap!r}: must be an integer >= 1")
+            raise ConfigError(f"capacity={cap!r}: must be an integer >= 1")
         if not isinstance(self.holder, str):
             raise ConfigError(f"holder={self.holder!r}: must be a string")
         if not isinstance(self.data, bytes):
@@ -507,7 +507,8 @@ class _Waiter:
         self.entry: str | None = None
         self.touched = 0.0
         self.first = True
-        self.reached = False  # some store call succeeded during this wait
+        self.reached = False  # some step succeeded during this wait
+        self.failing = False  # the last step failed with BackendError
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -526,19 +527,21 @@ class _Waiter:
         while True:
             try:
                 got = self._step()
-                self.reached = True
+                self.reached, self.failing = True, False
                 if got is not None:
                     return got
                 delay = BACKOFF_START_S
             except SpaceLost:
                 raise
             except BackendError as exc:
+                self.failing = True
                 if self.remaining() <= 0:
                     if self.reached:
                         return None
                     raise
-                log.warning("lease %s: backend error while acquiring, retrying in %.2f s: %s",
-                            self.o.name, delay, exc)  # fmt: skip
+                if delay == BACKOFF_START_S:
+                    log.warning("lease %s: backend error while acquiring, retrying: %s",
+                                self.o.name, exc)  # fmt: skip
                 time.sleep(max(0.0, min(delay, self.remaining())))
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
@@ -629,7 +632,10 @@ class _Waiter:
 
     def _leave(self, gave_up: bool) -> None:
         """Delete the queue entry; after giving up, release a grant an acquire
-        may have made unseen. Best effort: both expire by themselves."""
+        may have made unseen. Best effort: both expire by themselves, and
+        nothing is tried while the backend is failing (a wait's end is a promise)."""
+        if self.failing:
+            return
         try:
             if self.entry is not None:
                 self.store.kv.delete(self.entry)
