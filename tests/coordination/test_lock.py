@@ -76,7 +76,7 @@ def test_stale_grant_release_false_renew_lost(space: Space) -> None:
 def test_lost_before_the_store_expires(space: Space, monkeypatch: pytest.MonkeyPatch) -> None:
     """Renewals fail: ``held`` turns False and on_lost fires at the renew
     deadline, while the store still holds the grant (before its TTL ran out)."""
-    ttl = 1.0
+    ttl = 1.5
     lost = threading.Event()
     seen: list[tuple[float, bool, list[str]]] = []
 
@@ -154,7 +154,7 @@ def test_wait_zero_and_timeout_bounds(space: Space) -> None:
     start = time.monotonic()
     assert lock.acquire(wait=0.4) is None
     took = time.monotonic() - start
-    assert 0.4 <= took < 0.9
+    assert 0.4 <= took < 1.0
     start = time.monotonic()
     with pytest.raises(LockTimeout), space.lock("busy", wait=0.2):
         pass
