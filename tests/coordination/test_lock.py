@@ -330,3 +330,27 @@ def test_backend_down_for_the_whole_wait(space: Space, monkeypatch: pytest.Monke
     assert space.lock("down").acquire(wait=0.4) is None
     assert time.monotonic() - start < 0.9
     holder.release()
+
+
+def test_one_renewal_call_per_ttl_group(space: Space, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leases acquired at different moments are renewed together: one store
+    call for all grants of a ttl, not one per lease."""
+    calls: list[int] = []
+    real = space.store.leases.renew
+
+    def renew(grants: Sequence[Grant], ttl: float) -> list[Grant | None]:
+        calls.append(len(grants))
+        return real(grants, ttl)
+
+    monkeypatch.setattr(space.store.leases, "renew", renew)
+    leases = []
+    for i in range(6):
+        lease = space.lock(f"group-{i}", ttl=0.6).acquire(wait=0)
+        assert lease is not None
+        leases.append(lease)
+        time.sleep(0.03)
+    time.sleep(1.2)
+    assert all(lease.held for lease in leases)
+    assert calls.count(6) >= 2, calls
+    for lease in leases:
+        assert lease.release()

@@ -364,10 +364,15 @@ class LeaseKeeper:
 
     def _renew_step(self) -> None:
         due = self._wait_for(lambda lease: min(lease._next_renew, lease._deadline))
+        # Leases of the same ttl due within half an interval ride along: one call
+        # per ttl group, not one per lease acquired at another moment.
+        ttls = {lease.ttl for lease in due}
+        now = time.monotonic()
         by_ttl: dict[float, list[Lease]] = {}
-        for lease in due:
-            if lease.held:  # a lease past its deadline is never renewed again
-                by_ttl.setdefault(lease.ttl, []).append(lease)
+        for lease in self.held():
+            early = lease._next_renew - now <= lease.ttl * RENEW_EVERY / 2
+            if lease.ttl in ttls and (lease in due or early) and lease.held:
+                by_ttl.setdefault(lease.ttl, []).append(lease)  # (never past its deadline)
         for ttl, leases in by_ttl.items():
             self._renew(ttl, leases)
 
