@@ -413,7 +413,9 @@ class Registration:
         return inst
 
     def deregister(self) -> bool:
-        """Remove the instance and stop its heartbeat; True if it was live."""
+        """Remove the instance and stop its heartbeat; True if it was live.
+        BackendError if the store is unreachable: the heartbeat has stopped
+        anyway, so the instance is gone within its TTL."""
         with self._lock:
             if self._closed:
                 return False
@@ -567,7 +569,8 @@ class Registry:
         with self._lock:
             old = self._mine.pop(reg.key, None)
         if old is not None:
-            old._closed = True
+            with old._lock:  # a heartbeat in flight finishes first; none follows
+                old._closed = True
             self._beats.remove(old)
         write_instance(store, doc, reg.ttl, _initial_health(check_url, wall))
         with self._lock:
