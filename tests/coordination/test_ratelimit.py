@@ -58,6 +58,7 @@ def test_bad_arguments_raise_config_error_and_write_nothing(space: Space) -> Non
         (lambda: space.rate_limit("x"), "needs a rate"),
         (lambda: space.rate_limit("", "1/s"), "name"),
         (lambda: space.rate_limit("a b", "1/s"), "name"),
+        (lambda: space.rate_limit("a/held", "1/s"), "'/'"),
         (lambda: space.rate_limit("x", "1/s", burst=0), "burst"),
         (lambda: space.rate_limit("x", "1/s", burst=float("nan")), "burst"),
         (lambda: space.rate_limit("x", "1/s", burst={"tokens": 5}), "'tokens'"),

@@ -380,7 +380,7 @@ class RateLimiter:
         ttl: float = DEFAULT_TTL_S,
     ) -> None:
         self.space = space
-        self.name = _check_name("rate limit name", name, slash=True)
+        self.name = _check_name("rate limit name", name, slash=False)
         self.limits = build_limits(name, rate, burst, limits)
         if concurrency is not None and (
             isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1

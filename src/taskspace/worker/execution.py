@@ -169,6 +169,13 @@ _limiters: weakref.WeakKeyDictionary[Any, dict[str, RateLimiter]] = weakref.Weak
 _limiters_lock = threading.Lock()
 
 
+def task_limiter_name(task_name: str) -> str:
+    """The name of the limiter a task's ``rate_limit="10/s"`` (or dict) makes:
+    ``task:<task name>`` (a '/' or whitespace in the name escaped)."""
+    return "task:" + "".join(f"%{ord(c):02X}" if c == "/" or c.isspace() or c == "%" else c
+                             for c in task_name)  # fmt: skip
+
+
 def limiter_for(task: Task[Any, Any]) -> RateLimiter | None:
     """The RateLimiter of a task's ``rate_limit`` option on the task's Space
     (one per Space and task, so its view of the store is reused), or None."""
@@ -179,12 +186,13 @@ def limiter_for(task: Task[Any, Any]) -> RateLimiter | None:
         mine = _limiters.setdefault(task.space, {})
         limiter = mine.get(task.name)
         if limiter is None:
+            own = task_limiter_name(task.name)
             if isinstance(spec, RateLimiter):
                 limiter = spec if spec.space is task.space else spec.bound_to(task.space)
             elif isinstance(spec, str):
-                limiter = RateLimiter(task.space, f"task:{task.name}", spec)
+                limiter = RateLimiter(task.space, own, spec)
             else:
-                limiter = RateLimiter(task.space, f"task:{task.name}", limits=spec)
+                limiter = RateLimiter(task.space, own, limits=spec)
             mine[task.name] = limiter
     return limiter
 
