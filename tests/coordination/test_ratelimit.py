@@ -355,3 +355,28 @@ def test_rate_limiter_repr_and_binding(space: Space, tmp_path: Any) -> None:
     assert bound.space is other and bound.limits == limiter.limits
     assert bound.try_acquire() is not None
     other.close()
+
+
+def test_redis_down_raises_backend_error_within_the_wait_and_recovers() -> None:
+    """A real, killed Redis: every acquire raises BackendError at once (never
+    admitted without the store, never past its wait); after a restart it works."""
+    from tests.services import RedisServer
+
+    server = RedisServer().start()
+    try:
+        space = Space(server.namespaced_url())
+        limiter = space.rate_limit("down", "1/s", burst=1)
+        limiter.acquire()
+        server.kill()
+        for wait in (0.0, 0.5, 2.0):
+            began = time.monotonic()
+            with pytest.raises(BackendError):
+                limiter.acquire(wait=wait)
+            assert time.monotonic() - began <= wait + 0.5
+        with pytest.raises(BackendError):
+            limiter.try_acquire()
+        server.restart()
+        assert limiter.acquire(wait=5).admitted_at > 0
+        space.close()
+    finally:
+        server.close()
