@@ -15,7 +15,7 @@ from taskspace.coordination.registry import WORKER_SERVICE
 from taskspace.worker import registry as workers
 from taskspace.worker.config import WorkerConfig
 from taskspace.worker.worker import Worker
-from tests.coordination.registry_helpers import wait_for
+from tests.coordination.registry_helpers import http_server, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +85,17 @@ def test_a_running_worker_is_a_registry_instance(space: Space) -> None:
         worker.stop(grace=1)
         thread.join(10)
     assert space.registry.discover(WORKER_SERVICE, healthy_only=False) == []
+
+
+def test_the_elected_maintainer_of_running_workers_runs_the_checks(space: Space) -> None:
+    with http_server() as base:
+        space.registry.register("web", "w", base, check=f"{base}/200", interval=0.2, ttl=None)
+        worker = Worker(space, WorkerConfig(concurrency=1, install_signal_handlers=False))
+        thread = threading.Thread(target=worker.run)
+        thread.start()
+        try:
+            (inst,) = wait_for(lambda: space.registry.discover("web"), timeout=15)
+            assert inst.output == "HTTP 200: status 200"
+        finally:
+            worker.stop(grace=1)
+            thread.join(10)
