@@ -91,6 +91,7 @@ KEY_SLACK_S = 10.0
 CONFLICTS_MAX = 16
 CONFLICT_RETRY_S = 0.001
 EPSILON_S = 1e-6  # float rounding of lease-clock sums
+WAIT_OVERSHOOT_S = 0.15
 HELD = "held/"  # <prefix>held/<holder>: a reservation (limit names have no '/')
 RESERVATION_GRACE_S = 2.0
 RESERVE_HORIZON_S = 300.0
@@ -661,38 +662,50 @@ class RateLimiter:
         """Sleep until ``denied`` says the budget allows, on ``kv.wait`` of the
         limiter's keys: a change by another process wakes it; the change is
         read from the feed into what this process knows and the sleep re-planned
-        (a TAT only moves forward, so usually later). Returns when it is time to
-        try again."""
+        (a TAT only moves forward, so usually later). The last WAIT_OVERSHOOT_S
+        are slept locally (a store's blocking wait may end that late: Redis
+        times blocked clients out at its ``hz``). Returns when it is time to try
+        again."""
         if not denied.limit:  # lost CONFLICTS_MAX races: others were admitted meanwhile
             time.sleep(denied.retry_after)
             return
         kv = self.space.store.kv
-        limits = [self.limits[k] for k in costs]
-        amounts = list(costs.values())
         began = time.monotonic()
         due = began + denied.retry_after
         revision = denied.revision
         while (left := due - time.monotonic()) > 0:
-            kv.wait(self.prefix, revision, left)
-            if time.monotonic() >= due:
+            if left <= WAIT_OVERSHOOT_S:
+                time.sleep(left)
                 return
+            until = time.monotonic() + left - WAIT_OVERSHOOT_S
+            kv.wait(self.prefix, revision, left - WAIT_OVERSHOOT_S)
+            if time.monotonic() >= until:
+                continue  # timed out: sleep the rest
             try:
                 changes = kv.changes(self.prefix, revision)
             except Compacted:
                 self._forget(costs)
                 return
-            if not changes:
-                continue  # an expiry came due, or an early return: wait again
-            revision = changes[-1].revision
-            self._apply(changes)
-            seen = self._cached(limits)
-            if seen is None:
-                return
-            now = denied.now + (time.monotonic() - began)  # the lease clock, estimated
-            p = plan(limits, amounts, seen, now)
-            if not p.worst:
-                return
-            due = time.monotonic() + (p.at - now)
+            if changes:
+                revision = changes[-1].revision
+                estimate = denied.now + (time.monotonic() - began)  # the lease clock
+                wait = self._replan(costs, changes, estimate)
+                if wait is None:
+                    return
+                due = time.monotonic() + wait
+
+    def _replan(
+        self, costs: Mapping[str, float], changes: list[Change], now: float
+    ) -> float | None:
+        """Fold ``changes`` into what this process knows; the wait until
+        ``costs`` fits at ``now``, or None to try at once."""
+        self._apply(changes)
+        limits = [self.limits[k] for k in costs]
+        seen = self._cached(limits)
+        if seen is None:
+            return None
+        p = plan(limits, list(costs.values()), seen, now)
+        return p.at - now if p.worst else None
 
     def _apply(self, changes: list[Change]) -> None:
         keys = {lim.key: lim for lim in self.limits.values()}
