@@ -30,7 +30,14 @@ from taskspace.backends.base import (
     push_chunks,
 )
 from taskspace.codec import DEFAULT_MAX_PAYLOAD, SERIALIZERS, Codec, get_codec
-from taskspace.errors import BackendError, ConfigError, SpaceLost, TaskNotFound, UnknownTask
+from taskspace.errors import (
+    BackendError,
+    ConfigError,
+    SpaceLost,
+    TaskNotFound,
+    TaskspaceError,
+    UnknownTask,
+)
 from taskspace.tasks.handle import Handle
 from taskspace.tasks.options import TaskOptions
 from taskspace.tasks.task import Task
@@ -152,7 +159,19 @@ class Space(Closeable):
         return other
 
     def close(self) -> None:
-        """Close the store connection; the Space reopens it if used again."""
+        """Stop the Space's helpers that keep state alive in the background (the
+        registry's heartbeats, held leases' renewal: each facade's ``close``),
+        then close the store connection; the Space reopens it if used again."""
+        with self._facade_lock:
+            facades = list(self._facades.values())
+            self._facades.clear()
+        for facade in facades:
+            closer = getattr(facade, "close", None)
+            if closer is not None:
+                try:
+                    closer()
+                except TaskspaceError as exc:  # closing must not fail on a backend that is down
+                    log.warning("closing %s failed: %s", type(facade).__name__, exc)
         with self._store_lock:
             if self._store is not None:
                 self._store.close()
@@ -321,6 +340,14 @@ class Space(Closeable):
         from taskspace.coordination.ratelimit import RateLimiter
 
         return RateLimiter(self, name, rate, **options)
+
+    @overload
+    def periodic(self, fn: Callable[P, R], /, **options: Any) -> Task[P, R]: ...
+
+    @overload
+    def periodic(
+        self, fn: None = None, /, **options: Any
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def periodic(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         """Register a function as a task fired on a schedule: ``@space.periodic(

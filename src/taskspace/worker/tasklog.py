@@ -62,11 +62,13 @@ def ended(attempt: Attempt, outcome: Outcome | None, worker: str) -> None:
 def _describe(kind: str, outcome: Outcome | None, exhausted: bool) -> tuple[str, str]:
     if kind == "retry" and outcome is not None and not exhausted:
         return "failed", f", retrying in {outcome.delay:.1f} s"
+    if kind == "release" and outcome is not None and outcome.delay > 0:
+        return "was rescheduled (rate limited)", f", again in {outcome.delay:.1f} s"
     what = {
         "succeeded": "succeeded",
         "failed": "failed",
         "cancelled": "was cancelled",
-        "release": "was released unfinished (shutdown)",
+        "release": "was released unfinished",
         "abandoned": "was abandoned (lease lost)",
         "retry": "failed",
     }.get(kind, kind)
