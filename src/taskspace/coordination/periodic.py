@@ -101,7 +101,8 @@ MAX_EVERY_S = 10 * 365 * 24 * 3600
 log = logging.getLogger("taskspace.periodic")
 
 
-def _ceil_int(t: float) -> int:
+def _next_second(t: float) -> int:
+    """The first whole second after ``t``'s (ticks before it are the ticks at or before ``t``)."""
     return math.floor(t) + 1
 
 
@@ -247,7 +248,7 @@ class Schedule:
         if self.every is not None:
             return math.floor(t) // self.every * self.every
         assert self._cron is not None
-        return next(self._cron.walk(_ceil_int(t), forward=False), None)
+        return next(self._cron.walk(_next_second(t), forward=False), None)
 
     def ticks(self, after: float, until: float, limit: int = MAX_TICKS_PER_PASS) -> list[int]:
         """Ticks ``t`` with ``after < t <= until``, oldest first, at most ``limit``."""
@@ -290,7 +291,7 @@ class Schedule:
             ticks = self.ticks(max(lo, math.floor(now - ON_TIME_S)), now)
             if not ticks and self.catch_up == "latest" and latest > lo:
                 ticks = [latest]
-        if lo > last_tick and (self.latest_at(lo) or last_tick) > last_tick:
+        if self.catch_up == "all" and lo > last_tick and (self.latest_at(lo) or 0) > last_tick:
             log.warning("periodic %s: ticks older than %.0f s (result_ttl - %.0f s) were"
                         " not fired", self.name, horizon, STALE_S)  # fmt: skip
         return Plan(tuple(ticks), latest)
