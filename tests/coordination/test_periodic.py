@@ -27,6 +27,7 @@ from taskspace.coordination.periodic import (
     Schedule,
     ScheduleState,
     fire_due,
+    tick_of,
 )
 
 T0 = 1_800_000_000  # a Unix time that is a multiple of 60 and 3600 (2027-01-15 08:00 UTC)
@@ -75,7 +76,8 @@ def test_periodic_registers_a_task_and_a_schedule() -> None:
     assert space.schedules["b"].every == 60 and task.name == "b"
     assert space.periodic(beat, every=60, name="b", args=(1,), kwargs={"k": 2}) is not None
     spec = space.schedules["b"].specs([T0])[0]
-    assert spec.id == f"periodic:b:{T0}" and spec.queue == "default"
+    assert spec.id == f"periodic:b:{T0}" and spec.queue == "default" and tick_of(spec.id) == T0
+    assert tick_of("periodic:a:b:c") is None and tick_of("0123abcd") is None
     assert space.codec.decode(spec.payload) == [[1], {"k": 2}]
 
 

@@ -24,7 +24,7 @@ import pytest
 from taskspace import Space, current_task
 from taskspace.backends.base import TaskRecord, TaskState
 from taskspace.coordination.election import Election
-from taskspace.coordination.periodic import fire_due
+from taskspace.coordination.periodic import fire_due, tick_of
 from tests.faults.harness import (
     FAULT_BACKENDS,
     FIGURES,
@@ -47,7 +47,7 @@ T0 = 1_800_000_000
 def beat() -> int:
     """One run of a tick: a marker ``<tick>.<fencing token>.<pid>`` (outside the store)."""
     ctx = current_task()
-    tick = ctx.id.rsplit(":", 1)[1]
+    tick = tick_of(ctx.id)
     Path(os.environ[MARKS_ENV], f"{tick}.{ctx.fencing_token}.{os.getpid()}").touch()
     return os.getpid()
 

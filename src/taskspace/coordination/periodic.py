@@ -309,6 +309,15 @@ class Schedule:
         return [replace(spec, id=self.task_id(tick)) for tick in ticks]
 
 
+def tick_of(task_id: str) -> int | None:
+    """The tick (Unix seconds) a periodic task was fired for, from its id; None for a
+    task that was not fired by a schedule. In a task: ``tick_of(current_task().id)``."""
+    if not task_id.startswith(TASK_ID_PREFIX):
+        return None
+    _, _, tick = task_id.rpartition(":")
+    return int(tick) if tick.isdigit() else None
+
+
 # -- registration ------------------------------------------------------------------
 
 
