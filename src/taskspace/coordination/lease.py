@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from taskspace.backends.base import MAX_DURATION_S, Grant
-from taskspace.errors import BackendError, ConfigError, LeaseLost, SpaceLost
+from taskspace.errors import BackendError, ConfigError, LeaseLost, SpaceLost, TaskspaceError
 
 if TYPE_CHECKING:
     from taskspace.space import Space
@@ -307,9 +307,11 @@ class LeaseKeeper:
         self._leases: set[Lease] = set()
         self._threads: list[threading.Thread] = []
         self._pid = os.getpid()
+        self._closed = False
 
     def add(self, lease: Lease) -> None:
         with self._cond:
+            self._closed = False
             if self._pid != os.getpid():  # a forked child: our threads are not in it
                 self._leases, self._threads, self._pid = set(), [], os.getpid()
             self._leases.add(lease)
@@ -327,6 +329,24 @@ class LeaseKeeper:
         with self._cond:
             return list(self._leases)
 
+    def close(self) -> None:
+        """Release every held lease and stop both threads (``Space.close``).
+
+        Like a ZooKeeper session that closes, a closed Space gives up what it
+        holds: each lease is released (its ``on_lost`` does not fire; while the
+        backend is down a release gives up at the lease's renew deadline, and
+        the grant then expires on the store within its TTL). A lease acquired
+        afterwards starts the threads again."""
+        for lease in self.held():
+            try:
+                lease.release()
+            except TaskspaceError as exc:  # closing goes on with the others
+                log.warning("lease %s: release on close failed: %s", lease.name, exc)
+        with self._cond:
+            self._closed = True
+            self._leases.clear()
+            self._cond.notify_all()
+
     def _start(self) -> None:
         self._threads = [
             threading.Thread(target=self._forever, args=(step,), name=name, daemon=True)
@@ -338,9 +358,8 @@ class LeaseKeeper:
         for thread in self._threads:
             thread.start()
 
-    @staticmethod
-    def _forever(step: Callable[[], None]) -> None:
-        while True:
+    def _forever(self, step: Callable[[], None]) -> None:
+        while not self._closed:
             try:
                 step()
             except Exception:  # this thread must never die
@@ -350,13 +369,14 @@ class LeaseKeeper:
     def _wait_for(self, when: Callable[[Lease], float]) -> list[Lease]:
         """Block until some lease's ``when`` has come; those leases."""
         with self._cond:
-            while True:
+            while not self._closed:
                 now = time.monotonic()
                 due = [lease for lease in self._leases if when(lease) <= now]
                 if due:
                     return due
                 soonest = min((when(lease) for lease in self._leases), default=None)
                 self._cond.wait(None if soonest is None else soonest - now)
+            return []
 
     def _watch_step(self) -> None:
         for lease in self._wait_for(lambda lease: lease._deadline):
