@@ -188,6 +188,13 @@ class _Denied:
     revision: int  # the newest revision the decision saw
     now: float  # the lease clock of the decision
     limit: str
+    read_at: float = 0.0  # this process's monotonic clock when ``now`` was read
+
+    @property
+    def due(self) -> float:
+        """When to try again, on this process's monotonic clock: measured from
+        the clock reading, so the time the decision took is not added."""
+        return self.read_at + self.retry_after
 
 
 def _check_number(label: str, value: Any, *, positive: bool) -> float:
@@ -472,7 +479,7 @@ class RateLimiter:
                 if not isinstance(verdict, _Denied):
                     return Permit(self, costs, verdict, lease)
                 self._check_deadline(verdict, deadline)
-                await asyncio.sleep(verdict.retry_after)
+                await asyncio.sleep(max(0.0, verdict.due - time.monotonic()))
         except BaseException:
             _release(lease)
             raise
@@ -525,14 +532,17 @@ class RateLimiter:
         for _ in range(CONFLICTS_MAX):
             if seen is None:
                 seen = self._read(limits)
+            sent = time.monotonic()
             now = clock.now()
+            read_at = (sent + time.monotonic()) / 2
             p = plan(limits, amounts, seen, now)
             if p.worst:
-                return _Denied(p.at - now, max(s.revision for s in seen), now, p.worst)
+                revision = max(s.revision for s in seen)
+                return _Denied(p.at - now, revision, now, p.worst, read_at)
             if self._commit(limits, seen, p.tats, now):
                 return now
             seen = None
-        return _Denied(CONFLICT_RETRY_S, 0, clock.now(), "")
+        return _Denied(CONFLICT_RETRY_S, 0, clock.now(), "", time.monotonic())
 
     def _read(self, limits: list[Limit]) -> list[_Seen]:
         found = self.space.store.kv.get_many([lim.key for lim in limits])
@@ -640,7 +650,7 @@ class RateLimiter:
                 self._seen.pop(self.limits[limit].key, None)
 
     def _check_deadline(self, denied: _Denied, deadline: float | None) -> None:
-        if deadline is not None and time.monotonic() + denied.retry_after > deadline:
+        if deadline is not None and denied.due > deadline:
             which = f"limit {denied.limit!r}" if denied.limit else "its txn (contention)"
             raise RateLimited(
                 f"rate limit {self.name!r}: budget of {which} spent;"
@@ -670,8 +680,8 @@ class RateLimiter:
             time.sleep(denied.retry_after)
             return
         kv = self.space.store.kv
-        began = time.monotonic()
-        due = began + denied.retry_after
+        began = denied.read_at
+        due = denied.due
         revision = denied.revision
         while (left := due - time.monotonic()) > 0:
             if left <= WAIT_OVERSHOOT_S:
