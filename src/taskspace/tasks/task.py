@@ -92,8 +92,40 @@ class Task(Generic[P, R]):
         )
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> Handle:
-        """Enqueue one call; durable once this returns."""
+        """Enqueue one call; durable once this returns.
+
+        ``connection=conn`` (a psycopg 3 connection to the space's PostgreSQL
+        database; not passed on to a function that has no ``connection``
+        parameter) enqueues in the caller's transaction instead: see
+        :meth:`submit_in`."""
+        if "connection" in kwargs and not self._takes_connection():
+            connection = kwargs.pop("connection")
+            return self.submit_in(connection, *args, **kwargs)
         return self.space.push([self.spec(args, kwargs)])[0]
+
+    def _takes_connection(self) -> bool:
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):
+            return False
+        return "connection" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+        )
+
+    def submit_in(self, connection: Any, *args: P.args, **kwargs: P.kwargs) -> Handle:
+        """Enqueue one call in the caller's open transaction on ``connection``
+        (a psycopg 3 connection to the database of the space's PostgreSQL
+        schema): the task exists if, and only if, the caller commits, and idle
+        workers are woken at that commit. Never retried (the transaction is
+        the caller's); ConfigError on a space that is not on PostgreSQL."""
+        push_in = getattr(self.space.store, "push_in", None)
+        if push_in is None:
+            raise ConfigError(
+                f"enqueueing in the caller's transaction needs a PostgreSQL space,"
+                f" not {self.space.url!r}"
+            )
+        task_id = push_in(connection, [self.spec(args, kwargs)])[0]
+        return Handle(self.space, task_id)
 
     def submit_many(self, calls: Iterable[Sequence[Any]]) -> list[Handle]:
         """Enqueue many calls (each a tuple of positional arguments) in one round trip.

@@ -31,7 +31,7 @@ import importlib
 from collections.abc import Sequence
 from typing import Any
 
-from taskspace.backends.base import TaskSpec
+from taskspace.backends.base import Closeable, TaskSpec
 from taskspace.backends.postgres.clock import PgClock
 from taskspace.backends.postgres.conn import PgConn, PgSettings, parse_url
 from taskspace.backends.postgres.identity import check_space, open_space
@@ -73,7 +73,7 @@ def _state_protocol(attr: str, conn: PgConn, waiter: Waiter) -> Any:
     return cls(conn) if attr == "pubsub" else cls(conn, waiter)
 
 
-class PostgresStore:
+class PostgresStore(Closeable):
     """A space on PostgreSQL: one object per protocol (``queue``, ``leases``,
     ``kv``, ``streams``, ``pubsub``, ``clock``) on one pool (``conn``).
 
