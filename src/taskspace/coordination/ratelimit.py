@@ -44,6 +44,14 @@ never polls. Since a TAT only moves forward, a waiter that cannot be admitted
 within ``wait`` raises :class:`~taskspace.errors.RateLimited` at once, with
 ``retry_after``. Waiters are not served in arrival order.
 
+**Reservations** (how the worker gates a task's ``rate_limit=``):
+``reserve(holder)`` admits now, or charges the budget at the earliest moment
+it allows (an admission stamped in the future: the guarantee holds) and
+records it under ``taskspace/ratelimits/<name>/held/<holder>``; the holder's
+reserve() at that moment consumes it. Each waiting task is thus deferred
+once, in claim order; one more than RESERVATION_GRACE_S late is decided
+afresh, so delayed work never runs in a bunch.
+
 **Faults.** The store decides every admission: when it is unreachable,
 ``acquire`` and ``try_acquire`` raise BackendError (never admitting without
 it); a lost reply of the admitting txn may have spent the budget. A process
