@@ -195,6 +195,7 @@ def open_store(
 
 
 __all__ = [
+    "POSTGRES_SCHEMES",
     "SCHEMES",
     "MemoryStore",
     "SQLiteStore",
