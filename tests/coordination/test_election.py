@@ -314,6 +314,9 @@ def test_observe_rides_out_backend_errors(space: Space, monkeypatch: pytest.Monk
         (lambda e: e.campaign(identity="", ttl=1), "identity"),
         (lambda e: e.campaign(identity=5, ttl=1), "identity"),
         (lambda e: e.campaign(wait=-1), "wait"),
+        (lambda e: next(e.observe(idle_timeout=-1)), "idle_timeout"),
+        (lambda e: Election(e.space, "bad", ttl=-1), "ttl"),
+        (lambda e: Election(e.space, "bad", identity=""), "identity"),
     ],
 )
 def test_bad_input_is_one_clear_config_error(space: Space, call: Any, message: str) -> None:
@@ -321,6 +324,17 @@ def test_bad_input_is_one_clear_config_error(space: Space, call: Any, message: s
     with pytest.raises(ConfigError, match=message):
         call(election)
     assert election.leader() is None
+
+
+def test_election_defaults_apply_to_its_campaigns(space: Space) -> None:
+    election = space.election("defaults", identity="svc-1", ttl=0.5)
+    term = election.campaign()
+    assert (term.identity, term.ttl, term.lease.ttl) == ("svc-1", 0.5, 0.5)
+    assert election.leader() == ("svc-1", term.number)
+    term.resign()
+    plain = space.election("plain").try_campaign()
+    assert plain is not None and plain.ttl == 10.0 and plain.identity.count(":") == 1
+    plain.resign()
 
 
 @pytest.mark.parametrize("name", ["", None, 3])

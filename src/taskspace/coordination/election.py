@@ -20,8 +20,8 @@ must not come from a deposed leader.
 Faults:
 
 - **Lease lost** (the renewal was refused or failed past its deadline):
-  ``term.active`` is False and ``on_lost(term)`` runs once, on the renewer
-  thread. The term never comes back; campaign again for a new one.
+  ``term.active`` is False and ``on_lost(term)`` runs once, on a thread of
+  its own. The term never comes back; campaign again for a new one.
 - **Backend down**: renewals fail, and the term is lost at the renew
   deadline, as above. ``leader()`` raises BackendError; ``observe()`` logs,
   backs off and resumes where it was once the backend answers.
@@ -99,7 +99,7 @@ def _check_identity(identity: object) -> str:
     return identity
 
 
-def _check_wait(wait: float | None) -> None:
+def _check_wait(wait: float | None, what: str = "wait") -> None:
     if wait is None:
         return
     if (
@@ -107,7 +107,7 @@ def _check_wait(wait: float | None) -> None:
         or not isinstance(wait, int | float)
         or not 0 <= wait <= MAX_DURATION_S
     ):
-        raise ConfigError(f"wait={wait!r}: must be None or a number of seconds >= 0")
+        raise ConfigError(f"{what}={wait!r}: must be None or a number of seconds >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,11 +181,23 @@ class Term:
 
 
 class Election:
-    """Leader election ``name`` of a Space (see the module docstring)."""
+    """Leader election ``name`` of a Space (see the module docstring).
 
-    def __init__(self, space: Space, name: str) -> None:
+    ``identity`` and ``ttl`` are the defaults of this election's campaigns."""
+
+    def __init__(
+        self,
+        space: Space,
+        name: str,
+        *,
+        identity: str | None = None,
+        ttl: float = DEFAULT_TTL_S,
+    ) -> None:
         self.space = space
         self.name = _check_name(name)
+        self.identity = _check_identity(identity)
+        check_ttl(ttl, "ttl", optional=False)
+        self.ttl = ttl
         self.lease_name = LEASE_PREFIX + name
         self.key = RECORD_PREFIX + name
 
@@ -197,18 +209,20 @@ class Election:
     def campaign(
         self,
         identity: str | None = None,
-        ttl: float = DEFAULT_TTL_S,
+        ttl: float | None = None,
         wait: float | None = None,
         on_lost: Callable[[Term], None] | None = None,
     ) -> Term:
         """Block until this process leads (at most ``wait`` seconds: LockTimeout
         past it; None waits for ever) and return its term. ``ttl``: how long the
         store keeps the term alive without a renewal (failover time after a
-        crash). ``on_lost(term)`` runs on the renewer thread if the term is lost."""
-        identity, deadline = self._check(identity, ttl, wait)
+        crash; default the election's, 10 s). ``identity``: who leads, as
+        ``leader()`` and ``observe()`` report it (default ``host:pid``).
+        ``on_lost(term)`` runs on a thread of its own if the term is lost."""
+        who, seconds, deadline = self._check(identity, ttl, wait)
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            term = self._win(identity, ttl, left, on_lost, fair=True)
+            term = self._win(who, seconds, left, on_lost, fair=True)
             if term is not None:
                 return term
             if deadline is not None and time.monotonic() >= deadline:
@@ -217,20 +231,23 @@ class Election:
     def try_campaign(
         self,
         identity: str | None = None,
-        ttl: float = DEFAULT_TTL_S,
+        ttl: float | None = None,
         on_lost: Callable[[Term], None] | None = None,
     ) -> Term | None:
         """Try once, without waiting: the new term, or None if another leads."""
-        identity, _ = self._check(identity, ttl, 0)
-        return self._win(identity, ttl, 0, on_lost, fair=False)
+        who, ttl, _ = self._check(identity, ttl, 0)
+        return self._win(who, ttl, 0, on_lost, fair=False)
 
     def _check(
-        self, identity: str | None, ttl: float, wait: float | None
-    ) -> tuple[str, float | None]:
-        who = _check_identity(identity)
+        self, identity: str | None, ttl: float | None, wait: float | None
+    ) -> tuple[str, float, float | None]:
+        """The campaign's identity and ttl (the election's defaults for None) and deadline."""
+        who = self.identity if identity is None else _check_identity(identity)
+        if ttl is None:
+            ttl = self.ttl
         check_ttl(ttl, "ttl", optional=False)
         _check_wait(wait)
-        return who, None if wait is None else time.monotonic() + wait
+        return who, ttl, None if wait is None else time.monotonic() + wait
 
     def _win(
         self,
@@ -321,8 +338,7 @@ class Election:
         logs, backs off and resumes from the last revision it saw; it never
         ends by itself (SpaceLost, a wiped space, is raised). Each step blocks
         at most OBSERVE_WAIT_S."""
-        if idle_timeout is not None:
-            _check_wait(idle_timeout)
+        _check_wait(idle_timeout, "idle_timeout")
         kv = self.space.store.kv
         after, last = since, None
         delay = BACKOFF_START_S
