@@ -85,7 +85,8 @@ class Worker:
     """Runs tasks of one Space from a set of queues (see the module docstring).
 
     ``store``: the store to use instead of ``space.store`` (tests inject
-    faults through it); renewal then uses it too."""
+    faults through it); renewal and the maintenance steps then use it too (the
+    maintainer election itself runs on ``space.store``)."""
 
     def __init__(
         self, space: Space, config: WorkerConfig | None = None, *, store: Store | None = None
