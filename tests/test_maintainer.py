@@ -161,8 +161,8 @@ def test_one_maintainer_among_workers_and_an_immediate_handover(
     shared_url: str, running: Callable[..., Running]
 ) -> None:
     spaces = [Space(shared_url) for _ in range(3)]
+    workers = [running(space, name=f"w{i}") for i, space in enumerate(spaces)]
     try:
-        workers = [running(space, name=f"w{i}") for i, space in enumerate(spaces)]
         wait_until(lambda: any(w.leading for w in workers), 5, "a maintainer")
         time.sleep(0.5)  # a few passes; the others keep campaigning meanwhile
         leaders = [w for w in workers if w.leading]
@@ -183,6 +183,9 @@ def test_one_maintainer_among_workers_and_an_immediate_handover(
         wait_until(lambda: second.worker.maintainer.passes > 0, 5, "the successor's first pass")
         print(f"maintainer handover on graceful stop: {handover:.3f} s")
     finally:
+        for run in workers:  # before their Spaces close under them
+            if run.thread.is_alive():
+                run.stop()
         for space in spaces:
             space.close()
 
