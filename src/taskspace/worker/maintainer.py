@@ -63,8 +63,10 @@ REAP_BATCHES_PER_PASS = 10
 # stopping worker's maintainer thread ends promptly.
 WAIT_SLICE_S = 0.25
 # A wait that returned this much before its timeout was (probably) woken by a
-# release or an expiry: campaign at once.
+# release or an expiry: campaign at once, but never twice within MIN_CAMPAIGN_GAP_S
+# (a wait that keeps returning early must not turn into a busy loop).
 WOKEN_MARGIN_S = 0.02
+MIN_CAMPAIGN_GAP_S = 0.05
 
 Guard = Callable[[str, Callable[[], Any]], Any]
 
@@ -150,6 +152,7 @@ class Maintainer:
         self._wake = threading.Event()
         self._next_pass = 0.0
         self._next_requeue = 0.0
+        self._last_campaign = 0.0
 
     @property
     def leading(self) -> bool:
@@ -211,6 +214,7 @@ class Maintainer:
                         self.term.number, extra={"worker": self.w.name})  # fmt: skip
             self.term = None
         cfg = self.w.config
+        self._last_campaign = time.monotonic()
         term = self.w.health.call(
             "campaign",
             lambda: self.election.try_campaign(
@@ -249,8 +253,11 @@ class Maintainer:
             if isinstance(waited, Failed):
                 self._stop.wait(min(left, self.w.config.maintainer_retry))
                 return
-            if time.monotonic() - began < step - WOKEN_MARGIN_S:
-                return  # woken: a release or an expiry
+            if time.monotonic() - began < step - WOKEN_MARGIN_S:  # woken: a release or expiry
+                self._stop.wait(
+                    max(0.0, self._last_campaign + MIN_CAMPAIGN_GAP_S - time.monotonic())
+                )
+                return
 
     def requeue_if_idle(self) -> None:
         """Burst mode, idle and not drained: requeue expired task leases here
