@@ -52,7 +52,8 @@ def main() -> None:
               help="submit_many chunk size.")  # fmt: skip
 @click.option("--url", default="",
               help="redis: a Redis URL whose database is FLUSHED before every phase"
-                   " (default: start a private redis-server).")  # fmt: skip
+                   " (default: start a private redis-server); postgres: the database"
+                   " (a fresh schema per phase; default 127.0.0.1:5432/postgres).")  # fmt: skip
 @click.option("--delayed", default=100_000, show_default=True, type=click.IntRange(min=0),
               help="Delayed tasks queued before the claim-latency phase (0: skip).")  # fmt: skip
 @click.option("--claims", default=1_000, show_default=True, type=click.IntRange(min=2),
@@ -64,8 +65,10 @@ def queue(backend: str, tasks: int, workers: int, concurrency: tuple[int, ...], 
           repeat: int, singles: int, batch: int, url: str, delayed: int, claims: int,
           claims_only: bool, keep: bool, check: bool) -> None:  # fmt: skip
     """Submit rate, drain throughput and submit→result latency of no-op tasks."""
-    if url and backend != "redis":
-        raise click.BadParameter("--url applies to --backend redis only", param_hint="--url")
+    if url and backend not in ("redis", "postgres"):
+        raise click.BadParameter(
+            "--url applies to --backend redis and postgres only", param_hint="--url"
+        )
     config = QueueBench(backend=backend, tasks=tasks, workers=workers, concurrency=concurrency,
                         roundtrips=roundtrips, repeat=repeat, singles=singles, batch=batch,
                         keep=keep, url=url, delayed=delayed, claims=claims,

@@ -46,7 +46,9 @@ from taskspace import Handle, Space
 from taskspace.backends import open_store
 from taskspace.backends.base import Outcome, TaskSpec
 
-BACKENDS = ("sqlite", "memory", "redis")
+BACKENDS = ("sqlite", "memory", "redis", "postgres")
+# postgres: the database phases use (each phase in a fresh schema, dropped at the end).
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 TARGET_DRAIN_PER_S = 5000.0
 TARGET_RTT_P50_MS = 5.0
 WARMUP_ROUNDTRIPS = 20
@@ -71,7 +73,9 @@ class QueueBench:
     singles: int = 2_000
     batch: int = 1_000
     keep: bool = False
-    url: str = ""  # redis: the server to use (flushed before every phase); "" starts one
+    # redis: the server to use (flushed before every phase); "" starts one.
+    # postgres: the database (a fresh schema per phase); "" is DEFAULT_POSTGRES_URL.
+    url: str = ""
     delayed: int = 100_000  # future tasks queued ahead of the claim-latency phase (0: skip it)
     claims: int = 1_000  # one-task claims timed in that phase
     claims_only: bool = False  # run only the claim-latency phase
@@ -132,6 +136,8 @@ class Sandbox:
         self.backend = backend
         self.keep = keep
         self.redis_url = url
+        self.pg_url = url or DEFAULT_POSTGRES_URL
+        self.schemas: list[str] = []
         self.dir = Path(tempfile.mkdtemp(prefix="taskspace-bench-", dir="/tmp"))
         self._count = 0
 
@@ -143,6 +149,11 @@ class Sandbox:
         if self.backend == "redis":
             flushdb(self.redis_url)
             return self.redis_url
+        if self.backend == "postgres":
+            schema = f"bench_{os.getpid()}_{self._count:02d}_{tag}".lower().replace("-", "_")
+            self.schemas.append(schema)
+            sep = "&" if "?" in self.pg_url else "?"
+            return f"{self.pg_url}{sep}schema={schema}&pool_max=40"
         return f"sqlite:///{self.dir / f'{self._count:02d}-{tag}.db'}"
 
     def space(self, tag: str) -> Space:
@@ -160,6 +171,20 @@ class Sandbox:
     def cleanup(self) -> None:
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
+            self._drop_schemas()
+
+    def _drop_schemas(self) -> None:
+        """Drop the schemas the PostgreSQL phases made (best effort)."""
+        if not self.schemas:
+            return
+        import psycopg
+
+        try:
+            with psycopg.connect(self.pg_url.split("?")[0], autocommit=True) as conn:
+                for schema in self.schemas:
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')  # type: ignore[arg-type]
+        except psycopg.Error as exc:
+            print(f"could not drop the bench schemas {self.schemas}: {exc}")
 
 
 @contextmanager

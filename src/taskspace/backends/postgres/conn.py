@@ -327,16 +327,41 @@ class PgConn:
                     raise map_error(exc, "read", self.display) from exc
         raise AssertionError("unreachable")
 
-    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
-        """Rows of one statement in its own transaction (autocommit); never
-        retried (a broken connection leaves unknown whether it committed)."""
+    def execute(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), retry: bool = False
+    ) -> list[Any]:
+        """Rows of one statement in its own transaction (autocommit). ``retry``
+        (only for statements safe to repeat: idempotent, or deduplicated by a
+        request id or token): run once more on a fresh connection if the first
+        one turned out broken; otherwise a broken connection raises
+        BackendError (whether it committed is unknown)."""
+        return self.pipeline([(sql, params)], retry=retry)[-1]
+
+    def pipeline(
+        self, steps: Sequence[tuple[str, Sequence[Any] | dict[str, Any]]], retry: bool = False
+    ) -> list[list[Any]]:
+        """Several statements in ONE round trip (psycopg pipeline mode), each
+        committed on its own (autocommit) in order; the rows of each. A
+        failing statement raises (mapped) and the ones after it do not run.
+        ``retry`` as in :meth:`execute` (every step must be safe to repeat)."""
         psycopg = import_psycopg()
-        with self.connection("statement") as conn:
-            try:
-                cur = conn.execute(sql, params)
-                return cur.fetchall() if cur.description else []
-            except psycopg.Error as exc:
-                raise map_error(exc, "statement", self.display) from exc
+        for attempt in range(2):
+            with self.connection("statement") as conn:
+                try:
+                    if len(steps) == 1:
+                        cur = conn.execute(steps[0][0], steps[0][1])
+                        return [cur.fetchall() if cur.description else []]
+                    with conn.pipeline() as pipe:
+                        cursors = [conn.cursor() for _ in steps]
+                        for cur, (sql, params) in zip(cursors, steps, strict=True):
+                            cur.execute(sql, params)
+                        pipe.sync()  # the one round trip: every result is in
+                        return [c.fetchall() if c.description else [] for c in cursors]
+                except psycopg.Error as exc:
+                    if retry and attempt == 0 and _gone(exc, conn):
+                        continue
+                    raise map_error(exc, "statement", self.display) from exc
+        raise AssertionError("unreachable")
 
     # -- counters --------------------------------------------------------------
 

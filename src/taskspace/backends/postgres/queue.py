@@ -11,7 +11,7 @@ the rows locked (``requeue_expired``); never a hand-written copy.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
@@ -124,7 +124,7 @@ DEDUP_SQL = "SELECT dedup_key, id FROM {s}tasks WHERE dedup_key = ANY(%s::text[]
 # never wait on each other here).
 PROMOTE_SQL = (
     "UPDATE tasks SET waiting = false WHERE seq IN (SELECT seq FROM tasks"
-    " WHERE state = 'queued' AND waiting AND ready_at <= lease_now()"
+    " WHERE state = 'queued' AND waiting AND ready_at <= (SELECT lease_now())"
     " ORDER BY ready_at LIMIT 1000 FOR UPDATE SKIP LOCKED)"
 )
 
@@ -241,12 +241,13 @@ STALE_SQL = (
 # requeue_expired, decided in Python: the expired rows, locked (SKIP LOCKED:
 # concurrent maintainers split the work).
 EXPIRED_SQL = (
-    f"SELECT seq, {RECORD} FROM tasks t WHERE state = 'running' AND lease_expires <= lease_now()"
+    f"SELECT seq, {RECORD} FROM tasks t WHERE state = 'running'"
+    " AND lease_expires <= (SELECT lease_now())"
     f" ORDER BY lease_expires LIMIT {BATCH} FOR UPDATE SKIP LOCKED"
 )
 REQUEUE_LOST_SQL = (
     "UPDATE tasks t SET state = 'queued', lost = t.lost + 1, error = u.error::jsonb,"
-    " lease_expires = NULL, worker = NULL, ready_at = lease_now(), waiting = false"
+    " lease_expires = NULL, worker = NULL, ready_at = (SELECT lease_now()), waiting = false"
     " FROM unnest(%(seqs)s::bigint[], %(errors)s::text[]) AS u(seq, error)"
     " WHERE t.seq = u.seq RETURNING t.queue, t.name"
 )
@@ -262,7 +263,7 @@ END_LOST_SQL = (
             "error": "m.new_error::jsonb",
             "lease_expires": "NULL",
             "finished": "extract(epoch FROM clock_timestamp())",
-            "reap_at": "lease_now() + m.result_ttl",
+            "reap_at": "(SELECT lease_now()) + m.result_ttl",
         },
         "m",
     )
@@ -277,7 +278,7 @@ CANCEL_QUEUED_SQL = (
             "state": "'cancelled'",
             "lease_expires": "NULL",
             "finished": "extract(epoch FROM clock_timestamp())",
-            "reap_at": "lease_now() + m.result_ttl",
+            "reap_at": "(SELECT lease_now()) + m.result_ttl",
         },
         "m",
     )
@@ -294,7 +295,7 @@ RETRY_SQL = (
             "state": "'queued'",
             "attempts": "0",
             "lost": "0",
-            "ready_at": "lease_now()",
+            "ready_at": "(SELECT lease_now())",
             "waiting": "false",
             "worker": "NULL",
             "lease_expires": "NULL",
@@ -363,14 +364,12 @@ class PgQueue:
     # -- push -----------------------------------------------------------------
 
     def push(self, specs: Sequence[TaskSpec]) -> list[str]:
-        """As the contract; chunks of PUSH_CHUNK_TASKS, each one transaction."""
+        """As the contract: chunks of PUSH_CHUNK_TASKS, each ONE statement
+        (atomic on its own; retried once on a broken connection: a push is
+        idempotent by task id)."""
         ids: list[str] = []
         for chunk in push_chunks(specs):
-
-            def push(cur: Cursor, chunk: Sequence[TaskSpec] = chunk) -> list[str]:
-                return self.push_with(cur, chunk)
-
-            ids.extend(self._c.run(push, "push"))
+            ids.extend(self._push(lambda sql, args: self._c.execute(sql, args, retry=True), chunk))
         return ids
 
     def push_with(
@@ -379,17 +378,30 @@ class PgQueue:
         """Push ``specs`` in the transaction of ``cur`` (the caller commits or
         rolls back; waiters are woken at commit). ``qualified``: names carry
         the schema (a connection that is not the store's)."""
+
+        def run(sql: str, args: Any) -> list[Any]:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+
+        return self._push(run, specs, qualified)
+
+    def _push(
+        self,
+        run: Callable[[str, Any], list[Any]],
+        specs: Sequence[TaskSpec],
+        qualified: bool = False,
+    ) -> list[str]:
         if not specs:
             return []
         sql = self._push_sql_qualified if qualified else self._push_sql
-        cur.execute(sql, {**_task_args(specs), "channel": self._waiter.channel})
-        inserted = {row[0] for row in cur.fetchall()}
+        inserted = {
+            row[0] for row in run(sql, {**_task_args(specs), "channel": self._waiter.channel})
+        }
         keys = [s.dedup_key for s in specs if s.id not in inserted and s.dedup_key is not None]
         live: dict[str, str] = {}
         if keys:
             dedup = DEDUP_SQL.replace("{s}", f'"{self._c.schema}".' if qualified else "")
-            cur.execute(dedup, (keys,))
-            live = {str(k): str(v) for k, v in cur.fetchall()}
+            live = {str(k): str(v) for k, v in run(dedup, (keys,))}
         return [s.id if s.id in inserted else live.get(s.dedup_key or "", s.id) for s in specs]
 
     def push_in(self, connection: psycopg.Connection[Any], specs: Sequence[TaskSpec]) -> list[str]:
@@ -453,16 +465,13 @@ class PgQueue:
                 "ords": [i for i in range(len(order)) for _ in wanted],
             }
 
-        def claim(cur: Cursor) -> list[TaskRecord]:
-            cur.execute(PROMOTE_SQL)
-            cur.execute(sql, args)
-            rows = cur.fetchall()
-            if not rows and request_id is not None:
-                cur.execute(RECALL_SQL, (request_id,))
-                return [record(row) for row in cur.fetchall()]
-            return [record(row[1:]) for row in rows]
-
-        return self._c.run(claim, "claim")
+        # Promotion and the claim in one round trip; a claim with a request id
+        # is safe to send again on a broken connection (it recalls, never
+        # leases twice).
+        _, rows = self._c.pipeline([(PROMOTE_SQL, ()), (sql, args)], retry=request_id is not None)
+        if not rows and request_id is not None:
+            return [record(row) for row in self._c.read(RECALL_SQL, (request_id,))]
+        return [record(row[1:]) for row in rows]
 
     # -- leases ----------------------------------------------------------------------
 
@@ -472,6 +481,7 @@ class PgQueue:
         rows = self._c.execute(
             RENEW_SQL,
             {"ids": [lease.task_id for lease in leases], "tokens": [x.token for x in leases]},
+            retry=True,  # extending a lease again is harmless
         )
         held = {str(r[0]): LEASE_STATUS[int(r[1])] for r in rows}
         return {lease.task_id: held.get(lease.task_id, "lost") for lease in leases}
@@ -489,30 +499,49 @@ class PgQueue:
             "channel": self._waiter.channel,
         }
 
+        if not any(o.followups for _, o in items):
+            # ONE statement; a retry after a broken connection is answered
+            # True again by the finish token.
+            rows = self._c.execute(FINISH_SQL, args, retry=True)
+            return self._settle(items, rows, lambda sql, a: self._c.execute(sql, a, retry=True))[0]
+
         def finish(cur: Cursor) -> list[bool]:
-            cur.execute(FINISH_SQL, args)
-            accepted = {Lease(str(row[0]), int(row[1])) for row in cur.fetchall()}
-            refused = [(lease, o) for lease, o in items if lease not in accepted]
-            again: set[Lease] = set()
-            if refused:
-                cur.execute(
-                    FINISHED_BEFORE_SQL,
-                    {
-                        "ids": [x.task_id for x, _ in refused],
-                        "tokens": [x.token for x, _ in refused],
-                    },
-                )
-                again = {Lease(str(row[0]), int(row[1])) for row in cur.fetchall()}
-                stale = sum(1 for lease, _ in refused if lease not in again)
-                if stale:
-                    cur.execute(STALE_SQL, (str(stale),))
-            # Follow-ups are pushed once every item is settled (as on Redis).
-            followups = [f for lease, o in items if lease in accepted for f in o.followups]
+            def run(sql: str, a: Any) -> list[Any]:
+                cur.execute(sql, a)
+                return list(cur.fetchall()) if cur.description else []
+
+            answers, fresh = self._settle(items, run(FINISH_SQL, args), run)
+            # Follow-ups are pushed once every item is settled (as on Redis), in
+            # the finish's transaction: never for a refused item, nor again for
+            # a retry of an accepted one.
+            followups = [f for lease, o in items if lease in fresh for f in o.followups]
             if followups:
                 self.push_with(cur, followups)
-            return [x in accepted or x in again for x, _ in items]
+            return answers
 
         return self._c.run(finish, "finish")
+
+    def _settle(
+        self,
+        items: Sequence[tuple[Lease, Outcome]],
+        rows: list[Any],
+        run: Callable[[str, Any], list[Any]],
+    ) -> tuple[list[bool], set[Lease]]:
+        """Each item's answer (accepted now, or a retry of an accepted finish),
+        and the leases this statement accepted; counts the stale rest."""
+        accepted = {Lease(str(row[0]), int(row[1])) for row in rows}
+        refused = [lease for lease, _ in items if lease not in accepted]
+        again: set[Lease] = set()
+        if refused:
+            found = run(
+                FINISHED_BEFORE_SQL,
+                {"ids": [x.task_id for x in refused], "tokens": [x.token for x in refused]},
+            )
+            again = {Lease(str(row[0]), int(row[1])) for row in found}
+            stale = sum(1 for lease in refused if lease not in again)
+            if stale:
+                run(STALE_SQL, (str(stale),))
+        return [lease in accepted or lease in again for lease, _ in items], accepted
 
     def progress(self, lease: Lease, done: float, total: float) -> bool:
         rows = self._c.execute(
@@ -694,14 +723,15 @@ class PgQueue:
 
         def reap(cur: Cursor) -> int:
             cur.execute(
-                "DELETE FROM done WHERE seq IN (SELECT seq FROM done WHERE reap_at <= lease_now()"
+                "DELETE FROM done WHERE seq IN (SELECT seq FROM done"
+                " WHERE reap_at <= (SELECT lease_now())"
                 " ORDER BY reap_at LIMIT %s FOR UPDATE SKIP LOCKED)",
                 (limit,),
             )
             count = int(cur.rowcount)
             cur.execute(
                 "DELETE FROM claim_requests WHERE id IN (SELECT id FROM claim_requests"
-                " WHERE expires <= lease_now() LIMIT %s FOR UPDATE SKIP LOCKED)",
+                " WHERE expires <= (SELECT lease_now()) LIMIT %s FOR UPDATE SKIP LOCKED)",
                 (limit,),
             )
             cur.execute(

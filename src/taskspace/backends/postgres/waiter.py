@@ -91,11 +91,13 @@ class Waiter:
     # -- waiters --------------------------------------------------------------------
 
     def until(self, keys: Sequence[str], ready: Callable[[], float | None], timeout: float) -> None:
-        """Block until ``ready()`` returns None (done) or ``timeout`` passes.
+        """Block until ``ready()`` returns None (done), a write NOTIFYs one of
+        ``keys`` (the caller re-checks: a notification may be stale), or
+        ``timeout`` passes.
 
         ``ready`` checks the database and returns None when the wait is over,
         or how many more seconds at most to wait (an expiry that ends it); it
-        runs again after every notification of one of ``keys``."""
+        runs again after the listener (re)connects."""
         if timeout < 0:
             return
         deadline = time.monotonic() + timeout
@@ -111,7 +113,8 @@ class Waiter:
             remaining = min(deadline - time.monotonic(), cap)
             if remaining <= 0:
                 return
-            self._sleep(keys, mark, epoch, remaining)
+            if self._sleep(keys, mark, epoch, remaining):
+                return  # a write NOTIFYed one of our keys: the caller re-checks itself
             if time.monotonic() >= deadline:
                 return
 
@@ -130,16 +133,18 @@ class Waiter:
         if len(self._registered) > MAX_KEYS:
             self._registered = {k: v for k, v in self._registered.items() if v > now}
 
-    def _sleep(self, keys: Sequence[str], mark: int, epoch: int, timeout: float) -> None:
-        def woken() -> bool:
-            if self._epoch != epoch:
-                return True
+    def _sleep(self, keys: Sequence[str], mark: int, epoch: int, timeout: float) -> bool:
+        """Sleep until a notification of one of ``keys`` (True), a (re)connect
+        or ``timeout`` (False: the caller re-checks)."""
+
+        def notified() -> bool:
             return any(self._seen.get(k, 0) > mark for k in keys)
 
         with self._cond:
             if not self._listening:
                 timeout = min(timeout, POLL_WITHOUT_LISTENER_S)
-            self._cond.wait_for(woken, timeout)
+            self._cond.wait_for(lambda: self._epoch != epoch or notified(), timeout)
+            return notified()
 
     def wake_all(self) -> None:
         """End every wait of this store (each re-checks)."""
