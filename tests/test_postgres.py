@@ -265,3 +265,28 @@ def test_claims_do_not_walk_delayed_or_other_names_tasks(store: PostgresStore) -
         )
     )
     assert "tasks_ready_by_name" in plan
+
+
+def test_store_transaction_sends_every_push_of_the_block_to_the_callers_transaction(
+    url: str,
+) -> None:
+    space = _space(url)
+    add = space.get_task("pg.add")
+    store = space.store
+    assert isinstance(store, PostgresStore)
+    try:
+        with psycopg.connect(base_of(url), autocommit=True) as conn:
+            with conn.transaction(), store.transaction(conn):
+                assert store.in_caller_transaction()
+                one = add.submit(1, 1)
+                many = add.submit_many([(2, 2), (3, 3)])
+                raise psycopg.Rollback()
+            assert not store.in_caller_transaction()
+            assert [space.store.queue.get(h.id) for h in [one, *many]] == [None] * 3
+            with conn.transaction(), store.transaction(conn):
+                kept = add.submit(4, 4)
+            assert space.store.queue.state(kept.id) == "queued"
+        outside = add.submit(5, 5)  # the block is over: the store's own connection
+        assert space.store.queue.state(outside.id) == "queued"
+    finally:
+        space.close()

@@ -28,14 +28,15 @@ accepted token. Durability is PostgreSQL's: with ``synchronous_commit = on``
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from taskspace.backends.base import Closeable, TaskSpec
 from taskspace.backends.postgres.clock import PgClock
 from taskspace.backends.postgres.conn import PgConn, PgSettings, parse_url
 from taskspace.backends.postgres.identity import check_space, open_space
-from taskspace.backends.postgres.queue import PgQueue
+from taskspace.backends.postgres.queue import CALLER_CONNECTION, PgQueue
 from taskspace.backends.postgres.waiter import Waiter
 from taskspace.errors import BackendError
 
@@ -107,6 +108,27 @@ class PostgresStore(Closeable):
         """Enqueue ``specs`` in the caller's transaction on ``connection`` (see
         PgQueue.push_in): they exist if and only if the caller commits."""
         return self.queue.push_in(connection, specs)
+
+    @contextmanager
+    def transaction(self, connection: Any) -> Iterator[Any]:
+        """Inside the block, every push of this store in this thread (or
+        asyncio task) — ``task.submit``, ``submit_many``, ``space.push`` — is
+        made in the caller's transaction on ``connection`` (a psycopg 3
+        connection to the space's database): committed with the caller's data
+        or not at all. The caller commits or rolls back; nothing is retried
+        (a failed statement aborts the caller's transaction)."""
+        token = CALLER_CONNECTION.set((self.queue, connection))
+        try:
+            yield connection
+        finally:
+            CALLER_CONNECTION.reset(token)
+
+    def in_caller_transaction(self) -> bool:
+        """Whether pushes of this thread now go to a caller's transaction (a
+        failed push must then not be retried: the caller's transaction is
+        aborted)."""
+        bound = CALLER_CONNECTION.get()
+        return bound is not None and bound[0] is self.queue
 
     def check_space(self) -> None:
         """SpaceLost if the schema was dropped or recreated since it was opened;

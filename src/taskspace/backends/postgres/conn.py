@@ -11,7 +11,11 @@ and taskspace's:
   a worker needs about one connection per claim, finish and renew loop, plus
   the tasks that use the space themselves);
 - ``connect_timeout`` / ``statement_timeout`` (seconds, default 5 / 30): no
-  call waits longer than that for a server that is down or stuck.
+  call waits longer than that for a server that is down or stuck;
+- ``synchronous_commit`` (default: the server's, normally ``on``): ``off``
+  makes every store write return before its commit record is flushed (several
+  times faster on a slow disk; a server crash, never a client crash, can lose
+  the last few hundred milliseconds of acknowledged writes).
 
 Every connection has ``search_path`` set to the schema (a startup option, so
 names in SQL are unqualified), ``statement_timeout`` and TCP keepalives with
@@ -53,7 +57,16 @@ SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 DEFAULT_SCHEMA = "taskspace"
 # Schema names: a plain lower-case identifier, so it never needs quoting.
 SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-OPTIONS = ("schema", "namespace", "pool_min", "pool_max", "connect_timeout", "statement_timeout")
+OPTIONS = (
+    "schema",
+    "namespace",
+    "pool_min",
+    "pool_max",
+    "connect_timeout",
+    "statement_timeout",
+    "synchronous_commit",
+)
+SYNCHRONOUS_COMMIT = ("on", "off", "local", "remote_write", "remote_apply")
 # A pooled connection idle longer than this is checked (one empty query)
 # before use, so connections a server restart broke are replaced unseen.
 CHECK_IDLE_S = 1.0
@@ -86,6 +99,7 @@ class PgSettings:
     pool_max: int = 10
     connect_timeout: float = 5.0
     statement_timeout: float = 30.0
+    synchronous_commit: str | None = None
 
 
 def _number(options: dict[str, str], key: str, default: float, url: str) -> float:
@@ -120,6 +134,11 @@ def parse_url(url: str) -> PgSettings:
     pool_max = int(_number(ours, "pool_max", max(10, pool_min), url))
     if pool_max < pool_min:
         raise InvalidURL(f"pool_max={pool_max} is below pool_min={pool_min} in {url!r}")
+    commit = ours.get("synchronous_commit")
+    if commit is not None and commit not in SYNCHRONOUS_COMMIT:
+        raise InvalidURL(
+            f"synchronous_commit={commit!r} in {url!r}; valid: {', '.join(SYNCHRONOUS_COMMIT)}"
+        )
     rest = urlencode([(k, v) for k, v in query if k not in OPTIONS])
     conninfo = urlunsplit(parts._replace(scheme="postgresql", query=rest))
     try:
@@ -134,6 +153,7 @@ def parse_url(url: str) -> PgSettings:
         pool_max=pool_max,
         connect_timeout=_number(ours, "connect_timeout", 5.0, url),
         statement_timeout=_number(ours, "statement_timeout", 30.0, url),
+        synchronous_commit=commit,
     )
 
 
@@ -185,9 +205,12 @@ class PgConn:
         ``search_path``)."""
         s = self.settings
         timeout_ms = int(s.statement_timeout * 1000)
+        options = f"-c search_path={s.schema} -c statement_timeout={timeout_ms}"
+        if s.synchronous_commit is not None:
+            options += f" -c synchronous_commit={s.synchronous_commit}"
         return {
             "connect_timeout": max(1, round(s.connect_timeout)),
-            "options": f"-c search_path={s.schema} -c statement_timeout={timeout_ms}",
+            "options": options,
             "keepalives": 1,
             "keepalives_idle": 5,
             "keepalives_interval": 2,

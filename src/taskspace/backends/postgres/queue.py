@@ -11,6 +11,7 @@ the rows locked (``requeue_expired``); never a hand-written copy.
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -350,6 +351,12 @@ def _error_text(error: dict[str, Any] | None) -> str | None:
     return None if error is None else orjson.dumps(error).decode()
 
 
+# The caller's connection that pushes of a queue go to (store.transaction()).
+CALLER_CONNECTION: ContextVar[tuple[PgQueue, Any] | None] = ContextVar(
+    "taskspace_pg_caller_connection", default=None
+)
+
+
 class PgQueue:
     """Tasks in two tables (live ``tasks``, finished ``done``); claims are one
     statement with SKIP LOCKED; tokens from the space's SEQUENCE; waits on the
@@ -366,7 +373,12 @@ class PgQueue:
     def push(self, specs: Sequence[TaskSpec]) -> list[str]:
         """As the contract: chunks of PUSH_CHUNK_TASKS, each ONE statement
         (atomic on its own; retried once on a broken connection: a push is
-        idempotent by task id)."""
+        idempotent by task id). Inside ``with store.transaction(conn):`` of
+        this thread (or task) the push goes into the caller's transaction
+        instead (push_in)."""
+        bound = CALLER_CONNECTION.get()
+        if bound is not None and bound[0] is self:
+            return self.push_in(bound[1], specs)
         ids: list[str] = []
         for chunk in push_chunks(specs):
             ids.extend(self._push(lambda sql, args: self._c.execute(sql, args, retry=True), chunk))
