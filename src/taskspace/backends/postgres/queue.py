@@ -11,8 +11,8 @@ the rows locked (``requeue_expired``); never a hand-written copy.
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar
 from collections.abc import Callable, Collection, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
