@@ -193,6 +193,8 @@ class Waiter:
             conn.execute(f'LISTEN "{self.channel}"')
             with self._cond:
                 self._listening = True
+                # Registrations may be gone (a crash empties UNLOGGED tables): make them again.
+                self._registered = {}
                 self._epoch += 1  # anything sent while we were away: re-check
                 self._cond.notify_all()
             while not self._closed:
