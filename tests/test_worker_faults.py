@@ -153,7 +153,7 @@ def running(space: Space, faulty: FaultyStore) -> Iterator[Callable[..., Running
 
 
 def background_threads_alive() -> set[str]:
-    wanted = {"taskspace-renewer", "taskspace-ticker", "taskspace-finisher"}
+    wanted = {"taskspace-renewer", "taskspace-ticker", "taskspace-finisher", "taskspace-maintainer"}
     return {t.name for t in threading.enumerate() if t.name in wanted and t.is_alive()}
 
 
@@ -207,6 +207,7 @@ def test_finish_errors_are_retried_until_the_outcome_is_recorded(
         "taskspace-renewer",
         "taskspace-ticker",
         "taskspace-finisher",
+        "taskspace-maintainer",
     }
     run.stop()
     assert run.worker.report.succeeded == 2
@@ -238,7 +239,7 @@ def test_every_background_step_rides_out_errors(
         lambda: RuntimeError("a bug in a backend"),
     ]
     methods = ["claim", "wait_for_tasks", "renew", "requeue_expired", "promote_due",
-               "reap", "kv.reap", "kv.put", "progress", "finish"]  # fmt: skip
+               "reap", "kv.reap", "kv.touch", "progress", "finish"]  # fmt: skip
     for i, method in enumerate(methods):
         faulty.fail(method, 3, kinds[i % len(kinds)])
     run = running(concurrency=4)
@@ -248,7 +249,7 @@ def test_every_background_step_rides_out_errors(
     while not all(faulty.calls.get(m, 0) > 3 for m in methods):  # every fault was hit
         assert time.monotonic() < deadline, faulty.calls
         step.submit(-1).result(timeout=5)
-    assert len(background_threads_alive()) == 3
+    assert len(background_threads_alive()) == 4
     assert step.submit(99).result(timeout=5) == 99
     run.stop()
     assert run.worker.report.failed == 0
