@@ -95,3 +95,19 @@ def test_help_explains_the_commands() -> None:
     assert code == 0 and "--healthy" in out and "--tag" in out
     code, out = cli("--help")
     assert "services" in out
+
+
+def test_status_names_the_elected_maintainer(space: Space, url: str) -> None:
+    from taskspace.worker.maintainer import ELECTION
+
+    assert orjson.loads(cli("status", "--url", url, "--json")[1])["maintainer"] is None
+    code, out = cli("status", "--url", url)
+    assert code == 0 and "maintainer: none elected" in out
+    term = space.election(ELECTION).campaign(identity="host-a:7", ttl=30)
+    try:
+        doc = orjson.loads(cli("status", "--url", url, "--json")[1])
+        assert doc["maintainer"] == {"identity": "host-a:7", "term": term.number}
+        code, out = cli("status", "--url", url)
+        assert code == 0 and f"maintainer: host-a:7 (term {term.number})" in out
+    finally:
+        term.resign()

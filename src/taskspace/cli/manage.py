@@ -71,6 +71,14 @@ def _unknown_names(space: Space, workers: list[dict[str, Any]]) -> dict[str, int
     return counts
 
 
+def _maintainer(space: Space) -> dict[str, Any] | None:
+    """The elected maintainer (identity and term), or None while there is none."""
+    from taskspace.worker.maintainer import ELECTION
+
+    leader = space.election(ELECTION).leader()
+    return None if leader is None else {"identity": leader[0], "term": leader[1]}
+
+
 def _print_status(space: Space, workers: list[dict[str, Any]], unknown: dict[str, int]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -97,6 +105,9 @@ def _print_status(space: Space, workers: list[dict[str, Any]], unknown: dict[str
     console.print(queues)
     console.print(table)
     console.print(f"stale finishes refused: {stats.stale_finishes}")
+    maintainer = _maintainer(space)
+    console.print("maintainer: " + ("[yellow]none elected[/yellow]" if maintainer is None
+                  else f"{maintainer['identity']} (term {maintainer['term']})"))  # fmt: skip
     for name, n in sorted(unknown.items()):
         console.print(
             f"[yellow]{n} queued task(s) named {name!r}: no live worker runs this task;"
@@ -116,8 +127,8 @@ def register(main: click.Group) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @guard
 def status(url: str | None, as_json: bool) -> None:
-    """Print queue depths by state, the live workers with their health, and
-    queued tasks no worker runs.
+    """Print queue depths by state, the live workers with their health, the
+    elected maintainer, and queued tasks no worker runs.
 
     Workers register themselves in the service registry as ``taskspace.worker``
     (``taskspace services show taskspace.worker`` shows them in detail); a
@@ -128,7 +139,8 @@ def status(url: str | None, as_json: bool) -> None:
     if as_json:
         stats = space.stats()
         echo_json({"url": space.url, "queues": stats.counts, "workers": workers,
-                   "stale_finishes": stats.stale_finishes, "unrunnable": unknown})  # fmt: skip
+                   "stale_finishes": stats.stale_finishes, "unrunnable": unknown,
+                   "maintainer": _maintainer(space)})  # fmt: skip
         return
     _print_status(space, workers, unknown)
 
