@@ -62,6 +62,26 @@ def check_ttl(ttl: float | None, what: str = "ttl", optional: bool = True) -> No
         )
 
 
+def check_seconds(
+    value: float | None, what: str, *, minimum: float = 0.0, optional: bool = False
+) -> None:
+    """A number of seconds from ``minimum`` (inclusive) to MAX_DURATION_S (or
+    None when ``optional``); bools, NaN and infinities are refused. Every
+    duration option of taskspace (waits, intervals, TTLs with a floor) is
+    checked here, so they all read alike."""
+    if value is None and optional:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not minimum <= value <= MAX_DURATION_S
+    ):
+        none = " (or None)" if optional else ""
+        raise ConfigError(
+            f"{what}={value!r}: must be a number of seconds from {minimum:g} to ten years{none}"
+        )
+
+
 def check_limit(limit: int | None, what: str = "limit", optional: bool = False) -> None:
     """An integer of at least 1 (or None when ``optional``: no bound)."""
     if limit is None and optional:
