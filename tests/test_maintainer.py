@@ -246,6 +246,25 @@ def test_maintainer_settings_are_validated() -> None:
                 WorkerConfig(**{name: bad})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["shutdown_grace", "maintenance_interval", "heartbeat_interval", "idle_wait",
+     "maintainer_ttl", "maintainer_retry"],
+)  # fmt: skip
+def test_every_worker_duration_refuses_nan_inf_and_bools(name: str) -> None:
+    """NaN would make the elected maintainer spin and maintain nothing, space-wide."""
+    for bad in (float("nan"), float("inf"), -float("inf"), True, False, "1", -1):
+        with pytest.raises(ConfigError, match=name):
+            WorkerConfig(**{name: bad})
+    assert getattr(WorkerConfig(**{name: 2}), name) == 2
+
+
+def test_concurrency_refuses_bools() -> None:
+    for bad in (True, False, 1.5, 0):
+        with pytest.raises(ConfigError, match="concurrency"):
+            WorkerConfig(concurrency=bad)  # type: ignore[arg-type]
+
+
 def test_cli_worker_maintainer_options() -> None:
     result = CliRunner().invoke(main, ["worker", "--help"])
     assert "--maintainer-ttl" in result.output and "--maintainer-retry" in result.output

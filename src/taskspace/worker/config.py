@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from taskspace.backends.base import MAX_DURATION_S
+from taskspace.backends.checks import check_seconds
 from taskspace.errors import ConfigError
 from taskspace.tasks.options import check_queue, reject_unknown
 
@@ -38,17 +38,6 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def _check_maintainer_seconds(name: str, value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not MAINTAINER_FLOOR_S <= value <= MAX_DURATION_S
-    ):
-        raise ConfigError(
-            f"{name} must be a number of seconds from {MAINTAINER_FLOOR_S:g} up, got {value!r}"
-        )
-
-
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     """How a worker runs: which queues, how many tasks at once, when to stop.
@@ -75,18 +64,25 @@ class WorkerConfig:
             raise ConfigError(f"queues must be a non-empty list of names, got {self.queues!r}")
         for queue in self.queues:
             check_queue(queue)
-        if not isinstance(self.concurrency, int) or self.concurrency < 1:
+        if (
+            isinstance(self.concurrency, bool)
+            or not isinstance(self.concurrency, int)
+            or self.concurrency < 1
+        ):
             raise ConfigError(f"concurrency must be an integer >= 1, got {self.concurrency!r}")
-        for name in ("shutdown_grace", "maintenance_interval", "heartbeat_interval", "idle_wait"):
+        self._check_durations()
+
+    def _check_durations(self) -> None:
+        """Every duration is finite and not a bool (NaN would make the maintainer
+        spin); intervals are positive; the maintainer's from MAINTAINER_FLOOR_S."""
+        check_seconds(self.shutdown_grace, "shutdown_grace")
+        for name in ("maintenance_interval", "heartbeat_interval", "idle_wait"):
             value = getattr(self, name)
-            if (
-                not isinstance(value, int | float)
-                or value < 0
-                or (value == 0 and name != "shutdown_grace")
-            ):
+            check_seconds(value, name)
+            if value == 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
         for name in ("maintainer_ttl", "maintainer_retry"):
-            _check_maintainer_seconds(name, getattr(self, name))
+            check_seconds(getattr(self, name), name, minimum=MAINTAINER_FLOOR_S)
 
     @classmethod
     def build(cls, **options: Any) -> WorkerConfig:
