@@ -341,3 +341,33 @@ def test_election_defaults_apply_to_its_campaigns(space: Space) -> None:
 def test_bad_election_name(space: Space, name: Any) -> None:
     with pytest.raises(ConfigError, match="election name"):
         space.election(name)
+
+
+def test_a_slow_record_heartbeat_never_holds_up_the_spaces_renewals(
+    space: Space, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader record's touch runs off the lease renewer: while it hangs in
+    the store (1.5 s, past the renew deadline of a 0.3 s lease), another lease
+    of the same Space and the term itself stay renewed."""
+    election = space.election("slow-record")
+    term = election.campaign(identity="me", ttl=0.3)
+    other = space.lock("neighbour", ttl=0.3).acquire(wait=1)
+    assert other is not None
+    real_touch = space.store.kv.touch
+    hung = threading.Event()
+    threads: list[str] = []
+
+    def touch(key: str, ttl: float) -> Any:
+        if key == election.key and not hung.is_set():
+            threads.append(threading.current_thread().name)
+            hung.set()
+            time.sleep(1.5)
+        return real_touch(key, ttl)
+
+    monkeypatch.setattr(space.store.kv, "touch", touch)
+    assert hung.wait(3), "the record was never touched"
+    time.sleep(1.0)  # the touch still hangs: renewals must go on meanwhile
+    assert other.held and term.active
+    assert threads == ["taskspace-election-heartbeat"]
+    other.release()
+    term.resign()

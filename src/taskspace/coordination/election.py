@@ -36,7 +36,10 @@ Faults:
 
 The leader record. A winner also writes ``taskspace/elections/<name>`` =
 ``{"identity", "term"}`` as a fenced KV write with the term's TTL, touches it
-on every renewal and deletes it (fenced) when it resigns. ``observe()`` follows
+after every renewal and deletes it (fenced) when it resigns. The touch runs on
+one heartbeat thread per process (``taskspace-election-heartbeat``), never on
+the lease renewer: a slow store delays the record, never the renewal of the
+Space's other leases; heartbeats that pile up behind a slow one coalesce. ``observe()`` follows
 that record on the KV change feed. ``leader()`` reads the lease itself, which
 is the authority; the record can lag it by one write, and a killed leader's
 record lasts until its TTL passes unless a new leader overwrites it first.
@@ -45,8 +48,6 @@ record lasts until its TTL passes unless a new leader overwrites it first.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,8 +57,9 @@ from typing import TYPE_CHECKING, Self
 
 import orjson
 
-from taskspace.backends.base import MAX_DURATION_S, Delete, GrantHeld, KVStore, Put
-from taskspace.backends.checks import check_ttl
+from taskspace.backends.base import Delete, GrantHeld, KVStore, Put
+from taskspace.backends.checks import check_seconds, check_ttl
+from taskspace.coordination.lease import acquire_lease, default_holder
 from taskspace.errors import BackendError, Compacted, ConfigError, LockTimeout, SpaceLost
 
 if TYPE_CHECKING:
@@ -80,9 +82,8 @@ BACKOFF_MAX_S = 2.0
 LeaderState = tuple[str | None, int | None]
 
 
-def default_identity() -> str:
-    """``host:pid``: who leads, as people read it."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+# Who leads when no identity is given: ``host:pid``, as for every lease holder.
+default_identity = default_holder
 
 
 def _check_name(name: object) -> str:
@@ -100,14 +101,44 @@ def _check_identity(identity: object) -> str:
 
 
 def _check_wait(wait: float | None, what: str = "wait") -> None:
-    if wait is None:
-        return
-    if (
-        isinstance(wait, bool)
-        or not isinstance(wait, int | float)
-        or not 0 <= wait <= MAX_DURATION_S
-    ):
-        raise ConfigError(f"{what}={wait!r}: must be None or a number of seconds >= 0")
+    check_seconds(wait, what, optional=True)
+
+
+class _Heartbeats:
+    """The process's one election heartbeat thread: after each renewal the lease
+    renewer only hands the term over (:meth:`due`), and this thread touches the
+    leader record. Terms due while a heartbeat runs coalesce into one each."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[int, Term] = {}
+        self._thread: threading.Thread | None = None
+
+    def due(self, term: Term) -> None:
+        """Schedule ``term``'s record heartbeat; returns at once."""
+        with self._cond:
+            self._due[id(term)] = term
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="taskspace-election-heartbeat", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due:
+                    self._cond.wait()
+                terms, self._due = list(self._due.values()), {}
+            for term in terms:
+                try:
+                    term.election._heartbeat(term)
+                except Exception:  # the thread outlives any one term
+                    log.exception("election heartbeat failed; carrying on")
+
+
+_heartbeats = _Heartbeats()
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,17 +290,15 @@ class Election:
     ) -> Term | None:
         """One acquisition and the leader record; None if the lease was not won
         within ``wait`` or was lost before the record was written."""
-        from taskspace.coordination.lease import acquire_lease
-
         box: list[Term] = []
 
         def lost(_: Lease) -> None:
             if box and on_lost is not None:
                 on_lost(box[0])
 
-        def renewed(_: Lease) -> None:
+        def renewed(_: Lease) -> None:  # on the renewer thread: hand over, never block it
             if box:
-                self._heartbeat(box[0])
+                _heartbeats.due(box[0])
 
         lease = acquire_lease(
             self.space, self.lease_name, ttl=ttl, holder=identity, data=identity.encode(),
@@ -303,8 +332,9 @@ class Election:
         return self.space.store.kv.txn([GrantHeld(term.grant)], [put]).ok
 
     def _heartbeat(self, term: Term) -> None:
-        """After each renewal (renewer thread): extend the record's TTL, or write
-        it again if it is gone. Never raises: a failure waits for the next renewal."""
+        """After a renewal (on the heartbeat thread): extend the record's TTL, or
+        write it again if it is gone. Never raises: a failure waits for the next
+        renewal."""
         if not term.active:
             return
         try:
