@@ -321,3 +321,17 @@ def test_meta_is_json_and_the_document_is_readable(space: Space) -> None:
     assert doc["service"] == "api" and doc["status"] == "passing" and doc["meta"]["l"] == [1, 2]
     space.store.kv.put(PREFIX + "api/garbage", b"not json")  # ignored, never a crash
     assert [i.id for i in space.registry.discover("api")] == ["j"]
+
+
+def test_http_checks_never_go_through_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.request
+
+    # a proxy from the maintainer's environment (nothing listens there) is ignored
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's cached global opener
+    with http_server() as base:
+        result = run_check(f"{base}/200", 2.0)
+    assert (result.status, result.output) == ("passing", "HTTP 200: status 200")

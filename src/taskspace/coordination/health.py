@@ -12,6 +12,13 @@ answered within it is ``critical`` ("timed out"), even if a slow server
 trickles an answer in later (the socket timeout bounds each operation; the
 elapsed time bounds the whole). A check never raises: every failure is a
 ``critical`` result with the reason as its output.
+
+Checks connect directly, as Consul's do: ``http_proxy``/``https_proxy`` of
+the maintainer's environment are ignored (a proxy would report its own
+reachability, not the instance's). The one step ``timeout`` does not bound is
+the host name lookup (``getaddrinfo`` has no timeout): a hung DNS lookup still
+counts as ``critical`` after ``timeout``, but keeps its pool thread busy until
+the resolver gives up (check numeric addresses to avoid it).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ Status = Literal["passing", "warning", "critical"]
 STATUSES: tuple[Status, ...] = ("passing", "warning", "critical")
 CHECK_SCHEMES = ("http", "https", "tcp")
 OUTPUT_MAX = 256  # characters of a check's output kept in the registry
+# No ProxyHandler from the environment: a check connects to the instance itself.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +98,7 @@ def _http_status(code: int) -> Status:
 def _http(url: str, timeout: float) -> CheckResult:
     request = urllib.request.Request(url, headers={"User-Agent": "taskspace-health-check"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
+        with _OPENER.open(request, timeout=timeout) as reply:
             code = int(reply.status)
             body = reply.read(OUTPUT_MAX)
     except urllib.error.HTTPError as exc:
