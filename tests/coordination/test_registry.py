@@ -109,6 +109,15 @@ def test_deregister_by_name_and_reregister_overwrites(space: Space) -> None:
         (("api", "i", "a"), {"timeout": float("nan")}, "timeout"),
         (("api", "i", "a"), {"deregister_after": -5}, "deregister_after"),
         (("api", "i", "a"), {"heartbeat": "yes"}, "heartbeat"),
+        (("api", "i", "a"), {"ttl": 0.001}, "ttl"),  # below the floor: a heartbeat storm
+        (("api", "i", "a"), {"ttl": True}, "ttl"),
+        (("api", "i", "a"), {"ttl": float("inf")}, "ttl"),
+        (("api", "i", "a"), {"interval": 0.001}, "interval"),
+        (("api", "i", "a"), {"timeout": 0}, "timeout"),
+        (("api", "i", "a"), {"deregister_after": float("nan")}, "deregister_after"),
+        (("api", "i", "a"), {"meta": {"x": float("nan")}}, "meta"),  # JSON would store null
+        (("api", "i", "a"), {"meta": {"x": [float("inf")]}}, "meta"),
+        (("api", "i", "a"), {"meta": {"x": (1, 2)}}, "meta"),  # would come back a list
     ],
 )
 def test_bad_input_is_refused_and_writes_nothing(
@@ -127,6 +136,16 @@ def test_bad_arguments_of_the_other_calls(space: Space) -> None:
         reg.discover("api", tags="v1")
     with pytest.raises(ConfigError, match="since"):
         reg.watch("api", since=-1)
+    with pytest.raises(ConfigError, match="healthy_only"):
+        reg.discover("api", healthy_only="no")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="include_warning"):
+        reg.discover("api", include_warning=1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="idle_timeout"):
+        reg.watch("api", idle_timeout=float("nan"))
+    with pytest.raises(ConfigError, match="initial"):
+        reg.watch("api", initial="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="budget"):
+        reg.maintain(budget=-1)
     with pytest.raises(ConfigError, match="instance_id"):
         reg.deregister("api", "a b")
     with (
@@ -136,6 +155,14 @@ def test_bad_arguments_of_the_other_calls(space: Space) -> None:
         registration.update(status="ok")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="deregistered"):
         registration.update(meta={})
+    assert space.store.kv.scan(PREFIX) == []
+    with reg.register("api", "j", "h:1") as registration:
+        version = space.store.kv.get(PREFIX + "api/j").version  # type: ignore[union-attr]
+        for bad in ({"meta": {"x": float("nan")}}, {"tags": "v1"}, {"address": ""},
+                    {"status": "warning", "output": 5}):  # fmt: skip
+            with pytest.raises(ConfigError):
+                registration.update(**bad)  # type: ignore[arg-type]
+        assert space.store.kv.get(PREFIX + "api/j").version == version  # type: ignore[union-attr]
 
 
 def _settle(space: Space, expected: dict[str, str], timeout: float = 10.0) -> None:

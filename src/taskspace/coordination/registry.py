@@ -62,7 +62,8 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 import orjson
 
 from taskspace.backends.base import Change, Store, Versioned
-from taskspace.backends.checks import check_ttl
+from taskspace.backends.checks import check_seconds
+from taskspace.codec import JSON
 from taskspace.coordination.health import (
     OUTPUT_MAX,
     STATUSES,
@@ -71,7 +72,7 @@ from taskspace.coordination.health import (
     run_check,
     validate_check,
 )
-from taskspace.errors import BackendError, Compacted, ConfigError, SpaceLost
+from taskspace.errors import BackendError, Compacted, ConfigError, SerializationError, SpaceLost
 
 if TYPE_CHECKING:
     from taskspace.space import Space
@@ -91,6 +92,10 @@ BACKOFF_MAX_S = 2.0
 MAINTAIN_BUDGET_S = 1.0  # maintain_registry returns within about this long
 CHECK_THREADS = 16
 UPDATE_RETRIES = 10
+# Floors of the duration options (every one is checked by checks.check_seconds):
+MIN_TTL_S = 0.1  # heartbeats run every ttl/3; as for leases, shorter cannot be kept
+MIN_INTERVAL_S = 0.1  # between two checks of one instance
+MIN_CHECK_TIMEOUT_S = 0.01
 
 SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@~-]{0,199}")
@@ -136,10 +141,10 @@ def _check_meta(meta: object) -> dict[str, Any]:
         return {}
     if not isinstance(meta, Mapping) or not all(isinstance(k, str) for k in meta):
         raise ConfigError(f"meta={meta!r}: must be a dict with string keys")
-    try:
-        orjson.dumps(dict(meta))
-    except TypeError as exc:
-        raise ConfigError(f"meta={meta!r}: not JSON-serializable ({exc})") from None
+    try:  # exact JSON: a value that would not read back equal (nan, a tuple) is refused
+        JSON.encode(dict(meta), "meta")
+    except SerializationError as exc:
+        raise ConfigError(f"meta={meta!r}: {exc}") from None
     return dict(meta)
 
 
@@ -155,8 +160,17 @@ def _check_status(status: object) -> Status:
     return status
 
 
-def _check_seconds(value: object, what: str, optional: bool) -> float | None:
-    check_ttl(value, what, optional=optional)  # type: ignore[arg-type]
+def _check_bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what}={value!r}: must be True or False")
+    return value
+
+
+def _seconds(
+    value: object, what: str, minimum: float = 0.0, optional: bool = False
+) -> float | None:
+    """``value`` as a float once checks.check_seconds accepts it (None only when ``optional``)."""
+    check_seconds(value, what, minimum=minimum, optional=optional)  # type: ignore[arg-type]
     return None if value is None else float(value)  # type: ignore[arg-type]
 
 
@@ -391,11 +405,13 @@ class Registration:
             changes["tags"] = _check_tags(tags)
         if meta is not None:
             changes["meta"] = _check_meta(meta)
+        if not isinstance(output, str):
+            raise ConfigError(f"output={output!r}: must be a string")
         health = None
         if status is not None:
             store = self.registry.space.store
             wall = store.clock.wall()
-            health = {"status": _check_status(status), "output": str(output)[:OUTPUT_MAX],
+            health = {"status": _check_status(status), "output": output[:OUTPUT_MAX],
                       "since": wall, "checked": wall}  # fmt: skip
         with self._lock:
             if self._closed:
@@ -547,21 +563,24 @@ class Registry:
         ``tcp://host:port`` URL the maintainer probes every ``interval`` seconds,
         giving up after ``timeout``; ``deregister_after``: seconds an instance may
         stay critical before the maintainer removes it (None: never).
-        Bad input raises ConfigError naming it, and nothing is written."""
+        Durations are seconds (checks.check_seconds: no bool, NaN or
+        infinity): ``ttl`` >= MIN_TTL_S (0.1), ``interval`` >= MIN_INTERVAL_S
+        (0.1), ``timeout`` >= MIN_CHECK_TIMEOUT_S (0.01), ``deregister_after``
+        >= 0; ``meta`` must be exact JSON (no NaN, no tuple). Bad input raises
+        one ConfigError naming it, and nothing is written."""
         check_url = None if check is None else validate_check(check)
         doc = {
             "service": check_service(service), "id": check_instance_id(instance_id),
             "address": _check_address(address), "tags": _check_tags(tags),
             "meta": _check_meta(meta),
             "check": check_url,
-            "interval": _check_seconds(interval, "interval", optional=False),
-            "timeout": _check_seconds(timeout, "timeout", optional=False),
-            "ttl": _check_seconds(ttl, "ttl", optional=True),
-            "deregister_after": _check_seconds(deregister_after, "deregister_after",
-                                               optional=True),
+            "interval": _seconds(interval, "interval", MIN_INTERVAL_S),
+            "timeout": _seconds(timeout, "timeout", MIN_CHECK_TIMEOUT_S),
+            "ttl": _seconds(ttl, "ttl", MIN_TTL_S, optional=True),
+            "deregister_after": _seconds(deregister_after, "deregister_after", 0.0,
+                                          optional=True),
         }  # fmt: skip
-        if not isinstance(heartbeat, bool):
-            raise ConfigError(f"heartbeat={heartbeat!r}: must be True or False")
+        _check_bool(heartbeat, "heartbeat")
         store = self.space.store
         wall = store.clock.wall()
         doc["registered"] = wall
@@ -612,6 +631,8 @@ class Registry:
         ``healthy_only``: only ``passing`` ones (plus ``warning`` ones with
         ``include_warning``); False: every live instance."""
         wanted = set(_check_tags(tags))
+        _check_bool(healthy_only, "healthy_only")
+        _check_bool(include_warning, "include_warning")
         ok: tuple[str, ...] = ("passing", "warning") if include_warning else ("passing",)
         return [
             inst
@@ -650,14 +671,15 @@ class Registry:
         if since is not None and (isinstance(since, bool) or not isinstance(since, int)
                                   or since < 0):  # fmt: skip
             raise ConfigError(f"since={since!r}: must be a revision (an integer >= 0) or None")
-        if idle_timeout is not None:
-            _check_seconds(idle_timeout, "idle_timeout", optional=False)
+        _seconds(idle_timeout, "idle_timeout", optional=True)
+        _check_bool(initial, "initial")
         return _Watch(self.space, prefix, stop or threading.Event(), idle_timeout).begin(
             since, initial
         )
 
     def maintain(self, budget: float = MAINTAIN_BUDGET_S) -> None:
         """One maintainer pass (see :func:`maintain_registry`)."""
+        _seconds(budget, "budget")
         with self._lock:
             if self._checker is None:
                 self._checker = _Checker()
