@@ -1,6 +1,7 @@
 """``python -m bench queue --backend sqlite|memory|redis`` (see :mod:`bench.queue`),
 ``python -m bench peers`` (see :mod:`bench.peers`) and
-``python -m bench contract --backend memory|sqlite|redis|all`` (see :mod:`bench.contract`)."""
+``python -m bench contract --backend memory|sqlite|redis|all`` (see :mod:`bench.contract`)
+and ``python -m bench locks`` (see :mod:`bench.locks`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import click
 from rich.console import Console
 
 from bench import contract as contract_bench
+from bench import locks as locks_bench
 from bench import peers as peers_bench
 from bench.queue import BACKENDS, QueueBench, report, report_delayed, run
 from bench.workers import BenchError
@@ -167,6 +169,38 @@ def contract(backend: str, n: int, repeat: int, warmup: int, check: bool) -> Non
         sys.exit(2)
     if check and not ok:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--backend", type=click.Choice((*locks_bench.BACKENDS, "all")), default="all",
+              show_default=True)  # fmt: skip
+@click.option("--ops", default=1_000, show_default=True, type=click.IntRange(min=1),
+              help="Uncontended acquire+release pairs per contender per run.")  # fmt: skip
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Uncontended runs (interleaved); medians of p50/p99 quoted.")  # fmt: skip
+@click.option("--procs", default=8, show_default=True, type=click.IntRange(min=2),
+              help="Contending processes on one lock (threads for memory://).")  # fmt: skip
+@click.option("--contend", "contend_s", default=2.0, show_default=True,
+              type=click.FloatRange(min=0.1), help="Seconds of each contended phase.")  # fmt: skip
+@click.option("--kills", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Leaders SIGKILLed per backend (0: skip; not on memory://).")  # fmt: skip
+@click.option("--skip-install", is_flag=True,
+              help="Use python-redis-lock as installed; its row fails if missing.")  # fmt: skip
+@click.option("--venv-root", type=click.Path(path_type=Path), default=locks_bench.VENV_ROOT,
+              show_default=True, help="Where benchmark-only installs live.")  # fmt: skip
+def locks(backend: str, ops: int, repeat: int, procs: int, contend_s: float, kills: int,
+          skip_install: bool, venv_root: Path) -> None:  # fmt: skip
+    """Locks: uncontended and contended latency, Redis locks beside them, election failover."""
+    backends = locks_bench.BACKENDS if backend == "all" else (backend,)
+    config = locks_bench.LocksBench(backends=backends, ops=ops, repeat=repeat, procs=procs,
+                                    contend_s=contend_s, kills=kills, skip_install=skip_install,
+                                    venv_root=venv_root)  # fmt: skip
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: keep the wide table readable
+        console = Console(width=WIDE_CONSOLE)
+    ok = locks_bench.report(config, locks_bench.run(config, console), console)
+    if not ok:
+        sys.exit(2)
 
 
 if __name__ == "__main__":
