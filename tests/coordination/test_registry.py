@@ -362,3 +362,35 @@ def test_http_checks_never_go_through_a_proxy(monkeypatch: pytest.MonkeyPatch) -
     with http_server() as base:
         result = run_check(f"{base}/200", 2.0)
     assert (result.status, result.output) == ("passing", "HTTP 200: status 200")
+
+
+def test_an_instance_the_maintainer_deregistered_does_not_come_back(
+    space: Space, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="taskspace.registry")
+    down = f"tcp://127.0.0.1:{closed_port()}"
+    reg = space.registry.register(
+        "web", "flap", "h:1", check=down, interval=0.1, timeout=0.5, deregister_after=0.3, ttl=0.6
+    )  # heartbeats every 0.2 s
+    watcher = Watcher(space, "web")
+    try:
+        wait_for(lambda: maintain_registry(space) or space.registry.get("web", "flap") is None)
+        watcher.expect("removed", "flap")
+        wait_for(lambda: not reg.active, timeout=5)  # its next heartbeat saw the tombstone
+        deadline = time.monotonic() + 3 * reg.interval  # heartbeats would have run again
+        while time.monotonic() < deadline:
+            maintain_registry(space)
+            assert space.registry.get("web", "flap") is None
+            time.sleep(0.05)
+        assert reg.rewrites == 0 and not reg.heartbeat() and reg.evicted
+        assert not [c for c in watcher.seen if c.kind == "added"]  # no flapping
+        assert caplog.text.count("was deregistered by the maintainer") == 1  # logged once
+        # registering again is a new incarnation: its heartbeat rewrites it after an expiry
+        again = space.registry.register("web", "flap", "h:1", ttl=0.3, heartbeat=False)
+        wait_for(lambda: space.registry.get("web", "flap") is None, timeout=5)
+        assert again.heartbeat() and again.rewrites == 1 and again.active
+        assert space.registry.get("web", "flap") is not None
+    finally:
+        watcher.close()

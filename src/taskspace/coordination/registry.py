@@ -15,9 +15,15 @@ Guarantees and faults:
   runs out, and watchers see an ``expired`` change. A heartbeat that fails
   (backend down) is logged and retried with backoff; the thread never dies
   of an exception. A heartbeat that finds its key gone while the process is
-  still alive (expired during a pause, removed by the maintainer) writes
-  the registration again, with its initial health, until
-  :meth:`Registration.deregister` is called.
+  still alive (it expired during a pause) writes the registration again,
+  with its initial health, until :meth:`Registration.deregister` is called.
+  An instance the *maintainer* deregistered (critical past
+  ``deregister_after``) does not come back: the maintainer's delete leaves a
+  tombstone (``<key>/deregistered``, naming the registration's incarnation,
+  for TOMBSTONE_TTL_S or 3 TTLs, whichever is longer); the owner's next
+  heartbeat sees it, logs it once, marks the :class:`Registration` inactive
+  (``evicted``) and stops. Only an owner paused for longer than the
+  tombstone lives registers again. ``register`` again is a new incarnation.
 - **Health.** ``passing`` | ``warning`` | ``critical``. An instance without
   a check is ``passing`` while it lives (its TTL is its check), unless its
   owner reports otherwise (:meth:`Registration.update`). An instance with a
@@ -26,9 +32,10 @@ Guarantees and faults:
   maintainer (:func:`maintain_registry`) probes it every ``interval``
   seconds. A status change (and the first check's result) is a real write
   (a revision: watchers see it); a check that finds the same status writes
-  nothing. An instance
-  ``critical`` for longer than its ``deregister_after`` is deregistered by
-  the maintainer.
+  nothing. An instance found ``critical`` (by a check, or by its owner's
+  report) for longer than its ``deregister_after`` is deregistered by the
+  maintainer; one never checked yet is not (its ``since`` restarts at its
+  first check), so a maintainer that starts late evicts nothing unseen.
 - **Discovery.** ``discover(service)`` returns only ``passing`` instances by
   default (Consul's ``?passing``); ``include_warning=True`` adds
   ``warning`` ones, ``healthy_only=False`` returns every live instance.
@@ -52,6 +59,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -61,7 +69,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 import orjson
 
-from taskspace.backends.base import Change, Store, Versioned
+from taskspace.backends.base import Change, Delete, Put, Store, Versioned, VersionIs
 from taskspace.backends.checks import check_seconds
 from taskspace.codec import JSON
 from taskspace.coordination.health import (
@@ -92,6 +100,8 @@ BACKOFF_MAX_S = 2.0
 MAINTAIN_BUDGET_S = 1.0  # maintain_registry returns within about this long
 CHECK_THREADS = 16
 UPDATE_RETRIES = 10
+TOMBSTONE_SUFFIX = "/deregistered"  # <instance key>/deregistered: see the module docstring
+TOMBSTONE_TTL_S = 60.0
 # Floors of the duration options (every one is checked by checks.check_seconds):
 MIN_TTL_S = 0.1  # heartbeats run every ttl/3; as for leases, shorter cannot be kept
 MIN_INTERVAL_S = 0.1  # between two checks of one instance
@@ -210,6 +220,7 @@ class Instance:
     version: int = 0
     revision: int = 0
     expires: float | None = None
+    incarnation: str | None = None  # one per register() call: whose tombstone is whose
 
     @property
     def key(self) -> str:
@@ -245,6 +256,7 @@ def _decode(key: str, item: Versioned | Change) -> Instance | None:
             deregister_after=doc.get("deregister_after"),
             registered=float(doc.get("registered", 0.0)), since=float(doc.get("since", 0.0)),
             checked=doc.get("checked"), version=item.version,
+            incarnation=doc.get("incarnation"),
             revision=item.revision,
             expires=item.expires if isinstance(item, Versioned) else None,
         )  # fmt: skip
@@ -307,6 +319,21 @@ def list_instances(store: Store, service: str | None = None) -> list[Instance]:
 # -- writing --------------------------------------------------------------------------
 
 
+def _tombstone(key: str) -> str:
+    return key + TOMBSTONE_SUFFIX
+
+
+def _tombstoned(store: Store, key: str, incarnation: str | None) -> bool:
+    """True if the maintainer deregistered this incarnation of ``key``."""
+    item = store.kv.get(_tombstone(key))
+    if item is None:
+        return False
+    try:
+        return bool(orjson.loads(item.value).get("incarnation") == incarnation)
+    except (orjson.JSONDecodeError, AttributeError):
+        return False
+
+
 def _initial_health(check: str | None, wall: float) -> dict[str, Any]:
     if check is None:
         return {"status": "passing", "output": "registered", "since": wall, "checked": None}
@@ -359,13 +386,14 @@ class Registration:
         self._lock = threading.Lock()
         self._closed = False
         self.rewrites = 0  # times a heartbeat found the key gone and wrote it again
+        self.evicted = False  # the maintainer deregistered it (critical past deregister_after)
 
     def __repr__(self) -> str:
         return f"<Registration {self.key}{' deregistered' if self._closed else ''}>"
 
     @property
     def active(self) -> bool:
-        """False once deregistered."""
+        """False once deregistered (by :meth:`deregister`, or by the maintainer: ``evicted``)."""
         return not self._closed
 
     @property
@@ -375,17 +403,26 @@ class Registration:
 
     def heartbeat(self) -> bool:
         """Refresh the TTL now (``kv.touch``: no revision); if the key is gone,
-        write the registration again. False once deregistered."""
+        write the registration again, unless the maintainer deregistered it
+        (a tombstone: then ``evicted``, inactive, logged once). False once
+        deregistered."""
         with self._lock:
             if self._closed:
                 return False
             store = self.registry.space.store
-            if store.kv.touch(self.key, self.ttl) is None:
+            if store.kv.touch(self.key, self.ttl) is not None:
+                return True
+            if not _tombstoned(store, self.key, self._doc.get("incarnation")):
                 write_instance(store, self._doc, self.ttl)
                 self.rewrites += 1
                 log.warning("registry: %s was gone while its process lives; registered again",
                             self.key)  # fmt: skip
-            return True
+                return True
+            self._closed = self.evicted = True
+        log.warning("registry: %s was deregistered by the maintainer (critical for longer than"
+                    " deregister_after); its heartbeat stops", self.key)  # fmt: skip
+        self.registry._forget(self)
+        return False
 
     def update(
         self,
@@ -584,6 +621,7 @@ class Registry:
         store = self.space.store
         wall = store.clock.wall()
         doc["registered"] = wall
+        doc["incarnation"] = uuid.uuid4().hex
         reg = Registration(self, doc, heartbeat)
         with self._lock:
             old = self._mine.pop(reg.key, None)
@@ -865,9 +903,7 @@ class _Checker:
         submitted: list[Future[CheckResult]] = []
         for inst in instances:
             if _deregister_due(inst, wall):
-                if store.kv.delete(inst.key, expected_version=inst.version):
-                    log.warning("registry: %s critical since %.0f s; deregistered",
-                                inst.key, wall - inst.since)  # fmt: skip
+                _evict(store, inst, wall)
                 continue
             if inst.check is not None and self._due(inst):
                 submitted.append(self._submit(inst))
@@ -901,9 +937,24 @@ class _Checker:
 def _deregister_due(inst: Instance, wall: float) -> bool:
     return (
         inst.status == "critical"
+        and inst.checked is not None
         and inst.deregister_after is not None
         and wall - inst.since >= inst.deregister_after
     )
+
+
+def _evict(store: Store, inst: Instance, wall: float) -> bool:
+    """Deregister ``inst`` (at the version seen: a re-registration meanwhile
+    wins) and leave its tombstone, in one txn."""
+    life = max(TOMBSTONE_TTL_S, 3 * (inst.ttl or 0.0))
+    mark = orjson.dumps({"incarnation": inst.incarnation, "deregistered": wall})
+    done = store.kv.txn(
+        [VersionIs(inst.key, inst.version)],
+        [Delete(inst.key), Put(_tombstone(inst.key), mark, life)],
+    ).ok
+    if done:
+        log.warning("registry: %s critical for %.0f s; deregistered", inst.key, wall - inst.since)
+    return done
 
 
 def _write_health(store: Store, checked: Instance, result: CheckResult, now: float,
@@ -922,8 +973,8 @@ def _write_health(store: Store, checked: Instance, result: CheckResult, now: flo
         if ttl <= 0:
             return
     doc = orjson.loads(current.value)
-    since = checked.since if result.status == checked.status else wall
-    doc.update(status=result.status, output=result.output, since=since, checked=wall)
+    # a new status, or the first check: ``since`` starts now ("not checked yet" saw nothing)
+    doc.update(status=result.status, output=result.output, since=wall, checked=wall)
     if store.kv.cas(checked.key, current.version, orjson.dumps(doc), ttl) is not None:
         log.info("registry: %s is %s (%s)", checked.key, result.status, result.output)
 
