@@ -105,6 +105,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"every": 60, "args": 5}, "5"),
     ({"every": 60, "kwargs": [1]}, "[1]"),
     ({"every": 60, "name": 7}, "7"),
+    ({"every": 60, "name": ""}, "name must be a non-empty string"),
 ]
 
 
@@ -125,6 +126,8 @@ def test_decorator_form_checks_before_decorating() -> None:
         space.periodic(every=60, tz="Mars")
     with pytest.raises(ConfigError, match="one of cron= or every="):
         space.periodic(beat)
+    with pytest.raises(ConfigError, match="name"):
+        space.periodic(every=60, name="")
 
 
 def test_a_small_space_result_ttl_is_refused() -> None:
@@ -232,7 +235,7 @@ def test_first_sight_starts_from_now_without_backfill(space: Space) -> None:
     s = schedule_of(space, every=60, catch_up="all")
     assert s.state() is None
     assert fire_due(space, at=T0 + 30) == 0
-    assert s.state() == ScheduleState(last_tick=T0 + 30)
+    assert s.state() == ScheduleState(last_tick=T0 + 30, next_tick=T0 + 60)
     assert fire_due(space, at=T0 + 59) == 0
     assert fire_due(space, at=T0 + 61) == 1
     state = s.state()
@@ -241,6 +244,7 @@ def test_first_sight_starts_from_now_without_backfill(space: Space) -> None:
                                                                                1, ())  # fmt: skip
     assert state.last_task_id == f"periodic:{s.name}:{T0 + 60}"
     assert state.fired_at is not None and state.fired_at >= T0 + 61
+    assert state.next_tick == T0 + 120
     assert fire_due(space, at=T0 + 61) == 0
 
 
@@ -260,11 +264,11 @@ def test_fire_due_follows_the_store_wall_clock() -> None:
     ("catch_up", "late", "expected"),
     [
         ("all", 2, list(range(1, 11))),
-        ("latest", 2, [10]),
+        ("latest", 2, [9, 10]),  # the latest missed tick, and the on-time one
         ("none", 2, [10]),
-        ("all", 30, list(range(1, 11))),
-        ("latest", 30, [10]),
-        ("none", 30, []),
+        ("all", 45, list(range(1, 11))),
+        ("latest", 45, [10]),
+        ("none", 45, []),
     ],
 )
 def test_missed_ticks_follow_the_policy(
@@ -289,6 +293,35 @@ def test_on_time_ticks_all_fire_under_every_policy(space: Space, catch_up: str) 
     fire_due(space, at=T0 + ON_TIME_S - 1.5)
     fire_due(space, at=T0 + ON_TIME_S + 3.2)
     assert fired_ticks(space, s) == list(range(T0 + 1, T0 + int(ON_TIME_S) + 4))
+
+
+@pytest.mark.parametrize("catch_up", ["latest", "none", "all"])
+def test_a_failover_within_its_bound_loses_no_tick(space: Space, catch_up: str) -> None:
+    """Passes every second, then the maintainer is killed: the next pass comes after
+    maintainer_ttl + maintainer_retry (10 + 2 s) plus a maintenance interval. An
+    every=5 schedule loses no tick under any policy (with ON_TIME_S = 10 the tick
+    12 s old was dropped by "latest")."""
+    s = schedule_of(space, every=5, catch_up=catch_up)
+    w0 = T0 + 0.5
+    for k in range(4):
+        fire_due(space, at=w0 + k)
+    fire_due(space, at=w0 + 3 + 10 + 2 + 1)
+    assert fired_ticks(space, s) == [T0 + 5, T0 + 10, T0 + 15]
+
+
+def test_a_larger_failover_bound_is_passed_as_on_time(space: Space) -> None:
+    """A worker with maintainer_ttl=60 passes its own bound: a 70 s gap loses nothing."""
+    s = schedule_of(space, every=10, catch_up="none")
+    fire_due(space, at=T0 + 1)
+    fire_due(space, at=T0 + 71, on_time=75)
+    assert fired_ticks(space, s) == [T0 + 10 * k for k in range(1, 8)]
+
+
+def test_latest_fires_the_latest_missed_tick_besides_the_on_time_ones(space: Space) -> None:
+    s = schedule_of(space, every=10, catch_up="latest")
+    fire_due(space, at=T0 + 1)
+    fire_due(space, at=T0 + 100, on_time=25)  # 10..70 missed, 80..100 on time
+    assert fired_ticks(space, s) == [T0 + 70, T0 + 80, T0 + 90, T0 + 100]
 
 
 def test_catch_up_all_is_bounded_per_pass(space: Space) -> None:
@@ -410,6 +443,60 @@ def test_fire_due_is_bounded_in_time(space: Space, monkeypatch: pytest.MonkeyPat
     fired = [fire_due(space, at=T0 + 61) for _ in range(5)]
     assert fired == [1] * 5 and time.monotonic() - started < 5
     assert all(fired_ticks(space, s) == [T0 + 60] for s in schedules)
+
+
+def test_no_push_once_the_budget_is_spent(space: Space, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schedule (not the pass's first) read before the budget ran out and claimed
+    after it: its ticks stay claimed and the next pass pushes them; the pass
+    overran the budget by two store round trips (its read and its claim) at most."""
+    monkeypatch.setattr(periodic_mod, "PASS_BUDGET_S", 0.3)
+    first, second = (schedule_of(space, every=60, name=n) for n in ("a-first", "b-second"))
+    fire_due(space, at=T0)
+    fire_due(space, at=T0)  # both seen (the cursor starts from "a-first" again)
+    real_get = space.store.kv.get
+
+    def slow_get(key: str) -> Any:
+        time.sleep(0.2)
+        return real_get(key)
+
+    monkeypatch.setattr(space.store.kv, "get", slow_get)
+    began = time.monotonic()
+    assert fire_due(space, at=T0 + 61) == 1
+    took = time.monotonic() - began
+    monkeypatch.undo()
+    assert fired_ticks(space, first) == [T0 + 60] and fired_ticks(space, second) == []
+    state = second.state()
+    assert state is not None and state.pending == (T0 + 60,)
+    assert took < 0.3 + 0.2 + 0.15, f"the pass took {took:.2f} s"
+    assert fire_due(space, at=T0 + 62) == 1 and fired_ticks(space, second) == [T0 + 60]
+
+
+def test_due_at_says_when_the_next_tick_is_due(space: Space) -> None:
+    schedule_of(space, every=60)
+    assert periodic_mod.due_at(space) is None
+    fire_due(space, at=T0 + 30)
+    due = periodic_mod.due_at(space)
+    assert due is not None and 29 < due - time.monotonic() <= 30
+
+
+def test_the_maintainer_warns_once_about_records_nobody_fires(
+    space: Space, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A schedule record whose next tick is overdue, with no schedule of that name in
+    this process (another app's, or a schedule no worker defines any more)."""
+    monkeypatch.setattr(periodic_mod, "AUDIT_EVERY_S", 0.0)
+    mine = schedule_of(space, every=1, name="mine")
+    wall = space.store.clock.wall()
+    fire_due(space, at=wall - 100)  # my own record: overdue too, but I fire it
+    ghost = ScheduleState(last_tick=int(wall) - 100, next_tick=int(wall) - 40)
+    space.store.kv.put(periodic_mod.KEY_PREFIX + "ghost", ghost.encode())
+    fresh = ScheduleState(last_tick=int(wall) - 1, next_tick=int(wall) + 5)
+    space.store.kv.put(periodic_mod.KEY_PREFIX + "fresh", fresh.encode())
+    with caplog.at_level(logging.WARNING, "taskspace.periodic"):
+        assert periodic_mod.warn_unscheduled(space) == ["ghost"]
+        assert periodic_mod.warn_unscheduled(space) == ["ghost"]
+    warnings = [r.getMessage() for r in caplog.records if "overdue" in r.getMessage()]
+    assert len(warnings) == 1 and "ghost" in warnings[0] and mine.name not in warnings[0]
 
 
 def test_fire_due_without_schedules_reads_nothing() -> None:

@@ -1,9 +1,16 @@
 """Periodic tasks: a function fired on a cron or fixed-interval schedule, each tick once.
 
 ``@space.periodic(cron="*/5 * * * *", tz="Europe/Berlin")`` or ``@space.periodic(every=60)``
-registers the function as a task and a :class:`Schedule`. The elected maintainer calls
-:func:`fire_due` on every maintenance pass; it pushes one task per due tick, with the id
-``periodic:<schedule name>:<tick as Unix seconds>``.
+registers the function as a task and a :class:`Schedule`. :func:`fire_due` pushes one task
+per due tick, with the id ``periodic:<schedule name>:<tick as Unix seconds>``. It is called
+by the elected maintainer on every maintenance pass *and* by every other worker whose
+Space has schedules, when one of its ticks is due (:mod:`taskspace.worker.maintainer`):
+schedules live in code, so a maintainer elected from another app, or from a worker that
+did not import the module defining a schedule, does not know it. Any number of callers
+is safe (below), and a worker that is not the maintainer makes one pass per due tick,
+not one per second. The maintainer also warns, once per missed tick, about a record
+whose next tick is overdue with no schedule of that name in its process (a schedule
+no running worker defines any more, or defined only by workers that are down).
 
 **Ticks.** Cron ticks are computed by croniter in the schedule's time zone on the
 store's wall clock (``store.clock.wall()``), so every process agrees on them whatever
@@ -15,15 +22,18 @@ are multiples of N seconds (the zone plays no part).
 
 **State.** One KV record per schedule, ``taskspace/periodic/<name>``: JSON with
 ``last_tick`` (every tick up to it was fired or skipped), ``pending`` (ticks claimed
-but not yet confirmed pushed), ``last_fired``, ``last_task_id``, ``fired_at`` (wall)
-and ``fired`` (a count). The first pass that sees a new schedule starts it from now:
-ticks before that never fire.
+but not yet confirmed pushed), ``last_fired``, ``last_task_id``, ``fired_at`` (wall),
+``fired`` (a count) and ``next_tick`` (the first tick after ``last_tick``). The first
+pass that sees a new schedule starts it from now: ticks before that never fire.
 
-**Missed ticks** (``catch_up``). A tick is *on time* while it is at most ON_TIME_S
-seconds old; on-time ticks always fire. Older ones were missed (no maintainer for a
-while): ``"latest"`` fires the most recent missed tick if no on-time tick is due,
-``"all"`` fires every missed tick, oldest first, at most MAX_TICKS_PER_PASS per pass
-(the rest on the next passes), ``"none"`` fires none.
+**Missed ticks** (``catch_up``). A tick is *on time* while it is at most ``on_time``
+seconds old (ON_TIME_S by default; a worker passes at least its failover bound,
+``maintainer_ttl + maintainer_retry`` plus two maintenance intervals, so a failover
+within that bound never makes a tick "missed"); on-time ticks always fire. Older ones
+were missed (nobody fired for a while): ``"latest"`` fires the most recent missed tick
+(one run standing for all of them) besides the on-time ones, ``"all"`` fires every
+missed tick, oldest first, at most MAX_TICKS_PER_PASS per pass (the rest on the next
+passes), ``"none"`` fires none.
 
 **Exactly once, how.** A pass reads the record, decides which ticks fire and which
 are skipped, and *claims* them with a compare-and-set on the record's version
@@ -57,8 +67,10 @@ closes the hole.
 provided a maintainer runs within its horizon (``result_ttl - STALE_S``; forever
 with ``result_ttl=None``).
 
-**Faults.** :func:`fire_due` is bounded in time (PASS_BUDGET_S, one store round trip
-of overrun at most; schedules not reached go first on the next pass) and raises
+**Faults.** :func:`fire_due` is bounded in time: it starts no schedule and makes no push
+once PASS_BUDGET_S has passed, so it overruns the budget by at most two store round
+trips (one schedule's read and claim; its claimed ticks are pushed by the next pass, and
+schedules not reached go first on the next pass). It raises
 BackendError when the store fails: nothing is lost, the record says where to
 resume. Any other error of one schedule is logged and the others carry on.
 """
@@ -83,6 +95,7 @@ from taskspace.errors import BackendError, ConfigError, TaskspaceError
 from taskspace.tasks.options import SPACE_DEFAULT, TaskOptions
 
 if TYPE_CHECKING:
+    from taskspace.backends.base import Store
     from taskspace.space import Space
     from taskspace.tasks.task import Task
 
@@ -91,12 +104,17 @@ CATCH_UP: tuple[str, ...] = ("latest", "all", "none")
 
 KEY_PREFIX = "taskspace/periodic/"
 TASK_ID_PREFIX = "periodic:"
-ON_TIME_S = 10.0  # a tick at most this old is on time: it fires under every policy
+# A tick at most this old is on time: it fires under every policy. At least the default
+# failover bound (maintainer_ttl 10 + retry 2 + two 1 s maintenance intervals); workers
+# pass their own bound when it is larger.
+ON_TIME_S = 30.0
 MAX_TICKS_PER_PASS = 1000  # catch_up="all": a larger backlog is fired over several passes
 PASS_BUDGET_S = 1.0  # fire_due starts no new schedule after this long
 STALE_S = 10.0  # margin between a tick's horizon and its task's result_ttl
 MIN_RESULT_TTL_S = 60.0  # a periodic task keeps results at least this long (None: forever)
 MAX_EVERY_S = 10 * 365 * 24 * 3600
+AUDIT_EVERY_S = 30.0
+SCAN_PAGE = 500  # the maintainer looks for records nobody fires at most this often
 
 log = logging.getLogger("taskspace.periodic")
 
@@ -164,6 +182,7 @@ class ScheduleState:
     last_task_id: str | None = None
     fired_at: float | None = None
     fired: int = 0
+    next_tick: int | None = None
 
     def encode(self) -> bytes:
         return orjson.dumps(self)  # a dataclass: a JSON object of its fields
@@ -175,6 +194,7 @@ class ScheduleState:
             last_tick=int(doc["last_tick"]), pending=tuple(int(t) for t in doc.get("pending", ())),
             last_fired=doc.get("last_fired"), last_task_id=doc.get("last_task_id"),
             fired_at=doc.get("fired_at"), fired=int(doc.get("fired", 0)),
+            next_tick=doc.get("next_tick"),
         )  # fmt: skip
 
 
@@ -276,8 +296,9 @@ class Schedule:
         ttl = self.task.space.result_ttl if ttl == SPACE_DEFAULT else ttl
         return None if ttl is None else float(ttl) - STALE_S
 
-    def plan(self, last_tick: int, now: float) -> Plan:
-        """Which ticks after ``last_tick`` fire at ``now`` under ``catch_up``."""
+    def plan(self, last_tick: int, now: float, on_time: float = ON_TIME_S) -> Plan:
+        """Which ticks after ``last_tick`` fire at ``now`` under ``catch_up``, ticks
+        at most ``on_time`` seconds old being on time."""
         horizon = self.horizon()
         lo = last_tick if horizon is None else max(last_tick, math.floor(now - horizon))
         latest = self.latest_at(now)
@@ -288,9 +309,11 @@ class Schedule:
             if len(ticks) == MAX_TICKS_PER_PASS:
                 latest = ticks[-1]
         else:
-            ticks = self.ticks(max(lo, math.floor(now - ON_TIME_S)), now)
-            if not ticks and self.catch_up == "latest" and latest > lo:
-                ticks = [latest]
+            on_time_after = max(lo, math.floor(now - on_time))
+            ticks = self.ticks(on_time_after, now)
+            missed = self.latest_at(on_time_after)  # the most recent missed tick, if any
+            if self.catch_up == "latest" and missed is not None and missed > lo:
+                ticks = [missed, *ticks]
         if self.catch_up == "all" and lo > last_tick and (self.latest_at(lo) or 0) > last_tick:
             log.warning("periodic %s: ticks older than %.0f s (result_ttl - %.0f s) were"
                         " not fired", self.name, horizon, STALE_S)  # fmt: skip
@@ -412,6 +435,8 @@ def periodic(
     ``fn``, a decorator). Bad input raises one ConfigError naming the value, before
     anything is registered."""
     when = _check_when(cron, every, tz, catch_up)
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ConfigError(f"name must be a non-empty string, got {name!r}")
     TaskOptions.build(**task_options)
     _check_result_ttl(space, task_options)
     call_kwargs = {} if kwargs is None else kwargs
@@ -421,8 +446,8 @@ def periodic(
 
         if not callable(func):
             raise ConfigError(f"@space.periodic needs a function, got {func!r}")
-        task_name = name or f"{module_of(func)}.{func.__qualname__}"
-        if not isinstance(task_name, str):
+        task_name = f"{module_of(func)}.{func.__qualname__}" if name is None else name
+        if not isinstance(task_name, str) or not task_name:
             raise ConfigError(f"name must be a non-empty string, got {task_name!r}")
         call_args = _check_arguments(space, str(task_name), args, call_kwargs)
         existing_task = space._tasks.get(task_name)
@@ -459,72 +484,186 @@ class _PassClock:
     def now(self) -> float:
         return self.wall0 + (time.monotonic() - self.start)
 
+    def spent(self) -> bool:
+        """True once the pass has used its PASS_BUDGET_S."""
+        return time.monotonic() - self.start >= PASS_BUDGET_S
 
+    def monotonic_at(self, wall: float) -> float:
+        """This process's monotonic time when the wall clock reaches ``wall``."""
+        return self.start + (wall - self.wall0)
+
+
+# Per Space of this process: where the next pass starts (schedules a spent budget did
+# not reach go first), when its next tick is due (monotonic, from the last pass), when
+# the maintainer last looked for unscheduled records, and which missed ticks it warned of.
 _cursors: weakref.WeakKeyDictionary[Space, int] = weakref.WeakKeyDictionary()
+_due: weakref.WeakKeyDictionary[Space, float] = weakref.WeakKeyDictionary()
+_audited: weakref.WeakKeyDictionary[Space, float] = weakref.WeakKeyDictionary()
+_warned: weakref.WeakKeyDictionary[Space, set[tuple[str, int]]] = weakref.WeakKeyDictionary()
+
+# What _fire learns of a schedule's next tick: its wall time (math.inf: never), or
+# None when a pass should look again soon (a claim lost, ticks left pending).
+Due = float | None
 
 
-def fire_due(space: Space, *, at: float | None = None) -> int:
-    """The maintainer's periodic step: push every due tick of every schedule of
-    ``space`` once (see the module docstring); returns how many ticks were pushed.
+def due_at(space: Space) -> float | None:
+    """When (``time.monotonic()``) the next tick of ``space``'s schedules is due, as
+    this process's last :func:`fire_due` pass found it; None when unknown (no pass
+    yet, or the last one did not finish every schedule): pass now."""
+    return _due.get(space)
 
-    ``at`` replaces the store's wall clock (tests). Bounded: no schedule is started
-    after PASS_BUDGET_S; those not reached go first on the next pass. Raises
-    BackendError (SpaceLost included) when the store fails; other errors of one
-    schedule are logged and the next one is fired."""
+
+def fire_due(
+    space: Space,
+    *,
+    at: float | None = None,
+    store: Store | None = None,
+    on_time: float | None = None,
+) -> int:
+    """Push every due tick of every schedule of ``space`` once (see the module
+    docstring); returns how many ticks were pushed. Safe with any number of
+    concurrent callers, in any number of processes.
+
+    ``at`` replaces the store's wall clock (tests); ``store`` replaces
+    ``space.store`` (a worker's injected store); ``on_time``: how old a tick may
+    be and still be on time (default ON_TIME_S). Bounded: no schedule is started
+    and no push is made after PASS_BUDGET_S, except by the pass's first
+    schedule (so a store slower than the budget still makes progress); those
+    not reached go first on the next pass. Raises BackendError (SpaceLost
+    included) when the store fails; other errors of one schedule are logged and
+    the next one is fired."""
     schedules = sorted(space._schedules.values(), key=lambda s: s.name)
     if not schedules:
         return 0
-    clock = _PassClock(space.store.clock.wall() if at is None else float(at))
+    store = store or space.store
+    window = ON_TIME_S if on_time is None else on_time
+    _due.pop(space, None)  # unknown until this pass completes
+    clock = _PassClock(store.clock.wall() if at is None else float(at))
     offset = _cursors.get(space, 0) % len(schedules)
-    pushed = 0
+    pushed, earliest = 0, math.inf
     for i in range(len(schedules)):
-        if i and time.monotonic() - clock.start >= PASS_BUDGET_S:
+        if i and clock.spent():
             _cursors[space] = offset + i
             log.warning("periodic: pass budget spent after %d of %d schedules", i, len(schedules))
-            break
+            return pushed
         schedule = schedules[(offset + i) % len(schedules)]
         try:
-            pushed += _fire(space, schedule, clock)
+            count, due = _fire(store, schedule, clock, window, first=i == 0)
         except BackendError:
             raise
         except Exception:
             log.exception("periodic %s: not fired this pass", schedule.name)
+            count, due = 0, None
+        pushed += count
+        earliest = min(earliest, clock.now() if due is None else due)
+    _due[space] = clock.monotonic_at(earliest)
     return pushed
 
 
-def _fire(space: Space, schedule: Schedule, clock: _PassClock) -> int:
-    kv = space.store.kv
+def _fire(
+    store: Store, schedule: Schedule, clock: _PassClock, on_time: float, first: bool
+) -> tuple[int, Due]:
+    """One schedule's step: (ticks pushed, when its next tick is due)."""
+    kv = store.kv
     found = kv.get(schedule.key)
     now = clock.now()
     if found is None:  # first sight: start from now, no backfill
-        kv.cas(schedule.key, None, ScheduleState(last_tick=math.floor(now)).encode())
-        return 0
+        start = math.floor(now)
+        following = schedule.next_after(start)
+        kv.cas(schedule.key, None, ScheduleState(last_tick=start, next_tick=following).encode())
+        return 0, _wall(following)
     state = ScheduleState.decode(found.value)
     if state.pending:  # a pass claimed these and may have died before confirming
-        return _push_claimed(space, schedule, state, found.version, clock)
-    plan = schedule.plan(state.last_tick, now)
+        return _push_claimed(store, schedule, state, found.version, clock, first)
+    plan = schedule.plan(state.last_tick, now, on_time)
     if plan.last_tick <= state.last_tick:
-        return 0
-    claim = replace(state, last_tick=plan.last_tick, pending=plan.ticks)
+        return 0, _wall(schedule.next_after(state.last_tick))
+    claim = replace(state, last_tick=plan.last_tick, pending=plan.ticks,
+                    next_tick=schedule.next_after(plan.last_tick))  # fmt: skip
     won = kv.cas(schedule.key, found.version, claim.encode())
-    if won is None or not plan.ticks:  # another pass moved first, or only skips
-        return 0
-    return _push_claimed(space, schedule, claim, won.version, clock)
+    if won is None:  # another pass moved first: look again soon
+        return 0, None
+    if not plan.ticks:  # only skips
+        return 0, _wall(claim.next_tick)
+    return _push_claimed(store, schedule, claim, won.version, clock, first)
+
+
+def _wall(tick: int | None) -> float:
+    return math.inf if tick is None else float(tick)
 
 
 def _push_claimed(
-    space: Space, schedule: Schedule, state: ScheduleState, version: int, clock: _PassClock
-) -> int:
+    store: Store,
+    schedule: Schedule,
+    state: ScheduleState,
+    version: int,
+    clock: _PassClock,
+    first: bool,
+) -> tuple[int, Due]:
+    if not first and clock.spent():  # the budget is spent: the next pass pushes them
+        return 0, None
     horizon = schedule.horizon()
     ticks = [t for t in state.pending if horizon is None or clock.now() < t + horizon]
     if len(ticks) < len(state.pending):
         log.warning("periodic %s: %d pending tick(s) older than %.0f s dropped, not pushed late",
                     schedule.name, len(state.pending) - len(ticks), horizon)  # fmt: skip
     for chunk in push_chunks(schedule.specs(ticks)):
-        space.store.queue.push(chunk)
+        store.queue.push(chunk)
     done = replace(state, pending=(), fired=state.fired + len(ticks))
     if ticks:
         done = replace(done, last_fired=ticks[-1], last_task_id=schedule.task_id(ticks[-1]),
                        fired_at=round(clock.now(), 3))  # fmt: skip
-    space.store.kv.cas(schedule.key, version, done.encode())  # None: another pass confirmed
-    return len(ticks)
+    store.kv.cas(schedule.key, version, done.encode())  # None: another pass confirmed
+    return len(ticks), _wall(schedule.next_after(state.last_tick))
+
+
+# -- schedules nobody fires -------------------------------------------------------------
+
+
+def warn_unscheduled(
+    space: Space, *, store: Store | None = None, on_time: float | None = None
+) -> list[str]:
+    """The maintainer's check, at most every AUDIT_EVERY_S (else ``[]``): the names of
+    schedule records whose next tick is more than ``on_time`` overdue while this
+    process has no schedule of that name; each such tick is logged once as a
+    WARNING (no running worker defines the schedule: its ticks are not firing).
+    Raises BackendError when the store fails."""
+    now_mono = time.monotonic()
+    if now_mono < _audited.get(space, -math.inf) + AUDIT_EVERY_S:
+        return []
+    _audited[space] = now_mono
+    store = store or space.store
+    window = ON_TIME_S if on_time is None else on_time
+    now = store.clock.wall()
+    warned = _warned.setdefault(space, set())
+    overdue: list[str] = []
+    for key, value in _scan(store, KEY_PREFIX):
+        name = key[len(KEY_PREFIX) :]
+        if name in space._schedules:
+            continue
+        try:
+            tick = ScheduleState.decode(value).next_tick
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        if tick is None or now - tick <= window:
+            continue
+        overdue.append(name)
+        if (name, tick) not in warned:
+            warned.add((name, tick))
+            log.warning("periodic %s: its tick %d is %.0f s overdue and this maintainer has no"
+                        " schedule of that name: no running worker defines it (start one"
+                        " that does, or delete the record %s if the schedule is gone)",
+                        name, tick, now - tick, key)  # fmt: skip
+    return overdue
+
+
+def _scan(store: Store, prefix: str) -> Iterator[tuple[str, bytes]]:
+    """Every ``(key, value)`` under ``prefix``, page by page."""
+    after: str | None = None
+    while True:
+        page = store.kv.scan(prefix, after, SCAN_PAGE)
+        for key, entry in page:
+            yield key, entry.value
+        if len(page) < SCAN_PAGE:
+            return
+        after = page[-1][0]
