@@ -61,3 +61,28 @@ def test_watch_backs_off_while_redis_is_down(
     finally:
         watcher.close()
         space.close()
+
+
+def test_watch_with_idle_timeout_ends_on_time_while_redis_is_down(server: RedisServer) -> None:
+    import time
+
+    from taskspace.errors import BackendError
+
+    idle = 1.0
+    space = Space(server.namespaced_url())
+    try:
+        space.registry.register("svc", "a", "h:1", ttl=None)
+        watch = space.registry.watch("svc", idle_timeout=idle)
+        server.stop()
+        start = time.monotonic()
+        assert list(watch) == []  # ends: no change for idle_timeout, outage or not
+        ended = time.monotonic() - start
+        start = time.monotonic()
+        with pytest.raises(BackendError, match="could not read its start"):
+            space.registry.watch("svc", idle_timeout=idle)  # the call never blocks past it
+        refused = time.monotonic() - start
+        print(f"\nwhile Redis is down: watch ended after {ended:.2f} s, watch() raised after"
+              f" {refused:.2f} s (idle_timeout {idle} s)")  # fmt: skip
+        assert ended <= idle + 0.5 and refused <= idle + 0.5
+    finally:
+        space.close()

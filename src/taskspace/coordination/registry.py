@@ -95,6 +95,7 @@ DEFAULT_CHECK_TIMEOUT_S = 2.0
 DEFAULT_DEREGISTER_AFTER_S = 60.0
 SCAN_PAGE = 1000
 WATCH_WAIT_S = 1.0  # one kv.wait at most this long, so a stop is seen within it
+WATCH_START_S = 10.0  # watch() fixes its start within this (or idle_timeout), else BackendError
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 2.0
 MAINTAIN_BUDGET_S = 1.0  # maintain_registry returns within about this long
@@ -702,9 +703,19 @@ class Registry:
         resumes after revision R (a change's ``revision``), and the first put
         it sees of an instance it does not know is reported ``added``. Ends
         when ``stop`` is set (seen within WATCH_WAIT_S) or after
-        ``idle_timeout`` seconds without a change. BackendError: retried with
-        backoff from the same revision; Compacted: re-listed, the net
-        difference yielded (see the module docstring); SpaceLost is raised."""
+        ``idle_timeout`` seconds without a change: also while the backend is
+        down (the watch cannot tell an outage from silence), within one store
+        call's timeout. BackendError while following: retried with backoff
+        from the same revision (without ``idle_timeout``, until it answers);
+        Compacted: re-listed, the net difference yielded (see the module
+        docstring); SpaceLost is raised.
+
+        The call itself reads the start (the revision, and a scan with
+        ``since=None``), retrying a BackendError with backoff for at most
+        ``idle_timeout`` or WATCH_START_S (10 s), whichever is shorter, then
+        raises BackendError: it never blocks longer than that (plus one store
+        call's timeout). Resuming from a known revision (``since=R``) reads
+        nothing at the call."""
         prefix = PREFIX if service is None else f"{PREFIX}{check_service(service)}/"
         if since is not None and (isinstance(since, bool) or not isinstance(since, int)
                                   or since < 0):  # fmt: skip
@@ -759,20 +770,34 @@ class _Watch:
         self.delay = BACKOFF_START_S
         self.revision = 0
         self.idle_since = time.monotonic()
+        self.failure: BackendError | None = None
 
-    def _retry(self, op: Callable[[], Any]) -> Any:
-        """``op()``, retried with backoff on BackendError until it succeeds or
-        the watch is stopped (then None)."""
+    def _idle_deadline(self) -> float | None:
+        if self.idle_timeout is None:
+            return None
+        return self.idle_since + self.idle_timeout
+
+    def _retry(self, op: Callable[[], Any], deadline: float | None = None) -> Any:
+        """``op()``, retried with backoff on BackendError until it succeeds;
+        None once the watch is stopped or ``deadline`` (monotonic) passed.
+        The last BackendError is kept in ``self.failure``."""
         while not self.stop.is_set():
             try:
                 result = op()
                 self.delay = BACKOFF_START_S
+                self.failure = None
                 return result
             except SpaceLost:
                 raise
             except BackendError as exc:
-                log.warning("registry watch: %s; retrying in %.2f s", exc, self.delay)
-                self.stop.wait(self.delay)
+                self.failure = exc
+                pause = self.delay
+                if deadline is not None:
+                    pause = min(pause, deadline - time.monotonic())
+                    if pause <= 0:
+                        return None
+                log.warning("registry watch: %s; retrying in %.2f s", exc, pause)
+                self.stop.wait(pause)
                 self.delay = min(self.delay * 2, BACKOFF_MAX_S)
         return None
 
@@ -790,7 +815,12 @@ class _Watch:
         ``next``), then return the generator of changes."""
         first: list[ServiceChange] = []
         if since is None:
-            snap = self._retry(self._snapshot)
+            limit = min(WATCH_START_S, self.idle_timeout or WATCH_START_S)
+            snap = self._retry(self._snapshot, time.monotonic() + limit)
+            if snap is None and not self.stop.is_set():
+                raise BackendError(
+                    f"registry watch: could not read its start within {limit:g} s: {self.failure}"
+                )
             if snap is not None:
                 since, found = snap
                 if initial:
@@ -804,9 +834,9 @@ class _Watch:
         self.idle_since = time.monotonic()
         while not self.stop.is_set():
             try:
-                page = self._retry(self._changes)
+                page = self._retry(self._changes, self._idle_deadline())
             except Compacted:
-                snap = self._retry(self._snapshot)
+                snap = self._retry(self._snapshot, self._idle_deadline())
                 if snap is None:
                     return
                 self.revision, found = snap
@@ -830,11 +860,12 @@ class _Watch:
     def _wait(self) -> bool:
         """Wait for a change (at most WATCH_WAIT_S); False once idle for ``idle_timeout``."""
         left = WATCH_WAIT_S
-        if self.idle_timeout is not None:
-            left = min(left, self.idle_since + self.idle_timeout - time.monotonic())
+        deadline = self._idle_deadline()
+        if deadline is not None:
+            left = min(left, deadline - time.monotonic())
             if left <= 0:
                 return False
-        self._retry(lambda: self.space.store.kv.wait(self.prefix, self.revision, left))
+        self._retry(lambda: self.space.store.kv.wait(self.prefix, self.revision, left), deadline)
         return True
 
     def _resync(self, found: dict[str, Instance], revision: int) -> Iterator[ServiceChange]:
