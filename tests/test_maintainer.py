@@ -142,6 +142,25 @@ def test_maintain_stops_at_once_when_the_term_is_lost(
     assert calls == ORDER[:2]
 
 
+def test_maintain_gives_its_store_and_on_time_to_fire_due(
+    space: Space, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's injected store reaches the periodic step, as the queue and KV ones."""
+    seen: list[tuple[Any, Any]] = []
+    monkeypatch.setattr(
+        periodic, "fire_due", lambda s, **o: seen.append((o.get("store"), o.get("on_time")))
+    )
+    injected = space.store  # any store object other than None
+    maintain(space, store=injected, on_time=42.0)
+    assert seen == [(injected, 42.0)]
+
+
+def test_on_time_covers_the_failover_bound() -> None:
+    assert maintainer_mod.on_time_for(WorkerConfig()) == periodic.ON_TIME_S >= 10 + 2 + 2
+    config = WorkerConfig(maintainer_ttl=60, maintainer_retry=5, maintenance_interval=2)
+    assert maintainer_mod.on_time_for(config) == 69
+
+
 def test_maintain_reaps_in_bounded_batches(space: Space, monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[int] = []
 
@@ -232,6 +251,41 @@ def test_a_burst_worker_requeues_expired_leases_while_another_holds_the_term(
         assert report.succeeded == 1 and handle.result(timeout=0) == "ran"
         assert took < 5.0, f"the burst worker took {took:.1f} s"
         assert other.active  # it never took the term
+    finally:
+        other.resign()
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_fires_its_own_schedules_while_a_foreign_maintainer_leads(
+    space: Space, running: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The maintainer is a worker of another app (it has no schedule): a worker that
+    defines the schedule fires its ticks itself, about one pass per tick."""
+
+    @space.periodic(every=1, name="own-beat")
+    def beat() -> int:
+        return 1
+
+    passes: list[float] = []
+    real = periodic.fire_due
+
+    def counting(*args: Any, **kwargs: Any) -> int:
+        passes.append(time.monotonic())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(periodic, "fire_due", counting)
+    other = space.election(ELECTION).campaign(identity="other-app", ttl=30)
+    try:
+        run = running(space)
+        fired = lambda: [r for r in space.iter_tasks(name="own-beat") if r.state == "succeeded"]  # noqa: E731
+        wait_until(lambda: len(fired()) >= 3, 10, "three ticks to fire and run")
+        began = time.monotonic()
+        time.sleep(2.0)
+        during = [t for t in passes if t >= began]
+        assert not run.leading and other.active
+        assert len(during) <= 2 * 2 + 2, f"{len(during)} fire_due passes in 2 s"
+        ticks = sorted(int(r.id.rsplit(":", 1)[1]) for r in space.iter_tasks(name="own-beat"))
+        assert ticks == list(range(ticks[0], ticks[0] + len(ticks)))  # none skipped
     finally:
         other.resign()
 

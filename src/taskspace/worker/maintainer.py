@@ -29,6 +29,17 @@ Guarantees:
   load of every worker doing all of this every second; it is not needed for
   correctness.
 
+**Periodic ticks are fired by every worker that defines them**, not only by the
+maintainer: schedules live in code (``@space.periodic``), and the maintainer may
+be a worker of another app, or one started without the module that defines a
+schedule. A worker that does not lead calls ``fire_due`` itself whenever one of
+its own schedules has a tick due (``periodic.due_at``: one pass per tick, not one
+per second), while it waits to campaign; ``fire_due`` is correct with any number
+of concurrent callers. Ticks are on time for ``maintainer_ttl + maintainer_retry +
+2 * maintenance_interval`` (at least ``periodic.ON_TIME_S``), so a failover within
+its bound never turns a tick into a "missed" one. The maintainer also warns about
+schedule records whose ticks nobody fires (``periodic.warn_unscheduled``).
+
 A burst worker (``burst=True``) campaigns like any other. It also never waits
 on someone else to finish: while idle and not drained, and not the
 maintainer, it requeues expired task leases itself (at most every
@@ -51,6 +62,7 @@ from taskspace.worker.health import Backoff, Failed
 if TYPE_CHECKING:
     from taskspace.backends.base import Store
     from taskspace.space import Space
+    from taskspace.worker.config import WorkerConfig
     from taskspace.worker.worker import Worker
 
 log = logging.getLogger("taskspace.worker")
@@ -90,10 +102,14 @@ def _reap_batches(reap: Callable[[int], int]) -> int:
     return total
 
 
-def _fire_due(space: Space) -> int:
-    from taskspace.coordination.periodic import fire_due
+def _fire_due(space: Space, store: Store, on_time: float | None) -> int:
+    """The maintainer's periodic step: its own schedules' due ticks, then (at most
+    every AUDIT_EVERY_S) a warning about records whose ticks nobody fires."""
+    from taskspace.coordination.periodic import fire_due, warn_unscheduled
 
-    return fire_due(space)
+    pushed = fire_due(space, store=store, on_time=on_time)
+    warn_unscheduled(space, store=store, on_time=on_time)
+    return pushed
 
 
 def _maintain_registry(space: Space) -> None:
@@ -102,12 +118,23 @@ def _maintain_registry(space: Space) -> None:
     maintain_registry(space)
 
 
-def steps(space: Space, store: Store) -> list[tuple[str, Callable[[], object]]]:
+def on_time_for(config: WorkerConfig) -> float:
+    """How old a periodic tick may be and still be on time: at least the failover
+    bound of the maintainer role (and never below periodic.ON_TIME_S)."""
+    from taskspace.coordination.periodic import ON_TIME_S
+
+    bound = config.maintainer_ttl + config.maintainer_retry + 2 * config.maintenance_interval
+    return max(ON_TIME_S, bound)
+
+
+def steps(
+    space: Space, store: Store, on_time: float | None = None
+) -> list[tuple[str, Callable[[], object]]]:
     """The maintenance steps, in the order a pass runs them."""
     return [
         ("requeue_expired", store.queue.requeue_expired),
         ("promote_due", store.queue.promote_due),
-        ("fire_due", lambda: _fire_due(space)),
+        ("fire_due", lambda: _fire_due(space, store, on_time)),
         ("maintain_registry", lambda: _maintain_registry(space)),
         ("reap", lambda: _reap_batches(store.queue.reap)),
         ("kv.reap", lambda: _reap_batches(store.kv.reap)),
@@ -120,18 +147,21 @@ def maintain(
     store: Store | None = None,
     term: Term | None = None,
     guard: Guard | None = None,
+    on_time: float | None = None,
 ) -> int:
     """One maintenance pass; returns how many steps ran.
 
     Each step runs through ``guard(name, op)`` (default: log a failure as a
     WARNING and carry on), so one failing step never stops the others.
     ``term``: the pass stops before the next step once ``term.active`` is
-    False. ``store``: the store for the queue and KV steps (default
-    ``space.store``). Retention is bounded per pass (REAP_BATCHES_PER_PASS
-    batches of REAP_BATCH for tasks and for KV keys)."""
+    False. ``store``: the store for every step but the registry's (default
+    ``space.store``; ``maintain_registry`` always uses ``space.store``).
+    ``on_time``: how old a periodic tick may be and still be on time (see
+    :func:`on_time_for`; default periodic.ON_TIME_S). Retention is bounded per
+    pass (REAP_BATCHES_PER_PASS batches of REAP_BATCH for tasks and KV keys)."""
     run = guard or _log_failure
     ran = 0
-    for name, op in steps(space, store or space.store):
+    for name, op in steps(space, store or space.store, on_time):
         if term is not None and not term.active:
             break
         run(f"maintenance {name}", op)
@@ -153,6 +183,7 @@ class Maintainer:
         self._next_pass = 0.0
         self._next_requeue = 0.0
         self._last_campaign = 0.0
+        self.on_time = on_time_for(worker.config)
 
     @property
     def leading(self) -> bool:
@@ -196,7 +227,8 @@ class Maintainer:
         if now >= self._next_pass:
             term = self.term
             assert term is not None
-            maintain(self.w.space, store=self.w.store, term=term, guard=self._guard)
+            maintain(self.w.space, store=self.w.store, term=term, guard=self._guard,
+                     on_time=self.on_time)  # fmt: skip
             self.passes += 1
             self._next_pass = now + self.w.config.maintenance_interval
         self._wake.wait(max(0.0, self._next_pass - time.monotonic()))
@@ -242,6 +274,7 @@ class Maintainer:
         retry_at = time.monotonic() + self.w.config.maintainer_retry
         leases = self.w.space.store.leases
         while not self._stop.is_set():
+            self.fire_own()
             left = retry_at - time.monotonic()
             if left <= 0:
                 return
@@ -258,6 +291,22 @@ class Maintainer:
                     max(0.0, self._last_campaign + MIN_CAMPAIGN_GAP_S - time.monotonic())
                 )
                 return
+
+    def fire_own(self) -> None:
+        """Not the maintainer: fire this worker's own schedules when one of their
+        ticks is due (see the module docstring); a failure is an outage, logged
+        by the worker's health, and the next due check tries again."""
+        from taskspace.coordination.periodic import due_at, fire_due
+
+        space = self.w.space
+        if not space._schedules or self.leading or self.w.report.space_lost:
+            return
+        due = due_at(space)
+        if due is not None and time.monotonic() < due:
+            return
+        self.w.health.call(
+            "fire_due", partial(fire_due, space, store=self.w.store, on_time=self.on_time)
+        )
 
     def requeue_if_idle(self) -> None:
         """Burst mode, idle and not drained: requeue expired task leases here
