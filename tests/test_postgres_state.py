@@ -242,3 +242,13 @@ def test_channel_names_with_nul_are_refused(pg: Any) -> None:
         pg.pubsub.publish("a\x00b", b"x")
     with pytest.raises(ConfigError, match="NUL"):
         pg.pubsub.subscribe(["a\x00"])
+
+
+def test_closing_the_store_closes_its_subscriptions() -> None:
+    store = open_store(postgres_url())
+    sub = store.pubsub.subscribe(["ch"])
+    listen = sub._listen
+    assert listen is not None and not listen.closed
+    store.close()
+    assert listen.closed
+    assert sub.get(timeout=0) is None

@@ -24,6 +24,7 @@ import base64
 import contextlib
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -218,6 +219,7 @@ class PgPubSub:
         self._c = conn
         self._channel = channel_name(conn.schema)
         self._cleaned = float("-inf")
+        self._subs: weakref.WeakSet[PgSubscription] = weakref.WeakSet()
 
     def publish(self, channel: str, data: bytes) -> None:
         _check_channel(channel)
@@ -257,4 +259,12 @@ class PgPubSub:
             raise ConfigError(f"subscribe({channels!r}, {prefixes!r}): pass sequences of names")
         for name in (*channels, *prefixes):
             _check_channel(name, "channel or prefix")
-        return PgSubscription(self._c, channels, prefixes)
+        sub = PgSubscription(self._c, channels, prefixes)
+        self._subs.add(sub)
+        return sub
+
+    def close(self) -> None:
+        """Close every subscription made through this object (their LISTEN
+        connections); idempotent."""
+        for sub in list(self._subs):
+            sub.close()
