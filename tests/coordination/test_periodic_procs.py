@@ -1,7 +1,8 @@
 """Periodic tasks across real processes: four processes firing the same schedule at
-once over hundreds of ticks, and end to end, worker processes whose elected
-maintainer fires an ``every=1`` schedule while the test SIGKILLs it twice and
-SIGSTOPs it once: every tick is pushed once, none is lost, none runs twice.
+once over hundreds of ticks, and end to end, worker processes firing two ``every=1``
+schedules (catch_up "all" and the default "latest") while the test SIGKILLs the
+elected maintainer twice and SIGSTOPs it once: every tick of both is pushed once,
+none is lost, none runs twice.
 
 Workers import this module (``make_space``), as a user's app would be imported.
 The end-to-end run lasts PERIODIC_E2E_S seconds (default 8; the issue's soak is
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,7 @@ from tests.faults.harness import (
 
 APP = "tests.coordination.test_periodic_procs:make_space"
 NAME = "e2e.beat"
+NAME_LATEST = "e2e.latest"
 MARKS_ENV = "PERIODIC_MARKS"
 E2E_S = float(os.environ.get("PERIODIC_E2E_S", "8"))
 T0 = 1_800_000_000
@@ -48,14 +51,17 @@ def beat() -> int:
     """One run of a tick: a marker ``<tick>.<fencing token>.<pid>`` (outside the store)."""
     ctx = current_task()
     tick = tick_of(ctx.id)
-    Path(os.environ[MARKS_ENV], f"{tick}.{ctx.fencing_token}.{os.getpid()}").touch()
+    name = ctx.id.split(":")[1]
+    Path(os.environ[MARKS_ENV], name, f"{tick}.{ctx.fencing_token}.{os.getpid()}").touch()
     return os.getpid()
 
 
 def make_space(url: str | None = None) -> Space:
-    """The app: one schedule firing ``beat`` every second, missed ticks all fired."""
+    """The app: two schedules firing ``beat`` every second, one firing every missed
+    tick, one (the default policy) only the latest missed one."""
     space = Space(url)
     space.periodic(beat, every=1, catch_up="all", name=NAME, lease=2, max_attempts=5)
+    space.periodic(beat, every=1, name=NAME_LATEST, lease=2, max_attempts=5)
     return space
 
 
@@ -128,12 +134,12 @@ def leader(space: Space, fleet: Fleet) -> WorkerProc:
     return wait_for(find, 10.0, "a maintainer")
 
 
-def settled(space: Space, end: int) -> bool:
+def settled(space: Space, end: int, name: str) -> bool:
     """Every tick up to ``end`` was pushed and its task has finished."""
-    state = space.schedules[NAME].state()
+    state = space.schedules[name].state()
     if state is None or state.last_tick < end or state.pending:
         return False
-    live = [r for s in ("queued", "running") for r in space.iter_tasks(name=NAME, state=s)]
+    live = [r for s in ("queued", "running") for r in space.iter_tasks(name=name, state=s)]
     return all(int(r.id.rsplit(":", 1)[1]) > end for r in live)
 
 
@@ -166,7 +172,8 @@ def test_e2e_every_tick_once_across_maintainer_kills(
     url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     marks = tmp_path / "marks"
-    marks.mkdir()
+    for name in (NAME, NAME_LATEST):
+        (marks / name).mkdir(parents=True)
     monkeypatch.setenv(MARKS_ENV, str(marks))
     space = make_space(url)
     space.stats()  # create the space before any worker opens it
@@ -175,7 +182,7 @@ def test_e2e_every_tick_once_across_maintainer_kills(
     try:
         for _ in range(3):
             start_worker(fleet)
-        wait_for(lambda: any(marks.iterdir()), 20.0, "the first tick to run")
+        wait_for(lambda: any((marks / NAME).iterdir()), 20.0, "the first tick to run")
         started = time.monotonic()
         for fraction, fault in ((0.2, "kill"), (0.45, "stop"), (0.7, "kill")):
             time.sleep(max(0.0, started + fraction * E2E_S - time.monotonic()))
@@ -190,24 +197,26 @@ def test_e2e_every_tick_once_across_maintainer_kills(
             faults.append(f"{fault} {victim.pid}")
         time.sleep(max(0.0, started + E2E_S - time.monotonic()))
         end = int(space.store.clock.wall()) - 1
-        wait_for(lambda: settled(space, end), 15.0, f"every tick up to {end} to finish")
+        for name in (NAME, NAME_LATEST):
+            wait_for(partial(settled, space, end, name), 15.0, f"{name}'s ticks up to {end}")
     finally:
         fleet.close()
         print(fleet.logs())
-    records = {int(r.id.rsplit(":", 1)[1]): r for r in space.iter_tasks(name=NAME)}
-    runs = runs_by_tick(marks)
-    ticks = [t for t in sorted(records) if t <= end]
-    violations = violations_of(records, runs, end)
-    reruns = sum(len(runs.get(t, [])) - 1 for t in ticks)
-    late = max(records[t].created - t for t in ticks)
-    state = space.schedules[NAME].state()
-    figure = (f"periodic e2e {space.scheme}: {E2E_S:.0f} s, ticks={len(ticks)} faults="
-              f"{len(faults)} ({', '.join(faults)}) violations={len(violations)}"
-              f" reruns_after_worker_kill={reruns} max_late={late:.2f} s")  # fmt: skip
-    FIGURES.append(figure)
-    print(figure)
-    assert violations == [], violations
-    assert len(ticks) >= E2E_S - 2 and state is not None and state.fired >= len(ticks)
+    for name in (NAME, NAME_LATEST):
+        records = {int(r.id.rsplit(":", 1)[1]): r for r in space.iter_tasks(name=name)}
+        runs = runs_by_tick(marks / name)
+        ticks = [t for t in sorted(records) if t <= end]
+        violations = violations_of(records, runs, end)
+        reruns = sum(len(runs.get(t, [])) - 1 for t in ticks)
+        late = max(records[t].created - t for t in ticks)
+        state = space.schedules[name].state()
+        figure = (f"periodic e2e {space.scheme} {name}: {E2E_S:.0f} s, ticks={len(ticks)}"
+                  f" faults={len(faults)} ({', '.join(faults)}) violations={len(violations)}"
+                  f" reruns_after_worker_kill={reruns} max_late={late:.2f} s")  # fmt: skip
+        FIGURES.append(figure)
+        print(figure)
+        assert violations == [], violations
+        assert len(ticks) >= E2E_S - 2 and state is not None and state.fired >= len(ticks)
     space.close()
 
 
