@@ -198,8 +198,12 @@ def locks(backend: str, ops: int, repeat: int, procs: int, contend_s: float, kil
     console = Console()
     if not console.is_terminal:  # a log file or a pipe: keep the wide table readable
         console = Console(width=WIDE_CONSOLE)
-    ok = locks_bench.report(config, locks_bench.run(config, console), console)
-    if not ok:
+    try:
+        results = locks_bench.run(config, console)
+    except BenchError as exc:
+        console.print(f"[red]benchmark failed:[/] {exc}")
+        sys.exit(2)
+    if not locks_bench.report(config, results, console):
         sys.exit(2)
 
 
