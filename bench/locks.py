@@ -21,7 +21,7 @@ private ``redis-server`` on a free loopback port; a fresh namespace per phase):
   Handoff = the next holder's acquire - the previous holder's release, over the
   handoffs to *another* holder; acquisitions/s over the whole phase; an overlap
   of two holding intervals would be a mutual exclusion violation (must be 0).
-- **election failover** (SQLite and Redis): 3 candidate processes campaign
+- **election failover** (SQLite and Redis): ``candidates`` processes (3) campaign
   (``ttl=failover_ttl``); the leader is SIGKILLed ``kills`` times, each after a
   random 0.2-0.6 s of leading; failover = from just before the kill to the next
   leader's campaign() having returned (its term begun and its record written).
@@ -71,7 +71,6 @@ CHILD_TIMEOUT_S = 600.0
 LOCK_TTL_S = 10.0  # far longer than any pair: no renewal, no expiry during a run
 ACQUIRE_WAIT_S = 5.0  # uncontended acquisitions never wait; this only bounds a bug
 START_TIMEOUT_S = 60.0  # spawned processes importing taskspace on a busy host
-CANDIDATES = 3
 LEAD_PAUSE_S = (0.2, 0.6)
 TARGET_RATIO = 1.2
 
@@ -93,6 +92,7 @@ class LocksBench:
     contend_s: float = 2.0
     kills: int = 5
     failover_ttl: float = 1.0
+    candidates: int = 3
     skip_install: bool = False
     venv_root: Path = VENV_ROOT
     seed: int = 1
@@ -513,20 +513,21 @@ def failover(url: str, config: LocksBench, tag: str, rng: random.Random) -> Fail
         p.start()
         procs[p.pid or 0] = p
 
-    for _ in range(CANDIDATES):
+    for _ in range(config.candidates):
         start()
     try:
         _, leader, term, _ = _next(out, "leads", START_TIMEOUT_S)
         result.terms.append(term)
-        for _ in range(config.kills):
+        for left in reversed(range(config.kills)):
             time.sleep(rng.uniform(*LEAD_PAUSE_S))
             killed = time.monotonic()
             procs.pop(leader).kill()
             _, leader, term, acting = _next(out, "leads", ttl * 10 + 5)
             result.seconds.append(acting - killed)
             result.terms.append(term)
-            start()  # back to CANDIDATES, ready before the next kill
-            _next(out, "ready", START_TIMEOUT_S)
+            if left:
+                start()  # back to config.candidates, ready before the next kill
+                _next(out, "ready", START_TIMEOUT_S)
     finally:
         for p in procs.values():
             p.kill()
@@ -688,7 +689,7 @@ def _contended_table(config: LocksBench, results: list[BackendResults]) -> Table
 
 
 def _failover_table(config: LocksBench, results: list[BackendResults]) -> Table:
-    table = Table(title=f"election failover: {CANDIDATES} candidates, leader SIGKILLed"
+    table = Table(title=f"election failover: {config.candidates} candidates, leader SIGKILLed"
                         f" {config.kills} times, ttl={config.failover_ttl:g} s")  # fmt: skip
     for col in ("backend", "kills", "p50", "max", "bound ttl + ttl/3", "terms increase"):
         table.add_column(col, justify="left" if col == "backend" else "right")

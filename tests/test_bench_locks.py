@@ -3,13 +3,26 @@
 
 from __future__ import annotations
 
+import random
 import re
 import uuid
+from pathlib import Path
 
 import pytest
 from bench.__main__ import main
-from bench.locks import OURS_FAIR, OURS_UNFAIR, REDIS_PY, Contended, run_uncontended
+from bench.locks import (
+    OURS_FAIR,
+    OURS_UNFAIR,
+    REDIS_PY,
+    BackendResults,
+    Contended,
+    LocksBench,
+    failover,
+    report,
+    run_uncontended,
+)
 from click.testing import CliRunner
+from rich.console import Console
 
 from tests.services import shared_redis
 
@@ -20,26 +33,30 @@ def _rows(output: str, label: str) -> list[str]:
     return [line for line in output.splitlines() if label in line]
 
 
-@pytest.mark.parametrize(
-    ("backend", "extra"),
-    [("memory", ["--procs", "3"]), ("sqlite", ["--procs", "2", "--kills", "1"])],
-)
-def test_locks_bench_prints_every_table(backend: str, extra: list[str]) -> None:
-    args = ["locks", "--backend", backend, "--ops", "20", "--repeat", "1", "--contend", "0.3"]
-    result = CliRunner().invoke(main, [*args, *extra])
+@pytest.mark.parametrize(("backend", "procs"), [("memory", "3"), ("sqlite", "2")])
+def test_locks_bench_prints_every_table(backend: str, procs: str) -> None:
+    args = ["locks", "--backend", backend, "--ops", "20", "--repeat", "1", "--contend", "0.3",
+            "--procs", procs, "--kills", "0"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     for label in (OURS_FAIR, OURS_UNFAIR):
         latency, contended = _rows(result.output, label)
         assert len(FIGURE.findall(latency)) == 2, latency  # p50 and p99
         assert len(FIGURE.findall(contended)) == 2, contended  # handoff p50 and p99
         assert re.search(r"[│|]\s*0\s*[│|]\s*$", contended), contended  # no overlap
-    failover = [line for line in result.output.splitlines() if re.match(r"[│|]\s*sqlite", line)]
-    if backend == "sqlite":
-        assert "election failover" in result.output
-        assert re.search(r"\d+\.\d{3} s .*met", failover[-1]), result.output
-        assert "yes" in failover[-1]  # terms increase
-    else:
-        assert "election failover" not in result.output
+    assert "election failover" not in result.output
+
+
+def test_failover_after_sigkill_is_timed_and_reported(tmp_path: Path) -> None:
+    config = LocksBench(backends=("sqlite",), kills=1, candidates=2, failover_ttl=0.5)
+    got = failover(f"sqlite:///{tmp_path / 'f.db'}", config, "t", random.Random(1))
+    assert len(got.seconds) == 1 and len(got.terms) == 2, got
+    assert got.terms[0] < got.terms[1]
+    assert 0 < got.seconds[0] <= got.bound + 0.5, got  # the killed lease expires within ttl
+    console = Console(record=True, width=200)
+    assert report(config, [BackendResults("sqlite", failover=got)], console)
+    row = next(line for line in console.export_text().splitlines() if "sqlite" in line)
+    assert re.search(r"\d+\.\d{3} s .* yes", row), row
 
 
 def test_redis_comparison_counts_round_trips() -> None:
