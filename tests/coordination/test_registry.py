@@ -394,3 +394,44 @@ def test_an_instance_the_maintainer_deregistered_does_not_come_back(
         assert space.registry.get("web", "flap") is not None
     finally:
         watcher.close()
+
+
+def _resumed_ids(space: Space, since: int) -> set[str]:
+    return {c.id for c in space.registry.watch("api", since=since, idle_timeout=0.3)
+            if c.kind in ("added", "updated")}  # fmt: skip
+
+
+def test_resuming_from_any_relist_event_loses_none_of_the_rest(
+    space: Space, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _patch_keep(monkeypatch, space, 3)
+    reg, kv = space.registry, space.store.kv
+    watch = reg.watch("api")  # knows nothing yet
+    for i in range(4):
+        reg.register("api", f"i{i}", "h:1", ttl=None)
+    for i in range(10):
+        kv.put(f"other/{i}", b"x")
+    kv.reap()  # the watch's next read raises Compacted: it re-lists
+    relist = [next(watch) for _ in range(4)]
+    assert sorted(c.id for c in relist) == ["i0", "i1", "i2", "i3"] and all(
+        c.relist for c in relist
+    )
+    # a consumer that stopped after event n and resumes from its revision gets the rest
+    for n, change in enumerate(relist):
+        rest = {c.id for c in relist[n + 1 :]}
+        assert rest <= _resumed_ids(space, change.revision), (n, change)
+    assert list(reg.watch("api", since=relist[-1].revision, idle_timeout=0.3)) == []  # the last
+
+
+def test_resuming_from_any_initial_event_loses_none_of_the_rest(space: Space) -> None:
+    reg = space.registry
+    for i in range(4):
+        reg.register("api", f"i{i}", "h:1", ttl=None)
+    reg.register("other", "o", "h:1", ttl=None)
+    reg.register("api", "i1", "h:2", ttl=None)  # a later write of an earlier instance
+    initial = list(reg.watch("api", initial=True, idle_timeout=0.3))
+    assert sorted(c.id for c in initial) == ["i0", "i1", "i2", "i3"]
+    for n, change in enumerate(initial):
+        rest = {c.id for c in initial[n + 1 :]}
+        assert rest <= _resumed_ids(space, change.revision), (n, change)
+    assert initial[-1].revision == space.store.kv.revision()  # the last: nothing to replay

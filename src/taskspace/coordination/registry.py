@@ -63,7 +63,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -284,8 +284,22 @@ class ServiceChange:
     ran out: the process stopped heartbeating). ``instance`` is the new state
     (added/updated) or the last known one (removed/expired; None if the
     watch never saw it, which only happens when resuming with ``since``);
-    ``previous`` the state before an update. ``revision`` is the KV revision
-    to resume from (``watch(since=change.revision)``).
+    ``previous`` the state before an update.
+
+    ``revision`` is the KV revision to resume from
+    (``watch(since=change.revision)``): a watch resumed from any delivered
+    change yields every change after it, at least once. For a change of the
+    feed it is that change's revision. A listing (``relist=True``: the
+    ``initial=True`` adds, or the net difference after ``Compacted``) comes
+    as a batch, and only its *last* change carries the listing's revision.
+    Each earlier one carries a revision that makes a resumed watch deliver
+    the rest of the batch again: after ``Compacted`` the revision the watch
+    stood at before it (below the compaction point: the resumed watch gets
+    ``Compacted`` and re-lists too); for ``initial=True``, whose adds come in
+    the order of their instances' revisions, one below the next add's
+    instance revision (the resumed watch replays the feed from there, or
+    re-lists if that part was compacted). A resumed watch knows nothing yet:
+    what it replays comes as ``added``/``updated`` again.
     """
 
     kind: ChangeKindName
@@ -294,6 +308,7 @@ class ServiceChange:
     instance: Instance | None
     revision: int
     previous: Instance | None = None
+    relist: bool = False
 
 
 def scan_all(store: Store, prefix: str) -> Iterator[tuple[str, Versioned]]:
@@ -824,7 +839,7 @@ class _Watch:
             if snap is not None:
                 since, found = snap
                 if initial:
-                    first = list(self._resync(found, since))
+                    first = self._resync(found, since, None)
                 self.known, self.complete = found, True
         self.revision = since or 0
         return self._run(first)
@@ -839,8 +854,9 @@ class _Watch:
                 snap = self._retry(self._snapshot, self._idle_deadline())
                 if snap is None:
                     return
+                before = self.revision
                 self.revision, found = snap
-                yield from self._resync(found, self.revision)
+                yield from self._resync(found, self.revision, before)
                 self.known, self.complete = found, True
                 continue
             if page is None:
@@ -868,18 +884,35 @@ class _Watch:
         self._retry(lambda: self.space.store.kv.wait(self.prefix, self.revision, left), deadline)
         return True
 
-    def _resync(self, found: dict[str, Instance], revision: int) -> Iterator[ServiceChange]:
-        """The net difference between what the watch knew and ``found``."""
+    def _resync(
+        self, found: dict[str, Instance], revision: int, before: int | None
+    ) -> list[ServiceChange]:
+        """The net difference between what the watch knew and ``found`` (listed
+        at ``revision``), stamped as ServiceChange's docstring says: the last
+        with ``revision``, the others with ``before`` (the watch's revision
+        when it got Compacted) or, for the initial listing (None), in instance
+        revision order, each with one below the next one's instance revision."""
         known = self.known
+        out: list[ServiceChange] = []
         for key, inst in found.items():
             prev = known.get(key)
             if prev is None:
-                yield ServiceChange("added", inst.service, inst.id, inst, revision)
+                out.append(ServiceChange("added", inst.service, inst.id, inst, revision))
             elif prev.version != inst.version:
-                yield ServiceChange("updated", inst.service, inst.id, inst, revision, prev)
+                out.append(ServiceChange("updated", inst.service, inst.id, inst, revision, prev))
         for key, prev in known.items():
             if key not in found:
-                yield ServiceChange("removed", prev.service, prev.id, prev, revision)
+                out.append(ServiceChange("removed", prev.service, prev.id, prev, revision))
+        if not out:
+            return out
+        if before is None:  # the initial listing: only adds, each with its instance
+            out.sort(key=_instance_revision)
+        stamps = [before if before is not None else max(0, _instance_revision(nxt) - 1)
+                  for nxt in out[1:]] + [revision]  # fmt: skip
+        return [
+            replace(change, revision=stamp, relist=True)
+            for change, stamp in zip(out, stamps, strict=True)
+        ]
 
     def _apply(self, change: Change) -> ServiceChange | None:
         names = _split(change.key)
@@ -900,6 +933,10 @@ class _Watch:
         self.known.pop(change.key, None)
         kind = "expired" if change.kind == "expire" else "removed"
         return ServiceChange(kind, names[0], names[1], prev, change.revision)
+
+
+def _instance_revision(change: ServiceChange) -> int:
+    return change.instance.revision if change.instance is not None else 0
 
 
 # -- the maintainer's pass -----------------------------------------------------------------
