@@ -174,6 +174,18 @@ def map_error(exc: BaseException, what: str, url: str = "") -> TaskspaceError:
     return BackendError(f"PostgreSQL {what}{where} failed: {type(exc).__name__}{code}: {message}")
 
 
+def _end_implicit_transaction(pipe: Any) -> None:
+    """Queue a Sync in ``pipe`` without waiting: the statements before it
+    commit before the ones after it start (in one implicit transaction they
+    would commit together, and a later statement's snapshot would not follow
+    the earlier one's commit). Falls back to a full sync (a round trip)."""
+    enqueue = getattr(pipe, "_enqueue_sync", None)
+    if callable(enqueue):
+        enqueue()
+    else:  # pragma: no cover - a psycopg without the private helper
+        pipe.sync()
+
+
 def _gone(exc: BaseException, conn: psycopg.Connection[Any] | None) -> bool:
     """Whether ``exc`` says the connection or the server went away."""
     sqlstate = getattr(exc, "sqlstate", None) or ""
@@ -196,6 +208,9 @@ class PgConn:
         self._lock = threading.Lock()
         self._pool: ConnectionPool[Any] | None = None
         self._used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        # Keys to NOTIFY after the transaction on a connection commits (see after_commit).
+        self._pending: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+        self.on_commit: Callable[[psycopg.Connection[Any], list[str]], None] | None = None
         self._closed = False
 
     # -- connections ---------------------------------------------------------
@@ -307,11 +322,15 @@ class PgConn:
         Not retried (see :meth:`run` for a body that may be)."""
         psycopg = import_psycopg()
         with self.connection(what) as conn:
+            self._pending[conn] = []
             try:
                 with conn.transaction(), conn.cursor() as cur:
                     yield cur
             except psycopg.Error as exc:
                 raise map_error(exc, what, self.display) from exc
+            finally:
+                keys = self._pending.pop(conn, [])
+            self._committed(conn, keys)
 
     def run(self, fn: Callable[[psycopg.Cursor[Any]], T], what: str, retry: bool = True) -> T:
         """``fn(cursor)`` in one transaction. With ``retry``, a connection that
@@ -322,18 +341,42 @@ class PgConn:
         for attempt in range(2):
             with self.connection(what) as conn:
                 committing = False
+                self._pending[conn] = []
                 try:
                     with conn.transaction():
                         with conn.cursor() as cur:
                             out = fn(cur)
                         committing = True
-                    return out
                 except psycopg.Error as exc:
                     if retry and attempt == 0 and not committing and _gone(exc, conn):
                         log.info("PostgreSQL connection lost before %s committed; retrying", what)
                         continue
                     raise map_error(exc, what, self.display) from exc
+                finally:
+                    keys = self._pending.pop(conn, [])
+                self._committed(conn, keys)
+                return out
         raise AssertionError("unreachable")
+
+    def after_commit(self, cur: psycopg.Cursor[Any], keys: Sequence[str]) -> bool:
+        """Queue ``keys`` to be NOTIFYed once the transaction of ``cur`` (one of
+        :meth:`run` / :meth:`transaction`) has committed; False if ``cur`` is
+        not in such a transaction (a caller's own connection)."""
+        pending = self._pending.get(cur.connection)
+        if pending is None:
+            return False
+        pending.extend(keys)
+        return True
+
+    def _committed(self, conn: psycopg.Connection[Any], keys: list[str]) -> None:
+        """Send the NOTIFYs a committed transaction queued (on_commit, set by the
+        waiter). A failure here never fails the committed write: waiters then
+        wake by their timeouts."""
+        if keys and self.on_commit is not None:
+            try:
+                self.on_commit(conn, keys)
+            except Exception as exc:  # noqa: BLE001 - the write is committed already
+                log.warning("PostgreSQL NOTIFY after commit failed: %s", exc)
 
     def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         """Rows of one read-only statement (autocommit); retried once on a fresh
@@ -364,7 +407,8 @@ class PgConn:
         self, steps: Sequence[tuple[str, Sequence[Any] | dict[str, Any]]], retry: bool = False
     ) -> list[list[Any]]:
         """Several statements in ONE round trip (psycopg pipeline mode), each
-        committed on its own (autocommit) in order; the rows of each. A
+        committed on its own (a Sync after each) before the next starts; the
+        rows of each. A
         failing statement raises (mapped) and the ones after it do not run.
         ``retry`` as in :meth:`execute` (every step must be safe to repeat)."""
         psycopg = import_psycopg()
@@ -376,7 +420,9 @@ class PgConn:
                         return [cur.fetchall() if cur.description else []]
                     with conn.pipeline() as pipe:
                         cursors = [conn.cursor() for _ in steps]
-                        for cur, (sql, params) in zip(cursors, steps, strict=True):
+                        for i, (cur, (sql, params)) in enumerate(zip(cursors, steps, strict=True)):
+                            if i:
+                                _end_implicit_transaction(pipe)
                             cur.execute(sql, params)
                         pipe.sync()  # the one round trip: every result is in
                         return [c.fetchall() if c.description else [] for c in cursors]

@@ -96,8 +96,8 @@ def _moved(overrides: dict[str, str], source: str) -> str:
 ALL_COLUMNS = ", ".join(COLUMNS)
 
 # push: insert tasks (nextval in submission order), skipping ids that exist in
-# either table and dedup keys a live task holds; NOTIFY waiters of the queues
-# (and queue/name pairs) that got tasks.
+# either table and dedup keys a live task holds (waiters are woken after the
+# commit, waiter.py).
 PUSH_SQL = (
     f"WITH {NOW_CTE},"
     " input AS (SELECT * FROM unnest(%(ids)s::text[], %(names)s::text[], %(payloads)s::bytea[],"
@@ -111,11 +111,8 @@ PUSH_SQL = (
     " i.priority, i.max_attempts, i.lease_s, i.timeout, i.dedup_key, 'queued', now.t + i.delay,"
     " i.delay > 0, now.w, i.result_ttl FROM input i, now"
     " WHERE NOT EXISTS (SELECT 1 FROM {s}done d WHERE d.id = i.id) ORDER BY i.ord) o"
-    " ON CONFLICT DO NOTHING RETURNING id, queue, name),"
-    " woke AS (SELECT count(pg_notify(%(channel)s, w.key)) AS n FROM {s}waiters w, now"
-    " WHERE w.until > now.w AND w.key IN (SELECT 'q:' || queue FROM ins"
-    " UNION SELECT 'q:' || queue || E'\\n' || name FROM ins))"
-    " SELECT ins.id, (SELECT n FROM woke) FROM ins"
+    " ON CONFLICT DO NOTHING RETURNING id)"
+    " SELECT id FROM ins"
 )
 # A dedup key's live task (the id a deduplicated push returns).
 DEDUP_SQL = "SELECT dedup_key, id FROM {s}tasks WHERE dedup_key = ANY(%s::text[])"
@@ -198,8 +195,8 @@ DONE_FROM_FINISH = _moved(
 )
 # finish, ONE statement: lock the running rows whose token matches (seq
 # order), decide each next state by the generated transition table, requeue
-# (retry, release) in place or move the ended ones to done; NOTIFY waiters
-# of the ended tasks and of the queues that got a task back.
+# (retry, release) in place or move the ended ones to done; returns each
+# accepted (id, token, queue, name, d[one] | q[ueued]).
 FINISH_SQL = (
     f"WITH {NOW_CTE},"
     " input AS (SELECT * FROM unnest(%(ids)s::text[], %(tokens)s::bigint[], %(kinds)s::text[],"
@@ -219,14 +216,20 @@ FINISH_SQL = (
     " m AS (DELETE FROM tasks t USING cur c WHERE t.seq = c.seq AND c.next <> 'queued'"
     " RETURNING t.*, c.next, c.result AS new_result, c.error AS new_error),"
     f" ended AS (INSERT INTO done ({ALL_COLUMNS}) SELECT {DONE_FROM_FINISH} FROM m, now"
-    " RETURNING id, finish_token),"
-    " woke AS (SELECT count(pg_notify(%(channel)s, w.key)) AS n FROM waiters w, now"
-    " WHERE w.until > now.w AND w.key IN (SELECT 'done:' || id FROM ended"
-    " UNION SELECT 'q:' || queue FROM requeued"
-    " UNION SELECT 'q:' || queue || E'\\n' || name FROM requeued))"
-    " SELECT id, finish_token, (SELECT n FROM woke) FROM ended"
-    " UNION ALL SELECT id, token, 0 FROM requeued"
+    " RETURNING id, finish_token, queue, name)"
+    " SELECT id, finish_token, queue, name, 'd' FROM ended"
+    " UNION ALL SELECT id, token, queue, name, 'q' FROM requeued"
 ).replace("{s}", "")
+# After a finish committed: wake whoever waits for these tasks to end, or for
+# a task of their queue (a retried or released task is ready again).
+NOTIFY_FINISHED_SQL = (
+    "SELECT count(pg_notify(%(channel)s, w.key)) FROM waiters w"
+    " WHERE w.until > extract(epoch FROM clock_timestamp()) AND w.key IN ("
+    " SELECT 'done:' || i FROM unnest(%(ids)s::text[]) AS i"
+    " UNION SELECT 'q:' || queue FROM tasks WHERE id = ANY(%(ids)s::text[]) AND state = 'queued'"
+    " UNION SELECT 'q:' || queue || E'\\n' || name FROM tasks"
+    " WHERE id = ANY(%(ids)s::text[]) AND state = 'queued')"
+)
 # A finish not accepted: was it a retry of the accepted one (same token)?
 FINISHED_BEFORE_SQL = (
     "SELECT id, token FROM (SELECT id, finish_token FROM tasks WHERE id = ANY(%(ids)s::text[])"
@@ -333,6 +336,21 @@ def _task_args(specs: Sequence[TaskSpec]) -> dict[str, Any]:
     }
 
 
+def _finished_keys(rows: Sequence[Any]) -> list[str]:
+    """The waiter keys of a finish's accepted rows (id, token, queue, name, d|q)."""
+    keys: set[str] = set()
+    for task_id, _, queue, name, kind in rows:
+        keys |= {f"done:{task_id}"} if kind == "d" else {f"q:{queue}", f"q:{queue}\n{name}"}
+    return sorted(keys)
+
+
+def _ready_keys(specs: Sequence[TaskSpec]) -> list[str]:
+    """The waiter keys a push of ``specs`` wakes (delayed tasks too: a waiter
+    then re-computes when the first is due)."""
+    keys = {f"q:{s.queue}" for s in specs} | {f"q:{s.queue}\n{s.name}" for s in specs}
+    return sorted(keys)
+
+
 def record(row: Sequence[Any]) -> TaskRecord:
     """A TaskRecord from a row of ``RECORD`` (or ``LIST_RECORD``)."""
     progress = None if row[19] is None else (row[19], row[20])
@@ -381,7 +399,15 @@ class PgQueue:
             return self.push_in(bound[1], specs)
         ids: list[str] = []
         for chunk in push_chunks(specs):
-            ids.extend(self._push(lambda sql, args: self._c.execute(sql, args, retry=True), chunk))
+
+            def run(sql: str, args: Any, chunk: Sequence[TaskSpec] = chunk) -> list[Any]:
+                if sql != self._push_sql:
+                    return self._c.read(sql, args)
+                # The insert, then (after its commit, same round trip) the wake-up.
+                wake = self._waiter.notify_step(_ready_keys(chunk))
+                return self._c.pipeline([(sql, args), wake], retry=True)[0]
+
+            ids.extend(self._push(run, chunk, lambda _: None))
         return ids
 
     def push_with(
@@ -395,20 +421,26 @@ class PgQueue:
             cur.execute(sql, args)
             return list(cur.fetchall())
 
-        return self._push(run, specs, qualified)
+        def wake(keys: list[str]) -> None:
+            self._waiter.notify(cur, keys)
+
+        return self._push(run, specs, wake, qualified)
 
     def _push(
         self,
         run: Callable[[str, Any], list[Any]],
         specs: Sequence[TaskSpec],
+        wake: Callable[[list[str]], None],
         qualified: bool = False,
     ) -> list[str]:
+        """The push statement through ``run``, then ``wake`` with the keys to
+        wake if anything was inserted, then the dedup lookups."""
         if not specs:
             return []
         sql = self._push_sql_qualified if qualified else self._push_sql
-        inserted = {
-            row[0] for row in run(sql, {**_task_args(specs), "channel": self._waiter.channel})
-        }
+        inserted = {row[0] for row in run(sql, _task_args(specs))}
+        if inserted:
+            wake(_ready_keys(specs))
         keys = [s.dedup_key for s in specs if s.id not in inserted and s.dedup_key is not None]
         live: dict[str, str] = {}
         if keys:
@@ -508,13 +540,13 @@ class PgQueue:
             "results": [o.result for _, o in items],
             "errors": [_error_text(o.error) for _, o in items],
             "delays": [float(o.delay) for _, o in items],
-            "channel": self._waiter.channel,
         }
 
         if not any(o.followups for _, o in items):
             # ONE statement; a retry after a broken connection is answered
             # True again by the finish token.
-            rows = self._c.execute(FINISH_SQL, args, retry=True)
+            wake = (NOTIFY_FINISHED_SQL, {"channel": self._waiter.channel, "ids": args["ids"]})
+            rows = self._c.pipeline([(FINISH_SQL, args), wake], retry=True)[0]
             return self._settle(items, rows, lambda sql, a: self._c.execute(sql, a, retry=True))[0]
 
         def finish(cur: Cursor) -> list[bool]:
@@ -522,7 +554,9 @@ class PgQueue:
                 cur.execute(sql, a)
                 return list(cur.fetchall()) if cur.description else []
 
-            answers, fresh = self._settle(items, run(FINISH_SQL, args), run)
+            rows = run(FINISH_SQL, args)
+            answers, fresh = self._settle(items, rows, run)
+            self._waiter.notify(cur, _finished_keys(rows))
             # Follow-ups are pushed once every item is settled (as on Redis), in
             # the finish's transaction: never for a refused item, nor again for
             # a retry of an accepted one.

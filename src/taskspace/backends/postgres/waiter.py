@@ -5,10 +5,18 @@ Protocol (no lost wake-up): a waiter (1) notes the notification counter, (2)
 registers its keys in the UNLOGGED table ``waiters`` (``until`` = server
 time it may still wait) and commits, (3) checks the database (``ready``),
 (4) sleeps on the condition until a notification for one of its keys
-arrives. A writer NOTIFYs, in its own transaction, only the keys that have a
-live row in ``waiters`` (``notify_sql``), so a burst of submits with nobody
-idle pays one index probe, not a NOTIFY; PostgreSQL delivers a NOTIFY at
-commit, so a woken waiter always sees the write.
+arrives. A writer, AFTER its write committed, runs one statement that
+NOTIFYs the keys with a live row in ``waiters`` (NOTIFY_SQL), so a burst of
+submits with nobody idle pays one index probe, never a NOTIFY. Why after:
+under MVCC a check inside the writing transaction may run on a snapshot
+older than a registration while the waiter's check runs before the write
+commits, and both miss; with the writer's check after its commit, either
+it sees the registration or the waiter's check (after the registration
+committed) sees the write. The after-commit statement rides in the same
+round trip as the write where it can (``conn.pipeline``), else it follows
+the COMMIT (``PgConn.after_commit``). A push in a caller's own transaction
+cannot check after the caller's commit: it NOTIFYs its keys unconditionally
+(delivered at that commit).
 
 Keys: ``q:<queue>`` (a task became ready in the queue), ``q:<queue>\\n<name>``
 (of that name), ``done:<task id>`` (a task ended); PGSTATE's protocols use
@@ -49,6 +57,8 @@ NOTIFY_SQL = (
     "SELECT count(pg_notify(%(channel)s, key)) FROM waiters"
     " WHERE key = ANY(%(keys)s::text[]) AND until > extract(epoch FROM clock_timestamp())"
 )
+# A caller's own transaction: NOTIFY every key (delivered at its commit).
+NOTIFY_ALL_SQL = "SELECT count(pg_notify(%(channel)s, k)) FROM unnest(%(keys)s::text[]) AS k"
 # Waiters: register (or extend) interest in each key for %(seconds)s.
 REGISTER_SQL = (
     "INSERT INTO waiters SELECT k, extract(epoch FROM clock_timestamp()) + %(seconds)s"
@@ -80,13 +90,27 @@ class Waiter:
         self._closed = False
         self._listen_conn: psycopg.Connection[Any] | None = None
         self._registered: dict[str, float] = {}  # key -> monotonic time it lapses
+        conn.on_commit = self._after_commit
 
     # -- writers -------------------------------------------------------------------
 
     def notify(self, cur: psycopg.Cursor[Any], keys: Sequence[str]) -> None:
-        """In the caller's transaction: NOTIFY the keys someone may wait on."""
-        if keys:
-            cur.execute(NOTIFY_SQL, {"channel": self.channel, "keys": list(keys)})
+        """Wake the waiters of ``keys`` once the transaction of ``cur`` commits:
+        in a :meth:`PgConn.run` / ``transaction`` the check runs after the
+        COMMIT; on a caller's own connection the NOTIFYs are unconditional
+        (PostgreSQL delivers them at the caller's commit)."""
+        if not keys:
+            return
+        if not self._c.after_commit(cur, keys):
+            cur.execute(NOTIFY_ALL_SQL, {"channel": self.channel, "keys": list(keys)})
+
+    def notify_step(self, keys: Sequence[str]) -> tuple[str, dict[str, Any]]:
+        """The statement that wakes the waiters of ``keys``: run it (autocommit)
+        after the write committed, e.g. as the next step of ``conn.pipeline``."""
+        return NOTIFY_SQL, {"channel": self.channel, "keys": list(keys)}
+
+    def _after_commit(self, conn: psycopg.Connection[Any], keys: list[str]) -> None:
+        conn.execute(NOTIFY_SQL, {"channel": self.channel, "keys": sorted(set(keys))})
 
     # -- waiters --------------------------------------------------------------------
 
