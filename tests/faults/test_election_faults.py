@@ -7,8 +7,10 @@ act, stamped with ``time.monotonic()`` (CLOCK_MONOTONIC: one clock for every
 process of the machine, so the records of several processes can be ordered):
 
 - an election candidate writes ``<pid> <term> ACT <t>`` every 10 ms while its
-  term is active (the stamp is taken *after* the ``term.active`` check), and
-  ``<pid> <term> LOST <t>`` when it finds the term lost;
+  term is active (the stamp is taken *after* the ``term.active`` check),
+  ``<pid> <term> LOST <t>`` when it finds the term lost, then
+  ``<pid> <term> HELD <t>`` if the store still held its term at that moment
+  (it stopped before its lease could expire);
 - a worker writes ``<pid> <term> <step> <t>`` before each maintenance step it
   runs as the maintainer.
 
@@ -35,6 +37,8 @@ TTL = 1.0
 RETRY = 1.0
 ELECTION = "faults"
 ACT_EVERY_S = 0.01
+KILLS = 6  # the issue asks for M kills; each takes about ttl + 0.3 s
+QUIET = ("LOST", "HELD")  # records that are not acts
 
 
 # -- the children -----------------------------------------------------------------------
@@ -56,6 +60,8 @@ def candidate_main(url: str, workdir: str) -> None:
             os.write(fd, f"{os.getpid()} {term.number} ACT {time.monotonic():.6f}\n".encode())
             time.sleep(ACT_EVERY_S)
         os.write(fd, f"{os.getpid()} {term.number} LOST {time.monotonic():.6f}\n".encode())
+        if election.leader() == (f"pid:{os.getpid()}", term.number):
+            os.write(fd, f"{os.getpid()} {term.number} HELD {time.monotonic():.6f}\n".encode())
 
 
 def worker_main(url: str, workdir: str) -> None:
@@ -69,7 +75,7 @@ def worker_main(url: str, workdir: str) -> None:
     real = maintainer.maintain
 
     def recording(space: object, *, store: object = None, term: object = None,
-                  guard: object = None) -> int:  # fmt: skip
+                  guard: object = None, **options: object) -> int:  # fmt: skip
         number = getattr(term, "number", 0)
 
         def step(name: str, op: object) -> object:
@@ -77,7 +83,7 @@ def worker_main(url: str, workdir: str) -> None:
                          f"{time.monotonic():.6f}\n".encode())  # fmt: skip
             return guard(name, op)  # type: ignore[operator]
 
-        return real(space, store=store, term=term, guard=step)  # type: ignore[arg-type]
+        return real(space, store=store, term=term, guard=step, **options)  # type: ignore[arg-type]
 
     maintainer.maintain = recording  # type: ignore[assignment]
     setup_logging("info", "text")
@@ -116,7 +122,7 @@ def violations(acts: list[Act]) -> list[str]:
     """Acts of a term made after an act of a later term (two leaders at once)."""
     found, newest = [], 0
     for act in acts:
-        if act.what == "LOST":
+        if act.what in QUIET:
             continue
         if act.term < newest:
             found.append(f"pid {act.pid} acted in term {act.term} at {act.t:.3f}, after term "
@@ -129,7 +135,7 @@ def leader_now(workdir: Path, after: float, timeout: float = 10.0) -> Act:
     """The first act recorded after ``after`` (monotonic)."""
 
     def first() -> Act | None:
-        return next((a for a in read_acts(workdir) if a.t > after and a.what != "LOST"), None)
+        return next((a for a in read_acts(workdir) if a.t > after and a.what not in QUIET), None)
 
     return wait_for(first, timeout, f"an act after {after:.3f}")
 
@@ -139,7 +145,7 @@ def next_leader(workdir: Path, old_pid: int, after: float, timeout: float = 10.0
 
     def first() -> Act | None:
         acts = read_acts(workdir)
-        return next((a for a in acts if a.t > after and a.pid != old_pid and a.what != "LOST"),
+        return next((a for a in acts if a.t > after and a.pid != old_pid and a.what not in QUIET),
                     None)  # fmt: skip
 
     return wait_for(first, timeout, f"a new leader after pid {old_pid}")
@@ -152,7 +158,7 @@ def spawn(fleet: Fleet, role: str, workdir: Path) -> WorkerProc:
 
 
 def last_act(workdir: Path) -> Act:
-    return [a for a in read_acts(workdir) if a.what != "LOST"][-1]
+    return [a for a in read_acts(workdir) if a.what not in QUIET][-1]
 
 
 def by_pid(procs: list[WorkerProc], pid: int) -> WorkerProc:
@@ -179,22 +185,23 @@ def backend_of(url: str) -> str:
 # -- the tests ------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(40)
 def test_election_sigkill_the_leader_a_new_one_follows_within_ttl_plus_retry(
     fleet: Fleet, tmp_path: Path
 ) -> None:
+    """SIGKILL the leader KILLS times (a fresh candidate replaces each victim): a
+    new leader, with a larger term, acts within ttl + retry every time."""
     work = tmp_path / "acts"
     work.mkdir()
     procs = [spawn(fleet, "candidate", work) for _ in range(3)]
     leader = leader_now(work, 0.0, timeout=20)
-    failovers, kills = [], 0
-    for _ in range(3):
+    failovers = []
+    for _ in range(KILLS):
         time.sleep(0.3)
         current = last_act(work)
         victim = by_pid(procs, current.pid)
         killed_at = time.monotonic()
         victim.kill()
-        kills += 1
         leader = next_leader(work, victim.pid, killed_at)
         assert leader.term > current.term
         failovers.append(leader.t - killed_at)
@@ -202,39 +209,52 @@ def test_election_sigkill_the_leader_a_new_one_follows_within_ttl_plus_retry(
     acts = read_acts(work)
     bad = violations(acts)
     figure(failover_figures("election SIGKILL", backend_of(fleet.url), failovers)
-           + f" ops={len(acts)} kills={kills} violations={len(bad)}")  # fmt: skip
-    assert bad == []
+           + f" ops={len(acts)} kills={len(failovers)} violations={len(bad)}")  # fmt: skip
+    assert len(failovers) >= 5 and bad == []
     assert max(failovers) <= TTL + RETRY, failovers
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("pause_ttls", [2.5, 0.8])
 def test_election_sigstop_the_leader_it_stops_acting_and_terms_never_overlap(
-    fleet: Fleet, tmp_path: Path
+    fleet: Fleet, tmp_path: Path, pause_ttls: float
 ) -> None:
+    """SIGSTOP the leader for 2.5 ttl (a successor is elected meanwhile) or 0.8 ttl
+    (past its renew deadline, not always past the lease's expiry): on waking it
+    reports its term lost before acting again, and no two terms' acts overlap.
+    With the short pause the store often still holds its lease when it says so
+    (HELD): it stopped before the lease could expire."""
     work = tmp_path / "acts"
     work.mkdir()
     procs = [spawn(fleet, "candidate", work) for _ in range(3)]
     leader_now(work, 0.0, timeout=20)
     time.sleep(0.3)
-    paused = by_pid(procs, last_act(work).pid)
+    before = last_act(work)
+    paused = by_pid(procs, before.pid)
     pause(paused, fleet.url)
     stopped_at = time.monotonic()
-    successor = next_leader(work, paused.pid, stopped_at)
-    time.sleep(max(0.0, stopped_at + 2.5 * TTL - time.monotonic()))
+    if pause_ttls > 1:
+        successor = next_leader(work, paused.pid, stopped_at)
+        assert successor.term > before.term
+    time.sleep(max(0.0, stopped_at + pause_ttls * TTL - time.monotonic()))
     resumed_at = time.monotonic()  # before SIGCONT: the child may run at once
     resume(paused)
+
+    def lost() -> list[Act]:
+        return [a for a in read_acts(work) if a.pid == paused.pid and a.term == before.term
+                and a.what == "LOST"]  # fmt: skip
+
+    wait_for(lost, 5.0, "the resumed leader to find its term lost")
     time.sleep(0.5)
     acts = read_acts(work)
-    old = [a for a in acts if a.pid == paused.pid and a.term < successor.term]
-    old_term = old[-1].term
-    lost = [a for a in old if a.what == "LOST" and a.term == old_term]
-    acted_after = [a for a in old if a.what == "ACT" and a.t >= resumed_at]
+    mine = [a for a in acts if a.pid == paused.pid and a.term == before.term]
+    acted_after = [a for a in mine if a.what == "ACT" and a.t >= resumed_at]
+    held = [a for a in mine if a.what == "HELD"]
     bad = violations(acts)
-    figure(f"election SIGSTOP {2.5 * TTL:.1f}s [{backend_of(fleet.url)}]: ops={len(acts)} "
-           f"faults=1 successor_after={successor.t - stopped_at:.3f}s "
-           f"acts_after_resume={len(acted_after)} violations={len(bad)}")  # fmt: skip
-    assert lost, "the resumed leader never noticed its term was lost"
-    assert lost[0].t >= resumed_at  # it found out on waking...
+    figure(f"election SIGSTOP {pause_ttls * TTL:.1f}s [{backend_of(fleet.url)}]: ops={len(acts)}"
+           f" faults=1 lost_reported_while_lease_held={len(held)}"
+           f" acts_after_resume={len(acted_after)} violations={len(bad)}")  # fmt: skip
+    assert lost()[0].t >= resumed_at  # it found out on waking...
     assert acted_after == []  # ...before acting again
     assert bad == []
     assert paused.alive()
