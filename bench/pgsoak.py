@@ -58,7 +58,9 @@ def claimer(store: PostgresStore, n: int, stop: threading.Event, done: list[int]
             done.append(len(got))
 
 
-def soak(url: str, tasks: int, batch: int, claim: int, claimers: int, ttl: float) -> None:
+def soak(
+    url: str, tasks: int, batch: int, claim: int, claimers: int, ttl: float, vacuum_every: float
+) -> None:
     schema = f"soak_{uuid.uuid4().hex[:10]}"
     store = open_store(f"{url}{'&' if '?' in url else '?'}schema={schema}&pool_max=20")
     assert isinstance(store, PostgresStore)
@@ -74,6 +76,7 @@ def soak(url: str, tasks: int, batch: int, claim: int, claimers: int, ttl: float
     reaped = 0
     checkpoint = max(batch, tasks // 10)
     pushed = 0
+    vacuumed = time.monotonic()
     try:
         while pushed < tasks:
             count = min(batch, tasks - pushed)
@@ -84,6 +87,11 @@ def soak(url: str, tasks: int, batch: int, claim: int, claimers: int, ttl: float
                 reaped += store.queue.reap(1000)
                 time.sleep(0.01)
             reaped += store.queue.reap(1000)
+            if vacuum_every and time.monotonic() - vacuumed >= vacuum_every:
+                # What autovacuum does on this table every autovacuum_naptime.
+                store.conn.execute("VACUUM tasks")
+                store.conn.execute("VACUUM done")
+                vacuumed = time.monotonic()
             if pushed % checkpoint < batch:
                 show(f"{pushed:,} pushed, {sum(done):,} finished, {reaped:,} reaped,"
                      f" {time.monotonic() - started:.0f} s", sizes(store))  # fmt: skip
@@ -122,9 +130,14 @@ def main() -> None:
     parser.add_argument("--claimers", type=int, default=2)
     parser.add_argument("--ttl", type=float, default=5.0, help="result_ttl of every task (s)")
     parser.add_argument("--keep", action="store_true", help="keep the schema")
+    parser.add_argument(
+        "--vacuum-every", type=float, default=0.0,
+        help="VACUUM tasks and done every this many seconds, as autovacuum does every"
+        " autovacuum_naptime (0: leave it to the server's autovacuum)",
+    )  # fmt: skip
     args = parser.parse_args()
     ARGS.keep = args.keep
-    soak(args.url, args.tasks, args.batch, args.claim, args.claimers, args.ttl)
+    soak(args.url, args.tasks, args.batch, args.claim, args.claimers, args.ttl, args.vacuum_every)
 
 
 if __name__ == "__main__":
