@@ -46,6 +46,16 @@ def http_server() -> Iterator[str]:
         server.server_close()
 
 
+@contextmanager
+def listening_port() -> Iterator[int]:
+    """A loopback port that accepts TCP connections (the kernel's backlog of 1024
+    completes them; nothing reads): a TCP check of it passes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1024)
+        yield int(sock.getsockname()[1])
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
     with socket.socket() as sock:
@@ -101,3 +111,34 @@ class Watcher:
         self._thread.join(timeout=5)
         assert not self._thread.is_alive()
         assert self.error is None, self.error
+
+
+class _Slow:
+    def __init__(self, inner: Any, delay: float, calls: list[str]) -> None:
+        self._inner, self._delay, self._calls = inner, delay, calls
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._calls.append(name)
+            time.sleep(self._delay)
+            return attr(*args, **kwargs)
+
+        return call
+
+
+class SlowStore:
+    """A store whose KV and clock calls each take ``delay`` longer (a slow
+    backend); ``calls`` lists them by method name."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self._inner = inner
+        self.calls: list[str] = []
+        self.kv = _Slow(inner.kv, delay, self.calls)
+        self.clock = _Slow(inner.clock, delay, self.calls)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)

@@ -435,3 +435,31 @@ def test_resuming_from_any_initial_event_loses_none_of_the_rest(space: Space) ->
         rest = {c.id for c in initial[n + 1 :]}
         assert rest <= _resumed_ids(space, change.revision), (n, change)
     assert initial[-1].revision == space.store.kv.revision()  # the last: nothing to replay
+
+
+def test_a_maintainer_pass_is_bounded_including_its_writes(
+    space: Space, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.coordination.registry_helpers import SlowStore, listening_port
+
+    count, budget = 60, registry_mod.MAINTAIN_BUDGET_S
+    with listening_port() as port:
+        for i in range(count):
+            space.registry.register("web", f"i{i}", "h:1", check=f"tcp://127.0.0.1:{port}",
+                                    interval=0.5, ttl=None, heartbeat=False)  # fmt: skip
+        slow = SlowStore(space.store, 0.03)  # 60 writes alone would take 1.8 s
+        monkeypatch.setattr(space, "_store", slow)
+        passes = []
+        while len(space.registry.discover("web")) < count:
+            slow.calls.clear()
+            start = time.monotonic()
+            maintain_registry(space)
+            passes.append((time.monotonic() - start, len(slow.calls)))
+            assert len(passes) < 10, passes
+        slow.calls.clear()
+        start = time.monotonic()
+        maintain_registry(space)  # every status unchanged: no per-instance call
+        unchanged = (time.monotonic() - start, list(slow.calls))
+    print(f"\npasses until {count} passing (s, store calls): {passes}; unchanged: {unchanged}")
+    assert all(took <= budget + 0.2 for took, _ in passes)  # one store call of overrun
+    assert len(unchanged[1]) <= 3 and "get" not in unchanged[1] and "cas" not in unchanged[1]

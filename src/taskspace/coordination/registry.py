@@ -99,6 +99,7 @@ WATCH_START_S = 10.0  # watch() fixes its start within this (or idle_timeout), e
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 2.0
 MAINTAIN_BUDGET_S = 1.0  # maintain_registry returns within about this long
+RECORD_SHARE = 0.25  # of the budget kept for writing results after waiting for checks
 CHECK_THREADS = 16
 UPDATE_RETRIES = 10
 TOMBSTONE_SUFFIX = "/deregistered"  # <instance key>/deregistered: see the module docstring
@@ -961,8 +962,13 @@ class _Checker:
         return future
 
     def run(self, store: Store, budget: float) -> None:
-        deadline = time.monotonic() + budget
-        self._record(store)
+        """One pass (see :func:`maintain_registry`): a scan and the wall clock,
+        the due deregistrations (one txn each) and checks, a wait for the
+        checks started (until RECORD_SHARE of the budget is left), then the
+        results: one ``get_many`` and one ``cas`` per *changed* status. A
+        step that would start after the deadline is left to the next pass."""
+        start = time.monotonic()
+        deadline = start + budget
         instances = list_instances(store)
         wall = store.clock.wall()
         live = {inst.key for inst in instances}
@@ -971,13 +977,15 @@ class _Checker:
         submitted: list[Future[CheckResult]] = []
         for inst in instances:
             if _deregister_due(inst, wall):
-                _evict(store, inst, wall)
+                if time.monotonic() < deadline:
+                    _evict(store, inst, wall)
                 continue
             if inst.check is not None and self._due(inst):
                 submitted.append(self._submit(inst))
         if submitted:  # a check still running from an earlier pass holds up no later one
-            wait_futures(submitted, timeout=max(0.0, deadline - time.monotonic()))
-        self._record(store)
+            wait_until = deadline - budget * RECORD_SHARE
+            wait_futures(submitted, timeout=max(0.0, wait_until - time.monotonic()))
+        self._record(store, deadline)
 
     def _due(self, inst: Instance) -> bool:
         if inst.key in self._inflight:
@@ -985,16 +993,29 @@ class _Checker:
         last = self._last.get(inst.key)
         return last is None or time.monotonic() - last >= inst.interval
 
-    def _record(self, store: Store) -> None:
-        """Write the results of the finished checks whose status changed."""
-        done = [key for key, (future, _) in self._inflight.items() if future.done()]
-        if not done:
+    def _record(self, store: Store, deadline: float) -> None:
+        """Write the results of the finished checks whose status changed (or
+        that are an instance's first): no store call for an unchanged one;
+        one ``get_many`` for the rest, then a ``cas`` each until ``deadline``.
+        Results not written yet stay in flight for the next pass."""
+        changed: list[tuple[str, Instance, CheckResult]] = []
+        for key, (future, checked) in list(self._inflight.items()):
+            if not future.done():
+                continue
+            result = future.result()
+            if result.status == checked.status and checked.checked is not None:
+                del self._inflight[key]  # unchanged: nothing to write
+            else:
+                changed.append((key, checked, result))
+        if not changed or time.monotonic() >= deadline:
             return
-        now = store.clock.now()
-        wall = store.clock.wall()
-        for key in done:
-            future, checked = self._inflight.pop(key)
-            _write_health(store, checked, future.result(), now, wall)
+        currents = store.kv.get_many([key for key, _, _ in changed])
+        now, wall = store.clock.now(), store.clock.wall()
+        for (key, checked, result), current in zip(changed, currents, strict=True):
+            if time.monotonic() >= deadline:
+                return  # the budget is spent: the rest next pass
+            del self._inflight[key]
+            _write_health(store, checked, result, current, now, wall)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -1025,16 +1046,14 @@ def _evict(store: Store, inst: Instance, wall: float) -> bool:
     return done
 
 
-def _write_health(store: Store, checked: Instance, result: CheckResult, now: float,
-                  wall: float) -> None:  # fmt: skip
-    """Record ``result`` if it changes the instance's status: a compare-and-set
-    on the version checked (a re-registration meanwhile wins; its own check
-    follows), keeping the remaining TTL."""
-    current = store.kv.get(checked.key)
+def _write_health(store: Store, checked: Instance, result: CheckResult,
+                  current: Versioned | None, now: float, wall: float) -> None:  # fmt: skip
+    """Record ``result`` (a changed status, or the first check: it says why)
+    over ``current``: a compare-and-set on the version checked (a
+    re-registration meanwhile wins; its own check follows), keeping the
+    remaining TTL (``current.expires``: heartbeats move it, the version not)."""
     if current is None or current.version != checked.version:
         return
-    if result.status == checked.status and checked.checked is not None:
-        return  # unchanged (the first check is always recorded: it says why)
     ttl = None
     if current.expires is not None:
         ttl = current.expires - now
@@ -1052,7 +1071,16 @@ def maintain_registry(space: Space) -> None:
     the due HTTP/TCP checks concurrently (each at most every ``interval`` per
     instance, with its ``timeout``), writes each status change (a revision;
     nothing when unchanged) and deregisters instances critical for longer
-    than their ``deregister_after``. A check still running at the end of the
-    budget completes in the pool and is recorded by a later call. Expired
-    instances need no step: the TTL removes them (``kv.reap`` records it)."""
+    than their ``deregister_after``. Expired instances need no step: the TTL
+    removes them (``kv.reap`` records it).
+
+    Bounded: the budget covers the writes too. A pass makes one scan (a call
+    per SCAN_PAGE instances) and one wall-clock read, waits for the checks it
+    started until a quarter of the budget is left, then writes results: none
+    for an unchanged status, one ``get_many`` + one clock read + one ``cas``
+    per changed one. No step starts after the budget is spent (so the
+    overrun is at most one store call); what is left (a check still running,
+    a result or a deregistration not written) is done by a later pass.
+    Raises BackendError/SpaceLost like any store call; nothing is lost (the
+    next pass starts over from the store)."""
     space.registry.maintain()
