@@ -69,8 +69,11 @@ with ``result_ttl=None``).
 
 **Faults.** :func:`fire_due` is bounded in time: it starts no schedule and makes no push
 once PASS_BUDGET_S has passed, so it overruns the budget by at most two store round
-trips (one schedule's read and claim; its claimed ticks are pushed by the next pass, and
-schedules not reached go first on the next pass). It raises
+trips (a schedule's read and claim, or a push begun just in time and its confirmation;
+one more per extra push chunk of a large catch-up). Claimed ticks not pushed are pushed
+by the next pass, and schedules not reached go first on it. The pass's first schedule
+always completes (four round trips), so a store slower than the budget still makes
+progress. It raises
 BackendError when the store fails: nothing is lost, the record says where to
 resume. Any other error of one schedule is logged and the others carry on.
 """
