@@ -54,11 +54,11 @@ def main() -> None:
     took = time.monotonic() - began
     results = [h.result(timeout=10) for h in handles]
     attempts = max(h.info().attempts for h in handles)
-    print(f"summarized {len(results)} in {took:.1f} s (10/s, burst 10): {report.released}"
+    print(f"summarized {len(results)} in {took:.1f} s (10/s, burst 2): {report.released}"
           f" release(s) without an attempt spent, at most {attempts} attempt each")  # fmt: skip
     print("flaky:", flaky.result(timeout=10), "after", flaky.info().attempts, "attempt(s)")
     print("tokens left now:", round(model.available()["tokens"]))
-    assert took >= 0.4 and all(h.info().attempts == 1 for h in handles)
+    assert took >= 1.2 and all(h.info().attempts == 1 for h in handles)  # 13 past the burst
     assert flaky.info().attempts == 1
     try:
         model.acquire({"tokens": 2000}, wait=0.01)

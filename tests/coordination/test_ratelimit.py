@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from taskspace import ManualClock, Space
-from taskspace.coordination.ratelimit import KEY_PREFIX, RateLimiter, parse_rate
+from taskspace.coordination.ratelimit import DEFAULT_BURST, KEY_PREFIX, RateLimiter, parse_rate
 from taskspace.errors import BackendError, ConfigError, RateLimited
 
 
@@ -69,6 +69,12 @@ def test_bad_arguments_raise_config_error_and_write_nothing(space: Space) -> Non
         (lambda: space.rate_limit("x", "1/s", concurrency=0), "concurrency"),
         (lambda: space.rate_limit("x", "1/s", concurrency=True), "concurrency"),
         (lambda: space.rate_limit("x", "1/s", ttl=-1), "ttl"),
+        (lambda: space.rate_limit("x", concurrency=1, ttl=0.01), "ttl=0.01"),  # below a lease's
+        (lambda: space.rate_limit("x", concurrency=1, ttl=1e12), "ttl=1000000000000"),
+        (lambda: space.rate_limit("x", concurrency=1, ttl=True), "ttl=True"),
+        (lambda: space.rate_limit("x", concurrency=1, ttl=float("nan")), "ttl=nan"),
+        (lambda: space.rate_limit("x", "99999999999999999999/s"), "too fast"),
+        (lambda: space.rate_limit("x", "1/0.0000001s"), "too fast"),
         (lambda: space.rate_limit("x", "1/s", bogus=1), "bogus"),
     ]
     for make, needle in cases:
@@ -88,8 +94,10 @@ def test_bad_arguments_raise_config_error_and_write_nothing(space: Space) -> Non
             limiter.try_acquire(cost)
         with pytest.raises(ConfigError, match=needle):
             limiter.acquire(cost, wait=1)
-    with pytest.raises(ConfigError, match="wait"):
-        limiter.acquire(1, wait=-1)
+    for wait in (-1, 1e12, float("nan"), True):  # every wait is checked as locks check it
+        with pytest.raises(ConfigError, match="wait="):
+            limiter.acquire(1, wait=wait)
+    assert parse_rate("1000000/s").interval == 1e-6  # the fastest rate accepted
     assert space.store.kv.scan(KEY_PREFIX) == []
 
 
@@ -107,11 +115,27 @@ def test_burst_then_steady_rate(space: Space) -> None:
     assert permit.cost == {"rate": 1.0} and permit.lease is None
 
 
-def test_default_burst_is_the_count(space: Space) -> None:
+def test_default_burst_is_two_units(space: Space) -> None:
     limiter = space.rate_limit("api", "5/h")
-    assert limiter.limits["rate"].burst == 5
-    assert all(limiter.try_acquire() for _ in range(5))
+    assert limiter.limits["rate"].burst == DEFAULT_BURST == 2
+    assert limiter.try_acquire() is not None and limiter.try_acquire() is not None
     assert limiter.try_acquire() is None
+    tokens = space.rate_limit("tokens", "90000/m")
+    with pytest.raises(ConfigError, match="can never fit its burst of 2; raise burst"):
+        tokens.try_acquire(1200)  # weighted costs need a burst of their own
+
+
+def test_default_burst_keeps_the_issue_figure() -> None:
+    """Issue 8's figure with the default burst: 4 callers hammering "600/m"
+    for 60 s (a manual clock, 20 ms steps) are admitted 600 +- 2% in all."""
+    clock = ManualClock()
+    space = Space("memory://", clock=clock)
+    callers = [RateLimiter(space, "openai", "600/m") for _ in range(4)]
+    began, admitted = clock.now(), 0
+    while clock.now() - began < 60.0:
+        admitted += sum(1 for c in callers if c.try_acquire() is not None)
+        clock.advance(0.02)
+    assert 588 <= admitted <= 612, admitted  # the count (600) as burst admitted 1201
 
 
 def test_weighted_costs(space: Space) -> None:
@@ -126,7 +150,9 @@ def test_weighted_costs(space: Space) -> None:
 
 def test_several_limits_are_charged_together_or_not_at_all(space: Space) -> None:
     limiter = space.rate_limit(
-        "openai", limits={"requests": "5/s", "tokens": "100/s"}, burst={"tokens": 100}
+        "openai",
+        limits={"requests": "5/s", "tokens": "100/s"},
+        burst={"requests": 5, "tokens": 100},
     )
     assert limiter.try_acquire({"requests": 1, "tokens": 80}) is not None
     before = limiter.available()
@@ -270,7 +296,9 @@ def test_gcra_bound_holds_for_random_weighted_demand() -> None:
     clock = ManualClock()
     space = Space("memory://", clock=clock)
     limiter = space.rate_limit(
-        "model", limits={"requests": "30/s", "tokens": "1000/s"}, burst={"requests": 5}
+        "model",
+        limits={"requests": "30/s", "tokens": "1000/s"},
+        burst={"requests": 5, "tokens": 1000},
     )
     rng = random.Random(7)
     admitted: dict[str, list[tuple[float, float]]] = {"requests": [], "tokens": []}
@@ -316,6 +344,42 @@ def test_reservations_defer_each_holder_once() -> None:
     far = space.rate_limit("far", "1/h", burst=1)
     far.try_acquire()
     assert far.reserve("y", horizon=60).charged is False
+
+
+def test_overdue_reservations_never_start_in_a_bunch() -> None:
+    """Holders that come back late (their worker was busy) are decided afresh:
+    at most one cost's worth of grace, so starts keep within rate x W + burst
+    + 1 (the review's proof had 19 of them admitted in one instant)."""
+    clock = ManualClock()
+    space = Space("memory://", clock=clock)
+    limiter = space.rate_limit("api", "10/s", burst=1)
+    first = [limiter.reserve(f"t{i}", hold_after=0.5) for i in range(25)]
+    assert sum(r.held for r in first) >= 19 and all(r.held for r in first[6:])
+    clock.advance(2.45)
+    now = clock.now()
+    again = [limiter.reserve(f"t{i}", hold_after=0.5) for i in range(25)]
+    starts = [(now + r.delay, 1.0) for r in again if r.charged and not r.held]
+    assert sum(1 for at, _ in starts if at == now) <= 2
+    assert within_bound(starts, 10, 1 + 1)
+    assert again[24].delay == 0.0  # 0.05 s late: within its grace (0.1 s), consumed
+
+
+def test_a_hold_near_its_moment_is_consumed_and_waited_for() -> None:
+    clock = ManualClock()
+    space = Space("memory://", clock=clock)
+    limiter = space.rate_limit("api", "1/s", burst=1)
+    limiter.try_acquire()
+    held = limiter.reserve("t", hold_after=0.5)
+    assert held.held and held.delay == pytest.approx(1.0)
+    clock.advance(0.3)
+    assert limiter.reserve("t", hold_after=0.5).held  # 0.7 s early: still held
+    clock.advance(0.3)
+    near = limiter.reserve("t", hold_after=0.5)  # 0.4 s early: consumed, wait the rest
+    assert (near.held, near.charged, near.delay) == (False, True, pytest.approx(0.4))
+    assert near.at == pytest.approx(held.at)
+    assert space.store.kv.get(f"{KEY_PREFIX}api/held/t") is None
+    with pytest.raises(ConfigError, match="holder"):
+        limiter.reserve("")
 
 
 # -- faults ----------------------------------------------------------------------------

@@ -22,12 +22,16 @@ clock.
 clock, the cost admitted across all processes is at most
 ``count/period * W + burst`` (admissions are stamped with the clock reading
 that decided them, taken just before the txn that commits them). In the long
-run the admitted rate is exactly ``count/period``. ``burst`` defaults to the
-rate's count (a full period's budget, the way hosted model APIs meter: a
-bucket of one minute's tokens, refilled continuously), so the default admits
-at most ``2 * count`` in any one period and ``count`` per period in the long
-run; ``burst=1`` spaces unit costs evenly. A cost above a limit's burst can
-never fit and is refused with ConfigError.
+run the admitted rate is exactly ``count/period``. ``burst`` defaults to
+DEFAULT_BURST = 2 units of cost, so ``"600/m"`` admits at most 602 in any
+minute and 600 per minute in the long run. (Celery's token bucket holds 1;
+with 1, every admission loses the time between its due moment and the
+clock reading of the caller that takes it, and 4 processes on a loaded
+machine got 583 of "600/m" in 60 s; a second unit absorbs up to one interval
+of such lag per admission.) Give a larger burst to let an idle budget be
+spent at once (``burst=50``), and for weighted costs: a cost above a
+limit's burst can never fit and is refused with ConfigError (a
+``"90000/m"`` token budget charged 1200 at a time needs ``burst`` >= 1200).
 
 **Concurrency.** ``concurrency=K`` adds a semaphore (lease ``ratelimit/<name>``
 with K slots, see :mod:`taskspace.coordination.lease`): at most K permits
@@ -48,9 +52,13 @@ within ``wait`` raises :class:`~taskspace.errors.RateLimited` at once, with
 ``reserve(holder)`` admits now, or charges the budget at the earliest moment
 it allows (an admission stamped in the future: the guarantee holds) and
 records it under ``taskspace/ratelimits/<name>/held/<holder>``; the holder's
-reserve() at that moment consumes it. Each waiting task is thus deferred
-once, in claim order; one more than RESERVATION_GRACE_S late is decided
-afresh, so delayed work never runs in a bunch.
+reserve() near that moment consumes it and starts at it. Each waiting task
+is thus deferred once, in claim order. A holder that comes back later than
+one cost's worth of budget after its moment (at most RESERVATION_GRACE_S)
+finds its reservation void (the charge is spent, not refunded) and is
+decided afresh, so overdue work never starts in a bunch: task starts keep
+within ``rate * W + burst + cost`` (starts lag their stamps by at most that
+grace).
 
 **Faults.** The store decides every admission: when it is unreachable,
 ``acquire`` and ``try_acquire`` raise BackendError (never admitting without
@@ -83,6 +91,8 @@ from taskspace.backends.base import (
     VersionIs,
     Write,
 )
+from taskspace.backends.checks import check_seconds
+from taskspace.coordination.lease import MIN_TTL_S
 from taskspace.errors import Compacted, ConfigError, RateLimited
 
 if TYPE_CHECKING:
@@ -99,10 +109,12 @@ KEY_SLACK_S = 10.0
 CONFLICTS_MAX = 16
 CONFLICT_RETRY_S = 0.001
 EPSILON_S = 1e-6  # float rounding of lease-clock sums
+MIN_INTERVAL_S = 1e-6  # the fastest rate: one unit per microsecond
 WAIT_OVERSHOOT_S = 0.15
 HELD = "held/"  # <prefix>held/<holder>: a reservation (limit names have no '/')
 RESERVATION_GRACE_S = 2.0
 RESERVE_HORIZON_S = 300.0
+DEFAULT_BURST = 2.0  # units of cost (see the module docstring)
 
 UNITS: dict[str, float] = {
     **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1.0),
@@ -144,6 +156,11 @@ def parse_rate(text: Any) -> Rate:
     if count < 1 or not 0 < period <= MAX_DURATION_S:
         raise ConfigError(
             f"rate {text!r} needs a count >= 1 per a period above 0 and up to ten years"
+        )
+    if period / count < MIN_INTERVAL_S:
+        raise ConfigError(
+            f"rate {text!r} is too fast: one unit every {period / count:.3g} s, below"
+            f" {MIN_INTERVAL_S:g} s (the lease clock's float sums could no longer count it)"
         )
     return Rate(count, period, text.strip())
 
@@ -214,9 +231,8 @@ def _check_number(label: str, value: Any, *, positive: bool) -> float:
 
 
 def _check_wait(wait: Any) -> float | None:
-    if wait is None:
-        return None
-    return min(_check_number("wait", wait, positive=False), MAX_DURATION_S)
+    check_seconds(wait, "wait", optional=True)
+    return None if wait is None else float(wait)
 
 
 def _check_name(label: str, name: Any, *, slash: bool) -> str:
@@ -225,6 +241,12 @@ def _check_name(label: str, name: Any, *, slash: bool) -> str:
     if not slash and "/" in name:
         raise ConfigError(f"{label} must not contain '/', got {name!r}")
     return name
+
+
+def escape(text: str) -> str:
+    """``text`` as one part of a KV key or limiter name: '%', '/' and
+    whitespace written as ``%XX`` (any string maps to a valid, distinct name)."""
+    return "".join(f"%{ord(c):02X}" if c in "%/" or c.isspace() else c for c in text)
 
 
 def build_limits(name: str, rate: Any, burst: Any, limits: Any) -> dict[str, Limit]:
@@ -242,7 +264,7 @@ def build_limits(name: str, rate: Any, burst: Any, limits: Any) -> dict[str, Lim
             rates[limit] = parse_rate(text)
     bursts = _bursts(burst, rates)
     return {
-        limit: Limit(limit, r, bursts.get(limit, float(r.count)), f"{KEY_PREFIX}{name}/{limit}")
+        limit: Limit(limit, r, bursts.get(limit, DEFAULT_BURST), f"{KEY_PREFIX}{name}/{limit}")
         for limit, r in rates.items()
     }
 
@@ -298,9 +320,10 @@ def plan(limits: list[Limit], costs: list[float], seen: list[_Seen], now: float)
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """What :meth:`RateLimiter.reserve` did: ``delay`` seconds until the
-    reserved moment (0: admitted now); ``charged``: the budget was taken (False
-    past the horizon: nothing was reserved); ``held``: recorded under the
-    holder, to be consumed by its reserve() at that moment."""
+    reserved moment ``at`` (lease clock; delay 0: start now); ``charged``: the
+    budget was taken (False past the horizon: nothing was reserved);
+    ``held``: recorded under the holder, to be consumed by its reserve() near
+    that moment (not held: the caller may start once ``delay`` has passed)."""
 
     delay: float
     charged: bool = True
@@ -378,7 +401,8 @@ class RateLimiter:
     ``rate``: one limit, ``"500/m"``; ``limits``: several, ``{"requests":
     "500/m", "tokens": "90000/m"}`` (both may be given; ``rate`` is the limit
     named ``"rate"``). ``burst``: the most cost admitted at once from idle,
-    default the rate's count; a number (one limit) or a dict per limit.
+    default DEFAULT_BURST (2 units; weighted costs need a burst of at least
+    the largest cost); a number (one limit) or a dict per limit.
     ``concurrency``: at most this many permits held at once; ``ttl``: the
     lease of a concurrency slot (a dead holder's slot returns after it).
     Bad arguments raise ConfigError naming the value; nothing is written.
@@ -405,7 +429,8 @@ class RateLimiter:
         if not self.limits and concurrency is None:
             raise ConfigError(f"rate limit {name!r} needs a rate, limits or concurrency")
         self.concurrency = concurrency
-        self.ttl = _check_number("ttl", ttl, positive=True)
+        check_seconds(ttl, "ttl", minimum=MIN_TTL_S)
+        self.ttl = float(ttl)
         self.prefix = f"{KEY_PREFIX}{name}/"
         self._seen: dict[str, _Seen] = {}
         self._lock = threading.Lock()
@@ -598,31 +623,44 @@ class RateLimiter:
     ) -> Reservation:
         """Admit ``cost`` now, or reserve it at the earliest moment the budget
         allows (charged now, stamped at that moment: the guarantee holds) and
-        return the delay until then. A reservation more than ``hold_after``
-        seconds away is recorded under ``holder`` (a task id): the holder's
-        reserve() at or after that moment consumes it (delay 0) instead of
-        charging again; one made more than RESERVATION_GRACE_S late finds it
-        void and is decided afresh (so held work that was delayed, a worker
-        outage say, never runs in a bunch). A moment more than ``horizon``
-        away is not reserved (``charged=False``). This is how the worker
-        gates a task with ``rate_limit=``: each claimed task is deferred once,
-        to its own moment, instead of every waiting task retrying together."""
+        return the delay until then (the caller starts at that moment, not
+        before). A reservation more than ``hold_after`` seconds away is recorded
+        under ``holder`` (a task id, any non-empty string: it is escaped into
+        the key) and returned ``held``; the holder's reserve() consumes it
+        instead of charging again: from ``hold_after`` before its moment
+        (returned not held, with the delay left to wait) until its grace after
+        it (delay 0). The grace is the time one ``cost`` takes on the tightest
+        limit, at most RESERVATION_GRACE_S, so starts lag their stamps by at
+        most one cost's worth of budget: in start times each window holds at
+        most ``rate * W + burst + cost``. A holder later than that (its worker
+        was busy or down) finds its reservation void, its charge spent, and is
+        decided afresh: overdue work never starts in a bunch. A moment more
+        than ``horizon`` away is not reserved (``charged=False``). This is how
+        the worker gates a task with ``rate_limit=``."""
         costs = self.costs(cost)
-        clock = self.space.store.clock
-        hold_key = f"{self.prefix}{HELD}{_check_name('holder', holder, slash=True)}"
+        check_seconds(hold_after, "hold_after")
+        if not isinstance(holder, str) or not holder:
+            raise ConfigError(f"holder must be a non-empty string, got {holder!r}")
+        hold_key = f"{self.prefix}{HELD}{escape(holder)}"
         limits = [self.limits[k] for k in costs]
         amounts = list(costs.values())
+        grace = min(
+            [
+                RESERVATION_GRACE_S,
+                *(lim.rate.interval * c for lim, c in zip(limits, amounts, strict=True)),
+            ]
+        )
         for _ in range(CONFLICTS_MAX):
             found = self.space.store.kv.get_many([hold_key, *(lim.key for lim in limits)])
             hold, seen = found[0], [_seen(f) for f in found[1:]]
-            now = clock.now()
+            now = self.space.store.clock.now()
             held_at = _tat_of(hold.value) if hold is not None else -math.inf
             same_hold = VersionIs(hold_key, None if hold is None else hold.version)
-            if hold is not None and now < held_at - EPSILON_S:
-                return Reservation(held_at - now, held=True)  # early: still reserved
-            if hold is not None and now <= held_at + RESERVATION_GRACE_S:
+            if hold is not None and now < held_at - hold_after - EPSILON_S:
+                return Reservation(held_at - now, held=True, at=held_at)  # early: still reserved
+            if hold is not None and now <= held_at + grace:
                 if self.space.store.kv.txn([same_hold], [Delete(hold_key)]).ok:
-                    return Reservation(0.0, at=held_at)
+                    return Reservation(max(0.0, held_at - now), at=held_at)
                 continue
             p = plan(limits, amounts, seen, now)
             delay = p.at - now if p.worst else 0.0

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from taskspace.backends.base import MAX_DURATION_S, PRIORITY_MAX, PRIORITY_MIN
+from taskspace.backends.base import PRIORITY_MAX, PRIORITY_MIN
+from taskspace.backends.checks import check_seconds
 from taskspace.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -27,16 +27,13 @@ DEFAULT_RETRY_BACKOFF_MAX_S = 300.0
 DEFAULT_MAX_RATE_LIMITED = 100
 
 
-def _check_number(name: str, value: Any, *, positive: bool, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0) or value > MAX_DURATION_S:
-        need = "a positive number" if positive else "a number >= 0"
-        raise ConfigError(
-            f"{name} must be {need} of seconds up to ten years"
-            f"{' or None' if allow_none else ''}, got {value!r}"
-        )
+MIN_SECONDS = 0.001  # the floor of the positive durations (lease, timeout, result_ttl)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    """An integer (never a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def reject_unknown(kind: str, options: dict[str, Any], config: Any) -> None:
@@ -69,10 +66,35 @@ def check_priority(priority: Any) -> None:
         )
 
 
+class RateLimits(Mapping[str, str]):
+    """A task's ``rate_limit`` dict, frozen: read-only and hashable, so
+    TaskOptions stays immutable (a change would bypass its checks)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
 def check_rate_limit(value: Any) -> Any:
     """A task's ``rate_limit``: None, a rate (``"10/s"``), a dict of limits
     (``{"requests": "500/m"}``) or a RateLimiter; ConfigError naming the value
-    otherwise. Returns it with a dict copied (the options stay frozen)."""
+    otherwise. Returns it with a dict frozen (:class:`RateLimits`)."""
     from taskspace.coordination.ratelimit import RateLimiter, build_limits
 
     if value is None or isinstance(value, RateLimiter):
@@ -82,7 +104,7 @@ def check_rate_limit(value: Any) -> Any:
         return value
     if isinstance(value, Mapping):
         build_limits("task", None, None, value)
-        return dict(value)
+        return RateLimits(value)
     raise ConfigError(
         "rate_limit must be a rate like '10/s', a dict of limits like {'requests': '500/m'}"
         f" or a RateLimiter (space.rate_limit(...)), got {value!r}"
@@ -117,29 +139,23 @@ class TaskOptions:
     retry_backoff_max: float = DEFAULT_RETRY_BACKOFF_MAX_S
     retry_jitter: bool = True
     result_ttl: float | Literal["space"] | None = SPACE_DEFAULT
-    rate_limit: str | Mapping[str, str] | RateLimiter | None = None
+    rate_limit: str | Mapping[str, str] | RateLimiter | None = None  # a dict: RateLimits
     max_rate_limited: int = DEFAULT_MAX_RATE_LIMITED
 
     def __post_init__(self) -> None:
         check_queue(self.queue)
         object.__setattr__(self, "rate_limit", check_rate_limit(self.rate_limit))
-        if (
-            isinstance(self.max_rate_limited, bool)
-            or not isinstance(self.max_rate_limited, int)
-            or self.max_rate_limited < 0
-        ):
-            raise ConfigError(
-                f"max_rate_limited must be an integer >= 0, got {self.max_rate_limited!r}"
-            )
+        _check_int("max_rate_limited", self.max_rate_limited, 0)
         if self.result_ttl != SPACE_DEFAULT:
-            _check_number("result_ttl", self.result_ttl, positive=True, allow_none=True)
+            check_seconds(self.result_ttl, "result_ttl", minimum=MIN_SECONDS, optional=True)
         check_priority(self.priority)
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise ConfigError(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
-        _check_number("lease", self.lease, positive=True, allow_none=False)
-        _check_number("timeout", self.timeout, positive=True, allow_none=True)
-        _check_number("retry_backoff", self.retry_backoff, positive=False, allow_none=False)
-        _check_number("retry_backoff_max", self.retry_backoff_max, positive=False, allow_none=False)
+        _check_int("max_attempts", self.max_attempts, 1)
+        check_seconds(self.lease, "lease", minimum=MIN_SECONDS)
+        check_seconds(self.timeout, "timeout", minimum=MIN_SECONDS, optional=True)
+        check_seconds(self.retry_backoff, "retry_backoff")
+        check_seconds(self.retry_backoff_max, "retry_backoff_max")
+        if not isinstance(self.retry_jitter, bool):
+            raise ConfigError(f"retry_jitter must be True or False, got {self.retry_jitter!r}")
         if self.isolation is not None and self.isolation not in ISOLATIONS:
             raise ConfigError(
                 f"isolation must be one of {', '.join(ISOLATIONS)}, got {self.isolation!r}"
@@ -171,10 +187,12 @@ class SubmitOptions:
             check_queue(self.queue)
         if self.priority is not None:
             check_priority(self.priority)
-        _check_number("countdown", self.countdown, positive=False, allow_none=True)
+        check_seconds(self.countdown, "countdown", optional=True)
         if self.countdown is not None and self.eta is not None:
             raise ConfigError("give countdown or eta, not both")
-        if self.eta is not None and not isinstance(self.eta, datetime | int | float):
+        if self.eta is not None and (
+            isinstance(self.eta, bool) or not isinstance(self.eta, datetime | int | float)
+        ):
             raise ConfigError(f"eta must be a datetime or a Unix timestamp, got {self.eta!r}")
         if self.dedup_key is not None and (
             not isinstance(self.dedup_key, str) or not self.dedup_key

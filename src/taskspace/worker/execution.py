@@ -22,14 +22,18 @@ worker process, also for ``process`` isolation), :func:`admit` takes a
 concurrency slot if the limiter has one (waiting at most GATE_SLOT_WAIT_S)
 and charges one unit to every limit with ``limiter.reserve(task id)``. Within
 GATE_SLEEP_S of the budget the attempt sleeps and runs; later, the task goes
-back to the queue (a ``release``: no attempt spent) until its reserved
-moment, when its next claim runs it without charging again. So each waiting
-task is deferred once, in claim order, and a spent budget never makes tasks
-spin through the queue. When the store fails during the check the task is
-released for GATE_RETRY_S (never run unchecked). A task that raises
-RateLimited is released after ``retry_after`` (or its retry backoff when
-None) keeping the error, ``max_rate_limited`` times in a row at most; past
-that each one is an ordinary retry (an attempt spent).
+back to the queue (a ``release``: no attempt spent) until GATE_RETURN_EARLY_S
+before its reserved moment; its next claim sleeps to that moment and runs it
+without charging again. So each waiting task is deferred once, in claim
+order, and a spent budget never makes tasks spin through the queue; one that
+comes back too late (its worker was busy) is decided afresh, never started
+in a bunch with others. The task's ``timeout`` counts from the moment the
+gate admits it, and an attempt settled or abandoned while in the gate never
+runs its code. When the store fails during the check the task is released
+for GATE_RETRY_S (never run unchecked). A task that raises RateLimited is
+released after ``retry_after`` (or its retry backoff when None) keeping the
+error, ``max_rate_limited`` times in a row at most; past that each one is an
+ordinary retry (an attempt spent).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from typing import Any
 
 from taskspace.backends.base import MAX_DURATION_S, ErrorInfo, Lease, Outcome, TaskRecord
 from taskspace.codec import Codec, decoder_for
-from taskspace.coordination.ratelimit import Permit, RateLimiter
+from taskspace.coordination.ratelimit import Permit, RateLimiter, escape
 from taskspace.errors import (
     BackendError,
     ConfigError,
@@ -74,6 +78,7 @@ PROCESS_POLL_S = 0.05
 PR_SET_PDEATHSIG = 1
 # Rate-limited tasks (see the module docstring).
 GATE_SLEEP_S = 0.5
+GATE_RETURN_EARLY_S = GATE_SLEEP_S / 2
 GATE_SLOT_WAIT_S = 5.0
 GATE_RETRY_S = 1.0
 
@@ -171,9 +176,8 @@ _limiters_lock = threading.Lock()
 
 def task_limiter_name(task_name: str) -> str:
     """The name of the limiter a task's ``rate_limit="10/s"`` (or dict) makes:
-    ``task:<task name>`` (a '/' or whitespace in the name escaped)."""
-    return "task:" + "".join(f"%{ord(c):02X}" if c == "/" or c.isspace() or c == "%" else c
-                             for c in task_name)  # fmt: skip
+    ``task:<task name>`` (a '/', '%' or whitespace in the name escaped)."""
+    return "task:" + escape(task_name)
 
 
 def limiter_for(task: Task[Any, Any]) -> RateLimiter | None:
@@ -208,8 +212,7 @@ def admit(attempt: Attempt) -> tuple[Permit | None, Outcome | None]:
     lease = None
     try:
         if limiter.concurrency is not None:
-            timeout = attempt.record.timeout
-            lease = limiter.slot(min(GATE_SLOT_WAIT_S, timeout / 4 if timeout else math.inf))
+            lease = limiter.slot(GATE_SLOT_WAIT_S)
             if lease is None:
                 return None, Outcome("release", delay=GATE_RETRY_S)
         reserved = limiter.reserve(attempt.record.id, hold_after=GATE_SLEEP_S)
@@ -218,7 +221,9 @@ def admit(attempt: Attempt) -> tuple[Permit | None, Outcome | None]:
                 time.sleep(reserved.delay)
             return Permit(limiter, limiter.costs(1), reserved.at, lease), None
         _give_back(lease)
-        return None, Outcome("release", delay=reserved.delay)
+        # Back a little early: the next claim sleeps to the moment instead of missing it.
+        early = GATE_RETURN_EARLY_S if reserved.charged else 0.0
+        return None, Outcome("release", delay=max(0.0, reserved.delay - early))
     except ConfigError as exc:
         _give_back(lease)
         return None, Outcome("failed", error=error_info(exc, tb=""))
@@ -229,6 +234,20 @@ def admit(attempt: Attempt) -> tuple[Permit | None, Outcome | None]:
         return None, Outcome("release", delay=GATE_RETRY_S)
 
 
+def begin(attempt: Attempt, deadline: bool) -> bool:
+    """Past the gate, just before the task's code: start its timeout clock
+    (``deadline``: the worker enforces it; async attempts use wait_for).
+    False if the attempt was settled or abandoned meanwhile: its code must
+    not run (the task is already retried, or runs elsewhere)."""
+    with attempt.lock:
+        if attempt.settled or attempt.ctx.lease_lost:
+            return False
+        timeout = attempt.record.timeout
+        if deadline and timeout is not None:
+            attempt.deadline = time.monotonic() + timeout
+        return True
+
+
 def _give_back(what: Any) -> None:
     """Release a permit or slot; a store failure only delays its return (TTL)."""
     if what is None:
@@ -237,6 +256,15 @@ def _give_back(what: Any) -> None:
         what.release()
     except Exception:  # a slot not given back returns when its lease expires
         log.warning("rate limit slot not released (it returns at its TTL)", exc_info=True)
+
+
+def _give_back_late(gate: asyncio.Future[tuple[Permit | None, Outcome | None]]) -> None:
+    """A gate whose caller was cancelled: give back what it admitted, off the loop."""
+    if gate.cancelled() or gate.exception() is not None:
+        return
+    permit = gate.result()[0]
+    if permit is not None:
+        threading.Thread(target=_give_back, args=(permit,), name="taskspace-gate").start()
 
 
 def timeout_outcome(attempt: Attempt) -> Outcome:
@@ -255,12 +283,18 @@ def success(codec: Codec, value: Any) -> Outcome:
         return Outcome("failed", error=error_info(exc))
 
 
-def run_inline(attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec: Codec) -> Outcome:
-    """Run a sync task in the calling thread, once its rate limit admits it."""
+def run_inline(
+    attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec: Codec
+) -> Outcome | None:
+    """Run a sync task in the calling thread once its rate limit admits it,
+    its timeout counted from then; None if the attempt was settled or
+    abandoned before its code could run (it does not run)."""
     permit, refused = admit(attempt)
     if refused is not None:
         return refused
     try:
+        if not begin(attempt, deadline=True):
+            return None
         return call_inline(attempt, args, kwargs, codec)
     finally:
         _give_back(permit)
@@ -279,14 +313,26 @@ def call_inline(attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec
 
 async def run_coroutine(
     attempt: Attempt, args: list[Any], kwargs: dict[str, Any], codec: Codec
-) -> Outcome:
-    """Run an async task on the worker's loop, cancelling it at its timeout,
-    once its rate limit admits it (checked off the loop)."""
+) -> Outcome | None:
+    """Run an async task on the worker's loop once its rate limit admits it
+    (checked off the loop), cancelling it at its timeout counted from then;
+    None if the attempt was settled or abandoned before its code could run. A
+    cancellation in the gate ends the attempt there (a permit it got late is
+    given back)."""
     permit: Permit | None = None
     if attempt.task.opts.rate_limit is not None:
-        permit, refused = await asyncio.to_thread(admit, attempt)
+        gate = asyncio.ensure_future(asyncio.to_thread(admit, attempt))
+        try:
+            permit, refused = await asyncio.shield(gate)
+        except asyncio.CancelledError as exc:
+            gate.add_done_callback(_give_back_late)
+            return outcome_for_error(attempt, exc)
         if refused is not None:
             return refused
+    if not begin(attempt, deadline=False):
+        if permit is not None:
+            await asyncio.to_thread(_give_back, permit)
+        return None
     token = bind(attempt.ctx)
     try:
         value = await asyncio.wait_for(attempt.task.fn(*args, **kwargs), attempt.record.timeout)
@@ -342,6 +388,8 @@ def run_in_process(
     if refused is not None:
         return refused
     try:
+        if not begin(attempt, deadline=True):
+            return None
         return _run_child(attempt, args, kwargs, codec, report)
     finally:
         _give_back(permit)

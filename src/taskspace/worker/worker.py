@@ -410,22 +410,21 @@ class Worker:
             self._pool.submit(self._run_thread, attempt, args, kwargs)
         return attempt
 
-    def _start(self, attempt: Attempt, with_deadline: bool) -> bool:
+    def _start(self, attempt: Attempt) -> bool:
+        """Mark the attempt started; its timeout starts later, once its rate
+        limit admits it (execution.begin), so a wait in the gate never counts."""
         with attempt.lock:
             if attempt.settled:
                 return False
             attempt.started = True
             attempt.began = time.monotonic()
-            timeout = attempt.record.timeout
-            if with_deadline and timeout is not None:
-                attempt.deadline = attempt.began + timeout
         with self._cond:
             self._cond.notify_all()  # the claim loop may wait for this start (_let_go_first)
         tasklog.started(attempt, self.name)
         return True
 
     def _run_thread(self, attempt: Attempt, args: list[Any], kwargs: dict[str, Any]) -> None:
-        if not self._start(attempt, with_deadline=True):
+        if not self._start(attempt):
             return
         outcome = ex.run_inline(attempt, args, kwargs, self.space.codec)
         if not self._settle(attempt, outcome) and attempt.timed_out:
@@ -434,14 +433,14 @@ class Worker:
                 self._cond.notify_all()
 
     def _run_process(self, attempt: Attempt, args: list[Any], kwargs: dict[str, Any]) -> None:
-        if not self._start(attempt, with_deadline=True):
+        if not self._start(attempt):
             return
         outcome = ex.run_in_process(attempt, args, kwargs, self.space.codec, attempt.ctx._report)
         if outcome is not None:
             self._settle(attempt, ex.after_cancel(attempt, outcome))
 
     async def _run_async(self, attempt: Attempt, args: list[Any], kwargs: dict[str, Any]) -> None:
-        if self._start(attempt, with_deadline=False):
+        if self._start(attempt):
             attempt.aio_task = asyncio.current_task()
             self._settle(attempt, await ex.run_coroutine(attempt, args, kwargs, self.space.codec))
 
