@@ -4,8 +4,8 @@ For each backend (``memory://``, a new SQLite file in a temporary directory, a
 private ``redis-server`` on a free loopback port; a fresh namespace per phase):
 
 - **uncontended**: one client, ``ops`` acquire+release pairs of one lock per run,
-  ``repeat`` runs (after ``warmup`` unrecorded pairs), the contenders interleaved run
-  by run so that drift on a noisy host hits each alike: taskspace's ``space.lock``
+  ``repeat`` runs (after ``warmup`` unrecorded pairs), the contenders interleaved 50
+  pairs at a time so that load changing on a noisy host hits each alike: taskspace's ``space.lock``
   (default ``fair=True``, and ``fair=False``) and, on Redis, redis-py's
   ``redis.lock.Lock`` and python-redis-lock (``redis_lock.Lock``, no auto-renewal).
   All of them run in one child process with the same redis-py and hiredis; the
@@ -69,6 +69,7 @@ REDIS_LOCK_REQUIREMENT = "python-redis-lock>=4"
 INSTALL_TIMEOUT_S = 600.0
 CHILD_TIMEOUT_S = 600.0
 LOCK_TTL_S = 10.0  # far longer than any pair: no renewal, no expiry during a run
+CHUNK = 50  # pairs of one contender before the next contender's turn
 ACQUIRE_WAIT_S = 5.0  # uncontended acquisitions never wait; this only bounds a bug
 START_TIMEOUT_S = 60.0  # spawned processes importing taskspace on a busy host
 LEAD_PAUSE_S = (0.2, 0.6)
@@ -328,28 +329,45 @@ def _timed(pair: Pair, n: int) -> list[float]:
     return out
 
 
+def _chunk(
+    row: Latency, pair: Pair, n: int, sink: list[float], tally: dict[str, list[int]]
+) -> None:
+    """``n`` timed pairs of ``row`` into ``sink``, their store calls and round trips
+    into ``tally``; an exception marks the row failed."""
+    try:
+        before = (Counter.calls, Counter.trips)
+        sink.extend(_timed(pair, n))
+        tally[row.label][0] += Counter.calls - before[0]
+        tally[row.label][1] += Counter.trips - before[1]
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        row.error = f"{type(exc).__name__}: {exc}"
+
+
 def _measure(rows: list[Latency], pairs: dict[str, Pair], spec: dict[str, Any]) -> None:
-    ops, repeat, warmup = spec["ops"], spec["repeat"], spec["warmup"]
-    calls = dict.fromkeys(pairs, 0)
-    trips = dict.fromkeys(pairs, 0)
+    """``repeat`` runs of ``ops`` pairs per contender, interleaved CHUNK pairs at a time
+    (in a rotating order), so that load changing on the host hits every contender alike."""
+    ops, repeat = spec["ops"], spec["repeat"]
+    live = [row for row in rows if not row.error]
+    if not live:
+        return
+    tally = {row.label: [0, 0] for row in live}
+    for row in live:
+        _chunk(row, pairs[row.label], spec["warmup"], [], {row.label: [0, 0]})
     for r in range(repeat):
-        order = rows[r % len(rows) :] + rows[: r % len(rows)]
-        for row in order:
-            if row.error:
-                continue
-            try:
-                _timed(pairs[row.label], warmup)
-                before = (Counter.calls, Counter.trips)
-                row.runs.append(_timed(pairs[row.label], ops))
-                calls[row.label] += Counter.calls - before[0]
-                trips[row.label] += Counter.trips - before[1]
-            except Exception as exc:  # noqa: BLE001 - reported in the table
-                row.error = f"{type(exc).__name__}: {exc}"
-    for row in rows:
-        done = len(row.runs) * ops
-        if done and not row.error:
-            row.calls = calls[row.label] / done if row.label.startswith("taskspace") else None
-            row.trips = trips[row.label] / done if spec["redis"] else None
+        samples: dict[str, list[float]] = {row.label: [] for row in live}
+        for i, done in enumerate(range(0, ops, CHUNK)):
+            turn = (r + i) % len(live)
+            for row in live[turn:] + live[:turn]:
+                if not row.error:
+                    _chunk(row, pairs[row.label], min(CHUNK, ops - done), samples[row.label],
+                           tally)  # fmt: skip
+        for row in live:
+            row.runs.append(samples[row.label])
+    for row in live:
+        if not row.error:
+            calls, trips = (n / (repeat * ops) for n in tally[row.label])
+            row.calls = calls if row.label.startswith("taskspace") else None
+            row.trips = trips if spec["redis"] else None
 
 
 def uncontended_child(spec: dict[str, Any]) -> list[dict[str, Any]]:
