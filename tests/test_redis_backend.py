@@ -130,7 +130,7 @@ def test_fifo_is_exact_at_the_priority_bounds_near_seq_2_32(store: RedisStore) -
 
 
 def test_a_large_push_runs_as_short_scripts(store: RedisStore) -> None:
-    store.queue.push([spec()])  # loads the script: no NOSCRIPT round in what is measured
+    store.queue.push([spec()])  # loads the functions: no such round in what is measured
     raw(store, "CONFIG", "SET", "slowlog-log-slower-than", 0)
     raw(store, "CONFIG", "SET", "slowlog-max-len", 100_000)
     raw(store, "SLOWLOG", "RESET")
@@ -138,7 +138,7 @@ def test_a_large_push_runs_as_short_scripts(store: RedisStore) -> None:
     ids = store.queue.push([spec(payload=b"[1, 2, 3]") for _ in range(n)])
     entries = store.conn.call(lambda: store.conn.client.slowlog_get(100_000))
     raw(store, "CONFIG", "SET", "slowlog-log-slower-than", 10_000)
-    pushes = [e for e in entries if e["command"].startswith(b"EVALSHA")]
+    pushes = [e for e in entries if e["command"].startswith(b"FCALL")]
     micros = sorted(e["duration"] for e in pushes)
     print(f"push of {n} tasks: {len(pushes)} scripts, longest {micros[-1] / 1000:.1f} ms")
     assert len(ids) == len(set(ids)) == n
@@ -171,7 +171,7 @@ def test_every_call_raises_backend_error_while_redis_is_down_and_works_after_res
     for call in calls:
         with pytest.raises(BackendError):
             call()
-    server.restart()  # no persistence: empty, and its script cache too (NOSCRIPT)
+    server.restart()  # no persistence: empty, and without our functions too
     with pytest.raises(SpaceLost):
         store.check_space()
     (task_id,) = store.queue.push([spec()])
@@ -239,8 +239,8 @@ def claim_micros(store: RedisStore, names: list[str], rounds: int = 20) -> float
         store.queue.finish([(rec.lease, Outcome("release"))])
     entries = store.conn.call(lambda: store.conn.client.slowlog_get(10 * rounds))
     raw(store, "CONFIG", "SET", "slowlog-log-slower-than", 10_000)
-    sha = store.conn._scripts["claim"].sha.encode()
-    micros = sorted(e["duration"] for e in entries if sha in e["command"])
+    function = store.conn.function("claim").encode()
+    micros = sorted(e["duration"] for e in entries if function in e["command"])
     return float(micros[len(micros) // 2])
 
 
@@ -536,16 +536,16 @@ def test_a_record_nobody_took_is_never_served_after_a_retry(store: RedisStore) -
 
 
 @pytest.mark.timeout(30)
-def test_a_wait_after_redis_lost_its_scripts_loads_them_and_waits(store: RedisStore) -> None:
+def test_a_wait_after_redis_lost_its_functions_loads_them_and_waits(store: RedisStore) -> None:
     (task_id,) = store.queue.push([spec()])
     store.queue.wait_for_finish([task_id], 0.01)
-    raw(store, "SCRIPT", "FLUSH")  # as a restarted Redis has no cached scripts
+    raw(store, "FUNCTION", "FLUSH")  # as a restarted Redis without persistence has none
     started = time.monotonic()
     store.queue.wait_for_finish([task_id], 0.3)
     assert 0.25 <= time.monotonic() - started < 2
     (rec,) = store.queue.claim(["default"], "w", 1)
     store.queue.finish([(rec.lease, Outcome("succeeded", result=b"7"))])
-    raw(store, "SCRIPT", "FLUSH")
+    raw(store, "FUNCTION", "FLUSH")
     store.queue.wait_for_finish([task_id], 5)  # ended: returns at once, with the record
     got = store.queue.get(task_id)
     assert got is not None and got.result == b"7"

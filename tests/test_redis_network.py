@@ -123,8 +123,8 @@ def test_a_claim_delayed_in_the_network_leases_nothing_after_its_retry_came_back
     delayed = RedisStore(proxy.url(namespace))
     direct = RedisStore(f"{server.url}?namespace={namespace}")
     try:
-        assert direct.queue.claim(["default"], "w1", 1) == []  # loads the script
-        proxy.hold(direct.conn._scripts["claim"].sha.encode())
+        assert direct.queue.claim(["default"], "w1", 1) == []  # loads the functions
+        proxy.hold(direct.conn.function("claim").encode())
         late: list[object] = []
         original = threading.Thread(
             target=lambda: late.append(delayed.queue.claim(["default"], "w1", 1, request_id="r1"))
@@ -178,9 +178,8 @@ def test_a_finish_whose_reply_was_lost_is_accepted_once_when_retried(
         (rec,) = worker.queue.claim(["default"], "w", 1)
         assert direct.queue.finish([]) == [] and direct.queue.get("x") is None
         done = Outcome("succeeded", result=b"42", followups=(spec(id="next"),))
-        script = direct.conn._scripts["finish"]
-        direct.conn.client.script_load(script.script)  # no NOSCRIPT round through the proxy
-        proxy.lose(script.sha.encode())
+        direct.conn.load_functions()  # no loading round through the proxy
+        proxy.lose(direct.conn.function("finish").encode())
         try:
             first: list[bool] | None = worker.queue.finish([(rec.lease, done)])
         except BackendError:
@@ -209,10 +208,9 @@ def test_a_push_whose_reply_was_lost_adds_each_task_once_when_retried(
     client = RedisStore(proxy.url(namespace))
     direct = RedisStore(f"{server.url}?namespace={namespace}")
     try:
-        script = direct.conn._scripts["push"]
-        direct.conn.client.script_load(script.script)
+        direct.conn.load_functions()
         specs = [spec(), spec(dedup_key="once"), spec()]
-        proxy.lose(script.sha.encode())
+        proxy.lose(direct.conn.function("push").encode())
         try:
             first: list[str] | None = client.queue.push(specs)
         except BackendError:

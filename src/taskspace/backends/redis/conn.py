@@ -11,6 +11,8 @@ both follow the master that the Sentinels name (``sentinel.py``).
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import itertools
 import re
 import time
@@ -54,13 +56,13 @@ def import_redis() -> Any:
     return redis
 
 
-def load_scripts() -> dict[str, str]:
-    """Every script of ``lua/`` by name. Each is prefixed with the task state
-    rules generated from ``outcomes``, the task fields generated from
-    ``records.FIELDS``, ``common.lua``, then its libraries: ``_<group>.lua``
-    for a script named ``<group>_<verb>.lua`` (functions its group shares),
-    and every library a ``-- requires: _name.lua`` line of the script or of
-    a library names (each once, before what requires it)."""
+def load_scripts() -> dict[str, tuple[str, str]]:
+    """Every script of ``lua/`` by name, as (head, body). The head is the task
+    state rules generated from ``outcomes``, the task fields generated from
+    ``records.FIELDS``, ``common.lua``, then the script's libraries:
+    ``_<group>.lua`` for a script named ``<group>_<verb>.lua`` (functions its
+    group shares), and every library a ``-- requires: _name.lua`` line of the
+    script or of a library names (each once, before what requires it)."""
     lua = resources.files(__package__).joinpath("lua")
     prelude = lua_rules() + lua_fields() + lua.joinpath("common.lua").read_text()
     sources = {e.name: e.read_text() for e in lua.iterdir() if e.name.endswith(".lua")}
@@ -81,9 +83,36 @@ def load_scripts() -> dict[str, str]:
         if group in sources:
             with_libraries(group, libraries)
         with_libraries(name, libraries)
-        body = "".join(sources[lib] for lib in libraries)
-        scripts[name.removesuffix(".lua")] = prelude + body
+        head = "".join(sources[lib] for lib in libraries if lib != name)
+        scripts[name.removesuffix(".lua")] = (prelude + head, sources[name])
     return scripts
+
+
+@functools.cache
+def load_libraries() -> dict[str, tuple[str, str]]:
+    """Each script as a Redis function library: script name -> (function
+    name, FUNCTION LOAD source).
+
+    A library's top level (the rules, fields, common.lua and the libraries:
+    about 20 KB of definitions) runs once when Redis loads it; each call then
+    runs only the script's body, as a function of ``KEYS`` and ``ARGV`` that
+    first sets the per-call state of common.lua (``P``, the key prefix, and
+    the clock memo). With EVALSHA Redis re-ran the whole top level on every
+    call, several times the cost of most bodies. Names end in a hash of all
+    the code, so processes of different taskspace versions sharing a Redis
+    never call each other's functions."""
+    scripts = load_scripts()
+    version = hashlib.sha1(repr(sorted(scripts.items())).encode()).hexdigest()[:12]
+    libraries = {}
+    for name, (head, body) in scripts.items():
+        function = f"taskspace_{version}_{name}"
+        code = (
+            f"#!lua name={function}\n{head}\n"
+            f"redis.register_function('{function}', function(KEYS, ARGV)\n"
+            f"P = KEYS[1]\nclock_memo = nil\n{body}\nend)\n"
+        )
+        libraries[name] = (function, code)
+    return libraries
 
 
 def split_namespace(url: str) -> tuple[str, str | None]:
@@ -140,10 +169,8 @@ class RedisConnection:
             self.client = _client(redis_mod, url, plain, SOCKET_TIMEOUT_S, CONNECT_TIMEOUT_S)
             self.reads = _client(redis_mod, url, plain, READ_TIMEOUT_S, READ_TIMEOUT_S)
         self._errors: tuple[type[BaseException], ...] = (redis_mod.RedisError, OSError)
-        self._noscript: type[BaseException] = redis_mod.exceptions.NoScriptError
-        self._scripts = {
-            name: self.client.register_script(source) for name, source in load_scripts().items()
-        }
+        self._response_error: type[BaseException] = redis_mod.exceptions.ResponseError
+        self._libraries = load_libraries()
 
     def call(self, op: Callable[[], T]) -> T:
         """Run one Redis operation, turning any Redis failure into BackendError."""
@@ -152,18 +179,56 @@ class RedisConnection:
         except self._errors as exc:
             raise BackendError(f"Redis at {self.url}: {type(exc).__name__}: {exc}") from exc
 
+    def function(self, script: str) -> str:
+        """The Redis function that runs ``script``."""
+        return self._libraries[script][0]
+
+    def _fcall(self, script: str, args: Sequence[Any]) -> tuple[Any, ...]:
+        return ("FCALL", self._libraries[script][0], 1, self.prefix, *args)
+
+    def _missing(self, exc: BaseException | None) -> bool:
+        """True if ``exc`` says Redis does not have our functions (a restarted
+        or new server, FUNCTION FLUSH): the call did not run, load and retry.
+        A Redis without functions (before 7.0) is refused with a clear error."""
+        if not isinstance(exc, self._response_error):
+            return False
+        if "unknown command" in str(exc).lower():
+            raise BackendError(
+                f"Redis at {self.url} has no FCALL: taskspace needs Redis 7.0 or newer"
+            ) from exc
+        return str(exc).startswith("Function not found")
+
+    def load_functions(self) -> None:
+        """Load (or replace) every script's function library, in one round
+        trip; safe to run from many processes at once."""
+
+        def load() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for _, code in self._libraries.values():
+                pipe.execute_command("FUNCTION", "LOAD", "REPLACE", code)
+            pipe.execute()
+
+        self.call(load)
+
     def run(self, script: str, args: Sequence[Any], read: bool = False) -> Any:
-        """Run a script (on the short-timeout client when ``read``)."""
-        fn = self._scripts[script]
+        """Run a script (on the short-timeout client when ``read``); its
+        functions are loaded first if Redis does not have them."""
         client = self.reads if read else self.client
-        return self.call(lambda: fn(keys=[self.prefix], args=list(args), client=client))
+        command = self._fcall(script, args)
+        try:
+            return self.call(lambda: client.execute_command(*command))
+        except BackendError as exc:
+            if not self._missing(exc.__cause__):
+                raise
+        self.load_functions()
+        return self.call(lambda: client.execute_command(*command))
 
     def run_many(self, script: str, arg_lists: Iterable[Sequence[Any]]) -> list[Any]:
         """Run ``script`` once per argument list, in order, each call atomic on
         its own, keeping up to RUN_MANY_WINDOW calls in flight on one
         connection, so that the client encodes the next call while Redis runs
-        this one. The first call goes alone (it loads the script after a
-        Redis restart: NOSCRIPT)."""
+        this one. The first call goes alone (it loads the functions after a
+        Redis restart)."""
         lists = iter(arg_lists)
         first = next(lists, None)
         if first is None:
@@ -176,16 +241,16 @@ class RedisConnection:
         return replies + self.call(lambda: self._pipelined(script, rest))
 
     def _pipelined(self, script: str, lists: Iterator[Sequence[Any]]) -> list[Any]:
-        sha, pool = self._scripts[script].sha, self.client.connection_pool
+        pool = self.client.connection_pool
         try:
             conn = pool.get_connection()
         except TypeError:  # redis-py < 6 wants a command name
-            conn = pool.get_connection("EVALSHA")
+            conn = pool.get_connection("FCALL")
         replies: list[Any] = []
         sent = 0
         try:
             for args in lists:
-                conn.send_command("EVALSHA", sha, 1, self.prefix, *args)
+                conn.send_command(*self._fcall(script, args))
                 sent += 1
                 if sent - len(replies) >= RUN_MANY_WINDOW:
                     replies.append(conn.read_response())
@@ -210,15 +275,15 @@ class RedisConnection:
         """Run ``script`` and, sent with it in one write on the same connection,
         BLPOP ``keys`` (as ``block``): one round trip. Returns the script's
         reply and what BLPOP popped. A script that fails abandons the
-        connection, and with it the BLPOP; a script missing from Redis's cache
-        (a restart) is loaded and the pair sent again."""
+        connection, and with it the BLPOP; functions missing from Redis (a
+        restart) are loaded and the pair sent again."""
         call = (script, args)
         try:
             return self.call(lambda: self._blpop(call, keys, max(timeout, 0.001)))
         except BackendError as exc:
-            if not isinstance(exc.__cause__, self._noscript):
+            if not self._missing(exc.__cause__):
                 raise
-        self.call(lambda: self.reads.script_load(self._scripts[script].script))
+        self.load_functions()
         return self.call(lambda: self._blpop(call, keys, max(timeout, 0.001)))
 
     def run_pair(
@@ -226,12 +291,15 @@ class RedisConnection:
     ) -> tuple[Any, Any]:
         """Run two scripts (each atomic on its own, in order) sent in one write
         on the short-timeout client: one round trip; their replies. A script
-        missing from Redis's cache (a restart) is loaded and run again on its
-        own, the other's reply kept."""
+        whose function Redis lacks (a restart) is run again on its own (which
+        loads the functions), the other's reply kept."""
         calls = (first, second)
         replies = self.call(lambda: self._send_scripts(calls))
         for i, (script, args) in enumerate(calls):
-            if isinstance(replies[i], self._noscript):
+            error = replies[i]
+            if isinstance(error, self._response_error):
+                if not self._missing(error):
+                    raise BackendError(f"Redis at {self.url}: ResponseError: {error}") from error
                 replies[i] = self.run(script, args, read=True)
         return replies[0], replies[1]
 
@@ -240,17 +308,15 @@ class RedisConnection:
         try:
             conn = pool.get_connection()
         except TypeError:  # redis-py < 6 wants a command name
-            conn = pool.get_connection("EVALSHA")
-        commands = [
-            ("EVALSHA", self._scripts[script].sha, 1, self.prefix, *args) for script, args in calls
-        ]
+            conn = pool.get_connection("FCALL")
+        commands = [self._fcall(script, args) for script, args in calls]
         replies: list[Any] = []
         try:
             conn.send_packed_command(conn.pack_commands(commands))
             for _ in commands:
                 try:
                     replies.append(conn.read_response())
-                except self._noscript as exc:  # the other reply still comes
+                except self._response_error as exc:  # the other reply still comes
                     replies.append(exc)
         except BaseException:
             conn.disconnect()  # replies may still be on the way: never reuse it
@@ -265,14 +331,14 @@ class RedisConnection:
         """BLPOP ``keys`` (as ``block``) and, sent with it in one write on the
         same connection, run ``script``, which Redis runs as soon as the BLPOP
         returns or times out: one round trip. Returns what BLPOP popped and the
-        script's reply. A script missing from Redis's cache (a restart) is
-        loaded and run once more on its own (the BLPOP is not repeated: it may
-        have popped)."""
+        script's reply. If Redis lacks the script's function (a restart), the
+        functions are loaded and the script run once more on its own (the
+        BLPOP is not repeated: it may have popped)."""
         call = (script, args)
         try:
             reply, popped = self.call(lambda: self._blpop(None, keys, max(timeout, 0.001), call))
         except BackendError as exc:
-            if not isinstance(exc.__cause__, self._noscript):
+            if not self._missing(exc.__cause__):
                 raise
             return None, self.run(script, args, read=True)
         return popped, reply
@@ -295,11 +361,9 @@ class RedisConnection:
         deadline = time.monotonic() + timeout + BLOCK_MARGIN_S
         commands: list[tuple[Any, ...]] = [("BLPOP", *keys, f"{timeout:.3f}")]
         if call is not None:
-            script, args = call
-            commands.insert(0, ("EVALSHA", self._scripts[script].sha, 1, self.prefix, *args))
+            commands.insert(0, self._fcall(*call))
         if after is not None:
-            script, args = after
-            commands.append(("EVALSHA", self._scripts[script].sha, 1, self.prefix, *args))
+            commands.append(self._fcall(*after))
         try:
             conn.send_packed_command(conn.pack_commands(commands))
             replies = []

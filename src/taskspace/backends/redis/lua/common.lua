@@ -14,7 +14,8 @@
 -- EXPIRE removed the hash), counts, stale, dedup:<key>, done:<id>,
 -- wake:<queue>[\n<name>] (expire WAKE_TTL_S after their last token),
 -- claimreq and claimreqexp (request ids of claims, lua/_request.lua).
-local P = KEYS[1]
+-- Set per call, from KEYS[1], by the function that runs each script (conn.py).
+local P = nil
 local WAKE_MAX = 64
 -- A settled task's hash expires this long after its reap time: a backstop for
 -- a space nobody reaps. Reap still fixes counts and indexes from `expiry`.
@@ -57,7 +58,7 @@ local function wall() return server_time() end
 -- the space, so it survives restarts with persistence and follows failovers.
 -- Computed once per script run.
 local CLOCK_REFRESH_S = 1.0
-local clock_memo = nil
+local clock_memo = nil  -- reset per call, with P
 local function clock()
   if clock_memo then return clock_memo end
   local time = server_time()
