@@ -12,7 +12,10 @@ Guarantees and faults:
   third of its TTL with ``kv.touch`` (no new revision, so heartbeats never
   flood the change feed). A process that dies, is SIGKILLed or paused past
   its TTL disappears from :meth:`Registry.discover` at once when the TTL
-  runs out, and watchers see an ``expired`` change. A heartbeat that fails
+  runs out, and watchers see an ``expired`` change. A pause shorter than the
+  TTL minus one heartbeat interval (two thirds of the TTL) never lets the
+  key expire; a longer one may (no heartbeat can cover it: the last one may
+  have run ttl/3 before the pause). A heartbeat that fails
   (backend down) is logged and retried with backoff; the thread never dies
   of an exception. A heartbeat that finds its key gone while the process is
   still alive (it expired during a pause) writes the registration again,
@@ -47,7 +50,12 @@ Guarantees and faults:
   feed again. It never misses a change of state: after any fault its view
   equals the store's. (A watch resumed with ``since`` below the compaction
   point knows nothing yet: it reports every live instance ``added``, and
-  cannot report the removal of one it never saw.)
+  cannot report the removal of one it never saw.) Resuming from the
+  ``revision`` of *any* delivered change misses nothing after it, also in
+  the middle of a listing (see :class:`ServiceChange`). With
+  ``idle_timeout`` the watch ends on time also while the backend is down,
+  and the ``watch()`` call never blocks longer than ``idle_timeout`` (or
+  WATCH_START_S) before raising BackendError.
 - **Closing.** :meth:`Registry.close` deregisters what it registered and
   stops its heartbeat thread; a process that exits without it leaves its
   instances to their TTL.
@@ -831,7 +839,9 @@ class _Watch:
         ``next``), then return the generator of changes."""
         first: list[ServiceChange] = []
         if since is None:
-            limit = min(WATCH_START_S, self.idle_timeout or WATCH_START_S)
+            limit = WATCH_START_S
+            if self.idle_timeout is not None:
+                limit = min(limit, self.idle_timeout)
             snap = self._retry(self._snapshot, time.monotonic() + limit)
             if snap is None and not self.stop.is_set():
                 raise BackendError(
