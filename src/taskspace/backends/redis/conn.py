@@ -145,7 +145,7 @@ def _client(redis_mod: Any, url: str, plain: str, timeout: float, connect: float
 
 class RedisConnection:
     """The clients and scripts of one space on one Redis; every Redis failure
-    (command, pipeline, script load, NOSCRIPT after a restart, socket) surfaces
+    (command, pipeline, function load, a function missing after a restart, socket) surfaces
     as BackendError."""
 
     def __init__(self, url: str, namespace: str | None = None) -> None:
