@@ -7,6 +7,7 @@ Space in an app module costs nothing until it is used.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -252,11 +253,43 @@ class Space(Closeable):
             try:
                 return self.store.queue.push(chunk)
             except BackendError as exc:
-                if isinstance(exc, SpaceLost) or time.monotonic() + delay > deadline:
+                if (
+                    isinstance(exc, SpaceLost)
+                    or time.monotonic() + delay > deadline
+                    or self._in_caller_transaction()
+                ):
                     raise
                 log.warning("submit failed, retrying in %.2f s: %s", delay, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, PUSH_BACKOFF_MAX_S)
+
+    @contextlib.contextmanager
+    def transaction(self, connection: Any) -> Iterator[Any]:
+        """Submit inside the caller's own PostgreSQL transaction: every push of
+        this thread (or asyncio task) in the block — ``task.submit``,
+        ``submit_many``, ``space.push`` — is written on ``connection`` (a
+        psycopg 3 connection to the space's database), so the tasks commit with
+        the caller's data or not at all, and run only once it commits. The
+        caller commits or rolls back; a failed push is not retried (it aborted
+        the caller's transaction). Only a PostgreSQL space has this
+        (ConfigError otherwise)::
+
+            with psycopg.connect(dsn) as conn, space.transaction(conn):
+                conn.execute("INSERT INTO orders ...")
+                ship.submit(order_id)
+        """
+        enter = getattr(self.store, "transaction", None)
+        if enter is None:
+            raise ConfigError(
+                f"space.transaction needs a PostgreSQL space; {self.scheme} has no"
+                " transactions a caller can join"
+            )
+        with enter(connection) as conn:
+            yield conn
+
+    def _in_caller_transaction(self) -> bool:
+        check = getattr(self.store, "in_caller_transaction", None)
+        return bool(check is not None and check())
 
     def handle(self, task_id: str) -> Handle:
         """Re-attach to a task submitted anywhere; raises TaskNotFound if there is
