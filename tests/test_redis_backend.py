@@ -7,6 +7,7 @@ space, idempotent finishes and follow-ups."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 import uuid
@@ -599,3 +600,27 @@ def test_wake_lists_expire_and_zero_counts_are_removed(store: RedisStore) -> Non
         store.queue.finish([(rec.lease, Outcome("succeeded"))])
     counts = raw(store, "HGETALL", f"{store.prefix}counts")
     assert counts == {b"default\nsucceeded": b"1", b"other\nsucceeded": b"1"}
+
+
+def test_lease_calls_on_a_stalled_redis_fail_within_the_read_timeout(
+    server: RedisServer, store: RedisStore
+) -> None:
+    """A "try once" acquire, a renewal and a release never wait for the 10 s
+    script timeout: lease scripts run on the short-timeout client."""
+    grant = store.leases.acquire("gpu", "me", ttl=30)
+    assert grant is not None
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        for call in (
+            lambda: store.leases.acquire("other", "me", ttl=30),
+            lambda: store.leases.renew([grant], 30),
+            lambda: store.leases.release(grant),
+        ):
+            began = time.monotonic()
+            with pytest.raises(BackendError):
+                call()
+            assert time.monotonic() - began < 3.0
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    assert store.leases.release(grant) is True

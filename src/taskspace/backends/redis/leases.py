@@ -63,7 +63,11 @@ class RedisLeases:
         check_acquire(name, ttl, capacity, grant_id)
         gid = grant_id or uuid.uuid4().hex
         args = [name, gid, holder, int(capacity), repr(float(ttl)), data]
-        reply = self._conn.run("lease_acquire", args)
+        # Lease scripts are O(1) and safe to repeat (acquire by grant id, renew and
+        # release by token), so they run on the short-timeout client: a stalled
+        # Redis costs a caller READ_TIMEOUT_S, never the scripts' 10 s timeout
+        # ("try once" stays quick; a holder's renewals keep their deadline).
+        reply = self._conn.run("lease_acquire", args, read=True)
         kind = reply[0]
         if kind == b"ok":
             return _grant(name, reply[1:])
@@ -85,14 +89,15 @@ class RedisLeases:
         args: list[object] = [repr(float(ttl))]
         for g in grants:
             args += [g.name, g.id, g.token]
-        replies = self._conn.run("lease_renew", args)
+        replies = self._conn.run("lease_renew", args, read=True)
         return [
             None if reply is None else Grant(g.name, g.id, g.holder, g.token, float(reply), g.data)
             for g, reply in zip(grants, replies, strict=True)
         ]
 
     def release(self, grant: Grant) -> bool:
-        return bool(self._conn.run("lease_release", [grant.name, grant.id, grant.token]))
+        args = [grant.name, grant.id, grant.token]
+        return bool(self._conn.run("lease_release", args, read=True))
 
     def holders(self, name: str) -> list[Grant]:
         rows = self._conn.run("lease_holders", [name], read=True)
