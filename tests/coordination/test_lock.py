@@ -85,10 +85,12 @@ def test_lost_before_the_store_expires(space: Space, monkeypatch: pytest.MonkeyP
         seen.append((time.monotonic(), lease.held, holders))
         lost.set()
 
+    space.store.leases.holders("lock/lost")  # connect first
     start = time.monotonic()
     lease = acquire_lease(space, "lock/lost", ttl=ttl, wait=0, on_lost=on_lost)
     assert lease is not None
     attempts = fail_renewals(space, monkeypatch)
+    releases = fail_releases(space, monkeypatch)  # the backend is down for releases too
     assert lost.wait(5)
     at, held, holders = seen[0]
     assert not held
@@ -99,6 +101,39 @@ def test_lost_before_the_store_expires(space: Space, monkeypatch: pytest.MonkeyP
     time.sleep(0.1)
     assert len(seen) == 1, "on_lost fires once"
     assert lease not in keeper(space).held()
+    assert releases, "the lost lease is given back in the background (tried while down)"
+
+
+def fail_releases(space: Space, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every ``leases.release`` of ``space`` fails from now on; the times tried."""
+    attempts: list[float] = []
+
+    def release(grant: Grant) -> bool:
+        attempts.append(time.monotonic())
+        raise BackendError("releases cut off by the test")
+
+    monkeypatch.setattr(space.store.leases, "release", release)
+    return attempts
+
+
+def test_lost_lease_is_given_back_in_the_background(
+    space: Space, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renewals fail (a blip) but the store still answers releases: a lease
+    declared lost at its deadline is released on the store in the
+    background, so the next holder does not wait out the rest of its TTL."""
+    ttl = 1.5
+    lost = threading.Event()
+    lease = acquire_lease(space, "lock/blip", ttl=ttl, wait=0, on_lost=lambda _: lost.set())
+    assert lease is not None
+    fail_renewals(space, monkeypatch)
+    assert lost.wait(5)
+    lost_at = time.monotonic()
+    other = space.lock("blip", ttl=ttl).acquire(wait=ttl)
+    took = time.monotonic() - lost_at
+    assert other is not None and other.token > lease.token
+    assert took < ttl / 3 - 0.1, f"the next holder waited {took:.2f} s: the grant ran out its TTL"
+    assert lease.release() is False
 
 
 def test_paused_renewer_still_lost_on_time(space: Space, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,7 +194,8 @@ def test_wait_zero_and_timeout_bounds(space: Space) -> None:
     with pytest.raises(LockTimeout), space.lock("busy", wait=0.2):
         pass
     assert time.monotonic() - start < 0.7
-    assert space.store.kv.scan("taskspace/locks/lock%2Fbusy/q/") == [], "waiters left the queue"
+    # a wait that ran out leaves the queue in the background, at once
+    _wait_queued(space, "lock/busy", 0, exact=True, timeout=1.0)
     holder.release()
 
 
@@ -186,12 +222,16 @@ def _acquire_time(lock: Any) -> float:
     return at
 
 
-def _wait_queued(space: Space, lease_name: str, n: int, timeout: float = 5.0) -> None:
+def _wait_queued(space: Space, lease_name: str, n: int, timeout: float = 5.0,
+                 exact: bool = False) -> None:  # fmt: skip
     from taskspace.coordination.lease import queue_prefix
 
     deadline = time.monotonic() + timeout
-    while len(space.store.kv.scan(queue_prefix(lease_name) + "q/")) < n:
-        assert time.monotonic() < deadline, f"{n} waiters never queued"
+    while True:
+        queued = len(space.store.kv.scan(queue_prefix(lease_name) + "q/"))
+        if queued == n or (queued > n and not exact):
+            return
+        assert time.monotonic() < deadline, f"{queued} waiters queued, not {n}"
         time.sleep(0.005)
 
 

@@ -21,7 +21,7 @@ def test_close_releases_held_locks_and_stops_renewing(backend: str, tmp_path: Pa
     keeper = space._facades["lease_keeper"]
     space.close()
     assert space._store is None
-    for thread in keeper._threads:
+    for thread in keeper._threads.values():
         thread.join(timeout=2)
         assert not thread.is_alive(), f"{thread.name} still runs after close"
     time.sleep(0.1)

@@ -23,7 +23,10 @@ at least (arrival of that request) + ttl on its own clock, and the arrival
 is after the send, so as long as the two clocks advance at similar rates
 (within ttl/3 over ttl) the holder stops a third of the TTL before anyone
 else can be granted the slot. The acquisition itself counts as the first
-renewal (its request's send time).
+renewal (its request's send time). On Redis the store's clock is the
+server's wall clock (kept from going backwards, not from jumping forwards):
+a forward step of the server's clock expires grants early, and then only
+fenced writes keep a stale holder out.
 
 **Faults.**
 
@@ -33,29 +36,43 @@ renewal (its request's send time).
 - *Backend down*: renewals are retried with backoff (at least every ttl/6);
   if none succeeds by the deadline, the lease is declared lost at the
   deadline by a watchdog thread that makes no store call, so even a renewal
-  blocked in a socket timeout cannot delay it.
+  blocked in a socket timeout cannot delay it. A lease declared lost at its
+  deadline is then released on the store in the background (best effort,
+  retried until the grant would have expired anyway), so the next holder
+  need not wait out the rest of the TTL; an act begun before the deadline
+  is from then on protected by its fencing token only.
 - *Process paused* (SIGSTOP, a long GC, a suspended VM): nothing runs while
   paused; ``held`` compares the deadline on every read, so a resumed holder
   sees False on its very next check, and a renewal whose reply arrives after
   the deadline is ignored (a lost lease stays lost). Code that acts on the
   resource should check ``held`` (or use fenced writes) right before acting;
   between the check and the act only the fencing token protects it.
+- *Space closed*: :meth:`LeaseKeeper.close` releases every held lease (in
+  parallel, within CLOSE_BUDGET_S overall; a release the backend does not
+  answer in time is abandoned and its grant expires within its TTL) and
+  stops the threads; ``release()`` after that makes no store call.
 
 **Acquiring.** :func:`acquire_lease` (used by locks, semaphores and
 elections) waits for a slot in arrival order, wakes on releases and retries
 a backend that is down until its wait ends; :mod:`taskspace.coordination.lock`
 states how waiting, fairness and backend errors behave.
+:func:`acquire_lease_async` does the same for asyncio code on a daemon thread
+of its own (never the loop's default executor); cancelling it ends the wait
+and gives back a lease taken after the cancel.
 
 ``on_lost(lease)`` runs once on a thread of its own; ``on_renewed(lease)``
-runs on the renewer thread after each successful renewal (keep it short).
-Exceptions in either are logged. The renewer and watchdog threads are
-daemons started on first use; they never die of an exception (they log,
-back off and carry on).
+runs on the renewer thread after each successful renewal (keep it short: it
+delays the renewal of the Space's other leases). Exceptions in either are
+logged. The renewer, watchdog and cleaner threads are daemons started on
+first use; they never die of an exception (they log, back off and carry on).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import json
 import logging
 import math
 import os
@@ -66,13 +83,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 from urllib.parse import quote
 
-from taskspace.backends.base import MAX_DURATION_S, Grant
-from taskspace.errors import BackendError, ConfigError, LeaseLost, SpaceLost, TaskspaceError
+from taskspace.backends.base import Grant
+from taskspace.backends.checks import check_seconds
+from taskspace.errors import BackendError, ConfigError, LeaseLost, SpaceLost
 
 if TYPE_CHECKING:
+    from taskspace.backends.base import Store
     from taskspace.space import Space
 
 log = logging.getLogger("taskspace.coordination")
@@ -81,9 +100,12 @@ RENEW_EVERY = 1 / 3  # of the ttl, after the send time of the last successful re
 DEADLINE_AT = 2 / 3  # of the ttl, after the same send time
 RETRY_START_S = 0.02  # first retry of a failed renewal; doubles up to ttl/6
 LOOP_BACKOFF_S = 0.5  # after an unexpected exception in a thread loop
+CLOSE_BUDGET_S = 2.0  # LeaseKeeper.close releases in parallel within this, overall
+CLOSE_THREADS = 16  # at most this many releases in flight during close
 
 LeaseCallback = Callable[["Lease"], None]
 State = Literal["held", "lost", "released"]
+T = TypeVar("T")
 
 
 def _run_callback(callback: LeaseCallback | None, lease: Lease, what: str) -> None:
@@ -126,6 +148,7 @@ class Lease:
         self._next_renew = sent + ttl * RENEW_EVERY
         self._retry = RETRY_START_S
         self._failing = False
+        self._keeper: LeaseKeeper | None = None  # the keeper renewing it (set by its add)
         self.lost_reason: str | None = None
 
     def __repr__(self) -> str:
@@ -197,24 +220,41 @@ class Lease:
         try:
             (renewed,) = self._space.store.leases.renew([self._grant], self.ttl)
         except SpaceLost:
-            self._lose("the space was wiped or replaced")
+            self._lose("the space was wiped or replaced", give_back=False)
             raise
         if renewed is None:
-            self._lose("the store no longer holds the grant")
+            self._lose("the store no longer holds the grant", give_back=False)
         else:
             self._renewed(sent, renewed)
         self.check()
 
     def release(self) -> bool:
         """Give the slot back and stop renewing. True if the store still held
-        the grant; False for a stale grant (already released, expired or
-        taken). While the backend is down the release is retried until the
-        renew deadline; then False (the grant expires by itself within its
-        TTL)."""
+        the grant; False for a stale grant (expired or taken). Idempotent:
+        only the first release of a held lease makes a store call; a lease
+        already released, or lost (whose grant the keeper gives back in the
+        background), returns False at once, also after ``Space.close()``.
+        While the backend is down the release is retried until the renew
+        deadline; then False (the grant expires by itself within its TTL)."""
+        if not self._stop():
+            return False
+        self._detach()
+        return self._give_back(self._deadline)
+
+    def _stop(self) -> bool:
+        """held -> released; False if it was not held."""
         with self._lock:
-            was = self._state
-            self._state = "released" if was == "held" else was
-        keeper(self._space).remove(self)
+            if self._state != "held":
+                return False
+            self._state = "released"
+            return True
+
+    def _detach(self) -> None:
+        if self._keeper is not None:
+            self._keeper.remove(self)
+
+    def _give_back(self, until: float) -> bool:
+        """``leases.release`` of the grant, retried through BackendError until ``until``."""
         delay = RETRY_START_S
         while True:
             try:
@@ -222,7 +262,7 @@ class Lease:
             except SpaceLost:
                 return False
             except BackendError as exc:
-                if time.monotonic() + delay >= self._deadline:
+                if time.monotonic() + delay >= until:
                     log.warning("lease %s: release failed (%s); it expires by itself", self.name,
                                 exc)  # fmt: skip
                     return False
@@ -249,7 +289,7 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await asyncio.to_thread(self.release)
+        await run_in_thread(self.release, f"taskspace-release-{self.name}")
 
     # -- what the renewer tells it -----------------------------------------------
 
@@ -278,14 +318,23 @@ class Lease:
             log.warning("lease %s: renewal failed, retrying until its deadline: %s", self.name,
                         exc)  # fmt: skip
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, *, give_back: bool = True) -> None:
+        """Declare the lease lost (once). ``give_back``: the store may still
+        hold the grant (a missed deadline), so the keeper releases it in the
+        background until the grant would have expired anyway."""
         with self._lock:
             if self._state != "held":
                 return
             self._state = "lost"
             self.lost_reason = reason
         log.warning("lease %s (token %d) lost: %s", self.name, self.token, reason)
-        keeper(self._space).remove(self)
+        self._detach()
+        if give_back and self._keeper is not None:
+            grant = self._grant
+            self._keeper.later(Chore(
+                f"release lost lease {self.name}", lambda store: store.leases.release(grant),
+                until=self._deadline + self.ttl * (1 - DEADLINE_AT),
+            ))  # fmt: skip
         if self.on_lost is not None:
             threading.Thread(
                 target=_run_callback, args=(self.on_lost, self, "on_lost"),
@@ -293,35 +342,61 @@ class Lease:
             ).start()  # fmt: skip
 
 
+@dataclass(slots=True)
+class Chore:
+    """A best-effort store call the keeper's cleaner thread makes in the
+    background (leave a wait queue, release a grant nobody holds any more):
+    retried with backoff through BackendError, dropped at ``until``
+    (``time.monotonic()``; past it the thing has expired by itself) or when
+    the keeper closes."""
+
+    what: str
+    run: Callable[[Store], object]
+    until: float
+    due: float = 0.0
+    delay: float = RETRY_START_S
+
+
 class LeaseKeeper:
-    """The renewer and watchdog threads of one Space, shared by all its leases.
+    """The renewer, watchdog and cleaner threads of one Space, shared by all
+    its leases.
 
     The renewer renews every due grant with one ``store.leases.renew`` call
     per ttl; the watchdog, which makes no store call, declares lost every
-    lease whose deadline passes. Both start on first use and never die of an
-    exception."""
+    lease whose deadline passes; the cleaner runs :class:`Chore` objects.
+    All start on first use and never die of an exception."""
 
     def __init__(self, space: Space) -> None:
         self._space = space
         self._cond = threading.Condition()
         self._leases: set[Lease] = set()
-        self._threads: list[threading.Thread] = []
+        self._chores: list[Chore] = []
+        self._threads: dict[str, threading.Thread] = {}
         self._pid = os.getpid()
         self._closed = False
 
     def add(self, lease: Lease) -> None:
         with self._cond:
             self._closed = False
-            if self._pid != os.getpid():  # a forked child: our threads are not in it
-                self._leases, self._threads, self._pid = set(), [], os.getpid()
+            self._forked()
+            lease._keeper = self
             self._leases.add(lease)
-            if not self._threads or not all(t.is_alive() for t in self._threads):
-                self._start()
+            self._start()
             self._cond.notify_all()
 
     def remove(self, lease: Lease) -> None:
         with self._cond:
             self._leases.discard(lease)
+            self._cond.notify_all()
+
+    def later(self, chore: Chore) -> None:
+        """Run ``chore`` on the cleaner thread (dropped if the keeper is closed)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._forked()
+            self._chores.append(chore)
+            self._start()
             self._cond.notify_all()
 
     def held(self) -> list[Lease]:
@@ -330,33 +405,41 @@ class LeaseKeeper:
             return list(self._leases)
 
     def close(self) -> None:
-        """Release every held lease and stop both threads (``Space.close``).
+        """Release every held lease and stop the threads (``Space.close``).
 
         Like a ZooKeeper session that closes, a closed Space gives up what it
-        holds: each lease is released (its ``on_lost`` does not fire; while the
-        backend is down a release gives up at the lease's renew deadline, and
-        the grant then expires on the store within its TTL). A lease acquired
-        afterwards starts the threads again."""
-        for lease in self.held():
-            try:
-                lease.release()
-            except TaskspaceError as exc:  # closing goes on with the others
-                log.warning("lease %s: release on close failed: %s", lease.name, exc)
+        holds: each lease is marked released at once (``held`` is False, its
+        ``on_lost`` does not fire) and released on the store, all in parallel
+        and within CLOSE_BUDGET_S overall (plus at most one store call in
+        flight); a release the backend does not answer by then is abandoned
+        and the grant expires on the store within its TTL. Pending chores are
+        dropped (what they would clean up expires by itself). A lease
+        acquired afterwards starts the threads again."""
         with self._cond:
+            leases = [lease for lease in self._leases if lease._stop()]
             self._closed = True
             self._leases.clear()
+            self._chores.clear()
             self._cond.notify_all()
+        _release_all(leases, time.monotonic() + CLOSE_BUDGET_S)
+
+    def _forked(self) -> None:
+        if self._pid != os.getpid():  # a forked child: our threads are not in it
+            self._leases, self._chores, self._threads = set(), [], {}
+            self._pid = os.getpid()
 
     def _start(self) -> None:
-        self._threads = [
-            threading.Thread(target=self._forever, args=(step,), name=name, daemon=True)
-            for step, name in (
-                (self._renew_step, "taskspace-lease-renewer"),
-                (self._watch_step, "taskspace-lease-watchdog"),
-            )
-        ]
-        for thread in self._threads:
-            thread.start()
+        for step, name in (
+            (self._renew_step, "taskspace-lease-renewer"),
+            (self._watch_step, "taskspace-lease-watchdog"),
+            (self._clean_step, "taskspace-lease-cleaner"),
+        ):
+            thread = self._threads.get(name)
+            if thread is None or not thread.is_alive():
+                thread = threading.Thread(target=self._forever, args=(step,), name=name,
+                                          daemon=True)  # fmt: skip
+                self._threads[name] = thread
+                thread.start()
 
     def _forever(self, step: Callable[[], None]) -> None:
         while not self._closed:
@@ -367,9 +450,10 @@ class LeaseKeeper:
                 time.sleep(LOOP_BACKOFF_S)
 
     def _wait_for(self, when: Callable[[Lease], float]) -> list[Lease]:
-        """Block until some lease's ``when`` has come; those leases."""
+        """Block until some held lease's ``when`` has come; those leases."""
         with self._cond:
             while not self._closed:
+                self._leases = {lease for lease in self._leases if lease._state == "held"}
                 now = time.monotonic()
                 due = [lease for lease in self._leases if when(lease) <= now]
                 if due:
@@ -402,7 +486,7 @@ class LeaseKeeper:
             renewed = self._space.store.leases.renew([lease.grant for lease in leases], ttl)
         except SpaceLost:
             for lease in leases:
-                lease._lose("the space was wiped or replaced")
+                lease._lose("the space was wiped or replaced", give_back=False)
             return
         except BackendError as exc:
             for lease in leases:
@@ -410,17 +494,111 @@ class LeaseKeeper:
             return
         for lease, grant in zip(leases, renewed, strict=True):
             if grant is None:
-                lease._lose("the store no longer holds the grant (expired or released)")
+                lease._lose("the store no longer holds the grant (expired or released)",
+                            give_back=False)  # fmt: skip
             else:
                 lease._renewed(sent, grant)
 
+    def _next_chore(self) -> Chore | None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                due = [chore for chore in self._chores if chore.due <= now]
+                if due:
+                    chore = min(due, key=lambda c: c.due)
+                    self._chores.remove(chore)
+                    return chore
+                soonest = min((chore.due for chore in self._chores), default=None)
+                self._cond.wait(None if soonest is None else soonest - now)
+            return None
+
+    def _clean_step(self) -> None:
+        chore = self._next_chore()
+        if chore is None or time.monotonic() >= chore.until:
+            return  # closed, or expired by itself meanwhile
+        try:
+            chore.run(self._space.store)
+        except SpaceLost:
+            return
+        except BackendError as exc:
+            if chore.delay == RETRY_START_S:
+                log.warning("%s failed, retrying in the background: %s", chore.what, exc)
+            chore.due = time.monotonic() + chore.delay
+            chore.delay = min(chore.delay * 2, BACKOFF_MAX_S)
+            with self._cond:
+                if not self._closed:
+                    self._chores.append(chore)
+
+
+def _release_all(leases: list[Lease], until: float) -> None:
+    """Release ``leases`` on the store in parallel, giving up at ``until``."""
+    if not leases:
+        return
+    pending = list(leases)
+    guard = threading.Lock()
+
+    def work() -> None:
+        while time.monotonic() < until:
+            with guard:
+                if not pending:
+                    return
+                lease = pending.pop()
+            try:
+                lease._give_back(min(until, lease._deadline))
+            except Exception as exc:  # noqa: BLE001 - closing goes on with the others
+                log.warning("lease %s: release on close failed: %s", lease.name, exc)
+
+    threads = [
+        threading.Thread(target=work, name="taskspace-lease-close", daemon=True)
+        for _ in range(min(CLOSE_THREADS, len(leases)))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, until - time.monotonic()))
+
+
+def spawn(fn: Callable[[], T], name: str, orphan: Callable[[T], None] | None = None
+          ) -> concurrent.futures.Future[T]:  # fmt: skip
+    """Run ``fn`` on a daemon thread of its own; its future. If the future
+    was cancelled before ``fn`` returned, ``orphan(result)`` gets the result.
+    Coordination waits use this, never the event loop's default executor: a
+    wait that blocks must neither starve ``asyncio.to_thread`` nor hold up
+    ``asyncio.run`` at exit."""
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting caller
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                done.set_exception(exc)
+            return
+        try:
+            done.set_result(result)
+        except concurrent.futures.InvalidStateError:  # the caller was cancelled meanwhile
+            if orphan is not None:
+                orphan(result)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return done
+
+
+async def run_in_thread(fn: Callable[[], T], name: str) -> T:
+    """``await`` ``fn`` run on a daemon thread of its own (see :func:`spawn`)."""
+    return await asyncio.wrap_future(spawn(fn, name))
+
 
 MIN_TTL_S = 0.1  # the renewer runs every ttl/3: shorter leases cannot be kept reliably
-QUEUE_TTL_MAX_S = 5.0  # a waiter's queue entry lives min(ttl, this) unless refreshed
-TICKET_TTL_S = 24 * 3600.0  # the ticket counter of a name lives this long after its last use
+QUEUE_TTL_MIN_S = 1.0  # a waiter's queue entry lives its lease's ttl, within these
+QUEUE_TTL_MAX_S = 5.0  # bounds, and is refreshed every third of that while it waits
+LOOK_EVERY_S = 5.0  # a waiter re-reads holders and queue at least this often
+CANCEL_STEP_S = 0.5  # a cancellable wait checks its cancel event at least this often
+EARLY_S = 0.01  # a store wait that ended this much before its timeout ended early
 BACKOFF_START_S = 0.02
 BACKOFF_MAX_S = 1.0
 QUEUE_PREFIX = "taskspace/locks/"
+TICKET_KEY = QUEUE_PREFIX + "ticket"  # one ticket counter for every queue of the space
 
 
 def default_holder() -> str:
@@ -431,20 +609,6 @@ def default_holder() -> str:
 def queue_prefix(lease_name: str) -> str:
     """Where the fair queue of ``lease_name`` lives in the KV (ends with ``/``)."""
     return f"{QUEUE_PREFIX}{quote(lease_name, safe='')}/"
-
-
-def _check_number(what: str, value: Any, low: float, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or math.isnan(value)
-        or not low <= value <= MAX_DURATION_S
-    ):
-        none = " or None" if allow_none else ""
-        raise ConfigError(f"{what}={value!r}: must be a number of seconds from {low} to ten"
-                          f" years{none}")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,7 +627,7 @@ class LeaseOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"name={self.name!r}: must be a non-empty string")
-        _check_number("ttl", self.ttl, MIN_TTL_S)
+        check_seconds(self.ttl, "ttl", minimum=MIN_TTL_S)
         cap = self.capacity
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
             raise ConfigError(f"capacity={cap!r}: must be an integer >= 1")
@@ -471,17 +635,30 @@ class LeaseOptions:
             raise ConfigError(f"holder={self.holder!r}: must be a string")
         if not isinstance(self.data, bytes):
             raise ConfigError(f"data={self.data!r}: must be bytes")
+        if not isinstance(self.fair, bool):
+            raise ConfigError(f"fair={self.fair!r}: must be True or False")
         for what, fn in (("on_lost", self.on_lost), ("on_renewed", self.on_renewed)):
             if fn is not None and not callable(fn):
                 raise ConfigError(f"{what}={fn!r}: must be callable or None")
 
     def queue_ttl(self) -> float:
-        return min(self.ttl, QUEUE_TTL_MAX_S)
+        """The TTL of a waiter's queue entry: the lease's, from 1 to 5 s."""
+        return min(max(self.ttl, QUEUE_TTL_MIN_S), QUEUE_TTL_MAX_S)
 
 
 def check_wait(wait: float | None) -> None:
     """``wait``: None (block) or seconds >= 0."""
-    _check_number("wait", wait, 0.0, allow_none=True)
+    check_seconds(wait, "wait", optional=True)
+
+
+def _options(
+    lease_name: str, ttl: float, capacity: int, holder: str | None, data: bytes,
+    on_lost: LeaseCallback | None, on_renewed: LeaseCallback | None, fair: bool, wait: float | None,
+) -> LeaseOptions:  # fmt: skip
+    opts = LeaseOptions(lease_name, ttl, capacity, holder if holder is not None else
+                        default_holder(), data, on_lost, on_renewed, fair)  # fmt: skip
+    check_wait(wait)
+    return opts
 
 
 def acquire_lease(
@@ -496,20 +673,40 @@ def acquire_lease(
     on_lost: LeaseCallback | None = None,
     on_renewed: LeaseCallback | None = None,
     fair: bool = True,
+    cancel: threading.Event | None = None,
 ) -> Lease | None:
     """A held, auto-renewed lease of the store's ``lease_name`` (the full
     name: ``lock/x``, ``election/x``), or None if not acquired within
-    ``wait`` (None: block; 0: try once). Waiting, fairness and faults as the
-    module docstring says; ConfigError for bad options or a capacity that
-    differs from the live holders'."""
-    opts = LeaseOptions(lease_name, ttl, capacity, holder if holder is not None else
-                        default_holder(), data, on_lost, on_renewed, fair)  # fmt: skip
-    check_wait(wait)
-    return acquire(space, opts, wait)
+    ``wait`` (None: block; 0: try once) or once ``cancel`` is set (checked
+    before every store call and at least every CANCEL_STEP_S). Waiting,
+    fairness and faults as the module docstring says; ConfigError for bad
+    options or a capacity that differs from the live holders'."""
+    opts = _options(lease_name, ttl, capacity, holder, data, on_lost, on_renewed, fair, wait)
+    return acquire(space, opts, wait, cancel)
 
 
-def acquire(space: Space, opts: LeaseOptions, wait: float | None) -> Lease | None:
-    got = _Waiter(space, opts, wait).run()
+async def acquire_lease_async(
+    space: Space,
+    lease_name: str,
+    *,
+    ttl: float,
+    capacity: int = 1,
+    holder: str | None = None,
+    data: bytes = b"",
+    wait: float | None = None,
+    on_lost: LeaseCallback | None = None,
+    on_renewed: LeaseCallback | None = None,
+    fair: bool = True,
+) -> Lease | None:
+    """:func:`acquire_lease` for asyncio code (see :func:`acquire_async`)."""
+    opts = _options(lease_name, ttl, capacity, holder, data, on_lost, on_renewed, fair, wait)
+    return await acquire_async(space, opts, wait)
+
+
+def acquire(
+    space: Space, opts: LeaseOptions, wait: float | None, cancel: threading.Event | None = None
+) -> Lease | None:
+    got = _Waiter(space, opts, wait, cancel).run()
     if got is None:
         return None
     grant, sent = got
@@ -519,24 +716,81 @@ def acquire(space: Space, opts: LeaseOptions, wait: float | None) -> Lease | Non
     return lease
 
 
-class _Waiter:
-    """One acquisition: tries, queues, waits, retries BackendError, cleans up."""
+async def acquire_async(space: Space, opts: LeaseOptions, wait: float | None) -> Lease | None:
+    """``acquire`` on a daemon thread of its own (never the loop's default
+    executor). Cancelling the awaiting task sets the wait's cancel event: the
+    thread stops within CANCEL_STEP_S plus one store call, leaves the queue,
+    and a lease it acquired after the cancel is released at once, so a
+    cancelled ``async with`` never leaves the lock taken."""
+    cancel = threading.Event()
+    done = spawn(lambda: acquire(space, opts, wait, cancel), f"taskspace-acquire-{opts.name}",
+                 orphan=_give_back_late)  # fmt: skip
+    try:
+        return await asyncio.wrap_future(done)
+    except asyncio.CancelledError:
+        cancel.set()
+        done.add_done_callback(_release_result)  # acquired just as the caller was cancelled
+        raise
 
-    def __init__(self, space: Space, opts: LeaseOptions, wait: float | None) -> None:
+
+def _give_back_late(lease: Lease | None) -> None:
+    if lease is not None:
+        lease.release()
+
+
+def _release_result(done: concurrent.futures.Future[Lease | None]) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    lease = done.result()
+    if lease is not None:
+        threading.Thread(target=lease.release, name=f"taskspace-release-{lease.name}",
+                         daemon=True).start()  # fmt: skip
+
+
+class _OutOfTime(Exception):
+    """The wait is over (its deadline passed, or it was cancelled): no more store calls."""
+
+
+class _Waiter:
+    """One acquisition: tries, queues, waits, retries BackendError, cleans up.
+
+    The first try (a one-key queue scan and ``leases.acquire``) is always
+    made; every later store call is made only while the wait has time left
+    and is not cancelled, so the wait returns within ``wait`` plus one store
+    call in flight. Cleaning up after the wait (leaving the queue, giving
+    back a grant an acquire may have made unseen) happens inline while time
+    remains and otherwise on the keeper's cleaner thread."""
+
+    def __init__(
+        self, space: Space, opts: LeaseOptions, wait: float | None, cancel: threading.Event | None
+    ) -> None:
         self.store = space.store
+        self.keeper = keeper(space)
         self.o = opts
         self.deadline = math.inf if wait is None else time.monotonic() + wait
+        self.cancel = cancel
         self.grant_id = uuid.uuid4().hex
         self.unseen = False  # an acquire with grant_id may have taken effect unseen
+        self.unseen_since = 0.0  # send time of the first acquire of that unseen streak
         self.prefix = queue_prefix(opts.name) + "q/"
         self.entry: str | None = None
-        self.touched = 0.0
+        self.refresh_at = math.inf  # when the queue entry's TTL is refreshed next
         self.first = True
+        self.fresh = True  # holders/queue must be read before the next sleep
+        self.looked = -math.inf  # when they were last read
+        self.revision: int | None = None  # sleep on the queue from here (None: on the lease)
         self.reached = False  # some step succeeded during this wait
         self.failing = False  # the last step failed with BackendError
 
     def remaining(self) -> float:
+        if self.cancel is not None and self.cancel.is_set():
+            return -math.inf
         return self.deadline - time.monotonic()
+
+    def _guard(self) -> None:
+        """Before each store call after the first try: is there time left?"""
+        if self.remaining() <= 0:
+            raise _OutOfTime
 
     def run(self) -> tuple[Grant, float] | None:
         try:
@@ -549,6 +803,7 @@ class _Waiter:
 
     def _loop(self) -> tuple[Grant, float] | None:
         delay = BACKOFF_START_S
+        error: BackendError | None = None
         while True:
             try:
                 got = self._step()
@@ -556,12 +811,16 @@ class _Waiter:
                 if got is not None:
                     return got
                 delay = BACKOFF_START_S
+            except _OutOfTime:
+                if error is not None and not self.reached and self.remaining() > -math.inf:
+                    raise error from None  # the backend was down for the whole wait
+                return None
             except SpaceLost:
                 raise
             except BackendError as exc:
-                self.failing = True
+                self.failing, self.fresh, error = True, True, exc
                 if self.remaining() <= 0:
-                    if self.reached:
+                    if self.reached or self.remaining() == -math.inf:
                         return None
                     raise
                 if delay == BACKOFF_START_S:
@@ -574,104 +833,142 @@ class _Waiter:
                 return None
 
     def _step(self) -> tuple[Grant, float] | None:
-        """One try, then (if time remains) one bounded wait; the grant, or None."""
-        if not self.o.fair:
-            got = self._try()
-            if got is None:
-                self._wait_slot()
-            return got
-        if self.entry is None and self.first:
+        """One pass: (first) a direct try, then keep the queue entry, read
+        holders and queue if something may have changed, and sleep in one
+        bounded store wait. The grant, or None."""
+        if self.first:
             self.first = False
-            if not self.store.kv.scan(self.prefix, limit=1):  # nobody queued: try directly
-                got = self._try()
+            if not self.o.fair or not self.store.kv.scan(self.prefix, limit=1):
+                got = self._try()  # nobody queued: try directly
                 if got is not None:
                     return got
-            if self.remaining() <= 0:
-                return None
-        if self.entry is None:
-            self._enqueue()
-        else:
-            self._refresh()
-        return self._queued_step()
-
-    def _queued_step(self) -> tuple[Grant, float] | None:
-        kv = self.store.kv
-        revision = kv.revision()
-        ahead = sum(1 for key, _ in kv.scan(self.prefix, limit=self.o.capacity)
-                    if self.entry is not None and key < self.entry)  # fmt: skip
-        free = self.o.capacity - len(self.store.leases.holders(self.o.name))
-        if ahead < free:
-            got = self._try()
+            self.fresh = self.o.fair  # unfair: the try was the look
+        if self.o.fair:
+            self._keep_entry()
+        if self.fresh or time.monotonic() - self.looked >= LOOK_EVERY_S:
+            got = self._look()
             if got is not None:
                 return got
-            self._wait_slot()
-        elif free > 0:  # a slot is free but kept for the waiters ahead: wait for them
-            kv.wait(self.prefix, revision, self._step_time())
-        else:
-            self._wait_slot()
+        self._sleep()
         return None
 
-    def _step_time(self) -> float:
-        return max(0.0, min(self.remaining(), self.o.queue_ttl() / 3))
+    def _look(self) -> tuple[Grant, float] | None:
+        """Read the free slots (and, if one is free, the queue ahead): try if
+        this waiter's turn has come, else choose what to sleep on."""
+        self.fresh, self.looked, self.revision = False, time.monotonic(), None
+        o, kv = self.o, self.store.kv
+        if o.fair:
+            self._guard()
+            free = o.capacity - len(self.store.leases.holders(o.name))
+            if free <= 0:
+                return None  # sleep on the lease: a release or an expiry wakes it
+            self._guard()
+            revision = kv.revision()
+            self._guard()
+            ahead = sum(1 for key, _ in kv.scan(self.prefix, limit=o.capacity)
+                        if self.entry is not None and key < self.entry)  # fmt: skip
+            if ahead >= free:  # a slot is free but kept for the waiters ahead
+                self.revision = revision
+                return None
+        self._guard()
+        return self._try()
 
-    def _wait_slot(self) -> None:
-        step = self._step_time()
-        if step > 0:
+    def _sleep(self) -> None:
+        """One bounded store wait; a wait that ends before its timeout (a
+        release, a queue change, an expiry) makes the next step look again."""
+        now = time.monotonic()
+        step = min(self.remaining(), self.refresh_at - now, self.looked + LOOK_EVERY_S - now)
+        if self.cancel is not None:
+            step = min(step, CANCEL_STEP_S)
+        if step <= 0:
+            return
+        if self.revision is not None:
+            self.store.kv.wait(self.prefix, self.revision, step)
+        else:
             self.store.leases.wait(self.o.name, step)
+        if time.monotonic() - now < step - EARLY_S:
+            self.fresh = True
 
     def _try(self) -> tuple[Grant, float] | None:
         """``leases.acquire`` with this wait's grant id; the grant and the send
         time its renew deadline counts from."""
         leases, o = self.store.leases, self.o
         sent = time.monotonic()
+        if not self.unseen:
+            self.unseen_since = sent
         earlier, self.unseen = self.unseen, True
         grant = leases.acquire(o.name, o.holder, o.ttl, o.capacity, o.data, self.grant_id)
         if grant is not None and earlier:
             # An earlier attempt whose reply was lost may have made this grant
-            # before ``sent``: renew it so the deadline counts from a known send.
-            sent = time.monotonic()
-            grant = leases.renew([grant], o.ttl)[0]
+            # before ``sent``: renew it so the deadline counts from a known
+            # send, or (no time left for that) count from that attempt's send.
+            if self.remaining() > 0:
+                sent = time.monotonic()
+                grant = leases.renew([grant], o.ttl)[0]
+            else:
+                sent = self.unseen_since
         self.unseen = False
         return None if grant is None else (grant, sent)
 
-    def _enqueue(self) -> None:
-        kv, base = self.store.kv, queue_prefix(self.o.name)
-        ticket = kv.incr(base + "ticket", 1, ttl=TICKET_TTL_S)
-        kv.touch(base + "ticket", TICKET_TTL_S)
-        self.entry = f"{self.prefix}{ticket:020d}"
-        self._write_entry()
+    def _keep_entry(self) -> None:
+        """Take a ticket and write the queue entry, or refresh it when due."""
+        kv = self.store.kv
+        if self.entry is None:
+            self._guard()
+            ticket = kv.incr(TICKET_KEY, 1)
+            self.entry = f"{self.prefix}{ticket:020d}"
+            self._write_entry()
+            self.fresh = True
+        elif time.monotonic() >= self.refresh_at:
+            self._guard()
+            sent = time.monotonic()
+            if kv.touch(self.entry, self.o.queue_ttl()) is None:
+                self._write_entry()  # expired while this waiter was paused: back in, same ticket
+                self.fresh = True
+            else:
+                self.refresh_at = sent + self.o.queue_ttl() / 3
 
     def _write_entry(self) -> None:
         assert self.entry is not None
-        self.store.kv.put(self.entry, self.o.holder.encode(), ttl=self.o.queue_ttl())
-        self.touched = time.monotonic()
-
-    def _refresh(self) -> None:
-        if time.monotonic() - self.touched < self.o.queue_ttl() / 3:
-            return
-        assert self.entry is not None
-        if self.store.kv.touch(self.entry, self.o.queue_ttl()) is None:
-            self._write_entry()  # expired while this waiter was paused: back in, same ticket
-        else:
-            self.touched = time.monotonic()
+        self._guard()
+        sent = time.monotonic()
+        self.store.kv.put(self.entry, json.dumps(self.o.holder).encode(), ttl=self.o.queue_ttl())
+        self.refresh_at = sent + self.o.queue_ttl() / 3
 
     def _leave(self, gave_up: bool) -> None:
         """Delete the queue entry; after giving up, release a grant an acquire
-        may have made unseen. Best effort: both expire by themselves, and
-        nothing is tried while the backend is failing (a wait's end is a promise)."""
-        if self.failing:
-            return
-        try:
-            if self.entry is not None:
-                self.store.kv.delete(self.entry)
-                self.entry = None
-            if gave_up and self.unseen:
-                for grant in self.store.leases.holders(self.o.name):
-                    if grant.id == self.grant_id:
-                        self.store.leases.release(grant)
-        except BackendError as exc:
-            log.warning("lease %s: could not leave the wait queue (it expires): %s",
-                        self.o.name, exc)  # fmt: skip
+        may have made unseen. Inline while the wait has time left and the
+        backend answers; otherwise a chore of the keeper's cleaner, retried
+        until the entry or grant would have expired anyway (a wait's end is a
+        promise, and a ghost entry must not hold up newcomers)."""
+        now = time.monotonic()
+        chores: list[Chore] = []
+        if self.entry is not None:
+            entry, self.entry = self.entry, None
+            chores.append(Chore(f"lease {self.o.name}: leaving the wait queue",
+                                lambda store: store.kv.delete(entry),
+                                until=now + self.o.queue_ttl()))  # fmt: skip
+        if gave_up and self.unseen:
+            name, grant_id = self.o.name, self.grant_id
+            chores.append(Chore(f"lease {name}: releasing a grant acquired unseen",
+                                lambda store: _release_grant(store, name, grant_id),
+                                until=now + self.o.ttl))  # fmt: skip
+        for chore in chores:
+            if not self.failing and self.remaining() > 0:
+                try:
+                    chore.run(self.store)
+                    continue
+                except SpaceLost:
+                    continue
+                except BackendError:
+                    self.failing = True
+            self.keeper.later(chore)
+
+
+def _release_grant(store: Store, name: str, grant_id: str) -> None:
+    for grant in store.leases.holders(name):
+        if grant.id == grant_id:
+            store.leases.release(grant)
 
 
 def keeper(space: Space) -> LeaseKeeper:

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from taskspace.backends.base import Delete, Exists, GrantHeld, Put, Versioned
+from taskspace.backends.checks import check_ttl
 from taskspace.codec import JSON
-from taskspace.errors import ConfigError, LeaseLost, VersionConflict
+from taskspace.errors import ConfigError, LeaseLost, SerializationError, VersionConflict
 
 if TYPE_CHECKING:
     from taskspace.coordination.lease import Lease
@@ -71,8 +72,14 @@ class KV:
         _check_key(key)
         return self._codec.encode(value, f"the value of {key!r}")
 
-    def _entry(self, found: Versioned) -> Entry:
-        return Entry(self._codec.decode(found.value), found.version, found.revision, found.expires)
+    def _decode(self, key: str, data: bytes) -> Any:
+        try:
+            return self._codec.decode(data)
+        except SerializationError as exc:
+            raise SerializationError(f"the value of {key!r} is not JSON: {exc}") from None
+
+    def _entry(self, key: str, found: Versioned) -> Entry:
+        return Entry(self._decode(key, found.value), found.version, found.revision, found.expires)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` if it is absent or expired."""
@@ -83,7 +90,7 @@ class KV:
         """The value of ``key`` with its version, revision and expiry, or None."""
         _check_key(key)
         found = self._space.store.kv.get(key)
-        return None if found is None else self._entry(found)
+        return None if found is None else self._entry(key, found)
 
     def put(
         self, key: str, value: Any, *, ttl: float | None = None, fence: Lease | None = None
@@ -91,6 +98,7 @@ class KV:
         """Write ``value`` (expiring after ``ttl`` seconds; None: never); return
         the new version. With ``fence``: only while that lease is current on
         the store, else LeaseLost and nothing is written."""
+        check_ttl(ttl)
         data = self._encode(key, value)
         kv = self._space.store.kv
         if fence is None:
@@ -105,6 +113,7 @@ class KV:
         """Write only if ``key`` is at ``version`` (None: only if absent);
         return the new version, or raise VersionConflict (``.current``: the
         version found, None if absent) and write nothing."""
+        check_ttl(ttl)
         data = self._encode(key, value)
         if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
             raise ConfigError(f"version={version!r}: must be an integer or None")
@@ -140,14 +149,16 @@ class KV:
     def scan(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
         """Every live ``(key, value)`` whose key starts with ``prefix``, in key
         order, read page by page (a key written during the scan may or may not
-        appear)."""
+        appear). A value that is not JSON (written through ``store.kv``
+        directly) raises SerializationError naming its key; taskspace's own
+        records under ``taskspace/`` are all JSON."""
         if not isinstance(prefix, str):
             raise ConfigError(f"prefix={prefix!r}: must be a string")
         after: str | None = None
         while True:
             page = self._space.store.kv.scan(prefix, after_key=after, limit=SCAN_PAGE)
             for key, found in page:
-                yield key, self._codec.decode(found.value)
+                yield key, self._decode(key, found.value)
             if len(page) < SCAN_PAGE:
                 return
             after = page[-1][0]
