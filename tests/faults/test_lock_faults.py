@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from taskspace import BackendError, LeaseLost, Space
-from taskspace.backends.base import GrantHeld, Put
+from taskspace.backends.base import Grant, GrantHeld, Put
+from taskspace.coordination.lease import Lease
 from tests.faults.harness import FIGURES, REPO_ROOT, process_state, wait_for, writes_blocked
 
 pytestmark = pytest.mark.fault
@@ -123,27 +124,36 @@ class Run:
         )  # fmt: skip
         out.close()
 
-    def holder(self, space: Space) -> tuple[int, int] | None:
-        holders = space.store.leases.holders("lock/res")
-        if not holders:
-            return None
-        return int(holders[0].holder.rsplit(":", 1)[1]), holders[0].token
+    returns: list[float] = field(default_factory=list)  # kill -> its grant gone from holders
+    lease_name: str = "lock/res"
 
-    def nemesis(self, space: Space, rng: random.Random, kills: int) -> None:
+    def holder(self, space: Space, rng: random.Random | None = None) -> tuple[int, Grant] | None:
+        """A live holder not killed yet (the oldest, or a random one with ``rng``)."""
+        killed = {k[0] for k in self.kills}
+        holders = [(int(g.holder.rsplit(":", 1)[1]), g)
+                   for g in space.store.leases.holders(self.lease_name)]  # fmt: skip
+        if rng is None:
+            return holders[0] if holders else None
+        alive = [h for h in holders if h[0] not in killed]
+        return rng.choice(alive) if alive else None
+
+    def nemesis(self, space: Space, rng: random.Random, kills: int, pick_any: bool = False) -> None:
         end = time.monotonic() + RUN_S
         strikes = 0
         while time.monotonic() < end:
             time.sleep(rng.uniform(0.2, 0.4))
-            found = self.holder(space)
+            found = self.holder(space, rng if pick_any else None)
             if found is None:
                 continue
-            pid, token = found
+            pid, grant = found
+            token = grant.token
             if pid in {k[0] for k in self.kills}:
                 continue  # killed: its grant lives on until its TTL runs out
             strikes += 1
             if len(self.kills) < kills and strikes % 2 == 0:  # pause, kill, pause, kill, pause...
                 os.kill(pid, signal.SIGKILL)
                 self.kills.append((pid, token, time.time()))
+                self.returns.append(self.permit_back(space, grant))
                 self.spawn()
                 continue
             with writes_blocked(self.url):
@@ -153,6 +163,15 @@ class Run:
             time.sleep(rng.uniform(1.5, 3.0) * TTL_S)
             os.kill(pid, signal.SIGCONT)
             self.pauses.append((pid, token, start, time.time()))
+
+    def permit_back(self, space: Space, grant: Grant) -> float:
+        """Seconds from now (the SIGKILL) until ``grant`` is no longer a live holder."""
+        killed = time.monotonic()
+        while any(g.id == grant.id for g in space.store.leases.holders(self.lease_name)):
+            if time.monotonic() - killed > 10 * TTL_S:
+                break
+            time.sleep(0.01)
+        return time.monotonic() - killed
 
     def stop(self) -> None:
         (self.work / "stop").touch()
@@ -180,14 +199,15 @@ def _float(text: str) -> float:
 
 def run_nemesis(url: str, work: Path, mode: str, kills: int) -> Run:
     work.mkdir()
-    run = Run(url, work, mode)
+    semaphore = mode.startswith("sem-")
+    run = Run(url, work, mode, lease_name="sem/pool" if semaphore else "lock/res")
     space = Space(url)
     try:
-        space.store.leases.holders("lock/res")  # create the space before the children
+        space.store.leases.holders(run.lease_name)  # create the space before the children
         for _ in range(CHILDREN):
             run.spawn()
         wait_for(lambda: len(list(work.glob("ready.*"))) >= CHILDREN, 15.0, "children ready")
-        run.nemesis(space, random.Random(os.getpid()), kills)
+        run.nemesis(space, random.Random(os.getpid()), kills, pick_any=semaphore)
     finally:
         run.stop()
         space.close()
@@ -311,5 +331,116 @@ def test_killed_semaphore_holders_return_their_permits(fault_url: str, tmp_path:
     space.close()
 
 
+# -- fault test 2: a semaphore of limit K under the same nemesis ------------------------
+
+SEM_K = 2
+
+
+def _act(space: Space, lease: Lease, mode: str, events: int) -> None:
+    """One act on the resource: a write at its start and one at its end,
+    WORK_S apart. Fenced: each write is a fenced put, with a held-check
+    right before it; unfenced (the canary): plain puts, no check."""
+    pid = os.getpid()
+    for edge in ("begin", "end"):
+        if edge == "end":
+            time.sleep(WORK_S)
+        value = {"token": lease.token, "pid": pid, "edge": edge}
+        if mode == "unfenced":
+            version = space.kv.put("resource", value)
+        elif not lease.held:
+            _log(events, "lost_seen", lease.token, pid, 0, time.time())
+            return
+        else:
+            try:
+                version = space.kv.put("resource", value, fence=lease)
+            except LeaseLost:
+                _log(events, "refused", lease.token, pid, 0, time.time())
+                return
+        _log(events, edge, lease.token, pid, version, time.time())
+
+
+def _sem_child(url: str, workdir: str, mode: str) -> None:
+    space = Space(url)
+    work = Path(workdir)
+    sem = space.semaphore("pool", SEM_K, ttl=TTL_S)
+    events = os.open(work / "events.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    (work / f"ready.{os.getpid()}").touch()
+    while not (work / "stop").exists():
+        try:
+            lease = sem.acquire(wait=1.0)
+            if lease is None:
+                continue
+            _log(events, "acquired", lease.token, os.getpid(), 0, time.time())
+            _act(space, lease, mode, events)
+            if not lease.release():
+                _log(events, "stale_release", lease.token, os.getpid(), 0, time.time())
+        except BackendError as exc:  # a stopped SQLite writer can stall the others briefly
+            _log(events, "backend_error", 0, os.getpid(), 0, repr(str(exc)).replace(" ", "_"))
+            time.sleep(0.05)
+
+
+def acting_overlaps(events: list[tuple[str, int, int, int, float]]) -> tuple[int, int]:
+    """(max concurrent acting holders, writes at which more than SEM_K acted).
+
+    Every write goes to one key, so KV versions order all of them. An act
+    spans its begin write to its end write (to its begin write alone if the
+    end was refused). A fenced write lands only while its grant is live, and
+    a grant is live over one interval, so at any write at most SEM_K fenced
+    acts can be open."""
+    begins = {token: v for kind, token, _, v, _ in events if kind == "begin"}
+    ends = {token: v for kind, token, _, v, _ in events if kind == "end"}
+    spans = [(v, ends.get(token, v)) for token, v in begins.items()]
+    points = sorted({v for kind, _, _, v, _ in events if kind in ("begin", "end")})
+    counts = [sum(1 for b, e in spans if b <= v <= e) for v in points]
+    return max(counts, default=0), sum(1 for c in counts if c > SEM_K)
+
+
+def test_semaphore_never_more_than_k_acting_holders(fault_url: str, tmp_path: Path) -> None:
+    """Issue 8 fault test 2: SEM_K permits, CHILDREN processes, holders
+    SIGSTOPped for 1.5-3x the TTL or SIGKILLed: never more than SEM_K acting
+    at once (fenced writes in version order), and a killed holder's permit
+    is back (its grant gone from the holders) within TTL + 0.5 s."""
+    run = run_nemesis(fault_url, tmp_path / "sem", "sem-fenced", KILLS)
+    events = run.events()
+    count = {k: sum(1 for e in events if e[0] == k) for k in {e[0] for e in events}}
+    most, violations = acting_overlaps(events)
+    backend = fault_url.split(":")[0]
+    figure = (
+        f"semaphore nemesis [{backend}] limit={SEM_K} ttl={TTL_S}s {RUN_S:.0f}s x {CHILDREN}"
+        f" processes: acquisitions={count.get('acquired', 0)}, acts={count.get('begin', 0)};"
+        f" faults injected={len(run.pauses)} SIGSTOPs (1.5-3x ttl) + {len(run.kills)} SIGKILLs;"
+        f" resumed holders that read held=False={count.get('lost_seen', 0)},"
+        f" fenced writes refused={count.get('refused', 0)};"
+        f" max concurrent acting holders={most} (limit {SEM_K});"
+        f" killed permits back in max={max(run.returns, default=0):.2f}s;"
+        f" violations={violations}"
+    )
+    print(figure)
+    FIGURES.append(figure)
+    assert run.pauses and run.kills, "the nemesis struck nobody"
+    assert count.get("acquired", 0) >= 10
+    assert violations == 0 and most <= SEM_K
+    assert most == SEM_K, "the holders never acted together: the test would prove nothing"
+    assert all(t <= TTL_S + 0.5 for t in run.returns), run.returns
+
+
+def test_semaphore_canary_unfenced_acts_overlap(fault_url: str, tmp_path: Path) -> None:
+    """The same nemesis with acts that neither check nor fence: more than
+    SEM_K acts overlap, so the fenced run's bound is not for want of faults."""
+    run = run_nemesis(fault_url, tmp_path / "sem-canary", "sem-unfenced", kills=0)
+    most, violations = acting_overlaps(run.events())
+    figure = (
+        f"semaphore canary [{fault_url.split(':')[0]}] unfenced acts under {len(run.pauses)}"
+        f" SIGSTOPs: max concurrent={most} (limit {SEM_K}), writes with more={violations}"
+        " (must be > 0)"
+    )
+    print(figure)
+    FIGURES.append(figure)
+    assert violations > 0
+
+
 if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2], sys.argv[3])
+    if sys.argv[3].startswith("sem-"):
+        _sem_child(sys.argv[1], sys.argv[2], sys.argv[3][4:])
+    else:
+        _child(sys.argv[1], sys.argv[2], sys.argv[3])
