@@ -842,7 +842,7 @@ class _Waiter:
                 got = self._try()  # nobody queued: try directly
                 if got is not None:
                     return got
-            self.fresh = self.o.fair  # unfair: the try was the look
+            self.fresh, self.looked = self.o.fair, time.monotonic()  # unfair: the try was the look
         if self.o.fair:
             self._keep_entry()
         if self.fresh or time.monotonic() - self.looked >= LOOK_EVERY_S:
