@@ -1,7 +1,11 @@
 """KVStore on PostgreSQL: versioned keys, revisions from the SEQUENCE
 ``kv_revision``, a change feed table, request ids for retried calls.
 
-Writes are serialised: each write first takes the space's KV lock
+Writes are serialised: each write first locks the existing rows of the keys
+it compares or writes (in key order; the losers of a compare-and-set race on
+one key are woken together by the winner's commit and fail at once, in
+parallel, instead of queueing for the KV lock one by one), then takes the
+space's KV lock
 (``kv_lock()``, a transaction-level advisory lock: a txn whose compare fails
 writes no WAL and commits nothing), so revision order is commit order. That
 is what makes the feed safe to follow: a reader that saw revision r can never
@@ -16,15 +20,17 @@ hands a revision out twice. txn (hence put, cas, delete) and incr are one
 statement each (the functions ``kv_txn`` and ``kv_incr`` of state_schema.py:
 one round trip, the lock held only while the server runs it).
 
-Durability: those two commit with ``synchronous_commit = off``, so the lock is
-released at once instead of after the commit's fsync (every KV write waiting
-for the fsync of the one before would cap a space at one write per fsync);
-the call then waits for the WAL flush outside the lock (``_durable``: a
-transaction with an xid commits synchronously, flushing the WAL up to and
-past the write) before it returns. A call that returns has survived a crash,
-as with ``synchronous_commit = on``; the difference: another client may read
-the write during the flush (a millisecond or so), and a server crash in that
-moment loses it with the writer never told it succeeded.
+Durability: those two commit with ``synchronous_commit = off``, so the lock
+is released at once instead of after the commit's fsync (every KV write
+waiting for the fsync of the one before would cap a space at one write per
+fsync). The call then waits for the WAL flush outside the lock (``_durable``:
+a transaction with an xid commits synchronously, flushing the WAL up to and
+past the write; the same statement wakes the waiters of the written keys,
+after the commit, so no wake-up is lost) before it returns. A call that
+returns has survived a crash, as with ``synchronous_commit = on``; the
+difference: another client may read the write during the flush (a
+millisecond or so), and a server crash in that moment loses it with the
+writer never told it succeeded.
 
 A key's version is the revision of its last write. Reads (get, scan,
 changes, revision) take no lock: an expired key reads as missing at once.
@@ -65,7 +71,7 @@ from taskspace.backends.checks import (
 )
 from taskspace.backends.postgres.clock import LEASE_NOW_SQL
 from taskspace.backends.postgres.leases import prune_leases
-from taskspace.errors import Compacted, NotAnInteger
+from taskspace.errors import BackendError, Compacted, NotAnInteger
 
 if TYPE_CHECKING:
     import psycopg
@@ -80,6 +86,8 @@ Cursor = Any  # psycopg.Cursor[Any], named loosely so this module imports withou
 EXPIRE_BATCH = 100
 # Older changes one reap drops at most (beyond one revision larger than that).
 COMPACT_STEP = 10_000
+# SQLSTATE deadlock_detected: the transaction was rolled back whole.
+DEADLOCK = "40P01"
 # Expired request ids each remembered request drops (reap drops the rest).
 REQUEST_PRUNE = 16
 NOW = f"t AS MATERIALIZED (SELECT {LEASE_NOW_SQL} AS now)"
@@ -220,6 +228,8 @@ class PgKV:
         (up to ``expire_limit``, and those of ``keys``) recorded and notified."""
 
         def body(cur: psycopg.Cursor[Any]) -> T:
+            # The rows first, then the KV lock, as every KV writer (state_schema.py).
+            cur.execute("SELECT kv_lock_rows(%s::text[], '{}', '{}')", (list(keys),))
             cur.execute(
                 "WITH t AS MATERIALIZED (SELECT kv_lock() AS now)"
                 " SELECT t.now, kv_expire_due(t.now, %s::text[], %s) FROM t",
@@ -282,16 +292,33 @@ class PgKV:
             "channel": self._channel,
             "ttl": REQUEST_ID_TTL_S,
         }
-        reply: dict[str, Any] = self._c.execute(KV_TXN_SQL, params)[0][0]
+        reply: dict[str, Any] = self._call(KV_TXN_SQL, params)
         if reply["ok"]:
-            self._durable()
+            self._durable([w.key for w in writes])
         return reply
 
-    def _durable(self) -> None:
-        """Wait until every commit made so far is flushed to the WAL: a
+    def _call(self, sql: str, params: Any) -> Any:
+        """The one value of a KV function call. A deadlock (a key created while
+        another writer locked it and waits for the KV lock: rare) rolled the
+        call back whole, so it is run once more."""
+        for attempt in range(2):
+            try:
+                return self._c.execute(sql, params)[0][0]
+            except BackendError as exc:
+                if attempt or getattr(exc.__cause__, "sqlstate", None) != DEADLOCK:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _durable(self, keys: Sequence[str]) -> None:
+        """After a write committed: wait until it is flushed to the WAL (a
         transaction that takes an xid commits synchronously, and its flush
-        covers every earlier commit record."""
-        self._c.execute("SELECT pg_current_xact_id()")
+        covers every earlier commit record), and wake the waiters of ``keys``'
+        prefixes. Checked after the commit, so a waiter that registered
+        before this check is woken and one that registered after it sees the
+        write in its own check: no wake-up is lost."""
+        self._c.execute(
+            "SELECT pg_current_xact_id(), kv_notify(%s, %s::text[])", (self._channel, list(keys))
+        )
 
     def put(self, key: str, value: bytes, ttl: float | None = None) -> Versioned:
         written = self._put([], key, value, ttl)
@@ -320,16 +347,16 @@ class PgKV:
         check_key(key)
         check_ttl(ttl)
         check_delta(delta)
-        reply = self._c.execute(
+        reply = self._call(
             "SELECT kv_incr(%s, %s, %s, %s, %s, %s)",
             (key, delta, ttl, request_id or "", self._channel, REQUEST_ID_TTL_S),
-        )[0][0]
+        )
         if "nan" in reply:
             raise NotAnInteger(
                 f"incr of {key!r}: its value is not a decimal integer in the 64-bit range,"
                 f" or adding {delta} would leave that range"
             )
-        self._durable()
+        self._durable([key])
         return int(reply["value"])
 
     def delete(self, key: str, expected_version: int | None = None) -> bool:

@@ -37,26 +37,30 @@ from __future__ import annotations
 # The space's KV lock and the lease clock after it was granted.
 KV_LOCK = """
 CREATE OR REPLACE FUNCTION kv_lock() RETURNS double precision
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('taskspace.kv:' || current_schema()), 7);
     RETURN lease_now();
 END $$"""
 
-# Record up to p_limit due expiries (and those of p_keys), each at a revision
-# of its own; the keys that expired.
+# Record up to p_limit due expiries (and those of p_keys, whose rows the caller
+# locked), each at a revision of its own; the keys that expired. Rows another
+# transaction holds are skipped (it may be waiting for the KV lock we hold).
 KV_EXPIRE_DUE = """
 CREATE OR REPLACE FUNCTION kv_expire_due(
     p_now double precision, p_keys text[], p_limit integer
-) RETURNS text[] LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+) RETURNS text[] LANGUAGE plpgsql AS $$
 DECLARE
     v_keys text[];
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM kv WHERE expires <= p_now) THEN
         RETURN '{}';
     END IF;
-    WITH due AS (
-        (SELECT key FROM kv WHERE expires <= p_now ORDER BY expires LIMIT p_limit)
+    WITH free AS (
+        SELECT key FROM kv WHERE expires <= p_now ORDER BY expires LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    ), due AS (
+        SELECT key FROM free
         UNION SELECT key FROM kv WHERE key = ANY(p_keys) AND expires <= p_now
     ), gone AS (
         DELETE FROM kv USING due WHERE kv.key = due.key RETURNING kv.key, kv.version
@@ -73,7 +77,7 @@ END $$"""
 # someone is waiting on (the waiters table of waiter.py).
 KV_NOTIFY = """
 CREATE OR REPLACE FUNCTION kv_notify(p_channel text, p_keys text[])
-RETURNS void LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     IF cardinality(p_keys) > 0
        AND EXISTS (SELECT 1 FROM waiters WHERE key >= 'kv:' AND key < 'kv;') THEN
@@ -89,7 +93,7 @@ END $$"""
 REQUEST_REMEMBER = """
 CREATE OR REPLACE FUNCTION request_remember(
     p_family text, p_id text, p_reply jsonb, p_now double precision, p_ttl double precision
-) RETURNS void LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     IF p_id = '' THEN
         RETURN;
@@ -102,7 +106,69 @@ BEGIN
     ON CONFLICT (family, id) DO UPDATE SET reply = EXCLUDED.reply, expires = EXCLUDED.expires;
 END $$"""
 
-# kv.txn in one statement. Compares: c_kind 'ver' (c_ver: the version, NULL:
+# Lock the existing rows of p_keys, in key order, before the KV lock (every KV
+# writer does, so the KV lock's holder never waits for a row). p_vkeys/p_vers:
+# keys a VersionIs compares; a row whose version moved on is not locked, and
+# the function returns true (stale). Transactions that waited on the same row
+# are woken together by its holder's commit and each re-checks the version on
+# the new row at once, so the losers of a compare-and-set race fail in
+# parallel instead of queueing one by one for the KV lock.
+KV_LOCK_ROWS = """
+CREATE OR REPLACE FUNCTION kv_lock_rows(p_keys text[], p_vkeys text[], p_vers bigint[])
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    v_locked text[];
+BEGIN
+    WITH e AS (
+        SELECT x.key, max(x.ver) AS ver FROM (
+            SELECT k AS key, NULL::bigint AS ver FROM unnest(p_keys) AS k
+            UNION ALL SELECT k, v FROM unnest(p_vkeys, p_vers) AS y(k, v)
+        ) x GROUP BY x.key
+    )
+    SELECT array_agg(l.key) INTO v_locked FROM (
+        SELECT kv.key FROM kv JOIN e ON kv.key = e.key
+        WHERE e.ver IS NULL OR kv.version = e.ver
+        ORDER BY kv.key FOR UPDATE OF kv
+    ) l;
+    RETURN NOT (p_vkeys <@ COALESCE(v_locked, '{}'));
+END $$"""
+
+# The 0-based index of the first compare of a kv_txn that does not hold at
+# p_now (see KV_TXN for the arrays), or NULL.
+KV_FAILED_COMPARE = """
+CREATE OR REPLACE FUNCTION kv_failed_compare(
+    c_kind text[], c_key text[], c_ver bigint[], c_val bytea[], c_arg text[],
+    p_now double precision
+) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_ok boolean;
+    v_value bytea;
+    v_version bigint;
+BEGIN
+    FOR i IN 1 .. COALESCE(array_length(c_kind, 1), 0) LOOP
+        IF c_kind[i] = 'grant' THEN
+            v_ok := EXISTS (SELECT 1 FROM lease_grants WHERE id = c_arg[i]
+                            AND token = c_ver[i] AND name = c_key[i] AND expires > p_now);
+        ELSE
+            v_value := NULL;
+            v_version := NULL;
+            SELECT value, version INTO v_value, v_version FROM kv
+            WHERE key = c_key[i] AND (expires IS NULL OR expires > p_now);
+            v_ok := CASE c_kind[i]
+                WHEN 'ver' THEN v_version IS NOT DISTINCT FROM c_ver[i]
+                WHEN 'val' THEN v_version IS NOT NULL AND v_value = c_val[i]
+                ELSE (v_version IS NOT NULL) = (c_arg[i] = 't') END;
+        END IF;
+        IF NOT v_ok THEN
+            RETURN i - 1;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END $$"""
+
+# kv.txn in one statement (it NOTIFYs the waiters of the keys whose expiry it
+# recorded; those of the keys it wrote are woken by the client's next statement,
+# after the commit: kv.py's _durable). Compares: c_kind 'ver' (c_ver: the version, NULL:
 # absent), 'val' (c_val), 'ex' (c_arg 't'/'f'), 'grant' (c_key: lease name,
 # c_arg: grant id, c_ver: token). Writes: w_kind 'put' (w_val, w_ttl: seconds
 # or NULL) or 'del'. Reply: {ok, revision, now} or {ok: false, failed
@@ -112,20 +178,35 @@ CREATE OR REPLACE FUNCTION kv_txn(
     p_request text, c_kind text[], c_key text[], c_ver bigint[], c_val bytea[], c_arg text[],
     w_kind text[], w_key text[], w_val bytea[], w_ttl double precision[],
     p_channel text, p_request_ttl double precision
-) RETURNS jsonb LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+) RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_now double precision;
     v_reply jsonb;
     v_touched text[];
     v_dels text[];
     v_rev bigint;
-    v_ok boolean;
-    v_value bytea;
-    v_version bigint;
+    v_failed integer;
 BEGIN
     -- Committed without waiting for the WAL flush, so the KV lock is not held
     -- through an fsync; the client waits for the flush after (kv.py: durable).
     PERFORM set_config('synchronous_commit', 'off', true);
+    IF kv_lock_rows(
+        w_key || ARRAY(SELECT c_key[i] FROM generate_subscripts(c_kind, 1) AS i
+                       WHERE c_kind[i] <> 'grant'),
+        ARRAY(SELECT c_key[i] FROM generate_subscripts(c_kind, 1) AS i
+              WHERE c_kind[i] = 'ver' AND c_ver[i] IS NOT NULL),
+        ARRAY(SELECT c_ver[i] FROM generate_subscripts(c_kind, 1) AS i
+              WHERE c_kind[i] = 'ver' AND c_ver[i] IS NOT NULL)
+    ) AND p_request = '' THEN
+        -- A version compared moved on: fail now, without the KV lock (a retried
+        -- request id must see its first reply instead: it takes the lock).
+        v_now := lease_now();
+        v_failed := kv_failed_compare(c_kind, c_key, c_ver, c_val, c_arg, v_now);
+        IF v_failed IS NOT NULL THEN
+            RETURN jsonb_build_object('ok', false, 'failed', v_failed, 'now', v_now,
+                'revision', (SELECT COALESCE(max(revision), 0) FROM kv_changes));
+        END IF;
+    END IF;
     v_now := kv_lock();
     IF p_request <> '' THEN
         SELECT reply INTO v_reply FROM request_ids
@@ -135,28 +216,14 @@ BEGIN
         END IF;
     END IF;
     v_touched := kv_expire_due(v_now, w_key, 100);
-    FOR i IN 1 .. COALESCE(array_length(c_kind, 1), 0) LOOP
-        IF c_kind[i] = 'grant' THEN
-            v_ok := EXISTS (SELECT 1 FROM lease_grants WHERE id = c_arg[i]
-                            AND token = c_ver[i] AND name = c_key[i] AND expires > v_now);
-        ELSE
-            v_value := NULL;
-            v_version := NULL;
-            SELECT value, version INTO v_value, v_version FROM kv
-            WHERE key = c_key[i] AND (expires IS NULL OR expires > v_now);
-            v_ok := CASE c_kind[i]
-                WHEN 'ver' THEN v_version IS NOT DISTINCT FROM c_ver[i]
-                WHEN 'val' THEN v_version IS NOT NULL AND v_value = c_val[i]
-                ELSE (v_version IS NOT NULL) = (c_arg[i] = 't') END;
-        END IF;
-        IF NOT v_ok THEN
-            v_reply := jsonb_build_object('ok', false, 'failed', i - 1, 'now', v_now,
-                'revision', (SELECT COALESCE(max(revision), 0) FROM kv_changes));
-            PERFORM request_remember('kv.txn', p_request, v_reply, v_now, p_request_ttl);
-            PERFORM kv_notify(p_channel, v_touched);
-            RETURN v_reply;
-        END IF;
-    END LOOP;
+    v_failed := kv_failed_compare(c_kind, c_key, c_ver, c_val, c_arg, v_now);
+    IF v_failed IS NOT NULL THEN
+        v_reply := jsonb_build_object('ok', false, 'failed', v_failed, 'now', v_now,
+            'revision', (SELECT COALESCE(max(revision), 0) FROM kv_changes));
+        PERFORM request_remember('kv.txn', p_request, v_reply, v_now, p_request_ttl);
+        PERFORM kv_notify(p_channel, v_touched);
+        RETURN v_reply;
+    END IF;
     v_dels := ARRAY(SELECT w.key FROM unnest(w_kind, w_key) AS w(kind, key)
                     WHERE w.kind = 'del' AND EXISTS (SELECT 1 FROM kv WHERE kv.key = w.key));
     IF cardinality(v_dels) > 0 OR 'put' = ANY(w_kind) THEN
@@ -175,7 +242,6 @@ BEGIN
         INSERT INTO kv_changes (revision, key, kind, version, value)
         SELECT v_rev, p.key, 'put', v_rev, p.value FROM p
         UNION ALL SELECT v_rev, d.key, 'delete', d.version, NULL FROM d;
-        v_touched := v_touched || w_key;
     ELSE
         v_rev := (SELECT COALESCE(max(revision), 0) FROM kv_changes);
     END IF;
@@ -191,7 +257,7 @@ KV_INCR = """
 CREATE OR REPLACE FUNCTION kv_incr(
     p_key text, p_delta bigint, p_ttl double precision, p_request text,
     p_channel text, p_request_ttl double precision
-) RETURNS jsonb LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+) RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_now double precision;
     v_reply jsonb;
@@ -206,6 +272,7 @@ BEGIN
     -- Committed without waiting for the WAL flush, so the KV lock is not held
     -- through an fsync; the client waits for the flush after (kv.py: durable).
     PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM kv_lock_rows(ARRAY[p_key], '{}', '{}');
     v_now := kv_lock();
     IF p_request <> '' THEN
         SELECT reply INTO v_reply FROM request_ids
@@ -242,7 +309,7 @@ BEGIN
     VALUES (v_rev, p_key, 'put', v_rev, convert_to(v_sum::text, 'UTF8'));
     v_reply := jsonb_build_object('value', v_sum::text);
     PERFORM request_remember('kv.incr', p_request, v_reply, v_now, p_request_ttl);
-    PERFORM kv_notify(p_channel, v_touched || p_key);
+    PERFORM kv_notify(p_channel, v_touched);
     RETURN v_reply;
 END $$"""
 
@@ -310,6 +377,8 @@ STATE_DDL: list[str] = [
     KV_EXPIRE_DUE,
     KV_NOTIFY,
     REQUEST_REMEMBER,
+    KV_LOCK_ROWS,
+    KV_FAILED_COMPARE,
     KV_TXN,
     KV_INCR,
 ]
