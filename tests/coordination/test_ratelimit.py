@@ -275,8 +275,12 @@ def test_async_variants(space: Space) -> None:
         assert await limiter.try_acquire_async() is None  # the budget is spent
         with pytest.raises(RateLimited):
             await limiter.acquire_async(2, wait=0.01)
-        task = asyncio.ensure_future(limiter.acquire_async(wait=10))
-        await asyncio.sleep(0.01)
+        slow = space.rate_limit("aio-slow", "1/m", burst=1, concurrency=1)
+        first = await slow.try_acquire_async()  # the budget: spent for a minute
+        assert first is not None
+        await asyncio.to_thread(first.release)
+        task = asyncio.ensure_future(slow.acquire_async())  # takes the slot, waits for budget
+        await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -284,7 +288,42 @@ def test_async_variants(space: Space) -> None:
 
     stamps = asyncio.run(main())
     assert stamps[-1] - stamps[0] >= 0.09  # 4 admissions of burst 2 at 20/s
-    assert len(space.store.leases.holders("ratelimit/aio")) == 0
+    given_back = time.monotonic() + 2.0  # the cancelled call's slot: released on a thread
+    while space.store.leases.holders("ratelimit/aio-slow") and time.monotonic() < given_back:
+        time.sleep(0.02)
+    assert space.store.leases.holders("ratelimit/aio-slow") == []
+    assert space.store.leases.holders("ratelimit/aio") == []
+
+
+@pytest.mark.timeout(20)
+def test_cancelled_async_waits_hold_no_thread_queue_place_or_slot(space: Space) -> None:
+    """The review's proof: 8 acquire_async() cancelled by wait_for while the
+    one slot is held used to fill the loop's default executor (an unrelated
+    to_thread never ran, asyncio.run hung at exit) and keep their queue places."""
+    limiter = space.rate_limit("gpu", concurrency=1, ttl=5)
+    holder = limiter.try_acquire()
+    assert holder is not None
+
+    async def main() -> float:
+        for _ in range(8):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(limiter.acquire_async(), 0.2)
+        began = time.monotonic()
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 1), 2.0) == 1
+        assert time.monotonic() - began < 1.0
+        gone = time.monotonic() + 3.0  # their threads stop within about 0.5 s
+        while space.store.kv.scan("taskspace/locks/", limit=100) and time.monotonic() < gone:
+            await asyncio.sleep(0.05)
+        assert [k for k, _ in space.store.kv.scan("taskspace/locks/", limit=100)
+                if "/q/" in k] == []  # fmt: skip
+        await asyncio.to_thread(holder.release)
+        began = time.monotonic()
+        async with await limiter.acquire_async(wait=3):  # no cancelled waiter ahead of it
+            return time.monotonic() - began
+
+    took = asyncio.run(main())  # returns: nothing left for shutdown_default_executor
+    assert took < 1.0, took
+    assert space.store.leases.holders("ratelimit/gpu") == []
 
 
 # -- the guarantee -----------------------------------------------------------------

@@ -493,10 +493,12 @@ class RateLimiter:
         return await asyncio.to_thread(self.try_acquire, cost)
 
     async def acquire_async(self, cost: Cost = 1, wait: float | None = None) -> Permit:
-        """:meth:`acquire` for asyncio code: store calls run off the event loop
-        and waits are ``asyncio.sleep`` (cancellable between store calls; a
-        cancelled call spends no slot, though a decision already sent may
-        have spent budget)."""
+        """:meth:`acquire` for asyncio code: store calls run off the event loop,
+        budget waits are ``asyncio.sleep`` and the concurrency slot is waited
+        for on a thread of its own. Cancellable at any point: a cancelled call
+        holds no slot and no place in the slot queue once its thread stops
+        (within about half a second), and never occupies the loop's default
+        executor; a decision already sent may have spent budget."""
         costs = self.costs(cost)
         wait_s = _check_wait(wait)
         deadline = None if wait_s is None else time.monotonic() + wait_s
@@ -514,7 +516,7 @@ class RateLimiter:
                 self._check_deadline(verdict, deadline)
                 await asyncio.sleep(max(0.0, verdict.due - time.monotonic()))
         except BaseException:
-            _release(lease)
+            _release_soon(lease)
             raise
 
     def available(self) -> dict[str, float]:
@@ -795,23 +797,28 @@ class RateLimiter:
 
 
 async def _slot_async(limiter: RateLimiter, wait: float | None) -> Lease | None:
-    """``limiter.slot`` on a thread; a slot taken after the caller was
-    cancelled is given back."""
+    """``limiter.slot`` for asyncio code: the wait runs on a daemon thread of
+    its own (never the loop's default executor); cancelling the caller ends
+    it within the lease module's CANCEL_STEP_S, leaves the wait queue and
+    gives back a slot taken after the cancel."""
     if limiter.concurrency is None:
         return None
-    future = asyncio.get_running_loop().run_in_executor(None, limiter.slot, wait)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        future.add_done_callback(_release_late)
-        raise
+    from taskspace.coordination.lease import acquire_lease_async
+
+    return await acquire_lease_async(
+        limiter.space,
+        f"{LEASE_PREFIX}{limiter.name}",
+        ttl=limiter.ttl,
+        capacity=limiter.concurrency,
+        wait=wait,
+    )
 
 
-def _release_late(future: asyncio.Future[Lease | None]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        lease = future.result()
-        if lease is not None:
-            threading.Thread(target=lease.release, name="taskspace-ratelimit", daemon=True).start()
+def _release_soon(lease: Lease | None) -> None:
+    """Give a slot back from a thread of its own (a cancelled coroutine must
+    not block its event loop on a store call)."""
+    if lease is not None:
+        threading.Thread(target=lease.release, name="taskspace-ratelimit", daemon=True).start()
 
 
 def _release(lease: Lease | None) -> None:
