@@ -56,6 +56,17 @@ def test_readme_example_and_commands_run_as_written(tmp_path: Path) -> None:
     assert listed.returncode == 0 and listed.stdout == "", listed.stdout + listed.stderr
 
 
+def test_readme_coordination_block_runs_as_written(tmp_path: Path) -> None:
+    """The Coordination section's block is real code: run it on a fresh space."""
+    (block,) = [body for lang, body in BLOCKS if body.startswith("# coordination.py")]
+    prelude = f"from taskspace import Space\nspace = Space('sqlite:///{tmp_path}/c.db')\n"
+    (tmp_path / "coordination.py").write_text(prelude + block + "space.close()\n")
+    ran = subprocess.run([sys.executable, "coordination.py"], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert "gpu-a" in ran.stdout and "True" in ran.stdout
+
+
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
 def test_examples_run(example: Path, tmp_path: Path) -> None:
     ran = subprocess.run([sys.executable, str(example)], cwd=tmp_path, env=_env(),
