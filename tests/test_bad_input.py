@@ -73,17 +73,17 @@ def test_unknown_serializer() -> None:
     ("options", "fragment"),
     [
         ({"retries": 3}, "unknown task option(s) retries"),
-        ({"timeout": -1}, "timeout must be a positive number"),
-        ({"timeout": 0}, "timeout must be a positive number"),
-        ({"timeout": math.inf}, "timeout must be a positive number"),
-        ({"lease": 0}, "lease must be a positive number"),
+        ({"timeout": -1}, "timeout=-1: must be a number of seconds from 0.001"),
+        ({"timeout": 0}, "timeout=0: must be a number of seconds from 0.001"),
+        ({"timeout": math.inf}, "timeout=inf: must be a number of seconds"),
+        ({"lease": 0}, "lease=0: must be a number of seconds from 0.001"),
         ({"max_attempts": 0}, "max_attempts must be an integer >= 1"),
         ({"max_attempts": 1.5}, "max_attempts must be an integer >= 1"),
         ({"priority": "high"}, "priority must be an integer"),
         ({"queue": ""}, "queue must be a non-empty name"),
         ({"queue": "a,b"}, "queue must be a non-empty name"),
         ({"isolation": "gpu"}, "isolation must be one of thread, async, process"),
-        ({"retry_backoff": -2}, "retry_backoff must be a number >= 0"),
+        ({"retry_backoff": -2}, "retry_backoff=-2: must be a number of seconds from 0"),
     ],
 )
 def test_bad_task_options(options: dict[str, Any], fragment: str) -> None:
@@ -104,7 +104,7 @@ def test_task_name_clash() -> None:
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
-        ({"countdown": -1}, "countdown must be a number >= 0"),
+        ({"countdown": -1}, "countdown=-1: must be a number of seconds from 0"),
         ({"countdown": 1, "eta": 5.0}, "give countdown or eta, not both"),
         ({"eta": "tomorrow"}, "eta must be a datetime or a Unix timestamp"),
         ({"dedup_key": ""}, "dedup_key must be a non-empty string"),
@@ -208,13 +208,13 @@ def test_msgpack_serializer_round_trip(tmp_path: Path) -> None:
 def test_public_api_is_exactly_this() -> None:
     assert sorted(taskspace.__all__) == sorted(
         [
-            "BackendError", "Compacted", "ConfigError", "Handle", "InvalidURL", "ManualClock",
-            "MissingDependency", "NoCurrentTask", "NotAnInteger", "PayloadTooLarge",
-            "ProcessDied", "ResultTimeout", "Retry", "SerializationError", "Space", "SpaceLost",
-            "SpaceNotFound", "SubscriptionLost", "Task",
-            "TaskCancelled", "TaskContext", "TaskFailed",
-            "TaskNotFound", "TaskRecord", "TaskTimeout", "TaskspaceError", "UnknownTask",
-            "Worker", "WorkerConfig", "WorkerReport", "__version__", "current_task",
+            "BackendError", "Compacted", "ConfigError", "Handle", "InvalidURL", "LeaseLost",
+            "LockTimeout", "ManualClock", "MissingDependency", "NoCurrentTask", "NotAnInteger",
+            "PayloadTooLarge", "ProcessDied", "RateLimited", "ResultTimeout", "Retry",
+            "SerializationError", "Space", "SpaceLost", "SpaceNotFound", "SubscriptionLost",
+            "Task", "TaskCancelled", "TaskContext", "TaskFailed", "TaskNotFound", "TaskRecord",
+            "TaskTimeout", "TaskspaceError", "UnknownTask", "VersionConflict", "Worker",
+            "WorkerConfig", "WorkerReport", "__version__", "current_task",
         ]
     )  # fmt: skip
     for name in taskspace.__all__:
@@ -250,7 +250,7 @@ def test_malformed_redis_urls(url: str, fragment: str) -> None:
 
 
 def test_namespace_only_for_redis() -> None:
-    with pytest.raises(InvalidURL, match="namespace applies to Redis spaces only"):
+    with pytest.raises(InvalidURL, match="namespace applies to Redis and PostgreSQL spaces only"):
         Space("memory://", namespace="x").stats()
 
 
