@@ -28,14 +28,23 @@ the part that would not). Nothing is written on a refused call.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from taskspace.backends.base import Delete, Exists, GrantHeld, Put, Versioned
+from taskspace.backends.base import Compare, Delete, Exists, GrantHeld, Put, Versioned
 from taskspace.backends.checks import check_ttl
 from taskspace.codec import JSON
-from taskspace.errors import ConfigError, LeaseLost, SerializationError, VersionConflict
+from taskspace.errors import (
+    BackendError,
+    ConfigError,
+    LeaseLost,
+    SerializationError,
+    SpaceLost,
+    VersionConflict,
+)
 
 if TYPE_CHECKING:
     from taskspace.coordination.lease import Lease
@@ -104,7 +113,7 @@ class KV:
         if fence is None:
             return kv.put(key, data, ttl=ttl).version
         _check_fence(fence)
-        result = kv.txn([GrantHeld(fence.grant)], [Put(key, data, ttl)])
+        result = _once(lambda rid: kv.txn([GrantHeld(fence.grant)], [Put(key, data, ttl)], rid))
         if not result.ok:
             raise _refused(fence, f"put {key!r}")
         return result.versions[0]
@@ -135,16 +144,20 @@ class KV:
         if fence is None:
             return kv.delete(key)
         _check_fence(fence)
-        result = kv.txn([GrantHeld(fence.grant), Exists(key)], [Delete(key)])
+        compares: list[Compare] = [GrantHeld(fence.grant), Exists(key)]
+        result = _once(lambda rid: kv.txn(compares, [Delete(key)], rid))
         if result.failed == 0:
             raise _refused(fence, f"delete {key!r}")
         return result.ok
 
     def incr(self, key: str, delta: int = 1) -> int:
         """Add ``delta`` to the integer at ``key`` (absent: 0) and return the
-        result; NotAnInteger if the value is not an integer (nothing written)."""
+        result; NotAnInteger if the value is not an integer (nothing written).
+        A BackendError is retried once with the same request id, so a reply
+        lost on the network never counts twice."""
         _check_key(key)
-        return self._space.store.kv.incr(key, delta)
+        kv = self._space.store.kv
+        return _once(lambda rid: kv.incr(key, delta, request_id=rid))
 
     def scan(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
         """Every live ``(key, value)`` whose key starts with ``prefix``, in key
@@ -175,3 +188,21 @@ def _check_fence(fence: Lease) -> None:
 
 def _refused(fence: Lease, what: str) -> LeaseLost:
     return LeaseLost(f"{what} refused: lease {fence.name} (token {fence.token}) is no longer held")
+
+
+T = TypeVar("T")
+RETRY_AFTER_S = 0.05
+
+
+def _once(call: Callable[[str], T]) -> T:
+    """``call(request_id)``, retried once after a BackendError with the same
+    request id: the store returns the first call's result if it had applied
+    (a reply lost on the network), so the write happens at most once."""
+    request_id = uuid.uuid4().hex
+    try:
+        return call(request_id)
+    except SpaceLost:
+        raise
+    except BackendError:
+        time.sleep(RETRY_AFTER_S)
+        return call(request_id)
