@@ -272,3 +272,37 @@ def test_an_attempt_settled_in_the_gate_never_runs() -> None:
     assert not ex.begin(attempt, deadline=True) and attempt.deadline is None
     attempt.settled, attempt.ctx.lease_lost = False, True
     assert not ex.begin(attempt, deadline=True)
+
+
+def test_async_tasks_behind_a_concurrency_limit_do_not_convoy() -> None:
+    """Review 29: async tasks waiting in the gate for a concurrency slot must not
+    hold every thread that the permits' releases need (the loop's default
+    executor has min(32, cpus + 4) threads unless the worker sizes it)."""
+    from taskspace.worker.config import WorkerConfig
+    from taskspace.worker.worker import Worker
+
+    space = Space("memory://")
+    gpu = space.rate_limit("gpu", concurrency=2, ttl=5)
+    done: list[float] = []
+
+    @space.task(rate_limit=gpu, isolation="async")
+    async def infer(i: int) -> None:
+        await asyncio.sleep(0.2)
+        done.append(time.monotonic())
+
+    for i in range(20):
+        infer.submit(i)
+    began = time.monotonic()
+    worker = Worker(space, WorkerConfig(concurrency=20, install_signal_handlers=False))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        while len(done) < 20 and time.monotonic() - began < 20:
+            time.sleep(0.05)
+        took = time.monotonic() - began
+    finally:
+        worker.stop()
+        thread.join(10)
+        space.close()
+    assert len(done) == 20
+    assert took < 8.0, f"20 tasks of 0.2 s two at a time took {took:.1f} s (ideal ~2 s)"

@@ -47,6 +47,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -447,6 +448,13 @@ class Worker:
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             loop = asyncio.new_event_loop()
+            # Async tasks' blocking helpers (a rate-limit gate waiting for a slot,
+            # the release of a permit) run in the loop's default executor: size it
+            # for every slot at once, or admits that wait would queue the releases
+            # that end their wait behind them (min(32, cpus + 4) threads otherwise).
+            loop.set_default_executor(
+                ThreadPoolExecutor(self.config.concurrency * 2 + 4, "taskspace-async-io")
+            )
             thread = threading.Thread(target=loop.run_forever, name="taskspace-async", daemon=True)
             thread.start()
             self._loop, self._loop_thread = loop, thread
