@@ -39,8 +39,10 @@ are held at once; ``Permit.release()`` (or leaving its ``with`` block) gives
 the slot back, and a holder that dies gives it back when its lease expires
 (``ttl``). The rate budget spent by an acquisition is never refunded.
 
-**Waiting.** ``try_acquire`` never blocks: one decision (two or three store
-calls), a Permit or None. ``acquire(wait=...)`` takes a concurrency slot
+**Waiting.** ``try_acquire`` never waits for budget or a slot: a Permit or
+None after one decision (two or three store calls, plus two for a
+concurrency slot; a decision that loses a race with another process is
+re-read and made again, at most CONFLICTS_MAX times). ``acquire(wait=...)`` takes a concurrency slot
 first (waiting on ``leases.wait``), then sleeps until the computed moment the
 budget allows, on ``kv.wait`` of the limiter's keys: a change made by another
 process wakes it, and it reads the change from the feed and re-plans, so it
