@@ -15,11 +15,12 @@ from taskspace.backends.base import Store
 from taskspace.backends.memory import ManualClock, MemoryStore
 from tests.services import close_shared, close_shared_postgres, postgres_url, shared_redis
 
-# Backends every test parametrized with `backend` runs on; PostgreSQL joins
-# when the whole conformance suite passes on it. TASKSPACE_TEST_BACKENDS (a
+# Backends every test parametrized with `backend` runs on (PostgreSQL: the
+# machine's server at 127.0.0.1:5432, a database per run; skipped when it is
+# not there unless TASKSPACE_REQUIRE_SERVICES=1). TASKSPACE_TEST_BACKENDS (a
 # comma list) chooses the backends of a run, e.g.
 # `TASKSPACE_TEST_BACKENDS=postgres pytest tests/conformance/test_kv.py`.
-DEFAULT_BACKENDS = ["memory", "sqlite", "redis"]
+DEFAULT_BACKENDS = ["memory", "sqlite", "redis", "postgres"]
 KNOWN_BACKENDS = ("memory", "sqlite", "redis", "postgres")
 
 
