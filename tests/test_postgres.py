@@ -9,6 +9,7 @@ run, a schema per test); skipped without it unless TASKSPACE_REQUIRE_SERVICES=1.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 
 from taskspace import Space
 from taskspace.backends import open_store, validate_url
-from taskspace.backends.base import TaskSpec
+from taskspace.backends.base import Outcome, TaskSpec
 from taskspace.backends.outcomes import RUNNING_TRANSITIONS, running_transition
 from taskspace.backends.postgres import PostgresStore
 from taskspace.backends.postgres.conn import PgConn, map_error, parse_url
@@ -290,3 +291,62 @@ def test_store_transaction_sends_every_push_of_the_block_to_the_callers_transact
         assert space.store.queue.state(outside.id) == "queued"
     finally:
         space.close()
+
+
+# -- waking waiters ---------------------------------------------------------------------------
+
+
+def _notifications(conn: object, timeout: float) -> list[str]:
+    return [n.payload for n in conn.notifies(timeout=timeout)]  # type: ignore[attr-defined]
+
+
+def test_a_push_notifies_only_when_someone_waits(store: PostgresStore, url: str) -> None:
+    from taskspace.backends.postgres.waiter import channel_name
+
+    with psycopg.connect(base_of(url), autocommit=True) as spy:
+        spy.execute(f'LISTEN "{channel_name(store.schema)}"')
+        store.queue.push([TaskSpec("nobody", "job", b"{}")])
+        assert _notifications(spy, 0.3) == []  # nobody waits: no NOTIFY at all
+        store.queue.claim(["default"], "w", 1)
+        done = threading.Event()
+        waiter = threading.Thread(
+            target=lambda: (store.queue.claim(["default"], "w", 1, wait=5.0), done.set())
+        )
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while not store.conn.read("SELECT 1 FROM waiters WHERE key = 'q:default'"):
+            assert time.monotonic() < deadline, "the waiter never registered"
+            time.sleep(0.01)
+        store.queue.push([TaskSpec("someone", "job", b"{}")])
+        assert done.wait(5.0)
+        assert "q:default" in _notifications(spy, 1.0)
+        waiter.join()
+
+
+def test_no_wake_up_is_lost_between_a_registration_and_a_write(url: str) -> None:
+    """Round trips with a claimer that idles in claim(wait=) and a result
+    waiter: each must take milliseconds, never the idle timeout (a writer that
+    checked registrations inside its own transaction lost about 1 in 100)."""
+    with open_store(url) as client, open_store(url) as worker:
+        stop = threading.Event()
+
+        def work() -> None:
+            while not stop.is_set():
+                got = worker.queue.claim(["rt"], "w", 1, wait=2.0, request_id=uuid.uuid4().hex)
+                if got:
+                    worker.queue.finish([(got[0].lease, Outcome("succeeded", result=b"1"))])
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        slowest = 0.0
+        try:
+            for i in range(300):
+                started = time.monotonic()
+                client.queue.push([TaskSpec(f"rt{i}", "job", b"{}", queue="rt")])
+                while client.queue.state(f"rt{i}") != "succeeded":
+                    client.queue.wait_for_finish([f"rt{i}"], 2.0)
+                slowest = max(slowest, time.monotonic() - started)
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+        assert slowest < 1.0, f"a round trip took {slowest:.2f} s: a wake-up was lost"
