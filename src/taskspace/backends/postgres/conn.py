@@ -223,7 +223,7 @@ class PgConn:
         options = f"-c search_path={s.schema} -c statement_timeout={timeout_ms}"
         if s.synchronous_commit is not None:
             options += f" -c synchronous_commit={s.synchronous_commit}"
-        return {
+        kwargs: dict[str, Any] = {
             "connect_timeout": max(1, round(s.connect_timeout)),
             "options": options,
             "keepalives": 1,
@@ -231,8 +231,10 @@ class PgConn:
             "keepalives_interval": 2,
             "keepalives_count": 3,
             "tcp_user_timeout": timeout_ms,
-            "application_name": "taskspace",
         }
+        if "application_name=" not in s.conninfo:  # the URL's own name wins
+            kwargs["application_name"] = "taskspace"
+        return kwargs
 
     def dedicated(self, autocommit: bool = True) -> psycopg.Connection[Any]:
         """A new connection of its own (LISTEN, a long wait), not from the pool;
