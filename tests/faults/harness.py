@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.faults.app:make_space"
 
 # Backends the fault tests run on (the tests do not change).
-FAULT_BACKENDS = ["sqlite", "redis"]
+FAULT_BACKENDS = ["sqlite", "redis", "postgres"]
 
 # Figure lines printed by tests; conftest.py repeats them in the terminal summary.
 FIGURES: list[str] = []
@@ -44,7 +44,8 @@ def fault_backend(backend: str, tmp_path: Path) -> Iterator[str]:
 
     Redis: a redis-server of the test's own (a few milliseconds to start), so a
     test that stops, kills or stalls things shares nothing with any other test;
-    it is killed and its directory removed on the way out."""
+    it is killed and its directory removed on the way out. PostgreSQL: a fresh
+    schema in the run's test database."""
     if backend == "sqlite":
         yield f"sqlite:///{tmp_path}/space.db"
     elif backend == "redis":
@@ -53,6 +54,10 @@ def fault_backend(backend: str, tmp_path: Path) -> Iterator[str]:
             yield server.namespaced_url()
         finally:
             server.close()
+    elif backend == "postgres":
+        from tests.services import postgres_url
+
+        yield postgres_url()  # a fresh schema; tests that kill the server use PgCluster
     else:
         raise AssertionError(f"no fault-test URL for backend {backend!r}")
 
