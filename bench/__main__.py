@@ -19,6 +19,7 @@ from bench.queue import BACKENDS, QueueBench, report, report_delayed, run
 from bench.workers import BenchError
 
 WIDE_CONSOLE = 200
+PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def _concurrency(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -119,10 +120,24 @@ def _names(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str,
               help="Use the peers' venvs as they are; fail if one is missing.")  # fmt: skip
 @click.option("--venv-root", type=click.Path(path_type=Path), default=peers_bench.VENV_ROOT,
               show_default=True, help="Where the peers' virtual environments live.")  # fmt: skip
+@click.option("--postgres", "pg_url", default=None, is_flag=False, flag_value=PG_DEFAULT,
+              help="Instead: taskspace on PostgreSQL against Procrastinate, PgQueuer and a raw"
+                   " FOR UPDATE SKIP LOCKED loop, on this database"
+                   f" (--postgres alone: {PG_DEFAULT}).")  # fmt: skip
 def peers(tasks: int, roundtrips: int, singles: int, batch: int, workers: int, concurrency: int,
           repeat: int, only: tuple[str, ...], skip_install: bool,
-          venv_root: Path) -> None:  # fmt: skip
-    """taskspace against Celery, RQ, Dramatiq, Huey and arq on one private Redis."""
+          venv_root: Path, pg_url: str | None) -> None:  # fmt: skip
+    """taskspace against Celery, RQ, Dramatiq, Huey and arq on one private Redis
+    (with --postgres: against the PostgreSQL queues, see bench.peers_pg)."""
+    if pg_url is not None:
+        from bench import peers_pg
+
+        argv = ["--pg-url", pg_url, "--tasks", str(tasks), "--roundtrips", str(roundtrips),
+                "--singles", str(min(singles, tasks)), "--batch", str(batch),
+                "--workers", str(workers), "--concurrency", str(concurrency),
+                "--repeat", str(repeat)]  # fmt: skip
+        peers_pg.main(argv + (["--skip-install"] if skip_install else []))
+        return
     opts = peers_bench.PeersBench(
         tasks=tasks, roundtrips=roundtrips, singles=min(singles, tasks), batch=batch,
         workers=workers, concurrency=concurrency, repeat=repeat, only=only,
