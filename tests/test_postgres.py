@@ -350,3 +350,28 @@ def test_no_wake_up_is_lost_between_a_registration_and_a_write(url: str) -> None
             stop.set()
             thread.join(timeout=5)
         assert slowest < 1.0, f"a round trip took {slowest:.2f} s: a wake-up was lost"
+
+
+def test_a_worker_sizes_the_pool_for_its_slots_unless_the_url_sets_it(url: str) -> None:
+    """Issue 10: the pool is sized from the worker's concurrency (each task may
+    use the space), and a pool_max given in the URL is kept as it is."""
+    from taskspace.worker.worker import POOL_CONNECTIONS_OF_LOOPS
+
+    space = Space(url)
+    try:
+        space.run_worker(burst=True, concurrency=24, install_signal_handlers=False)
+        store = space.store
+        assert isinstance(store, PostgresStore)
+        assert store.conn.pool().max_size == 24 + POOL_CONNECTIONS_OF_LOOPS
+        store.fit_pool(4)  # never shrinks
+        assert store.conn.pool().max_size == 24 + POOL_CONNECTIONS_OF_LOOPS
+    finally:
+        space.close()
+    fixed = Space(f"{url}&pool_max=5")
+    try:
+        fixed.run_worker(burst=True, concurrency=24, install_signal_handlers=False)
+        store = fixed.store
+        assert isinstance(store, PostgresStore)
+        assert store.conn.pool().max_size == 5
+    finally:
+        fixed.close()

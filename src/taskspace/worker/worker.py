@@ -75,6 +75,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskspace.worker")
 
 CLAIM_GATHER_S = 0.002
+# Connections a worker's own loops may hold at once besides its task slots: the
+# claim loop, finisher, renewer, ticker, maintainer, lease keeper, heartbeats.
+POOL_CONNECTIONS_OF_LOOPS = 8
 # After a short claim: how long at most the claim loop lets the claimed attempts go first.
 HANDOFF_S = 0.002
 # After the grace, outcomes (the releases above all) get this long to land.
@@ -181,8 +184,12 @@ class Worker:
         return True
 
     def _open_both(self) -> None:
-        """The store, then (Redis) the renewer's client of its own."""
+        """The store, then (Redis) the renewer's client of its own; a store
+        with a connection pool (PostgreSQL) is sized for every slot."""
         store = self.store
+        fit_pool = getattr(store, "fit_pool", None)
+        if fit_pool is not None:
+            fit_pool(self.config.concurrency + POOL_CONNECTIONS_OF_LOOPS)
         if self._renew_store is None:
             self._renew_store = self._open_renew_store(store)
 

@@ -123,6 +123,10 @@ class PostgresStore(Closeable):
         finally:
             CALLER_CONNECTION.reset(token)
 
+    def fit_pool(self, connections: int) -> None:
+        """Let the connection pool grow to ``connections`` (see PgConn.fit)."""
+        self.conn.fit(connections)
+
     def in_caller_transaction(self) -> bool:
         """Whether pushes of this thread now go to a caller's transaction (a
         failed push must then not be retried: the caller's transaction is

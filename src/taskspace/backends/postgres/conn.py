@@ -7,9 +7,9 @@ and taskspace's:
 
 - ``schema`` (alias ``namespace``): the schema that holds the space (default
   ``taskspace``); several spaces share one database under different schemas;
-- ``pool_min`` / ``pool_max``: the connection pool's size (default 1 / 10;
-  a worker needs about one connection per claim, finish and renew loop, plus
-  the tasks that use the space themselves);
+- ``pool_min`` / ``pool_max``: the connection pool's size (default 1 / 10; a
+  worker grows the default to its concurrency plus its own loops, since each
+  task may use the space; a ``pool_max`` given in the URL is kept as it is);
 - ``connect_timeout`` / ``statement_timeout`` (seconds, default 5 / 30): no
   call waits longer than that for a server that is down or stuck;
 - ``synchronous_commit`` (default: the server's, normally ``on``): ``off``
@@ -97,6 +97,7 @@ class PgSettings:
     schema: str = DEFAULT_SCHEMA
     pool_min: int = 1
     pool_max: int = 10
+    pool_max_given: bool = False  # the URL named pool_max: never resized by a worker
     connect_timeout: float = 5.0
     statement_timeout: float = 30.0
     synchronous_commit: str | None = None
@@ -151,6 +152,7 @@ def parse_url(url: str) -> PgSettings:
         schema=schema,
         pool_min=pool_min,
         pool_max=pool_max,
+        pool_max_given="pool_max" in ours,
         connect_timeout=_number(ours, "connect_timeout", 5.0, url),
         statement_timeout=_number(ours, "statement_timeout", 30.0, url),
         synchronous_commit=commit,
@@ -212,6 +214,7 @@ class PgConn:
         self._pending: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
         self.on_commit: Callable[[psycopg.Connection[Any], list[str]], None] | None = None
         self._closed = False
+        self._fitted = 0  # a worker's wish (fit): the pool may grow to this
 
     # -- connections ---------------------------------------------------------
 
@@ -270,7 +273,7 @@ class PgConn:
                     self.settings.conninfo,
                     kwargs=kwargs,
                     min_size=self.settings.pool_min,
-                    max_size=self.settings.pool_max,
+                    max_size=self._max_size(),
                     timeout=self.settings.connect_timeout,
                     check=self._check,
                     configure=self._configure,
@@ -279,6 +282,21 @@ class PgConn:
                     open=True,
                 )
             return self._pool
+
+    def fit(self, connections: int) -> None:
+        """Let the pool grow to ``connections`` (a worker: one per task slot,
+        since a task may use the space, plus its own loops) unless the URL set
+        ``pool_max``; never shrinks it. Idle connections still close after the
+        pool's ``max_idle``."""
+        if self.settings.pool_max_given or connections <= self._max_size():
+            return
+        self._fitted = connections
+        pool = self._pool
+        if pool is not None and os.getpid() == self._pid:
+            pool.resize(min_size=self.settings.pool_min, max_size=connections)
+
+    def _max_size(self) -> int:
+        return max(self.settings.pool_max, self._fitted)
 
     @staticmethod
     def _configure(conn: psycopg.Connection[Any]) -> None:
