@@ -68,6 +68,10 @@ class SQLiteClock:
         return time.time()
 
 
+# How long close() waits for calls in flight before it gives up closing.
+CLOSE_WAIT_S = 5.0
+
+
 class SQLiteConn:
     """One connection per thread, serialised write transactions, the clock and
     the space's counters (rows of ``meta``)."""
@@ -84,6 +88,7 @@ class SQLiteConn:
         self._write_lock = threading.Lock()
         self._generation = 0
         self._hwm = 0.0  # the high-water mark this process last stored or saw
+        self._reset_use()
         on_advance = getattr(clock, "on_advance", None)
         if on_advance is not None:
             # A test's ManualClock: moving it wakes every wait, which re-checks
@@ -122,6 +127,7 @@ class SQLiteConn:
             self._conns_lock = threading.Lock()
             self._commits = threading.Condition()
             self._write_lock = threading.Lock()
+            self._reset_use()
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self.new_connection()
@@ -167,10 +173,43 @@ class SQLiteConn:
 
     # -- transactions -----------------------------------------------------------
 
+    # -- calls in flight, so that close() never closes a connection in use ---------
+
+    def _reset_use(self) -> None:
+        self._use = threading.Condition()
+        self._busy = 0
+        self._closing = False
+        self._depth = threading.local()
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """Count a call in flight; a call starting while close() runs waits for it
+        (closing a connection another thread is using can crash the interpreter
+        inside sqlite3). Nested calls of one thread never wait."""
+        depth = getattr(self._depth, "n", 0)
+        with self._use:
+            while self._closing and depth == 0:
+                self._use.wait()
+            self._busy += 1
+        self._depth.n = depth + 1
+        try:
+            yield
+        finally:
+            self._depth.n = depth
+            with self._use:
+                self._busy -= 1
+                self._use.notify_all()
+
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction; every driver error becomes BackendError,
         a number beyond 64 bits ConfigError; any error rolls back."""
+        with self._in_use(), self._writing() as conn:
+            yield conn
+        self.wake()
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
         # Threads of one process queue on a Python lock rather than in SQLite's busy
         # handler, which sleeps in millisecond steps; processes still contend in SQLite.
         with self._write_lock:
@@ -193,7 +232,6 @@ class SQLiteConn:
             except BaseException:
                 self._rollback(conn)
                 raise
-        self.wake()
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Rows of one query on this thread's connection (BackendError on failure)."""
@@ -201,14 +239,15 @@ class SQLiteConn:
 
     def reading(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on this thread's connection; driver errors become BackendError."""
-        conn = self.conn()
-        try:
-            return fn(conn)
-        except sqlite3.Error as exc:
-            self._failed(conn)
-            raise driver_error("read", exc) from exc
-        except OverflowError as exc:
-            raise ConfigError(f"a number is out of SQLite's 64-bit range: {exc}") from exc
+        with self._in_use():
+            conn = self.conn()
+            try:
+                return fn(conn)
+            except sqlite3.Error as exc:
+                self._failed(conn)
+                raise driver_error("read", exc) from exc
+            except OverflowError as exc:
+                raise ConfigError(f"a number is out of SQLite's 64-bit range: {exc}") from exc
 
     def wake(self) -> None:
         """End every wait of this process as a local commit does."""
@@ -223,11 +262,27 @@ class SQLiteConn:
             return self._commits.wait_for(lambda: self._generation != generation, timeout)
 
     def close(self) -> None:
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            conn.close()
-        self._local = threading.local()
+        """Close every connection once no call is using one (waiting at most
+        CLOSE_WAIT_S; connections still in use after that are left to the
+        garbage collector, never closed under a running call). A later call
+        opens a fresh connection."""
+        with self._use:
+            self._closing = True
+            idle = self._use.wait_for(lambda: self._busy == 0, CLOSE_WAIT_S)
+        try:
+            with self._conns_lock:
+                conns, self._conns = self._conns, []
+            if idle:
+                for conn in conns:
+                    conn.close()
+            else:
+                log.warning("SQLite close: a call was still running after %.0f s;"
+                            " its connections are left open", CLOSE_WAIT_S)  # fmt: skip
+            self._local = threading.local()
+        finally:
+            with self._use:
+                self._closing = False
+                self._use.notify_all()
 
     # -- counters (rows of meta) ---------------------------------------------------
 
