@@ -52,8 +52,9 @@ the time the loss took to happen. Tokens fit in 53 bits until the year 2255.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, NamedTuple, Protocol, Self
@@ -230,6 +231,30 @@ KV_CHANGES_KEEP = 10_000
 # A subscription buffers at most this many undelivered messages; past that it
 # drops the oldest and reports a Gap.
 SUBSCRIPTION_BUFFER = 10_000
+
+
+def claim_waiting(
+    claim_now: Callable[[str | None], list[TaskRecord]],
+    wait_for_tasks: Callable[[float], None],
+    request_id: str | None,
+    wait: float,
+) -> list[TaskRecord]:
+    """``claim(..., wait=)`` for a backend whose claim cannot block by itself:
+    ``claim_now(request_id)``; while nothing came, ``wait_for_tasks(left)`` then
+    claim again, until ``wait`` has passed. Each claim after a wait is a step of
+    its own request (``<request_id>\\n<step>``), so a repeated call replays what
+    each step leased. The caller returns early when there is nothing to wait
+    for (``n <= 0``, no names)."""
+    claimed = claim_now(request_id)
+    if claimed or wait <= 0:
+        return claimed
+    deadline = time.monotonic() + wait
+    step = 0
+    while not claimed and (left := deadline - time.monotonic()) > 0:
+        wait_for_tasks(left)
+        step += 1
+        claimed = claim_now(None if request_id is None else f"{request_id}\n{step}")
+    return claimed
 
 
 def next_token(last: int, wall: float) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 
@@ -29,6 +28,7 @@ from taskspace.backends.base import (
     TaskRecord,
     TaskSpec,
     TaskState,
+    claim_waiting,
 )
 from taskspace.backends.checks import check_limit, check_wait
 from taskspace.backends.memory.state import MemoryState, ReadyHeap, Slot
@@ -120,17 +120,14 @@ class MemoryQueue:
         then claim again (each claim after a wait under its own request id,
         derived from ``request_id``), until ``wait`` has passed."""
         check_wait(wait)
-        claimed = self._claim_now(queues, worker, n, request_id, names)
-        if claimed or n <= 0 or (names is not None and not names):
-            return claimed  # nothing to wait for
-        deadline = time.monotonic() + wait
-        step = 0
-        while not claimed and (left := deadline - time.monotonic()) > 0:
-            self.wait_for_tasks(queues, left, names)
-            step += 1
-            request = None if request_id is None else f"{request_id}\n{step}"
-            claimed = self._claim_now(queues, worker, n, request, names)
-        return claimed
+        if n <= 0 or (names is not None and not names):
+            return self._claim_now(queues, worker, n, request_id, names)  # nothing to wait for
+        return claim_waiting(
+            lambda rid: self._claim_now(queues, worker, n, rid, names),
+            lambda left: self.wait_for_tasks(queues, left, names),
+            request_id,
+            wait,
+        )
 
     def _claim_now(
         self,

@@ -26,6 +26,7 @@ from taskspace.backends.base import (
     TaskRecord,
     TaskSpec,
     TaskState,
+    claim_waiting,
     push_chunks,
 )
 from taskspace.backends.checks import check_limit, check_wait
@@ -473,17 +474,14 @@ class PgQueue:
         then claim again (a new request id per step, derived from the
         caller's), until ``wait`` has passed."""
         check_wait(wait)
-        claimed = self._claim_now(queues, worker, n, names, request_id)
-        if claimed or n <= 0 or (names is not None and not names) or wait <= 0:
-            return claimed
-        deadline = time.monotonic() + wait
-        step = 0
-        while not claimed and (left := deadline - time.monotonic()) > 0:
-            self.wait_for_tasks(queues, left, names)
-            step += 1
-            rid = None if request_id is None else f"{request_id}/{step}"
-            claimed = self._claim_now(queues, worker, n, names, rid)
-        return claimed
+        if n <= 0 or (names is not None and not names):
+            return self._claim_now(queues, worker, n, names, request_id)
+        return claim_waiting(
+            lambda rid: self._claim_now(queues, worker, n, names, rid),
+            lambda left: self.wait_for_tasks(queues, left, names),
+            request_id,
+            wait,
+        )
 
     def _claim_now(
         self,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Collection, Sequence
 from typing import cast
 
@@ -15,6 +14,7 @@ from taskspace.backends.base import (
     TaskRecord,
     TaskSpec,
     TaskState,
+    claim_waiting,
 )
 from taskspace.backends.checks import check_limit, check_wait
 from taskspace.backends.outcomes import (
@@ -124,14 +124,14 @@ class SQLiteQueue:
         ``request_id`` needs no handling: a local transaction's reply cannot
         be lost (a driver error means it did not commit)."""
         check_wait(wait)
-        claimed = self._claim_now(queues, worker, n, names)
-        if claimed or n <= 0 or (names is not None and not names):
-            return claimed  # nothing to wait for
-        deadline = time.monotonic() + wait
-        while not claimed and (left := deadline - time.monotonic()) > 0:
-            self.wait_for_tasks(queues, left, names)
-            claimed = self._claim_now(queues, worker, n, names)
-        return claimed
+        if n <= 0 or (names is not None and not names):
+            return self._claim_now(queues, worker, n, names)  # nothing to wait for
+        return claim_waiting(
+            lambda _: self._claim_now(queues, worker, n, names),
+            lambda left: self.wait_for_tasks(queues, left, names),
+            request_id,
+            wait,
+        )
 
     def _claim_now(
         self, queues: Sequence[str], worker: str, n: int, names: Collection[str] | None
