@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -413,6 +414,37 @@ class Gap:
 
     reason: Literal["reconnect", "overflow"]
     missed: int | None = None
+
+
+class MessageBuffer:
+    """The undelivered messages of one subscription, shared by every backend:
+    at most ``capacity`` (SUBSCRIPTION_BUFFER; passed on each push, so a test
+    can shrink a backend's constant); past that the oldest message is dropped
+    and counted, and the next ``pop`` is ``Gap("overflow", missed=n)`` before
+    what follows. Not thread-safe: the subscription guards it."""
+
+    def __init__(self) -> None:
+        self.items: deque[Message | Gap] = deque()
+        self.missed = 0
+
+    def push(self, item: Message | Gap, capacity: int = SUBSCRIPTION_BUFFER) -> None:
+        if len(self.items) >= capacity and isinstance(self.items.popleft(), Message):
+            self.missed += 1  # (a dropped Gap is not a missed message)
+        self.items.append(item)
+
+    def pop(self) -> Message | Gap | None:
+        if self.missed:
+            gap, self.missed = Gap("overflow", missed=self.missed), 0
+            return gap
+        return self.items.popleft() if self.items else None
+
+    def pending(self) -> bool:
+        """True if ``pop`` has something to return."""
+        return bool(self.items) or self.missed > 0
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.missed = 0
 
 
 class Clock(Protocol):

@@ -13,10 +13,9 @@ can disconnect, so there is never a ``Gap("reconnect")``.
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Sequence
 
-from taskspace.backends.base import SUBSCRIPTION_BUFFER, Closeable, Gap, Message
+from taskspace.backends.base import SUBSCRIPTION_BUFFER, Closeable, Gap, Message, MessageBuffer
 from taskspace.backends.memory.state import MemoryState
 from taskspace.errors import ConfigError
 
@@ -31,32 +30,24 @@ class MemorySubscription(Closeable):
         self.prefixes = tuple(dict.fromkeys(prefixes))
         self._owner = owner
         self._cond = threading.Condition(threading.Lock())
-        self._buffer: deque[Message] = deque()
-        self._missed = 0
+        self._buffer = MessageBuffer()
         self._closed = False
 
     def deliver(self, message: Message) -> None:
         with self._cond:
             if self._closed:
                 return
-            if len(self._buffer) >= SUBSCRIPTION_BUFFER:
-                self._buffer.popleft()
-                self._missed += 1
-            self._buffer.append(message)
+            self._buffer.push(message, SUBSCRIPTION_BUFFER)
             self._cond.notify()
 
     def get(self, timeout: float | None = None) -> Message | Gap | None:
         """The next message or Gap, or None after ``timeout`` seconds (None:
         no limit) or once closed."""
         with self._cond:
-            self._cond.wait_for(lambda: self._buffer or self._missed or self._closed, timeout)
+            self._cond.wait_for(lambda: self._buffer.pending() or self._closed, timeout)
             if self._closed:
                 return None
-            if self._missed:
-                gap = Gap("overflow", missed=self._missed)
-                self._missed = 0
-                return gap
-            return self._buffer.popleft() if self._buffer else None
+            return self._buffer.pop()
 
     def close(self) -> None:
         with self._cond:

@@ -25,11 +25,10 @@ import contextlib
 import logging
 import time
 import weakref
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from taskspace.backends.base import SUBSCRIPTION_BUFFER, Closeable, Gap, Message
+from taskspace.backends.base import SUBSCRIPTION_BUFFER, Closeable, Gap, Message, MessageBuffer
 from taskspace.backends.postgres.clock import WALL_SQL
 from taskspace.backends.postgres.conn import map_error
 from taskspace.errors import BackendError, ConfigError
@@ -90,8 +89,7 @@ class PgSubscription(Closeable):
         self._channels = set(channels)
         self._prefixes = list(dict.fromkeys(prefixes))
         self._listen: psycopg.Connection[Any] | None = None
-        self._buffer: deque[Message | Gap] = deque()
-        self._missed = 0
+        self._buffer = MessageBuffer()
         self._closed = False
         if self._channels or self._prefixes:
             self._connect()
@@ -139,11 +137,7 @@ class PgSubscription(Closeable):
         return None if row is None else bytes(row[0])
 
     def _push(self, item: Message | Gap) -> None:
-        if len(self._buffer) >= SUBSCRIPTION_BUFFER:
-            dropped = self._buffer.popleft()
-            if isinstance(dropped, Message):
-                self._missed += 1
-        self._buffer.append(item)
+        self._buffer.push(item, SUBSCRIPTION_BUFFER)
 
     def _fill(self, timeout: float) -> None:
         """Wait up to ``timeout`` for a notification, then buffer every one that
@@ -169,13 +163,6 @@ class PgSubscription(Closeable):
             self._drop()
             raise map_error(exc, "subscription read", self._c.display) from exc
 
-    def _next(self) -> Message | Gap | None:
-        if self._missed:
-            gap = Gap("overflow", missed=self._missed)
-            self._missed = 0
-            return gap
-        return self._buffer.popleft() if self._buffer else None
-
     def get(self, timeout: float | None = None) -> Message | Gap | None:
         if self._closed:
             return None
@@ -184,7 +171,7 @@ class PgSubscription(Closeable):
             time.sleep(max(0.0, min(deadline - time.monotonic(), IDLE_STEP_S)))
             return None
         while True:
-            item = self._next()
+            item = self._buffer.pop()
             if item is not None:
                 return item
             left = max(0.0, deadline - time.monotonic())
@@ -196,14 +183,14 @@ class PgSubscription(Closeable):
             except BackendError:
                 self._reconnect()
                 continue
-            if not self._buffer and not self._missed and time.monotonic() >= deadline:
+            if not self._buffer.pending() and time.monotonic() >= deadline:
                 return None
 
     def _reconnect(self) -> None:
         """LISTEN again (BackendError while the server is away); queue the Gap
         after what was received before the loss."""
         self._connect()
-        self._buffer.append(Gap("reconnect"))
+        self._buffer.push(Gap("reconnect"), SUBSCRIPTION_BUFFER)
 
     def close(self) -> None:
         if not self._closed:

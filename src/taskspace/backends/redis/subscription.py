@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from taskspace.backends.base import SUBSCRIPTION_BUFFER, Closeable, Gap, Message
+from taskspace.backends.base import SUBSCRIPTION_BUFFER, Closeable, Gap, Message, MessageBuffer
 from taskspace.backends.redis.conn import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, RedisConnection
 from taskspace.errors import BackendError
 
@@ -51,8 +50,7 @@ class RedisSubscription(Closeable):
         self._patterns = {glob_escape(self._prefix + p) + "*": p for p in prefixes}
         self._sock: Any = None
         self._closed = False
-        self._buffer: deque[Message | Gap] = deque()
-        self._missed = 0
+        self._buffer = MessageBuffer()
         if self._names or self._patterns:
             conn.call(lambda: self._connect(CONNECT_TIMEOUT_S))
 
@@ -104,10 +102,7 @@ class RedisSubscription(Closeable):
             message = Message(channel, reply[3], self._patterns.get(_text(reply[1])))
         else:
             return
-        if len(self._buffer) >= SUBSCRIPTION_BUFFER:
-            self._buffer.popleft()
-            self._missed += 1
-        self._buffer.append(message)
+        self._buffer.push(message, SUBSCRIPTION_BUFFER)
 
     def _fill(self, timeout: float) -> None:
         """Wait up to ``timeout`` for a reply, then buffer the replies that
@@ -126,13 +121,6 @@ class RedisSubscription(Closeable):
 
         self._conn.call(drain)
 
-    def _next(self) -> Message | Gap | None:
-        if self._missed:
-            gap = Gap("overflow", missed=self._missed)
-            self._missed = 0
-            return gap
-        return self._buffer.popleft() if self._buffer else None
-
     def get(self, timeout: float | None = None) -> Message | Gap | None:
         if self._closed:
             return None
@@ -141,7 +129,7 @@ class RedisSubscription(Closeable):
             time.sleep(max(0.0, min(deadline - time.monotonic(), IDLE_STEP_S)))
             return None
         while True:
-            item = self._next()
+            item = self._buffer.pop()
             if item is not None:
                 return item
             left = max(0.0, deadline - time.monotonic())
@@ -154,14 +142,14 @@ class RedisSubscription(Closeable):
                 self._drop()
                 self._reconnect(left)
                 continue
-            if not self._buffer and not self._missed and time.monotonic() >= deadline:
+            if not self._buffer.pending() and time.monotonic() >= deadline:
                 return None
 
     def _reconnect(self, left: float) -> None:
         """Subscribe again (BackendError while Redis is away); queue the Gap."""
-        before = len(self._buffer)  # received before the loss: delivered before the Gap
+        before = len(self._buffer.items)  # received before the loss: delivered before the Gap
         self._conn.call(lambda: self._connect(min(CONNECT_TIMEOUT_S, max(left, 0.05))))
-        self._buffer.insert(min(before, len(self._buffer)), Gap("reconnect"))
+        self._buffer.items.insert(min(before, len(self._buffer.items)), Gap("reconnect"))
 
     def _drop(self) -> None:
         sock, self._sock = self._sock, None

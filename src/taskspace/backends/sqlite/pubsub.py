@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from taskspace.backends.base import SUBSCRIPTION_BUFFER, Closeable, Gap, Message
+from taskspace.backends.base import SUBSCRIPTION_BUFFER, Closeable, Gap, Message, MessageBuffer
 from taskspace.backends.sqlite.base import SQLiteConn, driver_error
 from taskspace.errors import BackendError
 
@@ -43,8 +42,7 @@ class SQLiteSubscription(Closeable):
         self._channels = list(dict.fromkeys(channels))
         self._prefixes = list(dict.fromkeys(prefixes))
         self._conn: sqlite3.Connection | None = None
-        self._buffer: deque[Message] = deque()
-        self._missed = 0
+        self._buffer = MessageBuffer()
         self._expired = False  # messages were deleted before this subscription read them
         self._lost = False
         self._closed = False
@@ -99,28 +97,22 @@ class SQLiteSubscription(Closeable):
             self._expired = True  # ids are dense: the ones before ``first`` were deleted
         for channel, data in rows:
             if channel in self._channels:
-                self._buffer.append(Message(channel, data))
+                self._buffer.push(Message(channel, data), SUBSCRIPTION_BUFFER)
             for prefix in self._prefixes:
                 if channel.startswith(prefix):
-                    self._buffer.append(Message(channel, data, prefix))
+                    self._buffer.push(Message(channel, data, prefix), SUBSCRIPTION_BUFFER)
         self._last = top
-        excess = len(self._buffer) - SUBSCRIPTION_BUFFER
-        for _ in range(max(0, excess)):
-            self._buffer.popleft()
-        self._missed += max(0, excess)
 
     def get(self, timeout: float | None = None) -> Message | Gap | None:
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         delay = 0.0005
         while not self._closed:
             if self._expired:
-                self._expired, self._missed = False, 0  # one Gap covers both
+                self._expired, self._buffer.missed = False, 0  # one Gap covers both
                 return Gap("overflow")
-            if self._missed:
-                missed, self._missed = self._missed, 0
-                return Gap("overflow", missed=missed)
-            if self._buffer:
-                return self._buffer.popleft()
+            item = self._buffer.pop()
+            if item is not None:
+                return item
             try:
                 self._fetch()
             except BackendError:
@@ -129,7 +121,7 @@ class SQLiteSubscription(Closeable):
                 self._lost = True
                 return Gap("reconnect")
             self._lost = False
-            if self._buffer or self._missed or self._expired:
+            if self._buffer.pending() or self._expired:
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
