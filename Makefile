@@ -22,10 +22,16 @@ $(DEV_STAMP): $(BASE) pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(DEV_STAMP)
 
+# The dashboard's browser test drives Debian's Chromium (no browser download).
+BROWSER := /usr/bin/chromium
+$(BROWSER):
+	command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
 demo: $(DEMO_STAMP)
 	$(BIN)/taskspace demo
 
-test: lint
+test: lint $(BROWSER)
 	$(BIN)/python -m pytest -q
 
 lint: $(DEV_STAMP)

@@ -49,6 +49,11 @@ if TYPE_CHECKING:
     from taskspace.coordination.periodic import Schedule
     from taskspace.coordination.ratelimit import RateLimiter
     from taskspace.coordination.registry import Registry
+    from taskspace.events import Events
+    from taskspace.logs import Logs
+    from taskspace.messaging.streams import Stream
+    from taskspace.messaging.topic import Topic
+    from taskspace.state.cache import Cache
     from taskspace.state.kv import KV
     from taskspace.worker.report import WorkerReport
 
@@ -130,6 +135,7 @@ class Space(Closeable):
         self._tasks: dict[str, Task[Any, Any]] = {}
         self._schedules: dict[str, Schedule] = {}
         self._facades: dict[str, Any] = {}
+        self._facade_options: dict[str, dict[str, Any]] = {}
         self._facade_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -166,6 +172,7 @@ class Space(Closeable):
         with self._facade_lock:
             facades = list(self._facades.values())
             self._facades.clear()
+            self._facade_options.clear()
         for facade in facades:
             closer = getattr(facade, "close", None)
             if closer is not None:
@@ -407,9 +414,86 @@ class Space(Closeable):
     def kv(self) -> KV:
         """The space's key-value blackboard (JSON values, versions, fenced
         writes); see :class:`~taskspace.state.kv.KV`."""
-        from taskspace.state.kv import KV
+        from taskspace.events import Events
+    from taskspace.logs import Logs
+    from taskspace.messaging.streams import Stream
+    from taskspace.messaging.topic import Topic
+    from taskspace.state.cache import Cache
+    from taskspace.state.kv import KV
 
         return self._facade("kv", KV)
+
+    def cache(self, name: str, **options: Any) -> Cache:
+        """A two-level cache (L1 in this process, L2 in the space) invalidated
+        across processes: ``space.cache("embeddings", capacity=10_000,
+        policy="tinylfu", ttl=3600)``; one per name per Space (asking again
+        with other options is a ConfigError); see :class:`~taskspace.state.cache.Cache`."""
+        from taskspace.state.cache import Cache
+
+        return self._named_facade("cache", name, options, Cache)
+
+    @overload
+    def cached(self, fn: Callable[P, R], /) -> Callable[P, R]: ...
+
+    @overload
+    def cached(self, fn: None = None, /, **options: Any) -> Callable[[Callable[P, R]], Any]: ...
+
+    def cached(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """Memoize a function (or a task) across every process of the space,
+        with single-flight: ``@space.cached(ttl=3600)``; see
+        :mod:`taskspace.state.memo`."""
+        from taskspace.state.memo import cached
+
+        return cached(self, fn, **options)
+
+    def stream(self, name: str, **options: Any) -> Stream:
+        """A durable stream with consumer groups: ``space.stream("events").publish(obj)``,
+        ``.group("indexers").consumer("c1")``; see
+        :class:`~taskspace.messaging.streams.Stream`."""
+        from taskspace.messaging.streams import Stream
+
+        return Stream(self, name, **options)
+
+    def topic(self, name: str) -> Topic:
+        """Best-effort live broadcast with gaps reported: ``space.topic("chat")``;
+        see :class:`~taskspace.messaging.topic.Topic`."""
+        from taskspace.messaging.topic import Topic
+
+        return Topic(self, name)
+
+    @property
+    def logs(self) -> Logs:
+        """Log records shipped by workers: ``space.logs.query(task=...)``,
+        ``follow()``; see :class:`~taskspace.logs.Logs`."""
+        from taskspace.logs import Logs
+
+        return self._facade("logs", Logs)
+
+    @property
+    def events(self) -> Events:
+        """The task events stream (submitted, started, succeeded, ...); see
+        :class:`~taskspace.events.Events`."""
+        from taskspace.events import Events
+
+        return self._facade("events", Events)
+
+    def _named_facade(
+        self, kind: str, name: str, options: dict[str, Any], cls: Callable[..., R]
+    ) -> R:
+        """One ``cls(self, name, **options)`` per (kind, name): asking again
+        with different options is a ConfigError."""
+        key = f"{kind}:{name}"
+        with self._facade_lock:
+            found = self._facades.get(key)
+            if found is None:
+                found = self._facades[key] = cls(self, name, **options)
+                self._facade_options[key] = options
+            elif self._facade_options[key] != options:
+                raise ConfigError(
+                    f"{kind} {name!r} is already open with {self._facade_options[key]!r}, "
+                    f"not {options!r}"
+                )
+            return found  # type: ignore[no-any-return]
 
     def _facade(self, key: str, cls: Callable[[Space], R]) -> R:
         with self._facade_lock:

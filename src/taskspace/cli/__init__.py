@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from taskspace import __version__
-from taskspace.cli import db, manage, periodic, services
+from taskspace.cli import db, logs, manage, periodic, serve, services
 from taskspace.cli.common import guard, load_space
 from taskspace.errors import ConfigError, TaskFailed
 
@@ -41,6 +41,8 @@ manage.register(main)
 periodic.register(main)
 services.register(main)
 db.register(main)
+logs.register(main)
+serve.register(main)
 
 
 @main.command()

@@ -1,0 +1,1 @@
+"""Messaging: durable streams with consumer groups, and live topics."""
