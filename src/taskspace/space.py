@@ -414,12 +414,7 @@ class Space(Closeable):
     def kv(self) -> KV:
         """The space's key-value blackboard (JSON values, versions, fenced
         writes); see :class:`~taskspace.state.kv.KV`."""
-        from taskspace.events import Events
-    from taskspace.logs import Logs
-    from taskspace.messaging.streams import Stream
-    from taskspace.messaging.topic import Topic
-    from taskspace.state.cache import Cache
-    from taskspace.state.kv import KV
+        from taskspace.state.kv import KV
 
         return self._facade("kv", KV)
 
