@@ -1,7 +1,8 @@
 """``python -m bench queue --backend sqlite|memory|redis`` (see :mod:`bench.queue`),
 ``python -m bench peers`` (see :mod:`bench.peers`) and
 ``python -m bench contract --backend memory|sqlite|redis|all`` (see :mod:`bench.contract`)
-and ``python -m bench locks`` (see :mod:`bench.locks`)."""
+``python -m bench locks`` (see :mod:`bench.locks`), and ``cache``, ``streams``,
+``sharding``, ``api`` (each in the module of that name)."""
 
 from __future__ import annotations
 
@@ -220,6 +221,27 @@ def locks(backend: str, ops: int, repeat: int, procs: int, contend_s: float, kil
         sys.exit(2)
     if not locks_bench.report(config, results, console):
         sys.exit(2)
+
+
+def _delegate(name: str, module: str, summary: str) -> None:
+    """``python -m bench <name> ...`` runs ``<module>.cli`` (a click command)
+    with the remaining arguments; the module is imported only when asked for."""
+
+    @main.command(name, help=f"{summary} (see: python -m bench {name} --help)",
+                  context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                    "help_option_names": []})  # fmt: skip
+    @click.pass_context
+    def command(ctx: click.Context) -> None:
+        import importlib
+
+        cli = importlib.import_module(module).cli
+        cli.main(args=list(ctx.args), prog_name=f"python -m bench {name}")
+
+
+_delegate("cache", "bench.cache", "Cache hit rates and speed, memoization, against cachetools")
+_delegate("streams", "bench.streams", "Streams with consumer groups against raw Redis Streams")
+_delegate("sharding", "bench.sharding", "ShardedKV balance and keys moved on a join")
+_delegate("api", "bench.api", "HTTP API load: concurrent clients polling task status")
 
 
 if __name__ == "__main__":
