@@ -12,6 +12,13 @@ and taskspace's:
   task may use the space; a ``pool_max`` given in the URL is kept as it is);
 - ``connect_timeout`` / ``statement_timeout`` (seconds, default 5 / 30): no
   call waits longer than that for a server that is down or stuck;
+- ``idle_in_transaction_timeout`` (seconds, default 3): the server ends the
+  session of a client that stops in the middle of one of taskspace's
+  transactions (SIGSTOP, a VM pause, a wedged process) after that long, so the
+  row locks it held (a lease name, a queue row) block the other clients for
+  at most that long, never until the client wakes. taskspace's transactions
+  never wait between statements; a client that resumes finds its connection
+  closed, and a transaction that had not committed is retried once;
 - ``synchronous_commit`` (default: the server's, normally ``on``): ``off``
   makes every store write return before its commit record is flushed (several
   times faster on a slow disk; a server crash, never a client crash, can lose
@@ -64,6 +71,7 @@ OPTIONS = (
     "pool_max",
     "connect_timeout",
     "statement_timeout",
+    "idle_in_transaction_timeout",
     "synchronous_commit",
 )
 SYNCHRONOUS_COMMIT = ("on", "off", "local", "remote_write", "remote_apply")
@@ -100,6 +108,7 @@ class PgSettings:
     pool_max_given: bool = False  # the URL named pool_max: never resized by a worker
     connect_timeout: float = 5.0
     statement_timeout: float = 30.0
+    idle_in_transaction_timeout: float = 3.0
     synchronous_commit: str | None = None
 
 
@@ -155,6 +164,7 @@ def parse_url(url: str) -> PgSettings:
         pool_max_given="pool_max" in ours,
         connect_timeout=_number(ours, "connect_timeout", 5.0, url),
         statement_timeout=_number(ours, "statement_timeout", 30.0, url),
+        idle_in_transaction_timeout=_number(ours, "idle_in_transaction_timeout", 3.0, url),
         synchronous_commit=commit,
     )
 
@@ -223,7 +233,11 @@ class PgConn:
         ``search_path``)."""
         s = self.settings
         timeout_ms = int(s.statement_timeout * 1000)
-        options = f"-c search_path={s.schema} -c statement_timeout={timeout_ms}"
+        idle_ms = int(s.idle_in_transaction_timeout * 1000)
+        options = (
+            f"-c search_path={s.schema} -c statement_timeout={timeout_ms}"
+            f" -c idle_in_transaction_session_timeout={idle_ms}"
+        )
         if s.synchronous_commit is not None:
             options += f" -c synchronous_commit={s.synchronous_commit}"
         kwargs: dict[str, Any] = {
