@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import threading
 import time
 import uuid
@@ -109,7 +110,9 @@ BAD: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("options", "named"), BAD, ids=[str(o) for o, _ in BAD])
+@pytest.mark.parametrize(
+    ("options", "named"), BAD, ids=[re.sub(r" at 0x\w+", "", str(o)) for o, _ in BAD]
+)
 def test_bad_input_is_one_config_error_and_registers_nothing(
     options: dict[str, Any], named: str
 ) -> None:
