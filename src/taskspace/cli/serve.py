@@ -1,9 +1,73 @@
-"""The ``taskspace serve``  command (being written)."""
+"""The ``taskspace serve`` command: the HTTP API, the dashboard and ``/metrics``
+in one uvicorn process."""
 
 from __future__ import annotations
 
+import os
+
 import click
+
+from taskspace.cli.common import URL_HELP, guard, load_space
+from taskspace.errors import ConfigError, MissingDependency
+
+DEFAULT_PORT = 8750
 
 
 def register(main: click.Group) -> None:
-    """Add the command to ``main`` (none yet)."""
+    """Add the ``serve`` command to ``main``."""
+    main.add_command(serve)
+
+
+@click.command()
+@click.argument("app", required=False)
+@click.option("--url", default=None, help=URL_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; any non-loopback address needs a token.")  # fmt: skip
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--token-env", default="TASKSPACE_API_TOKEN", show_default=True,
+              help="Environment variable holding the API token (bearer or cookie).")  # fmt: skip
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Allow this origin (repeatable); CORS is off by default.")  # fmt: skip
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(("debug", "info", "warning", "error")))  # fmt: skip
+@guard
+def serve(app: str | None, url: str | None, host: str, port: int, token_env: str,
+          cors_origins: tuple[str, ...], log_level: str) -> None:  # fmt: skip
+    """Serve the HTTP API (/api, OpenAPI at /docs), the dashboard (/) and
+    Prometheus metrics (/metrics) for APP (module:attribute naming a Space),
+    or for the space at --url alone.
+
+    \b
+    Submitting by name needs the task registered: give APP (as to `taskspace
+    worker`). With --url alone every other endpoint works, and a submit
+    answers 404 unknown_task. A token is read from $TASKSPACE_API_TOKEN (or
+    --token-env); without one the server binds only to loopback addresses.
+    """
+    from taskspace.api.auth import check_bind, check_token
+
+    token = check_token(os.environ.get(token_env) or None)
+    check_bind(host, token)
+    try:
+        import uvicorn
+
+        from taskspace.api.app import create_app
+    except ImportError as exc:
+        raise MissingDependency(
+            f"taskspace serve needs the api extra: pip install 'taskspace[api]' ({exc})"
+        ) from exc
+    if app:
+        space = load_space(app, url)
+    else:
+        from taskspace.space import Space
+
+        space = Space(url)
+    application = create_app(space, token=token, host=host, cors_origins=cors_origins)
+    mode = "token required" if token else "no token: loopback only"
+    click.echo(f"taskspace serve: {space.url} on http://{host}:{port} ({mode})", err=True)
+    try:
+        uvicorn.run(application, host=host, port=port, log_level=log_level,
+                    timeout_graceful_shutdown=5)  # fmt: skip
+    except OSError as exc:
+        raise ConfigError(f"cannot serve on {host}:{port}: {exc}") from exc
+    finally:
+        space.close()
