@@ -258,7 +258,7 @@ class Space(Closeable):
         delay = PUSH_BACKOFF_START_S
         while True:
             try:
-                return self.store.queue.push(chunk)
+                ids = self.store.queue.push(chunk)
             except BackendError as exc:
                 if (
                     isinstance(exc, SpaceLost)
@@ -269,6 +269,12 @@ class Space(Closeable):
                 log.warning("submit failed, retrying in %.2f s: %s", delay, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, PUSH_BACKOFF_MAX_S)
+                continue
+            # The "submitted" events of the chunk, batched in the background (a
+            # caller's transaction may still roll back: its tasks get none).
+            if not self._in_caller_transaction():
+                self.events.submitted(chunk, ids)
+            return ids
 
     @contextlib.contextmanager
     def transaction(self, connection: Any) -> Iterator[Any]:

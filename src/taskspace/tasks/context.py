@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 from taskspace.errors import NoCurrentTask, TaskCancelled
 
@@ -39,6 +40,7 @@ class TaskContext:
     fencing_token: int
     worker: str
     _report: Callable[[float, float], None]
+    _usage: Callable[[dict[str, Any]], None] | None = None
     _cancelled: bool = False
     _cancel_requested: bool = False
     _lease_lost: bool = False
@@ -86,6 +88,27 @@ class TaskContext:
             return
         self._last_report = now
         self._report(done, total)
+
+    def record(
+        self,
+        *,
+        tokens_in: int | None = None,
+        tokens_out: int | None = None,
+        cost_usd: float | None = None,
+        model: str | None = None,
+    ) -> None:
+        """Attach usage to this attempt: a ``usage`` task event (see
+        :mod:`taskspace.events`) with the values given, shipped in the
+        background (never blocks on the backend; a worker that cannot reach
+        it buffers a bounded number of events). Call it once per model call,
+        or once with totals: readers sum the events. ConfigError naming the
+        argument for a negative or non-numeric count or cost, an empty model,
+        or no value at all; nothing is recorded then."""
+        from taskspace.events import check_usage
+
+        usage = check_usage(tokens_in, tokens_out, cost_usd, model)
+        if self._usage is not None:
+            self._usage(usage)
 
 
 def current_task() -> TaskContext:

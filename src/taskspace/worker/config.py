@@ -10,6 +10,8 @@ from typing import Any
 
 from taskspace.backends.checks import check_seconds
 from taskspace.errors import ConfigError
+from taskspace.events import EVENTS_MAX_AGE_S
+from taskspace.logs import LOGS_MAX_AGE_S
 from taskspace.tasks.options import check_queue, reject_unknown
 
 DEFAULT_CONCURRENCY = 8
@@ -45,7 +47,14 @@ class WorkerConfig:
     ``maintenance_interval``: seconds between the maintainer's passes.
     ``maintainer_ttl`` / ``maintainer_retry``: the maintainer term's TTL and
     the candidates' retry period (each at least 1 s); a killed or paused
-    maintainer is replaced within their sum."""
+    maintainer is replaced within their sum.
+    ``ship_logs``: install a :class:`taskspace.logs.Handler` on the root
+    logger while the worker runs (records go to the space's logs stream);
+    ``capture_print``: also ship what tasks print (needs ``ship_logs``).
+    ``metrics_port``: serve this worker's Prometheus metrics on that port
+    (``taskspace.api.metrics.serve_worker_metrics``; 0 picks a free port).
+    ``events_max_age`` / ``logs_max_age``: the retention by age the
+    elected maintainer applies to the events and logs streams (seconds)."""
 
     queues: tuple[str, ...] = ("default",)
     concurrency: int = DEFAULT_CONCURRENCY
@@ -58,6 +67,11 @@ class WorkerConfig:
     maintainer_ttl: float = DEFAULT_MAINTAINER_TTL_S
     maintainer_retry: float = DEFAULT_MAINTAINER_RETRY_S
     install_signal_handlers: bool = True
+    ship_logs: bool = True
+    capture_print: bool = True
+    metrics_port: int | None = None
+    events_max_age: float = EVENTS_MAX_AGE_S
+    logs_max_age: float = LOGS_MAX_AGE_S
 
     def __post_init__(self) -> None:
         if isinstance(self.queues, str) or not self.queues:
@@ -71,6 +85,16 @@ class WorkerConfig:
         ):
             raise ConfigError(f"concurrency must be an integer >= 1, got {self.concurrency!r}")
         self._check_durations()
+        for name in ("ship_logs", "capture_print"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        port = self.metrics_port
+        if port is not None and (
+            isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535
+        ):
+            raise ConfigError(
+                f"metrics_port must be a port number (0..65535) or None, got {port!r}"
+            )
 
     def _check_durations(self) -> None:
         """Every duration is finite and not a bool (NaN would make the maintainer
@@ -83,6 +107,8 @@ class WorkerConfig:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
         for name in ("maintainer_ttl", "maintainer_retry"):
             check_seconds(getattr(self, name), name, minimum=MAINTAINER_FLOOR_S)
+        for name in ("events_max_age", "logs_max_age"):
+            check_seconds(getattr(self, name), name, minimum=1.0)
 
     @classmethod
     def build(cls, **options: Any) -> WorkerConfig:

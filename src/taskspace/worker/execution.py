@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from taskspace import logs
 from taskspace.backends.base import MAX_DURATION_S, ErrorInfo, Lease, Outcome, TaskRecord
 from taskspace.codec import Codec, decoder_for
 from taskspace.coordination.ratelimit import Permit, RateLimiter, escape
@@ -368,9 +369,21 @@ def _child_main(
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    attempt.ctx._report = lambda done, total: conn.send(("progress", done, total))
+    # Progress, usage and log records go to the worker over the pipe (the child
+    # never touches the store); a lock keeps messages of the task's threads whole.
+    sending = threading.Lock()
+
+    def send(message: tuple[Any, ...]) -> None:
+        with sending:
+            conn.send(message)
+
+    attempt.ctx._report = lambda done, total: send(("progress", done, total))
+    attempt.ctx._usage = lambda usage: send(("usage", usage))
+    logs.set_fork_sink(lambda payload: send(("log", payload)))
     outcome = call_inline(attempt, args, kwargs, codec)  # the parent checked the rate limit
-    conn.send(("outcome", outcome))
+    logs.end_task_output(attempt.ctx)
+    logs.set_fork_sink(None)
+    send(("outcome", outcome))
     conn.close()
     os._exit(0)
 
@@ -407,6 +420,7 @@ def _run_child(
     proc = mp.Process(
         target=_child_main, args=(child, attempt, args, kwargs, codec, os.getpid()), daemon=True
     )
+    usage = attempt.ctx._usage
     with attempt.lock:
         if attempt.settled:
             return None
@@ -422,6 +436,13 @@ def _run_child(
                     break
                 if message[0] == "progress":
                     report(message[1], message[2])
+                    continue
+                if message[0] == "log":
+                    logs.ship_payload(attempt.ctx.worker, message[1])
+                    continue
+                if message[0] == "usage":
+                    if usage is not None:
+                        usage(message[1])
                     continue
                 outcome: Outcome = message[1]
                 return outcome

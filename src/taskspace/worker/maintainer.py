@@ -57,10 +57,13 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from taskspace.coordination.election import Election, Term
+from taskspace.events import event_for, trim_events
+from taskspace.logs import trim_logs
 from taskspace.worker.health import Backoff, Failed
 
 if TYPE_CHECKING:
     from taskspace.backends.base import Store
+    from taskspace.events import TaskEvent
     from taskspace.space import Space
     from taskspace.worker.config import WorkerConfig
     from taskspace.worker.worker import Worker
@@ -80,7 +83,14 @@ WAIT_SLICE_S = 0.25
 WOKEN_MARGIN_S = 0.02
 MIN_CAMPAIGN_GAP_S = 0.05
 
+# Running tasks looked at before requeue_expired, to tell which ones it handled
+# (the store returns only a count): the "lost" events of a pass name at most this many.
+LOST_SCAN_LIMIT = 1000
+# How often the maintainer trims the events and logs streams by age (and length).
+TRIM_STREAMS_EVERY_S = 30.0
+
 Guard = Callable[[str, Callable[[], Any]], Any]
+Emit = Callable[[list["TaskEvent"]], None]
 
 
 def _log_failure(step: str, op: Callable[[], T]) -> T | None:
@@ -127,12 +137,47 @@ def on_time_for(config: WorkerConfig) -> float:
     return max(ON_TIME_S, bound)
 
 
+def requeue_expired(store: Store, emit: Emit | None = None) -> int:
+    """``store.queue.requeue_expired()``, and with ``emit`` the task events of
+    what it did: ``lost`` (requeued), ``dead`` (no attempts left) or
+    ``cancelled`` (a cancel was pending), each naming the worker and attempt
+    that lost the lease. The store returns only a count, so the running tasks
+    are listed first (at most LOST_SCAN_LIMIT, in submission order) and
+    re-read when the count is not zero: an expired task beyond that page is
+    requeued without an event (logged at DEBUG)."""
+    if emit is None:
+        return store.queue.requeue_expired()
+    running = store.queue.list(state="running", limit=LOST_SCAN_LIMIT)
+    handled = store.queue.requeue_expired()
+    if not handled or not running:
+        return handled
+    before = {record.id: record for record in running}
+    events = []
+    for now in store.queue.get_many(list(before)):
+        old = before.get(now.id) if now is not None else None
+        if now is None or old is None or now.lost <= old.lost:
+            continue
+        kind = {"dead": "dead", "cancelled": "cancelled"}.get(now.state, "lost")
+        events.append(event_for(kind, old, old.worker, error="LeaseExpired"))
+    emit(events)
+    if len(events) < handled:
+        log.debug("%d expired lease(s) requeued without a task event (beyond the first %d "
+                  "running tasks)", handled - len(events), LOST_SCAN_LIMIT)  # fmt: skip
+    return handled
+
+
+def trim_streams(store: Store, events_max_age: float, logs_max_age: float) -> int:
+    """Trim the task events and logs streams by age and length; entries dropped."""
+    return trim_events(store, events_max_age) + trim_logs(store, logs_max_age)
+
+
 def steps(
-    space: Space, store: Store, on_time: float | None = None
+    space: Space, store: Store, on_time: float | None = None, emit: Emit | None = None
 ) -> list[tuple[str, Callable[[], object]]]:
-    """The maintenance steps, in the order a pass runs them."""
+    """The maintenance steps, in the order a pass runs them; ``emit`` receives
+    the task events of requeued leases."""
     return [
-        ("requeue_expired", store.queue.requeue_expired),
+        ("requeue_expired", lambda: requeue_expired(store, emit)),
         ("promote_due", store.queue.promote_due),
         ("fire_due", lambda: _fire_due(space, store, on_time)),
         ("maintain_registry", lambda: _maintain_registry(space)),
@@ -148,6 +193,7 @@ def maintain(
     term: Term | None = None,
     guard: Guard | None = None,
     on_time: float | None = None,
+    emit: Emit | None = None,
 ) -> int:
     """One maintenance pass; returns how many steps ran.
 
@@ -158,10 +204,11 @@ def maintain(
     ``space.store``; ``maintain_registry`` always uses ``space.store``).
     ``on_time``: how old a periodic tick may be and still be on time (see
     :func:`on_time_for`; default periodic.ON_TIME_S). Retention is bounded per
-    pass (REAP_BATCHES_PER_PASS batches of REAP_BATCH for tasks and KV keys)."""
+    pass (REAP_BATCHES_PER_PASS batches of REAP_BATCH for tasks and KV keys).
+    ``emit``: where the task events of requeued leases go (None: none)."""
     run = guard or _log_failure
     ran = 0
-    for name, op in steps(space, store or space.store, on_time):
+    for name, op in steps(space, store or space.store, on_time, emit):
         if term is not None and not term.active:
             break
         run(f"maintenance {name}", op)
@@ -183,6 +230,7 @@ class Maintainer:
         self._next_pass = 0.0
         self._next_requeue = 0.0
         self._last_campaign = 0.0
+        self._next_trim = 0.0
         self.on_time = on_time_for(worker.config)
 
     @property
@@ -228,11 +276,23 @@ class Maintainer:
             term = self.term
             assert term is not None
             maintain(self.w.space, store=self.w.store, term=term, guard=self._guard,
-                     on_time=self.on_time)  # fmt: skip
+                     on_time=self.on_time, emit=self.w.emit_events)  # fmt: skip
+            self._trim_if_due(term, now)
             self.passes += 1
             self._next_pass = now + self.w.config.maintenance_interval
         self._wake.wait(max(0.0, self._next_pass - time.monotonic()))
         self._wake.clear()
+
+    def _trim_if_due(self, term: Term, now: float) -> None:
+        """At most every TRIM_STREAMS_EVERY_S: the events and logs streams' retention."""
+        if now < self._next_trim or not term.active:
+            return
+        self._next_trim = now + TRIM_STREAMS_EVERY_S
+        cfg = self.w.config
+        self._guard(
+            "maintenance trim_streams",
+            partial(trim_streams, self.w.store, cfg.events_max_age, cfg.logs_max_age),
+        )
 
     def _guard(self, step: str, op: Callable[[], T]) -> T | Failed | None:
         if self.w.report.space_lost:
@@ -315,4 +375,6 @@ class Maintainer:
         if self.leading or now < self._next_requeue:
             return
         self._next_requeue = now + self.w.config.maintainer_retry
-        self.w.health.call("requeue_expired", self.w.store.queue.requeue_expired)
+        self.w.health.call(
+            "requeue_expired", partial(requeue_expired, self.w.store, self.w.emit_events)
+        )

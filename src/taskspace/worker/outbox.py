@@ -12,6 +12,10 @@ worker logs how many there were.
 The thread that completes an attempt finishes it itself when no other
 flush is running (lowest latency); otherwise the finisher thread batches
 whatever has piled up into one ``finish`` call.
+
+An outcome may carry its task event (:mod:`taskspace.events`): the events
+of the outcomes a ``finish`` accepted go to ``on_recorded`` together (one
+batch per finish), never those of refused ones.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from taskspace.backends.base import Lease, Outcome, Store
 from taskspace.worker.health import BackendHealth, Backoff, Failed
+
+if TYPE_CHECKING:
+    from taskspace.events import TaskEvent
 
 log = logging.getLogger("taskspace.worker")
 
@@ -37,18 +44,27 @@ class Pending(NamedTuple):
 
     outcome: Outcome
     lease_s: float
+    event: TaskEvent | None = None
 
 
 Tally = Callable[[list[tuple[Lease, Outcome]], list[bool]], None]
+Recorded = Callable[[list["TaskEvent"]], None]
 
 
 class Outbox:
     """Pending outcomes keyed by lease, and the finisher thread that records them."""
 
-    def __init__(self, store: Callable[[], Store], health: BackendHealth, tally: Tally) -> None:
+    def __init__(
+        self,
+        store: Callable[[], Store],
+        health: BackendHealth,
+        tally: Tally,
+        on_recorded: Recorded | None = None,
+    ) -> None:
         self._store = store
         self._health = health
         self._tally = tally
+        self._on_recorded = on_recorded
         self._items: dict[Lease, Pending] = {}
         self._in_flight: set[Lease] = set()  # in a finish call: its reply decides
         self._cond = threading.Condition()
@@ -60,10 +76,13 @@ class Outbox:
     def start(self) -> None:
         self._thread.start()
 
-    def add(self, lease: Lease, outcome: Outcome, lease_s: float) -> None:
-        """Keep ``outcome`` until it is recorded (call :meth:`send` next)."""
+    def add(
+        self, lease: Lease, outcome: Outcome, lease_s: float, event: TaskEvent | None = None
+    ) -> None:
+        """Keep ``outcome`` until it is recorded (call :meth:`send` next);
+        ``event`` goes to ``on_recorded`` once the store accepts it."""
         with self._cond:
-            self._items[lease] = Pending(outcome, lease_s)
+            self._items[lease] = Pending(outcome, lease_s, event)
 
     def send(self, inline: bool) -> None:
         """Get pending outcomes recorded: ``inline`` tries one ``finish`` in this
@@ -139,6 +158,7 @@ class Outbox:
             if not batch:
                 return True
             items = [(lease, pending.outcome) for lease, pending in batch]
+            events = [pending.event for _, pending in batch]
             accepted = self._health.call("finish", lambda: self._store().queue.finish(items))
             with self._cond:
                 self._in_flight.clear()
@@ -151,6 +171,10 @@ class Outbox:
                 return False
         finally:
             self._flushing.release()
+        if self._on_recorded is not None:
+            self._on_recorded(
+                [e for e, ok in zip(events, accepted, strict=False) if ok and e is not None]
+            )
         self._tally(items, accepted)
         return True
 

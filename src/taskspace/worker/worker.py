@@ -32,6 +32,17 @@ Guarantees (at-least-once):
   and ``taskspace worker`` exits with code 4 (EXIT_SPACE_LOST). Every slot
   stuck past its timeout exits with code 3 (EXIT_WEDGED).
 
+Task events and logs (:mod:`taskspace.events`, :mod:`taskspace.logs`): the
+worker emits ``started`` when an attempt begins, and the event of every
+finish the store accepted (``succeeded``, ``retried``, ``failed``,
+``cancelled``; none for a refused finish or a release), plus ``usage`` from
+``current_task().record(...)``; the maintainer emits ``lost``/``dead`` for
+expired leases. They are shipped in batches by a background thread, never
+on the path of a claim or finish. With ``ship_logs`` (default) a
+:class:`taskspace.logs.Handler` ships the process's log records (and, with
+``capture_print``, what tasks print) while the worker runs; both are flushed
+at shutdown (bounded: 0.1 s when the backend is down).
+
 Maintenance runs in one worker at a time, the elected maintainer
 (:mod:`taskspace.worker.maintainer`): every worker campaigns, a killed or
 paused maintainer is replaced within ``maintainer_ttl + maintainer_retry``
@@ -51,9 +62,12 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from taskspace import logs
 from taskspace.backends import REDIS_SCHEMES, open_store
 from taskspace.backends.base import Lease, Outcome, Store, TaskRecord
-from taskspace.errors import SpaceLost, SpaceNotFound
+from taskspace.backends.outcomes import running_transition
+from taskspace.errors import MissingDependency, SpaceLost, SpaceNotFound
+from taskspace.events import CLOSE_TIMEOUT_S, TaskEvent, event_for, event_shipper
 from taskspace.tasks.context import TaskContext
 from taskspace.worker import execution as ex
 from taskspace.worker import tasklog
@@ -83,6 +97,8 @@ HANDOFF_S = 0.002
 # After the grace, outcomes (the releases above all) get this long to land.
 FINAL_FLUSH_S = 1.0
 THREAD_JOIN_S = 1.0
+# Events and log records get this long to land at exit while the backend is down.
+DOWN_FLUSH_S = 0.1
 
 
 class Worker:
@@ -105,7 +121,10 @@ class Worker:
         self.health = BackendHealth(self.name, self.guard.request, self.guard.on_space_lost)
         self._running: dict[Lease, Attempt] = {}
         self._cond = threading.Condition()
-        self._outbox = Outbox(lambda: self.store, self.health, self._tally)
+        self.events = event_shipper(lambda: self.store, "taskspace-worker-events")
+        self._outbox = Outbox(lambda: self.store, self.health, self._tally, self.emit_events)
+        self._log_handler: logs.Handler | None = None
+        self._metrics: Any = None  # taskspace.api.metrics.EventMetrics with metrics_port
         self._stopping = threading.Event()
         self._threads_stop = threading.Event()
         self._grace = self.config.shutdown_grace
@@ -133,14 +152,50 @@ class Worker:
 
     def run(self) -> WorkerReport:
         """Work until stopped (or drained, in burst mode); return what was done."""
+        uninstall = self._start_observability()
         restore = install_signal_handlers(self)
         try:
             if self._open_stores():
                 self._work()
         finally:
             restore()
-        log.info("worker %s stopped: %s", self.name, self.report, extra={"worker": self.name})
+            log.info("worker %s stopped: %s", self.name, self.report, extra={"worker": self.name})
+            self._stop_observability(uninstall)
         return self.report
+
+    def emit_events(self, events: list[TaskEvent]) -> None:
+        """Ship ``events`` (batched in the background; see :mod:`taskspace.events`)."""
+        if events:
+            self.events.put_many(events)
+
+    def _start_observability(self) -> Callable[[], None] | None:
+        """The metrics endpoint (``metrics_port``) and the log handler (``ship_logs``)."""
+        cfg = self.config
+        if cfg.metrics_port is not None:
+            try:
+                from taskspace.api.metrics import serve_worker_metrics
+            except ImportError as exc:
+                raise MissingDependency(
+                    f"metrics_port needs taskspace.api.metrics and prometheus-client"
+                    f" (pip install 'taskspace[api]'): {exc}"
+                ) from exc
+            self._metrics = serve_worker_metrics(cfg.metrics_port)
+            self.events.observers.append(self._metrics.observe)
+        if not cfg.ship_logs:
+            return None
+        self._log_handler = logs.Handler(self.space, worker=self.name, store=lambda: self.store)
+        return logs.install(self._log_handler, capture_print=cfg.capture_print)
+
+    def _stop_observability(self, uninstall: Callable[[], None] | None) -> None:
+        """Flush the events and log records (bounded), then stop shipping."""
+        timeout = DOWN_FLUSH_S if self.health.down or self.report.space_lost else CLOSE_TIMEOUT_S
+        self.events.close(timeout)
+        if uninstall is not None:
+            uninstall()
+        if self._log_handler is not None:
+            self._log_handler.close(timeout)
+        if self._metrics is not None:
+            self._metrics.close()
 
     def _work(self) -> None:
         self.health.call("heartbeat", self._heartbeat)
@@ -390,7 +445,9 @@ class Worker:
         prepared = ex.prepare(record, task, self.space.allow_pickle)
         if isinstance(prepared, Outcome) or task is None:
             assert isinstance(prepared, Outcome)
-            self._outbox.add(record.lease, prepared, record.lease_s)
+            error = (prepared.error or {}).get("type")
+            event = event_for("failed", record, self.name, error=error)
+            self._outbox.add(record.lease, prepared, record.lease_s, event)
             self._outbox.send(inline=True)
             return None
         args, kwargs = prepared
@@ -403,6 +460,9 @@ class Worker:
             fencing_token=record.token,
             worker=self.name,
             _report=lambda done, total: self._report_progress(lease, done, total),
+            _usage=lambda usage: self.events.put(
+                event_for("usage", record, self.name, usage=usage)
+            ),
         )
         attempt = Attempt(record, task, ctx, deadline=None)
         with self._cond:
@@ -429,6 +489,7 @@ class Worker:
         with self._cond:
             self._cond.notify_all()  # the claim loop may wait for this start (_let_go_first)
         tasklog.started(attempt, self.name)
+        self.events.put(event_for("started", attempt.record, self.name))
         return True
 
     def _run_thread(self, attempt: Attempt, args: list[Any], kwargs: dict[str, Any]) -> None:
@@ -477,15 +538,31 @@ class Worker:
         if outcome is not None and outcome.kind == "cancelled" and attempt.ctx.lease_lost:
             outcome = None  # the lease is gone: abandoned, never "cancelled"
         tasklog.ended(attempt, outcome, self.name)
+        logs.end_task_output(attempt.ctx)
         if outcome is not None:
             # In the outbox before it leaves _running: shutdown waits for one, then the other.
-            self._outbox.add(attempt.lease, outcome, attempt.record.lease_s)
+            event = self._finish_event(attempt, outcome)
+            self._outbox.add(attempt.lease, outcome, attempt.record.lease_s, event)
         with self._cond:
             self._running.pop(attempt.lease, None)
             self._cond.notify_all()
         if outcome is not None:
             self._outbox.send(inline)
         return True
+
+    def _finish_event(self, attempt: Attempt, outcome: Outcome) -> TaskEvent | None:
+        """The event of ``outcome`` once accepted: the state the store moves the
+        task to (as the worker knows its cancel request), None for a release."""
+        r = attempt.record
+        state = running_transition(
+            outcome.kind, attempt.ctx.cancel_requested, r.attempts, r.max_attempts
+        )
+        if outcome.kind == "release" and state != "cancelled":
+            return None
+        kind = "retried" if state == "queued" else state
+        duration = time.monotonic() - attempt.began if attempt.began else None
+        error = outcome.error.get("type") if outcome.error else None
+        return event_for(kind, r, self.name, duration=duration, error=error)
 
     def _snapshot(self) -> list[Attempt]:
         with self._cond:
