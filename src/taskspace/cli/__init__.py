@@ -242,11 +242,24 @@ def submit(app: str, task_name: str, args_json: str, kwargs_json: str, wait: boo
     help="Worker processes to start.",
 )
 @click.option("--keep", is_flag=True, help="Keep the temporary space directory.")
-def demo(trials: int, n_workers: int, keep: bool) -> None:
+@click.option(
+    "--serve",
+    is_flag=True,
+    help="Also serve the dashboard (printed URL) and keep serving, with live work, until Ctrl-C.",
+)
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Dashboard port with --serve on 127.0.0.1 (busy or 0: any free port).",
+)
+@guard
+def demo(trials: int, n_workers: int, keep: bool, serve: bool, port: int) -> None:
     """A scikit-learn hyperparameter sweep on SQLite; kills a worker midway; loses nothing."""
     from taskspace.demo import run_demo
 
-    sys.exit(run_demo(trials=trials, workers=n_workers, keep=keep))
+    sys.exit(run_demo(trials=trials, workers=n_workers, keep=keep, serve=serve, port=port))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ ships inside scikit-learn, so nothing is downloaded.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -15,6 +16,8 @@ from taskspace import Space, current_task
 
 DEMO_LEASE_S = 3.0
 FOLDS = 3
+
+log = logging.getLogger("demo.train")
 
 
 def _model(params: dict[str, Any]) -> Any:
@@ -53,6 +56,7 @@ def train(params: dict[str, Any]) -> dict[str, Any]:
     for i, (train_idx, test_idx) in enumerate(folds.split(x, y)):
         model = _model(params).fit(x[train_idx], y[train_idx])
         scores.append(float(model.score(x[test_idx], y[test_idx])))
+        log.info("%s fold %d/%d: accuracy %.4f", params["model"], i + 1, FOLDS, scores[-1])
         current_task().progress(i + 1, FOLDS)
     return {
         "params": params,
