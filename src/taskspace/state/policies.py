@@ -263,26 +263,43 @@ class LFUPolicy:
 # the well-mixed high bits.
 _MIX: Final = 0x9E3779B97F4A7C15F39CC0605CEDC835
 _M128: Final = (1 << 128) - 1
+_WIDTH_FACTOR_BITS: Final = 2  # a row has next_pow2(capacity) * 4 counters
 _MAX_WIDTH_BITS: Final = 24  # 4 rows x 16 MiB at most
 _SATURATE: Final = bytes(min(v + 1, 15) for v in range(256))  # 4-bit counters: 15 stays 15
 _HALVE: Final = bytes(v >> 1 for v in range(256))
+_SAMPLE_FACTOR: Final = 10  # counters are halved once 10 * capacity increments accumulate
+_PROTECTED_SHARE: Final = 0.9  # of the main space, when the workload is steady
+_SHIFT_DROP: Final = 0.05  # a period's hit rate this far below the running mean: a shift
+_SHIFT_SHARE: Final = 0.3  # ... then protected shrinks to this share of the main space
+_SHARE_STEP: Final = 0.05  # and grows back by this much every steady period
+_MIN_PERIOD: Final = 1024  # accesses per hit-rate period at least (capacity at least)
 
 
 class TinyLFUPolicy:
-    """W-TinyLFU: window LRU (~1%) + segmented LRU main (probation 20% / protected 80%),
+    """W-TinyLFU: window LRU (~1%) + segmented LRU main (probation / protected),
     admission to the main space by a count-min sketch with periodic halving.
 
     * A new key enters the window (LRU). The window's overflow is the
-      *candidate*; the main space's *victim* is the least recent probation
-      entry (protected if probation is empty). The candidate is admitted
-      (and the victim evicted) only if its estimated frequency is higher;
-      otherwise the candidate is evicted. While the main space has room,
-      the candidate is admitted without a contest.
+      *candidate*; the main space's *victim* is the first probation entry
+      (protected's if probation is empty). The candidate is admitted (and
+      the victim evicted) only if its estimated frequency is higher;
+      otherwise the candidate is evicted and the victim, having defended its
+      place, moves to probation's far end (so one stale entry with a high
+      count cannot turn away every candidate). While the main space has
+      room, the candidate is admitted without a contest.
     * A hit in probation promotes the key to protected; protected's overflow
-      goes back to probation (most recent end).
+      goes back to probation.
     * Every ``get`` (hit or miss) increments the key's 4 counters (saturating
-      at 15); after ``10 * capacity`` increments every counter is halved, so
-      old popularity fades.
+      at 15, 4 rows of ``4 * next_pow2(capacity)``); once ``10 * capacity``
+      increments have accumulated every counter is halved, so old
+      popularity fades.
+    * Protected holds 90% of the main space while the hit rate is steady.
+      When a period's hit rate (``max(capacity, 1024)`` accesses) falls 5
+      points below its running mean, the popular set has shifted: protected
+      shrinks to 30% at once (its least recent entries drop to probation,
+      where new keys can displace them) and grows back by 5 points per
+      period. This is what keeps the policy at least as good as LRU when
+      popularity moves (see docs/cache-policies.md).
 
     Not thread-safe.
     """
@@ -291,13 +308,19 @@ class TinyLFUPolicy:
         "_additions",
         "_main_max",
         "_mask",
+        "_misses",
         "_on_evict",
+        "_period_ticks",
+        "_periods",
         "_probation",
         "_protected",
         "_protected_max",
+        "_rate",
         "_rows",
         "_sample",
+        "_share",
         "_shifts",
+        "_ticks",
         "_window",
         "_window_max",
         "capacity",
@@ -305,24 +328,34 @@ class TinyLFUPolicy:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._window_max = max(1, capacity // 100) if capacity > 1 else 1
-        self._main_max = capacity - self._window_max if capacity > 1 else 0
-        self._protected_max = self._main_max * 4 // 5
+        self._window_max = max(1, capacity // 100)
+        self._main_max = max(0, capacity - self._window_max)
+        self._share = _PROTECTED_SHARE
+        self._protected_max = int(self._main_max * self._share)
         self._window: OrderedDict[Hashable, Any] = OrderedDict()
         self._probation: OrderedDict[Hashable, Any] = OrderedDict()
         self._protected: OrderedDict[Hashable, Any] = OrderedDict()
-        bits = min(max(4, (capacity - 1).bit_length()), _MAX_WIDTH_BITS)
+        bits = max(4, (capacity - 1).bit_length() + _WIDTH_FACTOR_BITS)
+        bits = min(bits, _MAX_WIDTH_BITS)
         self._mask = (1 << bits) - 1
         self._shifts = tuple(128 - bits * (row + 1) for row in range(4))
         self._rows = [bytearray(1 << bits) for _ in range(4)]
-        self._sample = 10 * capacity
-        self._additions = 0
+        self._sample = _SAMPLE_FACTOR * capacity
+        self._period_ticks = -(-_MIN_PERIOD // capacity)  # ticks of `capacity` accesses
+        self._reset_counts()
         self._on_evict: _Evict = None
 
-    # -- the sketch -----------------------------------------------------------
+    def _reset_counts(self) -> None:
+        self._additions = 0  # increments since the last halving (halved with the counters)
+        self._ticks = self.capacity  # accesses left before the next tick
+        self._periods = self._period_ticks  # ticks left in this hit-rate period
+        self._misses = 0  # misses in this period
+        self._rate = 0.0  # running mean of the periods' hit rates
+
+    # -- the sketch and the periodic work -------------------------------------
 
     def _record(self, key: Hashable) -> None:
-        """Increment the 4 counters of ``key`` (halving all of them every sample)."""
+        """Increment the 4 counters of ``key``; every ``capacity`` calls, :meth:`_tick`."""
         h = hash(key) * _MIX & _M128
         mask = self._mask
         s0, s1, s2, s3 = self._shifts
@@ -335,13 +368,37 @@ class TinyLFUPolicy:
         r2[i] = _SATURATE[r2[i]]
         i = h >> s3 & mask
         r3[i] = _SATURATE[r3[i]]
-        self._additions += 1
-        if self._additions >= self._sample:
-            self._age()
+        self._ticks -= 1
+        if not self._ticks:
+            self._tick()
 
-    def _age(self) -> None:
-        self._rows = [row.translate(_HALVE) for row in self._rows]
-        self._additions //= 2
+    def _tick(self) -> None:
+        """Every ``capacity`` accesses: age the sketch when due; end a hit-rate period."""
+        self._ticks = self.capacity
+        self._additions += self.capacity
+        if self._additions >= self._sample:
+            self._rows = [row.translate(_HALVE) for row in self._rows]
+            self._additions //= 2
+        self._periods -= 1
+        if self._periods:
+            return
+        accesses = self._period_ticks * self.capacity
+        self._periods = self._period_ticks
+        rate = 1.0 - self._misses / accesses
+        self._misses = 0
+        if rate < self._rate - _SHIFT_DROP:
+            self._resize_protected(_SHIFT_SHARE)
+        elif self._share < _PROTECTED_SHARE:
+            self._resize_protected(min(_PROTECTED_SHARE, self._share + _SHARE_STEP))
+        self._rate += (rate - self._rate) / 4
+
+    def _resize_protected(self, share: float) -> None:
+        self._share = share
+        self._protected_max = int(self._main_max * share)
+        protected, probation = self._protected, self._probation
+        while len(protected) > self._protected_max:
+            key, value = protected.popitem(last=False)
+            probation[key] = value
 
     def frequency(self, key: Hashable) -> int:
         """The sketch's estimate (0..15) of recent accesses to ``key``; records nothing."""
@@ -370,6 +427,7 @@ class TinyLFUPolicy:
         if key in window:
             window.move_to_end(key)
             return window[key]
+        self._misses += 1
         return default
 
     def put(self, key: Hashable, value: Any) -> None:
@@ -398,6 +456,8 @@ class TinyLFUPolicy:
                 del segment[victim]
                 probation[candidate] = value
                 loser = victim
+            else:
+                segment.move_to_end(victim)
         if self._on_evict is not None:
             self._on_evict(loser)
 
@@ -421,7 +481,8 @@ class TinyLFUPolicy:
         self._protected.clear()
         for row in self._rows:
             row[:] = bytes(len(row))
-        self._additions = 0
+        self._resize_protected(_PROTECTED_SHARE)
+        self._reset_counts()
 
 
 _Inner = LRUPolicy | LFUPolicy | TinyLFUPolicy
