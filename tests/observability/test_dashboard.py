@@ -82,6 +82,7 @@ class Dashboard:
     space: Space
     browser: Any
     workdir: Path
+    worker: subprocess.Popen[bytes]
 
     def page(self) -> Any:
         """A new page with a laptop-sized viewport."""
@@ -95,7 +96,12 @@ class Dashboard:
         """Wait (bounded) until the store holds the task in one of ``states``."""
         deadline = time.monotonic() + timeout
         while (state := self.state(task_id)) not in states:
-            assert time.monotonic() < deadline, f"task {task_id} still {state}, wanted {states}"
+            if time.monotonic() > deadline:
+                log = (self.workdir / "worker.log").read_text(errors="replace")[-3000:]
+                code = self.worker.poll()
+                alive = "alive" if code is None else f"exited {code}"
+                raise AssertionError(f"task {task_id} still {state}, wanted {states};"
+                                     f" worker {alive}, its log ends:\n{log}")  # fmt: skip
             self.space.store.queue.wait_for_finish([task_id], 0.1)
         return state
 
@@ -154,7 +160,7 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
             cwd=REPO_ROOT, env=env, stdout=worker_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        yield Dashboard(f"http://127.0.0.1:{server.config.port}", space, browser, workdir)
+        yield Dashboard(f"http://127.0.0.1:{server.config.port}", space, browser, workdir, worker)
     finally:
         browser.close()
         playwright.stop()

@@ -113,3 +113,30 @@ def test_demo_serve_shows_live_work_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         httpx.get(url, timeout=2)
     assert not _worker_pids(workdir)
     assert not Path(workdir).exists()
+
+
+def test_the_demo_server_refuses_a_bad_port_and_moves_off_a_busy_one(tmp_path: Path) -> None:
+    import socket
+
+    from taskspace import Space
+    from taskspace.demo.serve import DashboardServer
+    from taskspace.errors import ConfigError
+
+    space = Space(f"sqlite:///{tmp_path}/space.db")
+    for bad in (-1, 65536, "8000", True):
+        with pytest.raises(ConfigError, match="port must be an integer"):
+            DashboardServer(space, port=bad)  # type: ignore[arg-type]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        server = DashboardServer(space, port=taken)
+        try:
+            url = server.start()
+            assert server.moved and server.port != taken
+            assert httpx.get(url + "api/health", timeout=5).status_code == 200
+        finally:
+            server.stop()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "api/health", timeout=2)
+    space.close()
