@@ -213,6 +213,9 @@ def test_a_task_submitted_during_the_test_shows_up_live(dash: Dashboard) -> None
         "succeeded", timeout=WAIT_MS
     )
     _shot(page, "tasks")
+    page.goto(dash.url + "/tasks?order=recent")  # latest activity first
+    _expect(page.locator("tr[data-id]").first).to_have_attribute("data-id", later.id)
+    _expect(page.locator(f'tr[data-id="{handle.id}"]')).to_be_visible()
     page.close()
 
 

@@ -51,6 +51,7 @@ LOG_VIEW_MAX = 500
 LOG_VIEW_SINCE_S = 600.0
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEAD_STATES = ("dead", "failed")
+ORDERS = ("submitted", "recent")
 NONE = "\u2013"  # an en dash: no value
 NAV = (
     ("/", "Queues"),
@@ -257,33 +258,46 @@ def _tasks(
     state = q.get("state") or default_state
     if state is not None and state not in states:
         raise ConfigError(f"unknown state {state!r}; valid: {', '.join(states)}")
+    order = q.get("order") or "submitted"
+    if order not in ORDERS:
+        raise ConfigError(f"unknown order {order!r}; valid: {', '.join(ORDERS)}")
     filters = {"state": state, "queue": q.get("queue") or None, "name": q.get("name") or None}
     limit = _limit(q.get("limit"))
     after = q.get("after") or None
     digest = _digest(request)  # first: an event after the rows are read is followed, not lost
-    rows = space.tasks(limit=limit, after=after, **filters)
-    next_cursor = rows[-1].id if len(rows) == limit else None
+    if order == "recent":
+        rows = data.recently_active(space, digest, limit=limit, **filters)
+        after = next_cursor = None
+    else:
+        rows = space.tasks(limit=limit, after=after, **filters)
+        next_cursor = rows[-1].id if len(rows) == limit else None
     kept = {k: v for k, v in {**filters, "limit": str(limit)}.items() if v}
     href = f"{_base(request)}{path}?"
     return {
         "rows": rows,
         "filters": filters,
+        "order": order,
         "limit": limit,
         "after": after,
         "next_cursor": next_cursor,
         "first_href": href + urlencode(kept),
         "next_href": href + urlencode({**kept, "after": next_cursor or ""}),
+        "order_hrefs": {o: href + urlencode({**kept, "order": o}) for o in ORDERS},
         "selectable": path == "/dead",
         "queues": sorted(space.stats().counts),
         "names": sorted(set(space.task_names) | set(digest.names())),
         "now": space.store.clock.wall(),
         "query": str(q),
+        "events_available": digest.available,
+        "window_min": data.WINDOW_S / 60,
     }
 
 
 @router.get("/tasks", dependencies=_page)
 def tasks_page(request: Request) -> Response:
-    """The task table: filters by state, queue and name; cursor paging."""
+    """The task table: filters by state, queue and name; in submission order
+    with cursor paging, or (``order=recent``) the tasks with an event in the
+    last minutes, latest first."""
     return _render(request, "tasks.html", lambda: _tasks(request), "/tasks")
 
 

@@ -43,6 +43,7 @@ READ_PAGE = 1000
 # catches up over several page loads rather than blocking one).
 READ_MAX = 50_000
 REFRESH_LOCK_S = 5.0
+RECENT_CHUNK = 500
 QUEUES_SHOWN_MAX = 200
 FINISH_KINDS = frozenset({"succeeded", "failed", "dead", "cancelled"})
 DURATION_KINDS = frozenset({"succeeded", "failed", "retried"})
@@ -188,6 +189,32 @@ class EventDigest:
         return sorted({str(e.name) for e in list(self.recent)})
 
 
+def recently_active(
+    space: Space,
+    digest: EventDigest,
+    *,
+    limit: int,
+    state: str | None = None,
+    queue: str | None = None,
+    name: str | None = None,
+) -> list[TaskRecord]:
+    """Up to ``limit`` tasks with an event in the digest's window, the latest
+    first, matching every filter given (tasks since deleted are left out)."""
+    ids: dict[str, None] = {}
+    for event in reversed(list(digest.recent)):
+        if (queue is None or event.queue == queue) and (name is None or event.name == name):
+            ids.setdefault(str(event.task_id), None)
+    wanted = list(ids)
+    rows: list[TaskRecord] = []
+    for start in range(0, len(wanted), RECENT_CHUNK):
+        for record in space.store.queue.get_many(wanted[start : start + RECENT_CHUNK]):
+            if record is not None and (state is None or record.state == state):
+                rows.append(record)
+        if len(rows) >= limit:
+            break
+    return rows[:limit]
+
+
 def _window_start(events: Any, cutoff: float) -> int:
     """An ``after`` id from which reading yields the events appended at or
     after ``cutoff`` (wall clock), by bisection on ids: the smallest ``x``
@@ -208,12 +235,14 @@ def queue_rows(space: Space, stats: QueueStats, digest: EventDigest) -> list[dic
     finished tasks per minute over THROUGHPUT_S, run-time p50/p95 over
     WINDOW_S and a sparkline of the last SPARK_POINTS run times (from events)."""
     now = space.store.clock.wall()
-    recent = list(digest.recent)
-    names = sorted(set(stats.counts) | {str(e.queue) for e in recent})[:QUEUES_SHOWN_MAX]
+    by_queue: dict[str, list[Any]] = {}
+    for event in list(digest.recent):
+        by_queue.setdefault(str(event.queue), []).append(event)
+    names = sorted(set(stats.counts) | set(by_queue))[:QUEUES_SHOWN_MAX]
     rows = []
     for queue in names:
         counts = stats.counts.get(queue, {})
-        mine = [e for e in recent if e.queue == queue]
+        mine = by_queue.get(queue, [])
         rows.append(
             {
                 "name": queue,
