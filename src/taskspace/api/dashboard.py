@@ -48,7 +48,8 @@ PAGE_LIMIT = 50
 PAGE_LIMIT_MAX = 500
 TASK_LOGS_MAX = 1000
 LOG_VIEW_MAX = 500
-LOG_VIEW_SINCE_S = 600.0
+LOG_VIEW_WINDOWS_S = (600.0, 120.0, 30.0, 5.0)
+CLOCK_SLACK_S = 60.0
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEAD_STATES = ("dead", "failed")
 ORDERS = ("submitted", "recent")
@@ -92,8 +93,8 @@ def _ago(seconds: float | None) -> str:
         return "now"
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
-            return f"{seconds / size:.0f} {unit}"
-    return f"{seconds:.0f} s"
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"
 
 
 def _ago_phrase(seconds: float | None) -> str:
@@ -313,14 +314,16 @@ def _task(request: Request, task_id: str) -> dict[str, Any]:
     return data.task_detail(space, space.handle(task_id).info(), digest)
 
 
-def _task_logs(request: Request, task_id: str) -> dict[str, Any]:
+def _task_logs(request: Request, task_id: str, created: float) -> dict[str, Any]:
     space = _space(request)
     try:
         logs = space.logs
     except (ImportError, AttributeError):
         return {"logs": [], "logs_available": False}
     follow_after = logs.last_id()  # read first: a record in between shows once, not never
-    records = logs.query(task_id=task_id, limit=TASK_LOGS_MAX)
+    # Nothing of the task was logged before it was created (CLOCK_SLACK_S: producers' clocks).
+    since = created - CLOCK_SLACK_S
+    records = logs.query(task_id=task_id, since=since, limit=TASK_LOGS_MAX)
     return {
         "logs": records,
         "logs_available": True,
@@ -329,13 +332,18 @@ def _task_logs(request: Request, task_id: str) -> dict[str, Any]:
     }
 
 
+def _task_with_logs(request: Request, task_id: str) -> dict[str, Any]:
+    detail = _task(request, task_id)
+    return {**detail, **_task_logs(request, task_id, detail["record"].created)}
+
+
 @router.get("/tasks/{task_id}", dependencies=_page)
 def task_page(request: Request, task_id: str) -> Response:
     """One task: arguments, result or error, attempts, timings, live logs, actions."""
     return _render(
         request,
         "task.html",
-        lambda: {**_task(request, task_id), **_task_logs(request, task_id)},
+        lambda: _task_with_logs(request, task_id),
         "/tasks",
     )
 
@@ -377,12 +385,16 @@ def _logs(request: Request) -> dict[str, Any]:
         logs = space.logs
     except (ImportError, AttributeError):
         return {"logs": [], "logs_available": False, "filters": filters, "follow_query": ""}
-    since = space.store.clock.wall() - LOG_VIEW_SINCE_S
+    now = space.store.clock.wall()
     follow_after = logs.last_id()
-    records = logs.query(
-        task_id=filters["task_id"], worker=filters["worker"], level=filters["level"],
-        since=since, limit=LOG_VIEW_MAX,
-    )  # fmt: skip
+    # The newest records: the widest window whose records fit in one view.
+    for window in LOG_VIEW_WINDOWS_S:
+        records = logs.query(
+            task_id=filters["task_id"], worker=filters["worker"], level=filters["level"],
+            since=now - window, limit=LOG_VIEW_MAX,
+        )  # fmt: skip
+        if len(records) < LOG_VIEW_MAX:
+            break
     return {
         "logs": records,
         "logs_available": True,
@@ -390,7 +402,7 @@ def _logs(request: Request) -> dict[str, Any]:
         "truncated": len(records) == LOG_VIEW_MAX,
         "follow_query": follow_query,
         "follow_after": follow_after,
-        "since_min": LOG_VIEW_SINCE_S / 60,
+        "window": window,
     }
 
 
@@ -427,7 +439,7 @@ def usage_partial(request: Request) -> Response:
 def login_page(request: Request) -> Response:
     """A form asking for the API token (stored as an HttpOnly cookie)."""
     if getattr(request.app.state, "token", None) is None:
-        return RedirectResponse("/", status_code=303)
+        return RedirectResponse(f"{_base(request)}/", status_code=303)
     context = {"page": "", "space_url": "", "next": _safe_next(request.query_params.get("next"))}
     return templates.TemplateResponse(request, "login.html", context)
 
