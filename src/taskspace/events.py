@@ -27,6 +27,13 @@ append at least every TRIM_EVERY_S (so it holds at most EVENTS_MAXLEN plus
 what was appended in the last TRIM_EVERY_S), and the elected maintainer
 drops entries older than EVENTS_MAX_AGE_S (``worker.maintainer``).
 
+Order: the stream holds events in the order they were appended. One
+producer appends its events in order, but events of one task from two
+producers (the Space that submitted it, the workers that ran it, the
+maintainer) can be out of order by up to about SHIP_INTERVAL_S: a
+``submitted`` may follow its ``started``. Each event's ``time`` is the
+moment of its transition; order a task's events by it.
+
 Reading: :class:`Events` (``space.events``) reads, follows and finds the
 last id; entries that are not valid events are skipped.
 """
@@ -160,10 +167,12 @@ def event_for(
     error: str | None = None,
     usage: dict[str, Any] | None = None,
     attempt: int | None = None,
+    at: float | None = None,
 ) -> TaskEvent:
-    """An event of ``kind`` about the task ``record`` (now, not yet stored)."""
+    """An event of ``kind`` about the task ``record`` (at wall time ``at``,
+    default now; not yet stored)."""
     return TaskEvent(
-        0, time.time(), kind, record.id, record.name, record.queue, worker,
+        0, time.time() if at is None else at, kind, record.id, record.name, record.queue, worker,
         record.attempts if attempt is None else attempt, duration, error, usage,
     )  # fmt: skip
 
@@ -482,7 +491,7 @@ def last_stream_id(store: Store, stream: str) -> int:
         return 0
     low = first[0].id  # an id that exists
     step = 1
-    while True:  # gallop: find an id past the end
+    while True:  # gallop to a bound: no entry has an id above `high`
         probe = low + step
         if probe >= MAX_STREAM_ID:
             high = MAX_STREAM_ID
@@ -493,14 +502,14 @@ def last_stream_id(store: Store, stream: str) -> int:
             break
         low = found[0].id
         step *= 4
-    # Invariant: an entry with id `low` exists; no entry has an id above `high`.
-    while high - low > 1:
-        mid = (low + high) // 2
-        found = reads.read(stream, after=mid, limit=1)
+    # Invariant: an entry with id `low` exists; none has an id above `high`.
+    while low < high:
+        mid = (low + high + 1) // 2
+        found = reads.read(stream, after=mid - 1, limit=1)  # the first entry >= mid
         if found:
             low = found[0].id
         else:
-            high = mid
+            high = mid - 1
     return low
 
 
@@ -597,11 +606,14 @@ class Events:
             after = entries[-1].id  # only undecodable entries: read on
 
     def follow(self, after: int | None = None) -> Iterator[TaskEvent]:
-        """Every event with id above ``after`` (None: only events appended from
-        now on) as they come, until :meth:`close` or the caller stops iterating."""
+        """Every event with id above ``after`` (None: only events appended after
+        this call) as they come, until :meth:`close` or the caller stops iterating."""
         if after is None:
             after = self.last_id()
         _check_int("after", after, 0)
+        return self._follow(after)
+
+    def _follow(self, after: int) -> Iterator[TaskEvent]:
         while not self._closed.is_set():
             entries = self.space.store.streams.read(EVENTS_STREAM, after=after, limit=READ_PAGE,
                                                     wait=FOLLOW_WAIT_S)  # fmt: skip

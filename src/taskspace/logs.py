@@ -499,7 +499,7 @@ class Logs:
         timeout: float | None = None,
     ) -> Iterator[LogRecord]:
         """Matching records with id above ``after`` (None: only those shipped
-        from now on) as they come. Ends after ``timeout`` seconds without a
+        after this call) as they come. Ends after ``timeout`` seconds without a
         new matching record (None: never), at :meth:`close`, or when the
         caller stops iterating."""
         match = self._matcher(task_id, worker, level)
@@ -509,13 +509,12 @@ class Logs:
             raise ConfigError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
         if after is not None:
             _check_int("after", after, 0)
-        return self._follow(match, after, timeout)
+        return self._follow(match, self.last_id() if after is None else after, timeout)
 
     def _follow(
-        self, match: Callable[[LogRecord], bool], after: int | None, timeout: float | None
+        self, match: Callable[[LogRecord], bool], cursor: int, timeout: float | None
     ) -> Iterator[LogRecord]:
         store = self.space.store
-        cursor = self.last_id() if after is None else after
         quiet_since = time.monotonic()
         while not self._closed.is_set():
             wait = FOLLOW_WAIT_S

@@ -106,10 +106,17 @@ serve.register(main)
     type=click.Choice(LOG_FORMATS),
     help="json: one JSON object per line, for log shippers.",
 )
+@click.option(
+    "--metrics-port",
+    default=None,
+    type=click.IntRange(min=0, max=65535),
+    help="Serve this worker's Prometheus /metrics on 127.0.0.1:PORT (--processes 1 only).",
+)
 @guard
 def worker(app: str, processes: int, concurrency: int, queues: str, burst: bool,
            url: str | None, shutdown_grace: float, maintainer_ttl: float,
-           maintainer_retry: float, log_level: str, log_format: str) -> None:  # fmt: skip
+           maintainer_retry: float, log_level: str, log_format: str,
+           metrics_port: int | None) -> None:  # fmt: skip
     """Run workers for APP (module:attribute naming a Space).
 
     \b
@@ -125,6 +132,8 @@ def worker(app: str, processes: int, concurrency: int, queues: str, burst: bool,
     and reaps old results. If it dies, another takes over within
     --maintainer-ttl + --maintainer-retry seconds.
     """
+    if metrics_port is not None and processes != 1:
+        raise ConfigError("--metrics-port serves one process: use it with --processes 1")
     _setup_logging(log_level, log_format)
     space = load_space(app, url)
     options: dict[str, Any] = {
@@ -132,6 +141,8 @@ def worker(app: str, processes: int, concurrency: int, queues: str, burst: bool,
         "shutdown_grace": shutdown_grace, "maintainer_ttl": maintainer_ttl,
         "maintainer_retry": maintainer_retry,
     }  # fmt: skip
+    if metrics_port is not None:
+        options["metrics_port"] = metrics_port
     if processes == 1:
         from taskspace.worker.config import EXIT_SPACE_LOST, EXIT_WEDGED
 

@@ -148,6 +148,7 @@ def requeue_expired(store: Store, emit: Emit | None = None) -> int:
     if emit is None:
         return store.queue.requeue_expired()
     running = store.queue.list(state="running", limit=LOST_SCAN_LIMIT)
+    at = time.time()  # before the requeue: ahead of the next attempt's "started"
     handled = store.queue.requeue_expired()
     if not handled or not running:
         return handled
@@ -158,7 +159,7 @@ def requeue_expired(store: Store, emit: Emit | None = None) -> int:
         if now is None or old is None or now.lost <= old.lost:
             continue
         kind = {"dead": "dead", "cancelled": "cancelled"}.get(now.state, "lost")
-        events.append(event_for(kind, old, old.worker, error="LeaseExpired"))
+        events.append(event_for(kind, old, old.worker, error="LeaseExpired", at=at))
     emit(events)
     if len(events) < handled:
         log.debug("%d expired lease(s) requeued without a task event (beyond the first %d "
