@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -242,36 +243,36 @@ def test_msgpack_view_keeps_bytes_and_refuses_json_values(space: Space) -> None:
 # -- bad input --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("call", "error"),
-    [
-        (lambda kv: kv.update("", lambda v: 1), ConfigError),
-        (lambda kv: kv.update(None, lambda v: 1), ConfigError),
-        (lambda kv: kv.update("k", "not callable"), ConfigError),
-        (lambda kv: kv.update("k", lambda v: 1, timeout=-1), ConfigError),
-        (lambda kv: kv.update("k", lambda v: 1, timeout=float("inf")), ConfigError),
-        (lambda kv: kv.update("k", lambda v: 1, ttl=0), ConfigError),
-        (lambda kv: kv.update("k", lambda v: float("nan")), SerializationError),
-        (lambda kv: kv.update("k", lambda v: (1, 2)), SerializationError),
-        (lambda kv: kv.cas("k", 1, version=-1), ConfigError),
-        (lambda kv: kv.cas("k", 1, version=True), ConfigError),
-        (lambda kv: kv.txn().put("k", 1).put("k", 2), ConfigError),
-        (lambda kv: kv.txn().put("k", {"when": datetime.now(UTC)}), SerializationError),
-        (lambda kv: kv.txn().put("k", 1).put("", 2).commit(), ConfigError),
-        (lambda kv: kv.txn().put("k", 1).require_version("k", "3"), ConfigError),
-        (lambda kv: kv.txn().put("k", 1).require_version("k", -3), ConfigError),
-        (lambda kv: kv.txn().put("k", 1).require_absent(5), ConfigError),
-        (lambda kv: kv.txn().put("k", 1, ttl=-2), ConfigError),
-        (lambda kv: kv.txn().put("k", 1).require_lease("not a lease"), ConfigError),
-        (lambda kv: kv.txn().require_absent("k").commit(), ConfigError),
-        (lambda kv: kv.txn().delete(""), ConfigError),
-    ],
-)
-def test_bad_input_is_refused_and_nothing_is_written(
-    space: Space, call: Any, error: type[Exception]
-) -> None:
+# each: a call on space.kv (typed Any: the bad arguments are the point)
+BAD_INPUT: list[tuple[Callable[[Any], Any], type[Exception]]] = [
+    (lambda kv: kv.update("", lambda v: 1), ConfigError),
+    (lambda kv: kv.update(None, lambda v: 1), ConfigError),
+    (lambda kv: kv.update("k", "not callable"), ConfigError),
+    (lambda kv: kv.update("k", lambda v: 1, timeout=-1), ConfigError),
+    (lambda kv: kv.update("k", lambda v: 1, timeout=float("inf")), ConfigError),
+    (lambda kv: kv.update("k", lambda v: 1, ttl=0), ConfigError),
+    (lambda kv: kv.update("k", lambda v: float("nan")), SerializationError),
+    (lambda kv: kv.update("k", lambda v: (1, 2)), SerializationError),
+    (lambda kv: kv.cas("k", 1, version=-1), ConfigError),
+    (lambda kv: kv.cas("k", 1, version=True), ConfigError),
+    (lambda kv: kv.txn().put("k", 1).put("k", 2), ConfigError),
+    (lambda kv: kv.txn().put("k", {"when": datetime.now(UTC)}), SerializationError),
+    (lambda kv: kv.txn().put("k", 1).put("", 2).commit(), ConfigError),
+    (lambda kv: kv.txn().put("k", 1).require_version("k", "3"), ConfigError),
+    (lambda kv: kv.txn().put("k", 1).require_version("k", -3), ConfigError),
+    (lambda kv: kv.txn().put("k", 1).require_absent(5), ConfigError),
+    (lambda kv: kv.txn().put("k", 1, ttl=-2), ConfigError),
+    (lambda kv: kv.txn().put("k", 1).require_lease("not a lease"), ConfigError),
+    (lambda kv: kv.txn().require_absent("k").commit(), ConfigError),
+    (lambda kv: kv.txn().delete(""), ConfigError),
+]
+
+
+def test_bad_input_is_refused_and_nothing_is_written(space: Space) -> None:
     revision = space.store.kv.revision()
-    with pytest.raises(error):
-        call(space.kv)
+    for i, (call, error) in enumerate(BAD_INPUT):
+        with pytest.raises(error):
+            call(space.kv)
+            raise AssertionError(f"BAD_INPUT[{i}] was accepted")
     assert space.kv.get("k") is None
     assert space.store.kv.revision() == revision, "nothing was written"

@@ -145,16 +145,19 @@ def test_watch_resumes_from_its_revision_and_lists_with_initial(space: Space) ->
     resume = watch.revision  # the rest of the txn (j/5) is not delivered yet
     watch.close()
     kv.delete("j/1")
-    again = list(kv.watch("j/", since=resume, timeout=0.3))
+    again = list(kv.watch("j/", since=resume, timeout=0))  # 0: what is there now, then end
     assert [(e.kind, e.key) for e in again] == [("put", "j/4"), ("put", "j/5"), ("delete", "j/1")]
     # a watch that ended (timeout) resumes exactly after its last event
-    watch = kv.watch("j/", since=again[-1].revision, timeout=0.2)
+    watch = kv.watch("j/", since=again[-1].revision, timeout=0)
     assert list(watch) == []
     kv.put("j/6", 6)
-    assert [e.key for e in kv.watch("j/", since=watch.revision, timeout=0.2)] == ["j/6"]
+    assert [e.key for e in kv.watch("j/", since=watch.revision, timeout=0)] == ["j/6"]
 
 
-def test_watch_timeout_close_from_another_thread_and_space_close(space: Space) -> None:
+def test_watch_timeout_close_from_another_thread_and_space_close(
+    space: Space, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(watch_module, "WAIT_STEP_S", 0.2)  # each blocking wait: 0.2 s at most
     watch = space.kv.watch("t/", timeout=0.3)
     start = time.monotonic()
     assert list(watch) == []
@@ -179,7 +182,7 @@ def test_watch_async_iteration_and_cancellation(space: Space) -> None:
 
     async def main() -> list[tuple[str, str]]:
         got: list[tuple[str, str]] = []
-        watch = kv.watch("a/", timeout=1.0)
+        watch = kv.watch("a/", timeout=0.3)
         # a cancelled await loses nothing: the event arrives in the next one
         waiter = asyncio.ensure_future(watch.__anext__())
         await asyncio.sleep(0.05)
@@ -317,7 +320,7 @@ def test_watch_resumed_below_the_compaction_point_lists_what_it_missed(
         kv.put("r/b", i)
     kv.put("r/c", "c")
     space.store.kv.reap()
-    got = list(kv.watch("r/", since=since, timeout=0.3))
+    got = list(kv.watch("r/", since=since, timeout=0))
     # it knew nothing: everything written after `since` is listed, once, with its last value
     assert sorted((e.key, e.value) for e in got) == [("r/b", 5), ("r/c", "c")]
     assert all(e.relist for e in got)
@@ -334,7 +337,7 @@ def _writer_run(space: Space, url: str, n: int, outage: Callable[[], None]) -> N
     watch = space.kv.watch("w/")
     start = watch.revision
     collector = Collector(watch)
-    writer = spawn("write", url, "w/", "0", str(n), "0.001")
+    writer = spawn("write", url, "w/", "0", str(n), "0.002")
     try:
         for part in (n // 3, 2 * n // 3):
             wait_for(lambda p=part: len(collector.seen) >= p, 60, f"{part} changes seen")  # type: ignore[misc]
@@ -369,7 +372,7 @@ def test_watch_misses_nothing_across_redis_kill_and_restart(
             time.sleep(0.2)  # down for a moment: the watch and the writer fail and retry
             server.restart()
 
-        _writer_run(space, url, 600, outage)
+        _writer_run(space, url, 300, outage)
         assert "retrying from revision" in caplog.text, "the outage was seen and retried"
         space.close()
     finally:
@@ -389,7 +392,7 @@ def test_watch_misses_nothing_across_postgres_restart(
             cluster.stop("fast")  # every client is disconnected
             cluster.restart()
 
-        _writer_run(space, url, 600, outage)
+        _writer_run(space, url, 300, outage)
         assert "retrying from revision" in caplog.text, "the outage was seen and retried"
         space.close()
     finally:
@@ -406,19 +409,19 @@ def test_watch_misses_nothing_when_a_sqlite_writer_is_killed(tmp_path: Path) -> 
         victim = writers[-1] if writers else first
         victim.send_signal(signal.SIGKILL)  # mid-stream, possibly mid-transaction
         victim.wait()
-        writers.append(spawn("write", url, "w/", "0", "600", "0.001"))  # starts over: no repeats
+        writers.append(spawn("write", url, "w/", "0", "300", "0.002"))  # starts over: no repeats
 
     watch = space.kv.watch("w/")
     start = watch.revision
     collector = Collector(watch)
-    first = spawn("write", url, "w/", "0", "600", "0.001")
+    first = spawn("write", url, "w/", "0", "300", "0.002")
     try:
-        for part in (200, 400):
+        for part in (100, 200):
             wait_for(lambda p=part: len(collector.seen) >= p, 60, f"{part} changes seen")  # type: ignore[misc]
             outage()
         _, err = writers[-1].communicate(timeout=60)
         assert writers[-1].returncode == 0, err[-2000:]
-        wait_for(lambda: len(collector.seen) >= 600, 30, "all 600 changes seen")
+        wait_for(lambda: len(collector.seen) >= 300, 30, "all 300 changes seen")
     finally:
         for proc in (first, *writers):
             if proc.poll() is None:
@@ -426,7 +429,7 @@ def test_watch_misses_nothing_when_a_sqlite_writer_is_killed(tmp_path: Path) -> 
             proc.communicate()
         collector.close()
     seen = [(e.revision, e.key) for e in collector.seen]
-    assert [k for _, k in seen] == [f"w/{i:06d}" for i in range(600)]
+    assert [k for _, k in seen] == [f"w/{i:06d}" for i in range(300)]
     assert seen == [(c.revision, c.key) for c in feed(space, "w/", start)]
     space.close()
 

@@ -79,7 +79,8 @@ from taskspace.errors import (
     SpaceLost,
     VersionConflict,
 )
-from taskspace.state.watch import WAIT_STEP_S, FeedEvent, Follower
+from taskspace.state import watch as feed
+from taskspace.state.watch import FeedEvent, Follower
 
 if TYPE_CHECKING:
     from taskspace.coordination.lease import Lease
@@ -615,7 +616,8 @@ class Watch:
         return self._follower.relists
 
     def close(self) -> None:
-        """End the watch (idempotent; a blocked ``next`` returns within WAIT_STEP_S)."""
+        """End the watch (idempotent; a blocked ``next`` returns within
+        ``taskspace.state.watch.WAIT_STEP_S``, one second)."""
         self._follower.close()
 
     def _event(self, raw: FeedEvent) -> WatchEvent:
@@ -690,13 +692,16 @@ class Watch:
             if follower.stopped.is_set():
                 raise StopAsyncIteration
             deadline = self._idle_deadline()
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
+            step = time.monotonic() + feed.WAIT_STEP_S
+            if deadline is not None:
+                step = min(step, deadline)
+            filled = await asyncio.to_thread(follower.fill, step)
+            if filled or follower.stopped.is_set():
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
                 self._ended()
                 self.close()
                 raise StopAsyncIteration
-            step = now + WAIT_STEP_S if deadline is None else min(now + WAIT_STEP_S, deadline)
-            await asyncio.to_thread(follower.fill, step)
         return self._event(raw)
 
     def __enter__(self) -> Self:

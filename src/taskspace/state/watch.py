@@ -178,13 +178,13 @@ class Follower:
 
     def fill(self, deadline: float | None) -> bool:
         """Make the buffer hold an event: True once it does; False when
-        ``deadline`` (monotonic) passes or the follower is closed first. Never
-        raises BackendError (retried with backoff; see ``failure``)."""
+        ``deadline`` (monotonic) passes or the follower is closed first. It
+        reads the feed at least once, also past its deadline (so what is
+        already there is delivered). Never raises BackendError (retried with
+        backoff; see ``failure``)."""
         with self._lock:
             while not self.buffer:
                 if self.stopped.is_set():
-                    return False
-                if deadline is not None and time.monotonic() >= deadline:
                     return False
                 try:
                     self._step(deadline)
@@ -194,6 +194,9 @@ class Follower:
                 except BackendError as exc:
                     if not self._backoff(exc, deadline):
                         return False
+                    continue
+                if not self.buffer and deadline is not None and time.monotonic() >= deadline:
+                    return False
             return True
 
     def _step(self, deadline: float | None) -> None:
