@@ -81,7 +81,16 @@ from urllib.parse import quote
 
 import orjson
 
-from taskspace.backends.base import MAX_DURATION_S, Compare, Delete, Put, VersionIs, Write
+from taskspace.backends.base import (
+    MAX_DURATION_S,
+    Compare,
+    Delete,
+    Put,
+    TxnResult,
+    ValueIs,
+    VersionIs,
+    Write,
+)
 from taskspace.backends.checks import check_limit, check_seconds
 from taskspace.codec import JSON
 from taskspace.errors import BackendError, Compacted, ConfigError, SerializationError, SpaceLost
@@ -111,6 +120,9 @@ WAIT_STEP_S = 5.0
 # Records one redelivery scan reads at most.
 SCAN_RECORDS_MAX = 5000
 CLAIM_ATTEMPTS = 50
+# A claim reads this many batches ahead: one lost to another consumer is
+# followed by a claim of the next without another read.
+LOOKAHEAD = 2
 KEY_ROOT = "taskspace/streams/"
 _max = max
 
@@ -603,11 +615,13 @@ class Consumer:
         self._buffer: deque[Message] = deque()
         self._batches: dict[str, _Batch] = {}
         self._cursor: _Cursor | None = None
+        self._ahead: list[StreamEntry] = []  # entries read after the cursor, not claimed
         self._offset: float | None = None  # store lease clock - time.monotonic()
         self._offset_at = -math.inf
         self._next_scan = -math.inf
         self._touched_at = time.monotonic()
         self._closed = False
+        self.conflicts = 0  # claims that lost a race (and were retried)
 
     def __repr__(self) -> str:
         return f"<Consumer {self.name!r} of {self.group!r}>"
@@ -701,10 +715,11 @@ class Consumer:
 
     def _take(self, n: int) -> list[Message]:
         out: list[Message] = []
+        renew_before = self._now() + self.group.visibility / 2
         while self._buffer and len(out) < n:
             msg = self._buffer[0]
             batch = msg._batch
-            if not batch.lost and batch.until - self._now() < self.group.visibility / 2:
+            if not batch.lost and batch.until < renew_before:
                 self._renew(batch)
             self._buffer.popleft()
             if not batch.lost:
@@ -776,123 +791,146 @@ class Consumer:
             self._space.store.kv.touch(self.group.cursor_key, self.group.group_ttl)
             self._touched_at = time.monotonic()
 
-    def _ack_ops(self) -> tuple[list[Compare], list[Write], list[tuple[_Batch, int | None]]]:
-        """Compares and writes that record the acks made so far; per write its
-        batch and the index of its Put among the txn's Puts (None: a delete)."""
-        compares: list[Compare] = []
-        writes: list[Write] = []
-        done: list[tuple[_Batch, int | None]] = []
+    def _ack_ops(self) -> list[tuple[_Batch, Write]]:
+        """The writes that record the acks made so far, one per batch: its
+        record without the acked ids, or its deletion once all are acked. Each
+        goes with a compare on the batch's version (a record taken over by
+        another consumer is not overwritten)."""
+        ops: list[tuple[_Batch, Write]] = []
+        ttl = self.group.group_ttl
         for batch in self._batches.values():
             if not batch.acked:
                 continue
             ids, ds = batch.remaining()
-            if not ids:
-                writes.append(Delete(batch.key))  # all acked: no compare needed
-                done.append((batch, None))
-            elif ids:
-                compares.append(VersionIs(batch.key, batch.version))
-                writes.append(Put(batch.key, _record(self.name, batch.until, ids, ds),
-                                  self.group.group_ttl))  # fmt: skip
-                done.append((batch, len(writes) - 1))
-        return compares, writes, done
+            if ids:
+                ops.append((batch, Put(batch.key, _record(self.name, batch.until, ids, ds), ttl)))
+            else:
+                ops.append((batch, Delete(batch.key)))
+        return ops
 
-    def _applied(self, done: list[tuple[_Batch, int | None]], versions: Sequence[int],
-                 first_put: int) -> None:  # fmt: skip
-        """Record in memory that the ack writes ``done`` were applied; ``versions``
-        are the txn's Put versions, the first ack Put being number ``first_put``."""
-        puts = first_put
-        for batch, index in done:
-            if index is None:
+    def _applied(self, ops: list[tuple[_Batch, Write]], versions: Iterator[int]) -> None:
+        """Record in memory that the ack writes ``ops`` were applied; ``versions``
+        yields the new version of each of their Puts in order."""
+        for batch, write in ops:
+            if isinstance(write, Delete):
                 self._batches.pop(batch.key, None)
-                batch.acked.clear()
-                batch.ids, batch.deliveries = [], []
+                batch.acked, batch.ids, batch.deliveries = set(), [], []
             else:
                 batch.ids, batch.deliveries = batch.remaining()
                 batch.acked = set()
-                batch.version = versions[puts]
-                puts += 1
+                batch.version = next(versions)
 
     def _flush_acks(self) -> None:
-        compares, writes, done = self._ack_ops()
-        if not writes:
-            return
-        res = self._space.store.kv.txn(compares, writes)
-        if res.ok:
-            self._applied(done, res.versions, 0)
-        else:
-            self._ack_failed(compares, res.failed)
-            self._flush_acks()
-
-    def _ack_failed(self, compares: Sequence[Compare], failed: int | None) -> None:
-        """An ack compare failed: that batch was taken over by another consumer."""
-        if failed is None or failed >= len(compares):
-            return
-        key = compares[failed].key  # type: ignore[union-attr]
-        batch = self._batches.get(key)
-        if batch is not None:
-            self._lose(batch)
+        for _ in range(CLAIM_ATTEMPTS):
+            ops = self._ack_ops()
+            if not ops:
+                return
+            compares = [VersionIs(b.key, b.version) for b, _ in ops]
+            res = self._space.store.kv.txn(compares, [w for _, w in ops])
+            if res.ok:
+                self._applied(ops, iter(res.versions))
+                return
+            if res.failed is not None:
+                self._lose(ops[res.failed][0])
 
     def _claim_new(self, n: int) -> _Cursor:
         """Claim up to ``n`` new messages into the buffer (writing the acks made
-        so far in the same txn); return the cursor the claim was based on."""
+        so far in the same txn); return the cursor the claim was based on.
+
+        The claim compares the cursor's value (positions only grow, so a value
+        never comes back). A claim that lost the race guesses that the winner
+        took the same rows and claims after them: no extra read of the cursor
+        unless the guess is wrong too. The record of a batch acked in full is
+        reused for the new batch (one write instead of a delete and a put)."""
         g = self.group
-        kv = self._space.store.kv
+        guessed = False
+        rows: list[StreamEntry] = []
         for _ in range(CLAIM_ATTEMPTS):
             cur = self._cursor if self._cursor is not None else g.load_cursor()
             self._cursor = cur
-            rows = self._rows_after(cur, n)
+            if not (rows and cur.next and rows[0].id == cur.next):
+                ahead = self._ahead
+                known = ahead and cur.next and ahead[0].id == cur.next
+                rows = ahead if known else self._rows_after(cur, LOOKAHEAD * n + 1)
+            self._ahead = []
             if not rows:
                 return cur
-            take = rows[:n]
-            new = _Cursor(take[-1].id, rows[n].id if len(rows) > n else 0, True)
-            until = self._now() + g.visibility
-            key = f"{g.pending_prefix}{take[0].id:020d}.{uuid.uuid4().hex[:8]}"
-            ids = [r.id for r in take]
-            record = _record(self.name, until, ids, [1] * len(ids))
-            acks_c, acks_w, done = self._ack_ops()
-            res = kv.txn(
-                [VersionIs(g.cursor_key, cur.version), *acks_c],
-                [Put(g.cursor_key, new.encode(), g.group_ttl), Put(key, record, g.group_ttl),
-                 *acks_w],
-            )  # fmt: skip
+            take, rest = rows[:n], rows[n:]
+            new = _Cursor(take[-1].id, rest[0].id if rest else 0, True)
+            res, owners, batch = self._claim_txn(cur, new, take)
             if res.ok:
-                new.version = res.versions[0]
-                self._cursor = new
-                self._applied(done, res.versions, 2)
-                batch = _Batch(key, res.versions[1], ids, [1] * len(ids), until)
-                self._batches[key] = batch
+                self._cursor, self._ahead = new, rest
                 self._buffer_entries(take, batch)
                 return new
-            if res.failed == 0:
-                self._cursor = None
-            else:
-                self._ack_failed(acks_c, None if res.failed is None else res.failed - 1)
+            self.conflicts += 1
+            if res.failed == 0:  # lost the race: guess the winner took `take`
+                self._cursor, rows = (None, []) if guessed else (new, rest)
+                guessed = not guessed
+            elif res.failed is not None:
+                self._lose(owners[res.failed])
         raise BackendError(f"could not claim from {self._stream!r}: too much contention")
 
+    def _claim_txn(
+        self, cur: _Cursor, new: _Cursor, take: list[StreamEntry]
+    ) -> tuple[TxnResult, list[_Batch], _Batch]:
+        """One txn: move the cursor from ``cur`` to ``new``, lease ``take`` to
+        this consumer and write the acks made so far. Returns the result, the
+        batch of each compare after the first, and the new batch."""
+        g = self.group
+        ops = self._ack_ops()
+        reuse = next((b for b, w in ops if isinstance(w, Delete)), None)
+        if reuse is not None:
+            ops = [(b, w) for b, w in ops if b is not reuse]
+            key = reuse.key
+        else:
+            key = f"{g.pending_prefix}{take[0].id:020d}.{uuid.uuid4().hex[:8]}"
+        owners = [b for b, _ in ops] if reuse is None else [reuse, *(b for b, _ in ops)]
+        until = self._now() + g.visibility
+        ids = [r.id for r in take]
+        record = _record(self.name, until, ids, [1] * len(ids))
+        compares: list[Compare] = [ValueIs(g.cursor_key, cur.encode())]
+        compares += [VersionIs(b.key, b.version) for b in owners]
+        writes: list[Write] = [Put(g.cursor_key, new.encode(), g.group_ttl),
+                               Put(key, record, g.group_ttl), *(w for _, w in ops)]  # fmt: skip
+        res = self._space.store.kv.txn(compares, writes)
+        batch = _Batch(key, None, ids, [1] * len(ids), until)
+        if res.ok:
+            versions = iter(res.versions)
+            new.version = next(versions)
+            batch.version = next(versions)
+            if reuse is not None:
+                reuse.acked, reuse.ids, reuse.deliveries = set(), [], []
+            self._applied(ops, versions)
+            self._batches[key] = batch
+        return res, [batch, *owners], batch  # owners[i]: the batch of compare i (0: the cursor)
+
     def _buffer_entries(self, entries: Sequence[StreamEntry], batch: _Batch) -> None:
-        by_id = dict(zip(batch.ids, batch.deliveries, strict=True))
+        ds = batch.deliveries
+        by_id = None if all(d == ds[0] for d in ds) else dict(zip(batch.ids, ds, strict=True))
+        append, loads = self._buffer.append, orjson.loads
         for entry in entries:
             try:
-                data = _loads(entry.data)
+                data = loads(entry.data)
             except orjson.JSONDecodeError:
                 data = entry.data.decode(errors="replace")
-            self._buffer.append(Message(entry, data, by_id[entry.id], batch, self))
+            d = ds[0] if by_id is None else by_id[entry.id]
+            append(Message(entry, data, d, batch, self))
 
-    def _rows_after(self, cur: _Cursor, n: int) -> list[StreamEntry]:
-        """Entries after the cursor (up to n + 1, to learn the next id), checking
-        that nothing the group had not taken was trimmed."""
+    def _rows_after(self, cur: _Cursor, limit: int) -> list[StreamEntry]:
+        """Up to ``limit`` entries after the cursor, checking that nothing the
+        group had not taken was trimmed."""
         streams = self._space.store.streams
         if cur.next:
-            rows = streams.read(self._stream, cur.pos, n + 1)
+            rows = streams.read(self._stream, cur.pos, limit)
             if rows and rows[0].id == cur.next:
                 return rows
             return self._suspect(cur, rows, definite=True)
         if cur.anch:
-            rows = streams.read(self._stream, cur.pos - 1, n + 2)
+            rows = streams.read(self._stream, cur.pos - 1, limit + 1)
             if rows and rows[0].id == cur.pos:
                 return rows[1:]
             return self._suspect(cur, rows, definite=False)
-        return streams.read(self._stream, cur.pos, n + 1)
+        return streams.read(self._stream, cur.pos, limit)
 
     def _suspect(self, cur: _Cursor, rows: list[StreamEntry], definite: bool) -> list[StreamEntry]:
         """The entry that should follow (or be at) the cursor is gone. Raise
@@ -900,7 +938,7 @@ class Consumer:
         return ``rows`` (the position itself was trimmed, nothing after it)."""
         kv = self._space.store.kv
         found = kv.get(self.group.cursor_key)
-        if found is None or found.version != cur.version:
+        if found is None or found.value != cur.encode():
             self._cursor = None  # stale: another consumer moved on
             return []
         if not definite:
