@@ -46,6 +46,11 @@
       const r = await fetch(section.dataset.partial, {
         credentials: "same-origin", headers: { Accept: "text/html" },
       });
+      if (r.status === 401) {  // the token cookie is gone: sign in again, then come back
+        const here = window.location.pathname + window.location.search;
+        window.location.assign(`${base}/login?next=${encodeURIComponent(here)}`);
+        return;
+      }
       if (!r.ok) {
         setLive("bad", `refresh failed (${r.status})`);
         return;
@@ -56,7 +61,7 @@
       for (const d of section.querySelectorAll("details")) {
         if (open.includes(keyOf(d))) d.open = true;
       }
-      if (!streamOpen) setLive("off", "polling");
+      if (streamOpen) setLive("on", "live"); else setLive("off", "polling");
       section.dispatchEvent(new CustomEvent("refreshed"));
     } catch (err) {
       setLive("bad", "server unreachable");
@@ -68,9 +73,9 @@
     return row ? (row.dataset.worker || row.dataset.id) : "";
   }
 
-  // Follow an SSE stream: `path(after)` gives the URL to (re)connect to, so a
-  // reconnect resumes after the last id seen; onData gets each item's JSON.
-  // Reconnects itself with backoff (the server may restart, or lack the stream).
+  // Follow the SSE stream at `path` from the id `after` (none: only new items);
+  // onData gets each item's JSON. On an error it reconnects itself with backoff,
+  // resuming after the last id seen (the server may restart, or lack the stream).
   function follow(path, onData, { after = null, indicator = true } = {}) {
     if (!("EventSource" in window)) return;
     let last = after === null || after === "" ? null : Number(after);
@@ -124,6 +129,7 @@
   }
   function duration(s) {
     if (s === null || s === undefined) return "";
+    if (s < 0.01) return `${(s * 1000).toFixed(1)} ms`;
     return s < 1 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(2)} s`;
   }
   function el(tag, cls, text) {
@@ -188,7 +194,9 @@
     const add = (rec) => {
       if (typeof rec.id !== "number" || seen.has(rec.id)) return;
       seen.add(rec.id);
-      if (paused()) held.push(rec); else show(rec);
+      if (!paused()) { show(rec); return; }
+      held.push(rec);
+      if (held.length > MAX_LINES) seen.delete(held.shift().id);  // bounded while paused
     };
     pane.scrollTop = pane.scrollHeight;
     follow(`/api/logs/stream${query ? "?" + query : ""}`, add,
