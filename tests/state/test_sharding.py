@@ -25,7 +25,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from taskspace import Space
-from taskspace.errors import BackendError, ConfigError, InvalidURL, TaskspaceError, VersionConflict
+from taskspace.backends.base import KV_CHANGES_KEEP
+from taskspace.errors import (
+    BackendError,
+    Compacted,
+    ConfigError,
+    InvalidURL,
+    TaskspaceError,
+    VersionConflict,
+)
 from taskspace.state import NUM_SLOTS, ShardedKV, key_slot
 from taskspace.state.sharding import (
     MAP_KEY,
@@ -46,7 +54,7 @@ from taskspace.state.slots import (
     plan_moves,
 )
 from tests.conftest import backend_url
-from tests.services import postgres_url, shared_redis
+from tests.services import RedisServer, postgres_url, shared_redis
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_WAIT_S = 20.0
@@ -116,6 +124,12 @@ def test_keys_sharing_a_tag_share_a_slot(prefix: str, tag: str, suffix: str) -> 
     key = f"{prefix}{{{tag}}}{suffix}"
     assert key_slot(key) == key_slot(tag)
     assert 0 <= key_slot(key) < NUM_SLOTS
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab{}é"), min_size=1, max_size=12))
+def test_key_slot_is_the_crc_of_the_hash_tag(key: str) -> None:
+    assert key_slot(key) == crc16_table(hash_tag(key).encode()) % NUM_SLOTS
 
 
 @pytest.mark.parametrize("bad", ["", None, 3, b"key"])
@@ -338,8 +352,8 @@ class Stop(Exception):
     "step", ["planned", "migrating", "copied", "switched", "published", "cleaned"]
 )
 def test_a_rebalance_stopped_at_any_step_is_resumed(step: str, tmp_path: Path) -> None:
-    urls = shard_urls("sqlite", tmp_path, 3)
-    coord = f"sqlite:///{tmp_path}/coord.db"
+    urls = shard_urls("memory", tmp_path, 3)
+    coord = f"memory://coord-{uuid.uuid4().hex[:8]}"
     with ShardedKV(urls[:2], coordinator=coord, wait=0.3) as kv:
         for i in range(400):
             kv.put(f"k{i}", i)
@@ -371,6 +385,35 @@ def test_a_rebalance_stopped_at_any_step_is_resumed(step: str, tmp_path: Path) -
         assert final.moving is None and final.cleanup is None and plan_moves(final) == []
         assert {kv.get(f"k{i}") for i in range(400)} == set(range(400))
         assert sum(kv.counts().values()) == 400  # no copy left behind anywhere
+
+
+def test_a_compacted_change_feed_falls_back_to_a_scan() -> None:
+    """Batches find their keys through a key index kept up to date by the
+    source's change feed; when the feed was compacted in between (a worker's
+    maintenance reaps it), the batch scans the source instead."""
+    tag = uuid.uuid4().hex[:8]
+    urls = [f"memory://feed{tag}-{i}" for i in range(2)]
+    with ShardedKV(urls[:1], coordinator=f"memory://feed{tag}-c") as kv:
+        for i in range(300):
+            kv.put(f"k{i}", i)
+        kv.add_shard(urls[1])
+        churned = False
+
+        def churn(name: str, move: Move) -> None:
+            nonlocal churned
+            if name == "published" and not churned:  # between the first and second batch
+                churned = True
+                store = Space(urls[0]).store
+                for i in range(KV_CHANGES_KEEP + 100):
+                    kv.put(f"k{i % 300}", i % 300 + 1000)
+                store.kv.reap()
+                with pytest.raises(Compacted):
+                    store.kv.changes("", 1)
+
+        kv.rebalance(batch_slots=1024, on_step=churn)
+        assert churned
+        assert [kv.get(f"k{i}") for i in range(300)] == [i + 1000 for i in range(300)]
+        assert sum(kv.counts().values()) == 300
 
 
 def _spawn(role: str, *args: str) -> subprocess.Popen[str]:
@@ -476,21 +519,24 @@ def test_acceptance_processes_write_and_read_during_rebalances(tmp_path: Path) -
         _check_no_lost_write(kv, {f"k{i}": 0 for i in range(keys)} | wrote["last"])
 
 
-def test_acceptance_threads_on_memory_shards() -> None:
-    tag = uuid.uuid4().hex[:8]
-    urls = [f"memory://acc{tag}-{i}" for i in range(4)]
-    coord = Space(f"memory://acc{tag}-coord")
-    keys = 300
-    stop = threading.Event()
-    last: dict[str, int] = {}
-    errors: list[BaseException] = []
-    backwards = 0
+class ThreadLoad:
+    """A writer (put and update, increasing values), a reader (values never go
+    backwards) and a scanner (no duplicate, nothing older than what was
+    acknowledged when the scan began) on their own ShardedKV clients."""
 
-    def write() -> None:
-        kv = ShardedKV(coordinator=coord, wait=20)
+    def __init__(self, coord: Space, keys: int) -> None:
+        self.coord, self.keys = coord, keys
+        self.stop = threading.Event()
+        self.last: dict[str, int] = {}
+        self.errors: list[BaseException] = []
+        self.backwards = self.scans = self.stale_scans = 0
+        self.threads = [threading.Thread(target=f) for f in (self.write, self.read, self.scan)]
+
+    def write(self) -> None:
+        kv = ShardedKV(coordinator=self.coord, wait=20)
         value = 0
-        while not stop.is_set():
-            key = f"k{value % keys}"
+        while not self.stop.is_set():
+            key = f"k{value % self.keys}"
             value += 1
             try:
                 if value % 2:
@@ -498,28 +544,43 @@ def test_acceptance_threads_on_memory_shards() -> None:
                 else:
                     kv.put(key, value)
             except TaskspaceError as exc:
-                errors.append(exc)
+                self.errors.append(exc)
                 continue
-            last[key] = value
+            self.last[key] = value
 
-    def read() -> None:
-        nonlocal backwards
-        kv = ShardedKV(coordinator=coord, wait=20)
+    def read(self) -> None:
+        kv = ShardedKV(coordinator=self.coord, wait=20)
         seen: dict[str, int] = {}
         i = 0
-        while not stop.is_set():
-            key = f"k{i % keys}"
+        while not self.stop.is_set():
+            key = f"k{i % self.keys}"
             i += 1
             value = kv.get(key)
             if value is not None:
-                backwards += value < seen.get(key, 0)
+                self.backwards += value < seen.get(key, 0)
                 seen[key] = max(value, seen.get(key, 0))
 
+    def scan(self) -> None:
+        kv = ShardedKV(coordinator=self.coord, wait=20)
+        while not self.stop.is_set():
+            floor = dict(self.last)  # acknowledged before the scan began
+            found = list(kv.scan("k"))
+            names = [key for key, _ in found]
+            self.scans += 1
+            self.stale_scans += len(names) != len(set(names))
+            self.stale_scans += any(value < floor.get(key, 0) for key, value in found)
+
+
+def test_acceptance_threads_on_memory_shards() -> None:
+    tag = uuid.uuid4().hex[:8]
+    urls = [f"memory://acc{tag}-{i}" for i in range(4)]
+    coord = Space(f"memory://acc{tag}-coord")
+    keys = 300
+    load = ThreadLoad(coord, keys)
     with ShardedKV(urls[:3], coordinator=coord) as kv:
         for i in range(keys):
             kv.put(f"k{i}", 0)
-        threads = [threading.Thread(target=write), threading.Thread(target=read)]
-        for thread in threads:
+        for thread in load.threads:
             thread.start()
         try:
             time.sleep(0.1)
@@ -528,13 +589,42 @@ def test_acceptance_threads_on_memory_shards() -> None:
             kv.remove_shard(urls[1])
             kv.rebalance(batch_slots=512)
         finally:
-            stop.set()
-            for thread in threads:
+            load.stop.set()
+            for thread in load.threads:
                 thread.join(timeout=30)
-        assert errors == [] and backwards == 0
-        assert len(last) > 50
-        _check_no_lost_write(kv, {f"k{i}": 0 for i in range(keys)} | last)
+        print(f"threads: {len(load.last)} keys written, {load.scans} scans")
+        assert load.errors == [] and load.backwards == 0
+        assert load.scans > 0 and load.stale_scans == 0
+        assert len(load.last) > 50
+        _check_no_lost_write(kv, {f"k{i}": 0 for i in range(keys)} | load.last)
     coord.close()
+
+
+def test_a_shard_that_is_down_fails_fast_and_alone(tmp_path: Path) -> None:
+    server = RedisServer().start()
+    try:
+        urls = [f"sqlite:///{tmp_path}/up.db", server.url + "?namespace=down"]
+        with ShardedKV(urls, coordinator=f"sqlite:///{tmp_path}/c.db", wait=1) as kv:
+            keys = [f"k{i}" for i in range(50)]
+            for key in keys:
+                kv.put(key, key)
+            on_redis = [k for k in keys if kv.shard_for(k) == urls[1]]
+            on_sqlite = [k for k in keys if kv.shard_for(k) == urls[0]]
+            assert on_redis and on_sqlite
+            server.kill()
+            started = time.monotonic()
+            with pytest.raises(BackendError):
+                kv.get(on_redis[0])
+            with pytest.raises(BackendError):
+                kv.put(on_redis[0], "x")
+            assert time.monotonic() - started < 10
+            assert [kv.get(k) for k in on_sqlite] == on_sqlite  # the other shard serves on
+            kv.put(on_sqlite[0], "still")
+            with pytest.raises(BackendError):
+                kv.add_shard(server.url + "?namespace=other")  # unreachable: map unchanged
+            assert len(kv.refresh().shards) == 2
+    finally:
+        server.close()
 
 
 def test_markers_say_who_owns_each_slot(memory_kv: ShardedKV) -> None:

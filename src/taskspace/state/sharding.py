@@ -83,6 +83,7 @@ from taskspace.codec import DEFAULT_MAX_PAYLOAD, JSON
 from taskspace.coordination.lease import Lease
 from taskspace.errors import (
     BackendError,
+    Compacted,
     ConfigError,
     LeaseLost,
     SerializationError,
@@ -119,6 +120,7 @@ BATCH_SLOTS = 1024
 REBALANCE_LEASE_S = 10.0
 WRITE_CHUNK = 200
 SCAN_PAGE = 500
+CHANGES_PAGE = 1000
 UPDATE_ATTEMPTS = 100
 BACKOFF_START_S = 0.002
 BACKOFF_MAX_S = 0.05
@@ -229,6 +231,55 @@ def _check_key(key: Any) -> int:
     if key.startswith(RESERVED_PREFIX):
         raise ConfigError(f"key={key!r}: keys under {RESERVED_PREFIX!r} are ShardedKV's own")
     return slot
+
+
+class _KeyIndex:
+    """The keys of one source shard by slot, so that a batch reads only its own
+    keys: a scan that began after ``revision``, then the change feed after it
+    (a key that existed throughout the scan is in it; any other was written
+    later, so it is in the feed). Deleted keys stay listed (``get_many`` skips
+    them)."""
+
+    def __init__(self, kv: KVStore) -> None:
+        self.revision = kv.revision()
+        self.by_slot: dict[int, set[str]] = {}
+        for _, page in _own_pages(kv, ""):
+            for key, _found in page:
+                self.by_slot.setdefault(key_slot(key), set()).add(key)
+
+    def catch_up(self, kv: KVStore) -> None:
+        """Add the keys written since ``revision``; Compacted if the feed dropped some."""
+        while page := kv.changes("", self.revision, limit=CHANGES_PAGE):
+            for change in page:
+                if not change.key.startswith(RESERVED_PREFIX):
+                    self.by_slot.setdefault(key_slot(change.key), set()).add(change.key)
+            self.revision = page[-1].revision
+
+    def keys(self, slots: set[int]) -> set[str]:
+        return {key for slot in slots for key in self.by_slot.get(slot, ())}
+
+
+class _Run:
+    """What one ``rebalance()`` call knows beyond the map: each source's key
+    index, and the keys it copied in the batch that awaits cleanup."""
+
+    def __init__(self) -> None:
+        self.indexes: dict[int, _KeyIndex] = {}
+        self.copied: dict[int, tuple[list[int], list[str]]] = {}
+
+    def keys_of(self, kv: KVStore, shard_id: int, slots: set[int]) -> set[str] | None:
+        """A superset of the keys of ``slots`` on shard ``shard_id`` (call once
+        those slots take no more writes); None if the change feed was
+        compacted meanwhile (the caller scans; the next batch indexes again)."""
+        index = self.indexes.get(shard_id)
+        if index is None:
+            index = self.indexes[shard_id] = _KeyIndex(kv)
+        try:
+            index.catch_up(kv)
+        except Compacted:
+            del self.indexes[shard_id]
+            return None
+        return index.keys(slots)
 
 
 class ShardedKV(Closeable):
@@ -652,15 +703,16 @@ class ShardedKV(Closeable):
         step: StepCallback = on_step if on_step is not None else (lambda name, move: None)
         started = time.monotonic()
         batches = slots_moved = keys_moved = 0
+        run = _Run()
         with self._coord.lock(REBALANCE_LOCK, ttl=lock_ttl, wait=lock_wait) as lease:
             slot_map = self.refresh()
             while True:
                 if slot_map.cleanup is not None:
-                    slot_map = self._clean(slot_map, lease, step)
+                    slot_map = self._clean(slot_map, lease, step, run)
                     continue
                 if slot_map.moving is not None:
                     slots_moved += len(slot_map.moving["slots"])
-                    keys, slot_map = self._migrate(slot_map, lease, step)
+                    keys, slot_map = self._migrate(slot_map, lease, step, run)
                     batches += 1
                     keys_moved += keys
                     continue
@@ -690,7 +742,9 @@ class ShardedKV(Closeable):
         if not lease.held:
             raise LeaseLost(f"rebalance lock {lease.name} lost: stopped; run rebalance() again")
 
-    def _migrate(self, slot_map: SlotMap, lease: Lease, step: StepCallback) -> tuple[int, SlotMap]:
+    def _migrate(
+        self, slot_map: SlotMap, lease: Lease, step: StepCallback, run: _Run
+    ) -> tuple[int, SlotMap]:
         """Carry out (or resume) the map's ``moving`` batch; see the module docstring."""
         assert slot_map.moving is not None
         source, target = int(slot_map.moving["from"]), int(slot_map.moving["to"])
@@ -714,14 +768,16 @@ class ShardedKV(Closeable):
                     f"slot {slot}: neither {src_url} nor {dst_url} owns it (markers"
                     f" {at_src!r}, {at_dst!r}); was a shard space wiped?"
                 )
-        keys = 0
+        copied: list[str] = []
         if copy:
             self._check_lease(lease)
             self._put_markers(src, copy, MIGRATING)
             step("migrating", move)
             wanted = set(copy)
-            self._delete_slots(dst, wanted)  # leftovers of a try that was stopped
-            keys = self._copy_slots(self._store(src_url), dst, wanted)
+            if MIGRATING in src_marks:  # a try was stopped mid-copy: delete what it left
+                self._delete_slots(dst, wanted)
+            candidates = run.keys_of(src, source, wanted)
+            copied = self._copy_slots(self._store(src_url), dst, wanted, candidates)
             step("copied", move)
             self._check_lease(lease)
             self._put_markers(src, copy, MOVED)
@@ -739,12 +795,15 @@ class ShardedKV(Closeable):
                                cleanup={"shard": source, "slots": slots})  # fmt: skip
 
         slot_map = self._update_map(publish, fence=lease)
+        if len(copy) == len(slots):  # this run copied every slot of the batch
+            run.copied[source] = (slots, copied)
         step("published", move)
-        return keys, slot_map
+        return len(copied), slot_map
 
-    def _clean(self, slot_map: SlotMap, lease: Lease, step: StepCallback) -> SlotMap:
+    def _clean(self, slot_map: SlotMap, lease: Lease, step: StepCallback, run: _Run) -> SlotMap:
         """Delete the old copies of the map's ``cleanup`` batch (only of slots
-        whose marker there says ``moved``), then clear ``cleanup``."""
+        whose marker there says ``moved``), then clear ``cleanup``: the keys
+        this run copied, or (resuming another run's batch) a scan's."""
         assert slot_map.cleanup is not None
         cleanup = slot_map.cleanup
         shard_id = int(cleanup["shard"])
@@ -754,7 +813,11 @@ class ShardedKV(Closeable):
             marks = kv.get_many([marker_key(slot) for slot in slots])
             dead = {s for s, m in zip(slots, marks, strict=True) if m is None or m.value == MOVED}
             self._check_lease(lease)
-            self._delete_slots(kv, dead)
+            known = run.copied.pop(shard_id, None)
+            if known is not None and known[0] == slots:
+                self._delete_keys(kv, [key for key in known[1] if key_slot(key) in dead])
+            else:
+                self._delete_slots(kv, dead)
         slot_map = self._update_map(
             lambda cur: cur.replace(cleanup=None) if cur.cleanup == cleanup else None, fence=lease
         )
@@ -766,28 +829,38 @@ class ShardedKV(Closeable):
             puts = [Put(marker_key(slot), value) for slot in chunk]
             _once(lambda rid: kv.txn([], puts, rid))  # noqa: B023
 
-    def _slot_pages(self, kv: KVStore, slots: set[int] | None) -> Iterator[list[tuple[str, Any]]]:
+    def _slot_pages(
+        self, kv: KVStore, slots: set[int] | None
+    ) -> Iterator[list[tuple[str, Versioned]]]:
         """Pages of the shard's own keys (not markers) whose slot is in ``slots``
         (None: every slot)."""
         for _, page in _own_pages(kv, ""):
             yield [(key, found) for key, found in page if slots is None or key_slot(key) in slots]
 
-    def _delete_slots(self, kv: KVStore, slots: set[int]) -> int:
-        deleted = 0
-        if not slots:
-            return 0
-        for page in self._slot_pages(kv, slots):
-            for chunk in _chunks(page):
-                deletes = [Delete(key) for key, _ in chunk]
-                _once(lambda rid: kv.txn([], deletes, rid))  # noqa: B023
-                deleted += len(chunk)
-        return deleted
+    def _delete_slots(self, kv: KVStore, slots: set[int]) -> None:
+        """Delete every key of ``slots`` on a shard, found by a full scan."""
+        if slots:
+            for page in self._slot_pages(kv, slots):
+                self._delete_keys(kv, [key for key, _ in page])
 
-    def _copy_slots(self, source: Store, target: KVStore, slots: set[int]) -> int:
+    def _delete_keys(self, kv: KVStore, keys: Sequence[str]) -> None:
+        for chunk in _chunks(keys):
+            deletes = [Delete(key) for key in chunk]
+            _once(lambda rid: kv.txn([], deletes, rid))  # noqa: B023
+
+    def _copy_slots(
+        self, source: Store, target: KVStore, slots: set[int], candidates: set[str] | None
+    ) -> list[str]:
         """Copy the keys of ``slots`` with their remaining TTL (on each store's
-        own lease clock); a key expiring meanwhile is not copied."""
-        copied = 0
-        for page in self._slot_pages(source.kv, slots):
+        own lease clock; a key expiring meanwhile is not copied) and return
+        them. ``candidates``: a superset of the slots' keys (read with
+        ``get_many``); None: find them by a full scan of the source."""
+        if candidates is None:
+            pages: Iterator[list[tuple[str, Versioned]]] = self._slot_pages(source.kv, slots)
+        else:
+            pages = self._read_keys(source.kv, sorted(candidates))
+        copied: list[str] = []
+        for page in pages:
             now = source.clock.now()
             puts: list[Put] = []
             for key, found in page:
@@ -799,8 +872,14 @@ class ShardedKV(Closeable):
                 result: TxnResult = _once(lambda rid: target.txn([], chunk, rid))  # noqa: B023
                 if not result.ok:  # pragma: no cover - a txn without compares always applies
                     raise BackendError(f"copying {len(chunk)} keys to a shard failed")
-                copied += len(chunk)
+                copied += [put.key for put in chunk]
         return copied
+
+    @staticmethod
+    def _read_keys(kv: KVStore, keys: list[str]) -> Iterator[list[tuple[str, Versioned]]]:
+        for chunk in _chunks(keys, SCAN_PAGE):
+            found = kv.get_many(chunk)
+            yield [(key, item) for key, item in zip(chunk, found, strict=True) if item is not None]
 
     def counts(self) -> dict[str, int]:
         """Keys held per shard URL (served or not; markers excluded), by a full scan."""

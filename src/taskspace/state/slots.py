@@ -81,7 +81,12 @@ def key_slot(key: str) -> int:
     string raises ConfigError."""
     if not isinstance(key, str) or not key:
         raise ConfigError(f"key={key!r}: must be a non-empty string")
-    return binascii.crc_hqx(hash_tag(key).encode("utf-8", "surrogatepass"), 0) & (NUM_SLOTS - 1)
+    start = key.find("{")  # hash_tag, inlined: this runs on every call
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return binascii.crc_hqx(key.encode("utf-8", "surrogatepass"), 0) & (NUM_SLOTS - 1)
 
 
 def even_split(shard_ids: Sequence[int]) -> list[int]:
