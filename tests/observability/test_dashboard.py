@@ -6,8 +6,8 @@ retry work from the page (the store says so), bulk retry works from the dead
 page, the workers and usage pages show the worker and the recorded usage.
 
 Screenshots are written to artifacts/screenshots/ under the repository (not
-tracked). Without Chromium the tests skip, or fail under
-TASKSPACE_REQUIRE_SERVICES=1.
+tracked). Chromium is /usr/bin/chromium (or $TASKSPACE_CHROMIUM); without
+it the browser tests skip, or fail under TASKSPACE_REQUIRE_SERVICES=1.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tests.services import free_port, missing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHOTS = REPO_ROOT / "artifacts" / "screenshots"
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("TASKSPACE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]  # fmt: skip
@@ -76,17 +76,12 @@ def make_space(url: str | None = None) -> Space:
 
 @dataclass
 class Dashboard:
-    """A served dashboard, its space (the test's own handle), a browser and a workdir."""
+    """A served dashboard, its space (the test's own handle), its worker and a workdir."""
 
     url: str
     space: Space
-    browser: Any
     workdir: Path
     worker: subprocess.Popen[bytes]
-
-    def page(self) -> Any:
-        """A new page with a laptop-sized viewport."""
-        return self.browser.new_page(viewport={"width": 1366, "height": 800})
 
     def state(self, task_id: str) -> str:
         """The task's state as the store holds it."""
@@ -143,6 +138,21 @@ def _launch_browser() -> tuple[Any, Any]:
 
 
 @pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    playwright, browser = _launch_browser()
+    try:
+        yield browser
+    finally:
+        browser.close()
+        playwright.stop()
+
+
+def _page(browser: Any) -> Any:
+    """A new page with a laptop-sized viewport."""
+    return browser.new_page(viewport={"width": 1366, "height": 800})
+
+
+@pytest.fixture(scope="module")
 def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     from taskspace.api.app import create_app
 
@@ -150,7 +160,6 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     url = f"sqlite:///{workdir}/space.db"
     space = make_space(url)
     space.stats()  # create the space before the worker and the server open it
-    playwright, browser = _launch_browser()
     server, thread = _serve(create_app(space), free_port())
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TASKSPACE_URL": url}
     with open(workdir / "worker.log", "wb") as worker_log:
@@ -160,10 +169,8 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
             cwd=REPO_ROOT, env=env, stdout=worker_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        yield Dashboard(f"http://127.0.0.1:{server.config.port}", space, browser, workdir, worker)
+        yield Dashboard(f"http://127.0.0.1:{server.config.port}", space, workdir, worker)
     finally:
-        browser.close()
-        playwright.stop()
         worker.send_signal(signal.SIGTERM)
         try:
             worker.wait(timeout=15)
@@ -190,8 +197,8 @@ def _until(check: Callable[[], bool], page: Any, timeout: float = 10.0) -> None:
         page.reload()
 
 
-def test_a_task_submitted_during_the_test_shows_up_live(dash: Dashboard) -> None:
-    page = dash.page()
+def test_a_task_submitted_during_the_test_shows_up_live(dash: Dashboard, browser: Any) -> None:
+    page = _page(browser)
     page.goto(dash.url + "/")
     _expect(page.locator("#live")).to_have_attribute("data-state", "on", timeout=WAIT_MS)
     handle = dash.space.get_task("dash.add").submit(2, 3)
@@ -219,12 +226,12 @@ def test_a_task_submitted_during_the_test_shows_up_live(dash: Dashboard) -> None
     page.close()
 
 
-def test_a_task_page_follows_its_logs_live(dash: Dashboard) -> None:
+def test_a_task_page_follows_its_logs_live(dash: Dashboard, browser: Any) -> None:
     marker = uuid.uuid4().hex[:12]
     gate = dash.workdir / f"gate-{marker}"
     handle = dash.space.get_task("dash.talk").submit(marker, str(gate))
     dash.wait_state(handle.id, {"running"})
-    page = dash.page()
+    page = _page(browser)
     page.goto(f"{dash.url}/tasks/{handle.id}")
     _expect(page.locator("#task-state")).to_have_text("running")
     logs = page.locator("#logs")
@@ -248,8 +255,8 @@ def test_a_task_page_follows_its_logs_live(dash: Dashboard) -> None:
     page.close()
 
 
-def test_cancel_and_retry_from_the_task_page(dash: Dashboard) -> None:
-    page = dash.page()
+def test_cancel_and_retry_from_the_task_page(dash: Dashboard, browser: Any) -> None:
+    page = _page(browser)
     parked = dash.space.get_task("dash.add").options(queue="parked").submit(1, 1)  # no worker
     page.goto(f"{dash.url}/tasks/{parked.id}")
     _expect(page.locator('button[data-action="retry"]')).to_be_disabled()
@@ -272,12 +279,12 @@ def test_cancel_and_retry_from_the_task_page(dash: Dashboard) -> None:
     page.close()
 
 
-def test_bulk_retry_from_the_dead_page(dash: Dashboard) -> None:
+def test_bulk_retry_from_the_dead_page(dash: Dashboard, browser: Any) -> None:
     flaky = dash.space.get_task("dash.flaky")
     handles = [flaky.submit(str(dash.workdir / f"flag-{uuid.uuid4().hex}")) for _ in range(2)]
     for handle in handles:
         assert dash.wait_state(handle.id, {"failed", "succeeded"}) == "failed"
-    page = dash.page()
+    page = _page(browser)
     page.goto(dash.url + "/dead?state=failed&name=dash.flaky")
     for handle in handles:
         _expect(page.locator(f'tr[data-id="{handle.id}"]')).to_be_visible()
@@ -292,8 +299,8 @@ def test_bulk_retry_from_the_dead_page(dash: Dashboard) -> None:
     page.close()
 
 
-def test_workers_and_usage_pages(dash: Dashboard) -> None:
-    page = dash.page()
+def test_workers_and_usage_pages(dash: Dashboard, browser: Any) -> None:
+    page = _page(browser)
     page.goto(dash.url + "/workers")
     row = page.locator("tr[data-worker]").first
     _expect(row).to_be_visible(timeout=WAIT_MS)
