@@ -94,9 +94,9 @@ def drain(space: Space) -> None:
 class ApiServer:
     """A real uvicorn serving ``app`` on a free loopback port, in a thread."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.host = host
-        self.port = free_port()
+        self.port = port or free_port()
         self.server = uvicorn.Server(
             uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on",
                            timeout_graceful_shutdown=2)

@@ -54,12 +54,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskspace.api import models as M
 from taskspace.api.auth import check_bind, require_token, require_token_documented
-from taskspace.api.errors import ApiError, body, classify, responses
+from taskspace.api.errors import ApiError, body, classify
 from taskspace.api.metrics import EventMetrics, SpaceCollector
+from taskspace.api.models import responses
 from taskspace.backends.base import FINAL_STATES, TASK_STATES, TaskRecord
 from taskspace.codec import decoder_for
 from taskspace.errors import ConfigError, SerializationError, TaskspaceError
 from taskspace.space import Space
+from taskspace.tasks.handle import Handle
 
 log = logging.getLogger("taskspace.api")
 
@@ -430,6 +432,18 @@ def create_app(
     return app
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods some route serves at the request's path (routers may nest)."""
+    from starlette.routing import Match
+
+    allowed = []
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def _version() -> str:
     from taskspace import __version__
 
@@ -474,11 +488,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         from taskspace.api.errors import HTTP_CODES
 
-        code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        status = exc.status_code
+        headers = dict(getattr(exc, "headers", None) or {})
+        if status == 400:  # a body that is not JSON: the same as any other bad input
+            status = 422
+        if status == 405:  # every method of the path, not only those of the first route
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        code = HTTP_CODES.get(status, f"http_{status}")
         message = exc.detail if isinstance(exc.detail, str) else code
-        return JSONResponse(
-            body(code, message), exc.status_code, headers=getattr(exc, "headers", None)
-        )
+        return JSONResponse(body(code, message), status, headers=headers or None)
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(TaskspaceError, taskspace_error)
@@ -560,10 +578,11 @@ def _task_routes(api: APIRouter, space: Space) -> None:  # noqa: C901 - one clos
         ] = 0,
     ) -> dict[str, Any]:
         """One task in full; with ``wait``, first wait up to that long for it to end."""
-        record = space.handle(task_id).info()
+        handle = Handle(space, task_id)  # one read: info() raises TaskNotFound itself
+        record = handle.info()
         if wait > 0 and record.state not in FINAL_STATES:
             space.store.queue.wait_for_finish([task_id], float(wait))
-            record = space.handle(task_id).info()
+            record = handle.info()
         return _detail(record)
 
     @api.post(
@@ -606,11 +625,6 @@ def _task_routes(api: APIRouter, space: Space) -> None:  # noqa: C901 - one clos
     )
     def retry_many(req: M.RetryRequest) -> dict[str, Any]:
         """Requeue every failed or dead task of ``ids``; the others are skipped."""
-        import re
-
-        bad = [i for i in req.ids if not re.fullmatch(M.TASK_ID_PATTERN, i)]
-        if bad:
-            raise ApiError(422, "invalid_argument", f"not task ids: {bad[:5]!r}")
         retried: list[str] = []
         skipped: list[str] = []
         for task_id in dict.fromkeys(req.ids):
@@ -666,7 +680,7 @@ def _info_routes(api: APIRouter, space: Space, usage: UsageTotals) -> None:  # n
         worker: Annotated[str | None, Query(pattern=M.NAME_PATTERN)] = None,
         level: M.LevelName | None = None,
         since: Annotated[float | None, Query(description="Wall-clock Unix seconds.")] = None,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=M.MAX_STREAM_ID)] = 0,
         limit: Annotated[int, Query(ge=1, le=LIST_MAX)] = 200,
     ) -> dict[str, Any]:
         """Shipped log records matching the filters, oldest first."""
@@ -678,7 +692,7 @@ def _info_routes(api: APIRouter, space: Space, usage: UsageTotals) -> None:  # n
 
     @api.get("/events", response_model=M.EventPage, tags=["events"], responses=errs)
     def events(
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=M.MAX_STREAM_ID)] = 0,
         limit: Annotated[int, Query(ge=1, le=LIST_MAX)] = 100,
     ) -> dict[str, Any]:
         """Task events after ``after``, oldest first."""
@@ -770,19 +784,14 @@ def _info_routes(api: APIRouter, space: Space, usage: UsageTotals) -> None:  # n
     @api.get("/streams", response_model=list[M.StreamInfo], tags=["coordination"], responses=errs)
     def streams(
         name: Annotated[
-            list[str] | None, Query(max_length=20, description="More streams to describe.")
+            str | None, Query(pattern=M.NAME_PATTERN, description="Another stream to describe.")
         ] = None,
     ) -> list[dict[str, Any]]:
-        """The system streams (events, logs) and the streams named, with their
+        """The system streams (events, logs) and the stream named, with their
         oldest retained entry (best effort: the store cannot list streams)."""
-        import re
-
         names = [EVENTS_STREAM, LOGS_STREAM]
-        for n in name or ():
-            if not re.fullmatch(M.NAME_PATTERN, n):
-                raise ApiError(422, "invalid_argument", f"name: not a stream name: {n[:50]!r}")
-            if n not in names:
-                names.append(n)
+        if name is not None and name not in names:
+            names.append(name)
         out = []
         for stream in names:
             first = space.store.streams.read(stream, after=0, limit=1)
@@ -894,7 +903,9 @@ def _stream_routes(api: APIRouter, space: Space) -> None:
     )
     def events_stream(
         request: Request,
-        after: Annotated[int | None, Query(ge=0, description="Default: only new events.")] = None,
+        after: Annotated[
+            int | None, Query(ge=0, le=M.MAX_STREAM_ID, description="Default: only new events.")
+        ] = None,
         timeout: Annotated[
             float | None, Query(gt=0, le=86400, description="Close after this many seconds.")
         ] = None,
@@ -922,7 +933,9 @@ def _stream_routes(api: APIRouter, space: Space) -> None:
         task_id: Annotated[str | None, Query(pattern=M.TASK_ID_PATTERN)] = None,
         worker: Annotated[str | None, Query(pattern=M.NAME_PATTERN)] = None,
         level: M.LevelName | None = None,
-        after: Annotated[int | None, Query(ge=0, description="Default: only new records.")] = None,
+        after: Annotated[
+            int | None, Query(ge=0, le=M.MAX_STREAM_ID, description="Default: only new records.")
+        ] = None,
         timeout: Annotated[
             float | None, Query(gt=0, le=86400, description="Close after this many seconds.")
         ] = None,

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
-
 from taskspace import errors as E
 
 # (exception class, HTTP status, code), most specific first: the first match wins.
@@ -79,19 +77,6 @@ CODE_EXCEPTIONS.update(
 )
 
 
-class ErrorDetail(BaseModel):
-    """What went wrong: a stable machine-readable ``code`` and a message for people."""
-
-    code: str
-    message: str
-
-
-class ErrorBody(BaseModel):
-    """The body of every error response."""
-
-    error: ErrorDetail
-
-
 class ApiError(Exception):
     """An error the API answers with ``status`` and ``{"error": {code, message}}``."""
 
@@ -117,8 +102,3 @@ def classify(exc: BaseException) -> tuple[int, str]:
 def body(code: str, message: str) -> dict[str, Any]:
     """The JSON error body."""
     return {"error": {"code": code, "message": message}}
-
-
-def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` entries documenting error statuses with ErrorBody."""
-    return {s: {"model": ErrorBody, "description": HTTP_CODES.get(s, "error")} for s in statuses}

@@ -25,10 +25,12 @@ prometheus-client):
 ==========================================  =========  ==============================
 
 Approximations, stated: claim latency is measured for first attempts whose
-``submitted`` event this process saw (it remembers the submit times of the
-EventMetrics.PENDING_MAX newest tasks); lease expiries are the ``lost``
-events. The server's counters start from the retained events stream when it
-starts (so they are the stream's totals, not the process's), and a worker's
+``submitted`` and ``started`` events this process both saw, in either order
+(submitters and workers ship events independently; it remembers the times of
+the EventMetrics.PENDING_MAX newest unmatched ones of each kind); lease
+expiries are the ``lost`` events. The server's counters start from the
+retained events stream when it starts (so they are the stream's totals, not
+the process's), and a worker's
 (``serve_worker_metrics``) count only the events that worker emitted.
 """
 
@@ -152,6 +154,7 @@ class EventMetrics:
             registry=self.registry,
         )
         self._submitted: OrderedDict[str, float] = OrderedDict()
+        self._started: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
         self._server: Any = None
 
@@ -173,13 +176,17 @@ class EventMetrics:
         counter.labels(task, queue).inc()
         if kind == "submitted":
             with self._lock:
-                self._submitted[event.task_id] = event.time
-                if len(self._submitted) > self.PENDING_MAX:
-                    self._submitted.popitem(last=False)
-        elif kind == "started":
+                started = self._started.pop(event.task_id, None)
+                if started is None:
+                    _remember(self._submitted, event.task_id, event.time, self.PENDING_MAX)
+            if started is not None:  # the start was shipped first (two producers)
+                self.claim_latency.labels(task, queue).observe(max(0.0, started - event.time))
+        elif kind == "started" and event.attempt <= 1:
             with self._lock:
                 submitted = self._submitted.pop(event.task_id, None)
-            if submitted is not None and event.attempt <= 1:
+                if submitted is None:
+                    _remember(self._started, event.task_id, event.time, self.PENDING_MAX)
+            if submitted is not None:
                 self.claim_latency.labels(task, queue).observe(max(0.0, event.time - submitted))
         if kind in FINISHED_KINDS and event.duration is not None:
             self.run_time.labels(task, queue, kind).observe(max(0.0, float(event.duration)))
@@ -200,6 +207,12 @@ class EventMetrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+def _remember(table: OrderedDict[str, float], key: str, value: float, bound: int) -> None:
+    table[key] = value
+    if len(table) > bound:
+        table.popitem(last=False)
 
 
 def serve_worker_metrics(port: int, host: str = "127.0.0.1") -> EventMetrics:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from taskspace.api.errors import HTTP_CODES
 from taskspace.backends.base import MAX_DURATION_S, PRIORITY_MAX, PRIORITY_MIN
 
 TaskStateName = Literal["queued", "running", "succeeded", "failed", "dead", "cancelled"]
@@ -19,6 +20,10 @@ TASK_ID_PATTERN = r"^[A-Za-z0-9._:@~+-]{1,256}$"
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]{1,500}$"
 QUEUE_PATTERN = r"^[^,\s\x00-\x1f\x7f]{1,200}$"
 MAX_IDS = 1000
+MAX_STREAM_ID = 2**63 - 1
+
+TaskIdStr = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
+NameStr = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 
 
 class SubmitRequest(BaseModel):
@@ -111,7 +116,7 @@ class RetryRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[str] = Field(max_length=MAX_IDS)
+    ids: list[TaskIdStr] = Field(max_length=MAX_IDS)
 
 
 class RetryResult(BaseModel):
@@ -236,3 +241,21 @@ class StreamInfo(BaseModel):
     first_id: int | None
     first_time: float | None
     last_id: int | None
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable machine-readable ``code`` and a message for people."""
+
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries documenting error statuses with ErrorBody."""
+    return {s: {"model": ErrorBody, "description": HTTP_CODES.get(s, "error")} for s in statuses}

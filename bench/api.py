@@ -1,0 +1,176 @@
+"""``python -m bench api``: the HTTP API under concurrent status polling.
+
+A ``taskspace serve`` process (one uvicorn process, as deployed) serves a
+space (a new SQLite file, or a private ``redis-server``) holding ``--tasks``
+tasks (half finished by a worker, half queued). ``--clients`` concurrent
+clients (asyncio, one keep-alive connection each, in this process) poll
+``GET /api/tasks/{id}`` for random ids for ``--seconds``; every request is
+timed. Reported: requests, requests/s, p50/p90/p99/max latency and errors
+(any non-200 or transport error; must be 0, else exit code 1). With
+``--token`` the server requires a bearer token and the clients send it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import httpx
+
+from bench.redis_server import RedisServer, free_port
+
+STARTUP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Outcome:
+    """What the clients saw."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    first_errors: list[str] = field(default_factory=list)
+
+    def error(self, what: str) -> None:
+        self.errors += 1
+        if len(self.first_errors) < 5:
+            self.first_errors.append(what)
+
+
+def _seed(url: str, tasks: int) -> list[str]:
+    """Submit ``tasks`` tasks; a burst worker finishes the first half."""
+    from taskspace import Space
+
+    space = Space(url)
+
+    @space.task(name="bench_api_noop", max_attempts=1)
+    def noop(i: int) -> int:
+        return i
+
+    half = tasks // 2
+    done = [h.id for h in noop.submit_many([(i,) for i in range(half)])]
+    if done:
+        space.run_worker(burst=True, concurrency=16, queues="default")
+    queued = [h.id for h in noop.submit_many([(i,) for i in range(half, tasks)])]
+    space.close()
+    return done + queued
+
+
+def _serve(url: str, port: int, token: str | None, logfile: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.pop("TASKSPACE_API_TOKEN", None)
+    if token:
+        env["TASKSPACE_API_TOKEN"] = token
+    out = logfile.open("wb")
+    return subprocess.Popen([sys.executable, "-m", "taskspace", "serve", "--url", url,
+                             "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _wait_up(base: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException("taskspace serve exited during startup")
+        try:
+            if httpx.get(f"{base}/api/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise click.ClickException("taskspace serve did not come up")
+
+
+async def _client(http: httpx.AsyncClient, ids: list[str], until: float, out: Outcome) -> None:
+    rng = random.Random()
+    while time.monotonic() < until:
+        task_id = rng.choice(ids)
+        start = time.perf_counter()
+        try:
+            response = await http.get(f"/api/tasks/{task_id}")
+        except httpx.HTTPError as exc:
+            out.error(repr(exc))
+            continue
+        elapsed = time.perf_counter() - start
+        if response.status_code != 200 or response.json()["id"] != task_id:
+            out.error(f"{response.status_code} {response.text[:200]}")
+            continue
+        out.latencies.append(elapsed)
+
+
+async def _load(base: str, ids: list[str], clients: int, seconds: float,
+                token: str | None) -> Outcome:  # fmt: skip
+    out = Outcome()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits,
+                                 timeout=30) as http:  # fmt: skip
+        await http.get("/api/health")
+        until = time.monotonic() + seconds
+        await asyncio.gather(*(_client(http, ids, until, out) for _ in range(clients)))
+    return out
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+@click.command()
+@click.option("--backend", type=click.Choice(("sqlite", "redis")), default="sqlite",
+              show_default=True)  # fmt: skip
+@click.option("--clients", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--seconds", default=30.0, show_default=True, type=click.FloatRange(min=0.5))
+@click.option("--tasks", default=1000, show_default=True, type=click.IntRange(min=2),
+              help="Tasks in the space (half finished, half queued).")  # fmt: skip
+@click.option("--token", "use_token", is_flag=True, help="Require and send a bearer token.")
+def cli(backend: str, clients: int, seconds: float, tasks: int, use_token: bool) -> None:
+    """HTTP API load: concurrent clients polling task status."""
+    workdir = Path(tempfile.mkdtemp(prefix="taskspace-bench-api-"))
+    redis = RedisServer().start() if backend == "redis" else None
+    url = redis.url if redis is not None else f"sqlite:///{workdir}/space.db"
+    token = secrets.token_urlsafe(24) if use_token else None
+    proc = None
+    try:
+        ids = _seed(url, tasks)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = _serve(url, port, token, workdir / "serve.log")
+        _wait_up(base, proc)
+        started = time.monotonic()
+        out = asyncio.run(_load(base, ids, clients, seconds, token))
+        wall = time.monotonic() - started
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if redis is not None:
+            redis.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    lat = sorted(out.latencies)
+    ms = [x * 1000 for x in (_quantile(lat, 0.5), _quantile(lat, 0.9), _quantile(lat, 0.99))]
+    click.echo(f"backend {backend}, {clients} clients, {seconds:g} s, {tasks} tasks,"
+               f" token {'on' if token else 'off'} (server: one uvicorn process)")  # fmt: skip
+    click.echo(f"requests {len(lat):,}  ({len(lat) / wall:,.0f}/s)  errors {out.errors}")
+    click.echo(f"latency p50 {ms[0]:.1f} ms  p90 {ms[1]:.1f} ms  p99 {ms[2]:.1f} ms"
+               f"  max {max(lat, default=0) * 1000:.1f} ms"
+               f"  mean {statistics.fmean(lat) * 1000 if lat else 0:.1f} ms")  # fmt: skip
+    for err in out.first_errors:
+        click.echo(f"  error: {err}", err=True)
+    if out.errors:
+        sys.exit(1)
