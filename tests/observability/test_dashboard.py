@@ -384,3 +384,25 @@ def test_with_a_token_pages_send_a_browser_to_login(dash: Dashboard) -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_worker_rows_show_heartbeats_and_survive_malformed_info(space: Space) -> None:
+    from taskspace.api.dashboard_data import worker_rows
+    from taskspace.coordination.registry import WORKER_SERVICE
+    from taskspace.worker.registry import announce
+
+    info = {"name": "w1", "host": "h", "pid": 1, "queues": ["default"], "tasks": ["a.b"],
+            "concurrency": 4, "running": 3, "started": space.store.clock.wall() - 60,
+            "succeeded": 7, "failed": 1}  # fmt: skip
+    announce(space.store, "w1", info, ttl=30)
+    odd_meta = {"concurrency": "four", "queues": 5, "running": None}
+    odd = space.registry.register(WORKER_SERVICE, "w2", "there", heartbeat=False, meta=odd_meta)
+    try:
+        rows = {r["name"]: r for r in worker_rows(space)}
+        good = rows["w1"]
+        assert good["load"] == 0.75 and good["tasks"] == ["a.b"] and good["succeeded"] == 7
+        assert 0 <= good["heartbeat_s"] < 5 and 59 <= good["up_s"] < 70
+        bad = rows["w2"]
+        assert bad["concurrency"] == 0 and bad["queues"] == [] and bad["load"] == 0.0
+    finally:
+        odd.deregister()

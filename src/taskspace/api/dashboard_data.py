@@ -276,42 +276,62 @@ def _latency(events: Sequence[Any], now: float) -> dict[str, Any]:
     }
 
 
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok else None
+
+
+def _worker_row(meta: dict[str, Any], wall: float, **extra: Any) -> dict[str, Any]:
+    """A worker's row from the info it registered (anything malformed shown as unknown)."""
+    started = _number(meta.get("started"))
+    concurrency = int(_number(meta.get("concurrency")) or 0)
+    running = int(_number(meta.get("running")) or 0)
+    queues, tasks = meta.get("queues"), meta.get("tasks")
+    return {
+        "name": str(meta.get("name") or extra.get("name") or "?"),
+        "host": meta.get("host"),
+        "pid": meta.get("pid"),
+        "queues": [str(q) for q in queues] if isinstance(queues, list) else [],
+        "tasks": [str(t) for t in tasks] if isinstance(tasks, list) else [],
+        "concurrency": concurrency,
+        "running": running,
+        "load": min(1.0, running / concurrency) if concurrency else 0.0,
+        "succeeded": _number(meta.get("succeeded")),
+        "failed": _number(meta.get("failed")),
+        "up_s": None if started is None else wall - started,
+        "health": "passing",
+        "output": "",
+        "heartbeat_s": None,
+        **extra,
+    }
+
+
 def worker_rows(space: Space) -> list[dict[str, Any]]:
     """Live workers: the info each registered (queues, task names,
     concurrency, load, counters), its health, uptime and seconds since its
-    last heartbeat (from its registration's remaining TTL)."""
-    from taskspace.coordination.registry import WORKER_SERVICE, list_instances
+    last heartbeat (from its registration's remaining TTL; unknown for
+    workers of an earlier release, listed under LEGACY_PREFIX)."""
+    from taskspace.coordination.registry import WORKER_SERVICE, list_instances, scan_all
+    from taskspace.worker.registry import LEGACY_PREFIX
 
     store = space.store
     lease_now = store.clock.now()
     wall = store.clock.wall()
     rows = []
     for inst in list_instances(store, WORKER_SERVICE):
-        meta = dict(inst.meta)
         beat = None
         if inst.expires is not None and inst.ttl:
             beat = max(0.0, inst.ttl - (inst.expires - lease_now))
-        started = meta.get("started")
-        concurrency = int(meta.get("concurrency") or 0)
-        running = int(meta.get("running") or 0)
-        rows.append(
-            {
-                "name": str(meta.get("name") or inst.id),
-                "host": meta.get("host"),
-                "pid": meta.get("pid"),
-                "queues": list(meta.get("queues") or []),
-                "tasks": list(meta.get("tasks") or []),
-                "concurrency": concurrency,
-                "running": running,
-                "load": running / concurrency if concurrency else 0.0,
-                "succeeded": meta.get("succeeded"),
-                "failed": meta.get("failed"),
-                "health": inst.status,
-                "output": inst.output,
-                "up_s": wall - float(started) if isinstance(started, int | float) else None,
-                "heartbeat_s": beat,
-            }
-        )
+        rows.append(_worker_row(dict(inst.meta), wall, name=str(inst.meta.get("name") or inst.id),
+                                health=inst.status, output=inst.output,
+                                heartbeat_s=beat))  # fmt: skip
+    for key, item in scan_all(store, LEGACY_PREFIX):
+        try:
+            meta = orjson.loads(item.value)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(meta, dict):
+            rows.append(_worker_row(meta, wall, name=str(meta.get("name") or key)))
     return sorted(rows, key=lambda r: r["name"])
 
 
