@@ -375,3 +375,31 @@ def test_a_worker_sizes_the_pool_for_its_slots_unless_the_url_sets_it(url: str) 
         assert store.conn.pool().max_size == 5
     finally:
         fixed.close()
+
+
+def test_a_push_racing_the_finish_of_the_same_id_never_inserts_it_twice(
+    store: PostgresStore,
+) -> None:
+    """A push of an id is idempotent also while a finish moves that task to
+    ``done``: the push either sees the running task or its ``done`` row, never
+    neither (which would insert the id a second time, and the second finish
+    would then fail on ``done``'s unique id for ever)."""
+    spec = TaskSpec(id="", name="f", payload=b"[]", queue="q")
+    rounds = 150
+    for i in range(rounds):
+        spec.id = f"race-{i}"
+        store.queue.push([spec])
+        (record,) = store.queue.claim(["q"], "w", 1)
+        pushers = [threading.Thread(target=store.queue.push, args=([spec],)) for _ in range(2)]
+        for thread in pushers:
+            thread.start()
+        assert store.queue.finish([(record.lease, Outcome("succeeded", b"1"))]) == [True]
+        for thread in pushers:
+            thread.join()
+    rows = store.queue._c.read(
+        "SELECT id, count(*) FROM (SELECT id FROM tasks UNION ALL SELECT id FROM done) ids"
+        " GROUP BY id HAVING count(*) > 1",
+        (),
+    )
+    assert rows == [], f"ids stored twice: {rows}"
+    assert store.queue.stats().total("succeeded") == rounds

@@ -438,11 +438,15 @@ class PgConn:
         return self.pipeline([(sql, params)], retry=retry)[-1]
 
     def pipeline(
-        self, steps: Sequence[tuple[str, Sequence[Any] | dict[str, Any]]], retry: bool = False
+        self,
+        steps: Sequence[tuple[str, Sequence[Any] | dict[str, Any]]],
+        retry: bool = False,
+        together: int = 1,
     ) -> list[list[Any]]:
         """Several statements in ONE round trip (psycopg pipeline mode), each
         committed on its own (a Sync after each) before the next starts; the
-        rows of each. A
+        rows of each. The first ``together`` steps share one transaction
+        instead (each still takes its own snapshot: READ COMMITTED). A
         failing statement raises (mapped) and the ones after it do not run.
         ``retry`` as in :meth:`execute` (every step must be safe to repeat)."""
         psycopg = import_psycopg()
@@ -455,7 +459,7 @@ class PgConn:
                     with conn.pipeline() as pipe:
                         cursors = [conn.cursor() for _ in steps]
                         for i, (cur, (sql, params)) in enumerate(zip(cursors, steps, strict=True)):
-                            if i:
+                            if i >= together:
                                 _end_implicit_transaction(pipe)
                             cur.execute(sql, params)
                         pipe.sync()  # the one round trip: every result is in

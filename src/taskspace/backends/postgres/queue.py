@@ -115,6 +115,11 @@ PUSH_SQL = (
     " ON CONFLICT DO NOTHING RETURNING id)"
     " SELECT id FROM ins"
 )
+# Run before PUSH_SQL in its transaction: wait for a finish that is moving one
+# of these tasks to `done` (it holds the row), so that the push's snapshot,
+# taken after this statement, sees the `done` row. Without it a push racing a
+# finish could miss both rows and insert the id again.
+PUSH_LOCK_SQL = "SELECT 1 FROM {s}tasks WHERE id = ANY(%s::text[]) FOR KEY SHARE"
 # A dedup key's live task (the id a deduplicated push returns).
 DEDUP_SQL = "SELECT dedup_key, id FROM {s}tasks WHERE dedup_key = ANY(%s::text[])"
 
@@ -386,6 +391,8 @@ class PgQueue:
         self._waiter = waiter
         self._push_sql = PUSH_SQL.replace("{s}", "")
         self._push_sql_qualified = PUSH_SQL.replace("{s}", f'"{conn.schema}".')
+        self._push_lock_sql = PUSH_LOCK_SQL.replace("{s}", "")
+        self._push_lock_sql_qualified = PUSH_LOCK_SQL.replace("{s}", f'"{conn.schema}".')
 
     # -- push -----------------------------------------------------------------
 
@@ -404,9 +411,11 @@ class PgQueue:
             def run(sql: str, args: Any, chunk: Sequence[TaskSpec] = chunk) -> list[Any]:
                 if sql != self._push_sql:
                     return self._c.read(sql, args)
-                # The insert, then (after its commit, same round trip) the wake-up.
+                # The lock and the insert in one transaction, then (after its
+                # commit, same round trip) the wake-up.
                 wake = self._waiter.notify_step(_ready_keys(chunk))
-                return self._c.pipeline([(sql, args), wake], retry=True)[0]
+                lock = (self._push_lock_sql, (args["ids"],))
+                return self._c.pipeline([lock, (sql, args), wake], retry=True, together=2)[1]
 
             ids.extend(self._push(run, chunk, lambda _: None))
         return ids
@@ -419,6 +428,9 @@ class PgQueue:
         the schema (a connection that is not the store's)."""
 
         def run(sql: str, args: Any) -> list[Any]:
+            if sql in (self._push_sql, self._push_sql_qualified):
+                lock = self._push_lock_sql_qualified if qualified else self._push_lock_sql
+                cur.execute(lock, (args["ids"],))
             cur.execute(sql, args)
             return list(cur.fetchall())
 
