@@ -86,6 +86,7 @@ class Handle:
         state = self.space.store.queue.cancel(self.id, terminate=terminate)
         if state is None:
             raise self._not_found()
+        self.space.events.cancelled(self.id, state)  # a queued task's cancel; never raises
         return state
 
     def retry(self) -> TaskState:
