@@ -114,6 +114,10 @@ def _duration(seconds: float | None) -> str:
     return _ago(seconds)
 
 
+def _num(value: float | None) -> str:
+    return NONE if value is None else f"{value:,.6g}"
+
+
 def _clock(wall: float | None) -> str:
     if wall is None:
         return NONE
@@ -128,7 +132,7 @@ def _stamp(wall: float | None) -> str:
 
 templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
 templates.env.filters.update(
-    ago=_ago, ago_phrase=_ago_phrase, duration=_duration, stamp=_stamp, clock=_clock
+    ago=_ago, ago_phrase=_ago_phrase, duration=_duration, stamp=_stamp, clock=_clock, num=_num
 )
 templates.env.globals.update(nav=NAV, states=TASK_STATES, log_levels=LOG_LEVELS)
 
