@@ -43,14 +43,25 @@ VersionConflict (correct: the key was rewritten by the move). Versions do
 not increase across a move; ``Entry.revision`` is the shard space's.
 
 **Guarantees and limits.** Bad input raises ConfigError naming the argument
-and changes nothing (keys are non-empty strings outside ``taskspace/shard/``).
+and changes nothing (keys are non-empty strings outside ``taskspace/``,
+which is taskspace's own: a shard space may also hold tasks, locks...).
 A shard or coordinator that is down raises BackendError (a write may or may
 not have happened; transactions are retried once with the same request id).
 ``scan`` is weakly consistent: every value it yields was the key's value at
 some instant during the scan, but a key whose slot moves during the scan may
 be missed. ``wait`` bounds every call's waiting on a move; a rebalance's
-batch (``batch_slots``) must copy in well under that. Each shard space must
-belong to one ShardedKV (its markers say what it owns).
+batch (``batch_slots``) must copy in well under that. Each shard space
+belongs to one ShardedKV (its markers say what it owns) and must hold no
+data keys when it joins (ConfigError). Storage: one marker per slot a shard
+ever owned (at most 16,384 small keys), and the shard spaces' change feeds,
+bounded by ``store.kv.reap`` (a worker's maintenance, or :meth:`ShardedKV.reap`).
+
+**Moving a batch reads only its keys.** Per source shard, one rebalance
+keeps an index of keys by slot: one scan, then the change feed since the
+revision read before it (a key that existed throughout the scan is in it;
+any other was written later, so it is in the feed). A batch reads its
+candidate keys with ``get_many``; if the feed was compacted meanwhile, that
+batch scans the source instead.
 """
 
 from __future__ import annotations
@@ -104,8 +115,11 @@ from taskspace.state.slots import (
 T = TypeVar("T")
 
 MAP_KEY = "taskspace/shard/map"
-RESERVED_PREFIX = "taskspace/shard/"
-RESERVED_END = RESERVED_PREFIX + "\U0010ffff"  # above every key of ours: scans jump over them
+# Keys under taskspace/ are taskspace's own records (the markers, and those of
+# tasks, locks, the registry... when a shard space is shared with them): never
+# data of a ShardedKV, refused as keys, skipped by scans and moves.
+RESERVED_PREFIX = "taskspace/"
+RESERVED_END = RESERVED_PREFIX + "\U0010ffff"  # above every such key: scans jump over them
 MARKER_PREFIX = "taskspace/shard/slots/"
 REBALANCE_LOCK = "taskspace/shard/rebalance"
 OWNED = b'"owned"'
@@ -226,10 +240,36 @@ def _own_pages(
             after = RESERVED_END
 
 
+def _changed_keys(kv: KVStore, after: int, slots: set[int]) -> list[str] | None:
+    """The data keys of ``slots`` with a change (put, delete, expiry) above
+    revision ``after``; None if the change feed dropped some of them."""
+    keys: set[str] = set()
+    try:
+        while page := kv.changes("", after, limit=CHANGES_PAGE):
+            for change in page:
+                if not change.key.startswith(RESERVED_PREFIX) and key_slot(change.key) in slots:
+                    keys.add(change.key)
+            after = page[-1].revision
+    except Compacted:
+        return None
+    return sorted(keys)
+
+
+def _check_empty(kv: KVStore, url: str) -> None:
+    """ConfigError if the space at ``url`` holds data keys (outside taskspace/)."""
+    for _, page in _own_pages(kv, ""):
+        if page:
+            raise ConfigError(
+                f"url={url!r} holds keys (e.g. {page[0][0]!r}); a new shard must hold no data"
+                " outside taskspace/ (its records of tasks, locks... may stay)"
+            )
+        return
+
+
 def _check_key(key: Any) -> int:
     slot = key_slot(key)
     if key.startswith(RESERVED_PREFIX):
-        raise ConfigError(f"key={key!r}: keys under {RESERVED_PREFIX!r} are ShardedKV's own")
+        raise ConfigError(f"key={key!r}: keys under {RESERVED_PREFIX!r} are taskspace's own")
     return slot
 
 
@@ -266,6 +306,7 @@ class _Run:
     def __init__(self) -> None:
         self.indexes: dict[int, _KeyIndex] = {}
         self.copied: dict[int, tuple[list[int], list[str]]] = {}
+        self.planned: dict[str, Any] | None = None
 
     def keys_of(self, kv: KVStore, shard_id: int, slots: set[int]) -> set[str] | None:
         """A superset of the keys of ``slots`` on shard ``shard_id`` (call once
@@ -357,8 +398,8 @@ class ShardedKV(Closeable):
                 raise ConfigError(
                     f"urls=None: {self._coord.url} holds no shard map yet; pass the shard URLs"
                 )
-            for url in urls:
-                self._kv(url).revision()  # every shard reachable before the map names it
+            for url in urls:  # every shard reachable and empty before the map names it
+                _check_empty(self._kv(url), url)
             fresh = SlotMap.initial(urls)
             data = self._codec.encode(fresh.to_json(), "the shard map")
             _once(lambda rid: kv.txn([VersionIs(MAP_KEY, None)], [Put(MAP_KEY, data)], rid))
@@ -637,9 +678,11 @@ class ShardedKV(Closeable):
     def add_shard(self, url: str) -> int:
         """Add the space at ``url`` as a shard (no slots yet: ``rebalance()``
         gives it its share) and return its id. ConfigError if it is already a
-        shard; BackendError (map unchanged) if it cannot be reached."""
+        shard or holds data keys; BackendError (map unchanged) if it cannot
+        be reached."""
         _check_shard_url(url)
-        self._kv(url).revision()
+        if self._map.shard_of(url) is None:
+            _check_empty(self._kv(url), url)
 
         def change(cur: SlotMap) -> SlotMap:
             existing = cur.shard_of(url)
@@ -712,7 +755,8 @@ class ShardedKV(Closeable):
                     continue
                 if slot_map.moving is not None:
                     slots_moved += len(slot_map.moving["slots"])
-                    keys, slot_map = self._migrate(slot_map, lease, step, run)
+                    fresh = slot_map.moving == run.planned  # else another run began it
+                    keys, slot_map = self._migrate(slot_map, lease, step, run, fresh)
                     batches += 1
                     keys_moved += keys
                     continue
@@ -722,6 +766,7 @@ class ShardedKV(Closeable):
                 move = Move(moves[0].source, moves[0].target, moves[0].slots[:batch_slots])
                 moving = {"from": move.source, "to": move.target, "slots": move.slots}
                 slot_map = self._update_map(lambda cur: cur.replace(moving=moving), fence=lease)  # noqa: B023
+                run.planned = moving
                 step("planned", move)
 
             def drop(cur: SlotMap) -> SlotMap | None:
@@ -743,9 +788,11 @@ class ShardedKV(Closeable):
             raise LeaseLost(f"rebalance lock {lease.name} lost: stopped; run rebalance() again")
 
     def _migrate(
-        self, slot_map: SlotMap, lease: Lease, step: StepCallback, run: _Run
+        self, slot_map: SlotMap, lease: Lease, step: StepCallback, run: _Run, fresh: bool
     ) -> tuple[int, SlotMap]:
-        """Carry out (or resume) the map's ``moving`` batch; see the module docstring."""
+        """Carry out (or resume) the map's ``moving`` batch; see the module
+        docstring. ``fresh``: this run planned it, so the target holds
+        nothing of its slots (else leftovers of the stopped try are deleted)."""
         assert slot_map.moving is not None
         source, target = int(slot_map.moving["from"]), int(slot_map.moving["to"])
         slots = [int(slot) for slot in slot_map.moving["slots"]]
@@ -770,14 +817,25 @@ class ShardedKV(Closeable):
                 )
         copied: list[str] = []
         if copy:
+            wanted = set(copy)
+            src_store = self._store(src_url)
+            if not fresh:
+                self._delete_slots(dst, wanted)  # leftovers of the try that was stopped
+            # 1. pre-copy while the source still takes writes (the target serves nothing yet)
+            since = src.revision()
+            candidates = run.keys_of(src, source, wanted)
+            precopied = self._copy_slots(src_store, dst, wanted, candidates)
+            step("precopied", move)
+            # 2. stop writes, then copy what changed since the pre-copy
             self._check_lease(lease)
             self._put_markers(src, copy, MIGRATING)
             step("migrating", move)
-            wanted = set(copy)
-            if MIGRATING in src_marks:  # a try was stopped mid-copy: delete what it left
-                self._delete_slots(dst, wanted)
-            candidates = run.keys_of(src, source, wanted)
-            copied = self._copy_slots(self._store(src_url), dst, wanted, candidates)
+            changed = _changed_keys(src, since, wanted)
+            if changed is None:  # the feed was compacted: copy again from scratch
+                self._delete_keys(dst, precopied)
+                copied = self._copy_slots(src_store, dst, wanted, None)
+            else:
+                copied = sorted(set(precopied) | set(self._sync_keys(src_store, dst, changed)))
             step("copied", move)
             self._check_lease(lease)
             self._put_markers(src, copy, MOVED)
@@ -851,28 +909,47 @@ class ShardedKV(Closeable):
     def _copy_slots(
         self, source: Store, target: KVStore, slots: set[int], candidates: set[str] | None
     ) -> list[str]:
-        """Copy the keys of ``slots`` with their remaining TTL (on each store's
-        own lease clock; a key expiring meanwhile is not copied) and return
-        them. ``candidates``: a superset of the slots' keys (read with
-        ``get_many``); None: find them by a full scan of the source."""
+        """Copy the keys of ``slots`` and return them. ``candidates``: a
+        superset of the slots' keys (read with ``get_many``); None: find them
+        by a full scan of the source."""
         if candidates is None:
             pages: Iterator[list[tuple[str, Versioned]]] = self._slot_pages(source.kv, slots)
         else:
             pages = self._read_keys(source.kv, sorted(candidates))
         copied: list[str] = []
         for page in pages:
-            now = source.clock.now()
-            puts: list[Put] = []
-            for key, found in page:
-                if found.expires is None:
-                    puts.append(Put(key, found.value))
-                elif found.expires - now > 0.001:
-                    puts.append(Put(key, found.value, found.expires - now))
-            for chunk in _chunks(puts):
-                result: TxnResult = _once(lambda rid: target.txn([], chunk, rid))  # noqa: B023
-                if not result.ok:  # pragma: no cover - a txn without compares always applies
-                    raise BackendError(f"copying {len(chunk)} keys to a shard failed")
-                copied += [put.key for put in chunk]
+            copied += self._put_found(source, target, page)
+        return copied
+
+    def _put_found(
+        self, source: Store, target: KVStore, page: Sequence[tuple[str, Versioned]]
+    ) -> list[str]:
+        """Write ``page`` (read from ``source``) to ``target`` with each key's
+        remaining TTL on the source's lease clock (a key about to expire is
+        left out); return the keys written."""
+        now = source.clock.now()
+        puts: list[Put] = []
+        for key, found in page:
+            if found.expires is None:
+                puts.append(Put(key, found.value))
+            elif found.expires - now > 0.001:
+                puts.append(Put(key, found.value, found.expires - now))
+        for chunk in _chunks(puts):
+            result: TxnResult = _once(lambda rid: target.txn([], chunk, rid))  # noqa: B023
+            if not result.ok:  # pragma: no cover - a txn without compares always applies
+                raise BackendError(f"copying {len(chunk)} keys to a shard failed")
+        return [put.key for put in puts]
+
+    def _sync_keys(self, source: Store, target: KVStore, keys: Sequence[str]) -> list[str]:
+        """Make ``keys`` on the target what they are on the source (copied, or
+        deleted there if absent here); return those copied."""
+        copied: list[str] = []
+        for chunk in _chunks(sorted(keys), SCAN_PAGE):
+            found = source.kv.get_many(chunk)
+            live = [(key, item) for key, item in zip(chunk, found, strict=True) if item is not None]
+            copied += self._put_found(source, target, live)
+            present = {key for key, _ in live}
+            self._delete_keys(target, [key for key in chunk if key not in present])
         return copied
 
     @staticmethod
@@ -880,6 +957,14 @@ class ShardedKV(Closeable):
         for chunk in _chunks(keys, SCAN_PAGE):
             found = kv.get_many(chunk)
             yield [(key, item) for key, item in zip(chunk, found, strict=True) if item is not None]
+
+    def reap(self, limit: int = 1000) -> int:
+        """Run ``store.kv.reap`` on every shard (record expiries, compact the
+        change feed to its newest KV_CHANGES_KEEP changes) and return how many
+        keys expired. A worker's maintenance does this on its own space; call
+        it periodically for shard spaces no worker runs on, so their change
+        feeds stay bounded."""
+        return sum(self._kv(url).reap(limit) for url in self.shards)
 
     def counts(self) -> dict[str, int]:
         """Keys held per shard URL (served or not; markers excluded), by a full scan."""
