@@ -12,13 +12,15 @@ Policies (``POLICIES``):
 
 ``"tinylfu"`` (the default of ``space.cache``)
     W-TinyLFU: a window LRU of ~1% of the capacity in front of a segmented
-    LRU main space (probation 20% / protected 80%). A key evicted from the
-    window enters the main space only if a count-min sketch of recent
-    access frequencies (4 rows of saturating 4-bit counters, all halved
-    every ``10 * capacity`` recorded accesses) rates it above the main
-    space's eviction victim; otherwise the candidate itself is dropped. A
-    burst of one-hit keys (a scan) therefore cannot flush a frequently used
-    set, and the halving lets a new popular set displace an old one.
+    LRU main space (probation / protected). A key evicted from the window
+    enters the main space only if a count-min sketch of recent access
+    frequencies (4 rows of saturating 4-bit counters, all halved once
+    ``10 * capacity`` accesses accumulate) rates it above the main space's
+    eviction victim; otherwise the candidate itself is dropped. A burst of
+    one-hit keys (a scan) therefore cannot flush a frequently used set. A
+    sudden drop of the hit rate (the popular set moved) shrinks the
+    protected segment and ages the sketch at once, so the policy follows
+    shifting popularity at least as well as LRU (see :class:`TinyLFUPolicy`).
 ``"lru"``
     Least recently used; a hit moves the key to the most recent end. Same
     hits and evictions as ``cachetools.LRUCache`` for the same operations.
@@ -266,13 +268,15 @@ _M128: Final = (1 << 128) - 1
 _WIDTH_FACTOR_BITS: Final = 2  # a row has next_pow2(capacity) * 4 counters
 _MAX_WIDTH_BITS: Final = 24  # 4 rows x 16 MiB at most
 _SATURATE: Final = bytes(min(v + 1, 15) for v in range(256))  # 4-bit counters: 15 stays 15
-_HALVE: Final = bytes(v >> 1 for v in range(256))
+_HALVINGS: Final = [bytes(v >> n for v in range(256)) for n in range(8)]  # n halvings at once
 _SAMPLE_FACTOR: Final = 10  # counters are halved once 10 * capacity increments accumulate
 _PROTECTED_SHARE: Final = 0.9  # of the main space, when the workload is steady
 _SHIFT_DROP: Final = 0.05  # a period's hit rate this far below the running mean: a shift
-_SHIFT_SHARE: Final = 0.3  # ... then protected shrinks to this share of the main space
+_SHIFT_SHARE: Final = 0.1  # ... then protected shrinks to this share of the main space
 _SHARE_STEP: Final = 0.05  # and grows back by this much every steady period
-_MIN_PERIOD: Final = 1024  # accesses per hit-rate period at least (capacity at least)
+_SHIFT_AGING: Final = 2  # ... and the sketch is halved this many times more
+_PERIOD_DIV: Final = 4  # a hit-rate period is capacity / 4 accesses,
+_MIN_PERIOD: Final = 1024  # but at least this many
 
 
 class TinyLFUPolicy:
@@ -294,12 +298,13 @@ class TinyLFUPolicy:
       increments have accumulated every counter is halved, so old
       popularity fades.
     * Protected holds 90% of the main space while the hit rate is steady.
-      When a period's hit rate (``max(capacity, 1024)`` accesses) falls 5
-      points below its running mean, the popular set has shifted: protected
-      shrinks to 30% at once (its least recent entries drop to probation,
-      where new keys can displace them) and grows back by 5 points per
-      period. This is what keeps the policy at least as good as LRU when
-      popularity moves (see docs/cache-policies.md).
+      When a period's hit rate (``max(capacity // 4, 1024)`` accesses) falls
+      5 points below its running mean, the popular set has probably
+      shifted: protected shrinks to 10% at once (its least recent entries
+      drop to probation, where new keys can displace them), the sketch is
+      halved twice more (old counts stop outvoting new keys), and protected
+      grows back by 5 points per period. Without this, W-TinyLFU trails LRU
+      for a long while after each shift (see docs/cache-policies.md).
 
     Not thread-safe.
     """
@@ -320,6 +325,7 @@ class TinyLFUPolicy:
         "_sample",
         "_share",
         "_shifts",
+        "_tick_len",
         "_ticks",
         "_window",
         "_window_max",
@@ -341,21 +347,26 @@ class TinyLFUPolicy:
         self._shifts = tuple(128 - bits * (row + 1) for row in range(4))
         self._rows = [bytearray(1 << bits) for _ in range(4)]
         self._sample = _SAMPLE_FACTOR * capacity
-        self._period_ticks = -(-_MIN_PERIOD // capacity)  # ticks of `capacity` accesses
+        # Work is done every tick of `_tick_len` accesses: aging (due every
+        # 5 * capacity accesses after the first 10 * capacity) and, every
+        # `_period_ticks` ticks, the hit-rate check over >= 1024 accesses.
+        period = max(_MIN_PERIOD, capacity // _PERIOD_DIV)
+        self._tick_len = min(period, self._sample // 2)
+        self._period_ticks = -(-period // self._tick_len)
         self._reset_counts()
         self._on_evict: _Evict = None
 
     def _reset_counts(self) -> None:
         self._additions = 0  # increments since the last halving (halved with the counters)
-        self._ticks = self.capacity  # accesses left before the next tick
-        self._periods = self._period_ticks  # ticks left in this hit-rate period
+        self._ticks = self._tick_len  # accesses left in this tick
+        self._periods = self._period_ticks  # ticks left in this period
         self._misses = 0  # misses in this period
         self._rate = 0.0  # running mean of the periods' hit rates
 
     # -- the sketch and the periodic work -------------------------------------
 
     def _record(self, key: Hashable) -> None:
-        """Increment the 4 counters of ``key``; every ``capacity`` calls, :meth:`_tick`."""
+        """Increment the 4 counters of ``key``; at the end of a period, :meth:`_tick`."""
         h = hash(key) * _MIX & _M128
         mask = self._mask
         s0, s1, s2, s3 = self._shifts
@@ -373,24 +384,28 @@ class TinyLFUPolicy:
             self._tick()
 
     def _tick(self) -> None:
-        """Every ``capacity`` accesses: age the sketch when due; end a hit-rate period."""
-        self._ticks = self.capacity
-        self._additions += self.capacity
+        """Every ``_tick_len`` accesses: age the sketch when due; at the end of a
+        period, react to a hit-rate drop."""
+        tick = self._tick_len
+        self._ticks = tick
+        self._additions += tick
+        halvings = 0
         if self._additions >= self._sample:
-            self._rows = [row.translate(_HALVE) for row in self._rows]
-            self._additions //= 2
+            halvings, self._additions = 1, self._additions // 2
         self._periods -= 1
-        if self._periods:
-            return
-        accesses = self._period_ticks * self.capacity
-        self._periods = self._period_ticks
-        rate = 1.0 - self._misses / accesses
-        self._misses = 0
-        if rate < self._rate - _SHIFT_DROP:
-            self._resize_protected(_SHIFT_SHARE)
-        elif self._share < _PROTECTED_SHARE:
-            self._resize_protected(min(_PROTECTED_SHARE, self._share + _SHARE_STEP))
-        self._rate += (rate - self._rate) / 4
+        if not self._periods:
+            self._periods = self._period_ticks
+            rate = 1.0 - self._misses / (tick * self._period_ticks)
+            self._misses = 0
+            if rate < self._rate - _SHIFT_DROP:
+                self._resize_protected(_SHIFT_SHARE)
+                halvings += _SHIFT_AGING
+            elif self._share < _PROTECTED_SHARE:
+                self._resize_protected(min(_PROTECTED_SHARE, self._share + _SHARE_STEP))
+            self._rate += (rate - self._rate) / 4
+        if halvings:
+            table = _HALVINGS[halvings]
+            self._rows = [row.translate(table) for row in self._rows]
 
     def _resize_protected(self, share: float) -> None:
         self._share = share
