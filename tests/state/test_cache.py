@@ -468,3 +468,30 @@ def test_redis_paused_stops_l1_then_recovers(tmp_path: Path) -> None:
         a.close()
         b.close()
         server.close()
+
+
+def test_listener_survives_an_exception(local: Space, caplog: pytest.LogCaptureFixture) -> None:
+    """An unexpected exception in the listener is logged; the listener clears
+    L1, restarts from the current revision and keeps invalidating."""
+    space = local
+    cache = space.cache("sturdy", max_stale=0.2)
+    cache.set("k", 1)
+    fresh(cache, "k")
+    failures: list[int] = []
+
+    def probe(changes: list[Any]) -> None:
+        if not failures:
+            failures.append(len(changes))
+            raise RuntimeError("probe failure")
+
+    cache._on_apply = probe
+    resets = cache.stats().resets
+    space.kv.put(cache.prefix + "k", 2)
+    eventually(lambda: cache.stats().resets > resets, what="the restart")
+    assert "listener failed" in caplog.text
+    assert cache.get("k") == 2
+    space.kv.put(cache.prefix + "k", 3)
+    eventually(lambda: cache.get("k") == 3, what="invalidation after the restart")
+    fresh(cache, "k")
+    assert cache.peek("k") == 3
+    assert cache._thread is not None and cache._thread.is_alive()
