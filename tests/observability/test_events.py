@@ -120,9 +120,9 @@ def test_every_transition_has_its_event(space: Space, worker: Callable[..., Work
     assert long_kinds == ["submitted", "started", "cancelled"]
     assert events[h_long.id][-1].error == "TaskCancelled"
 
-    # ids are unique and to_json carries every field
-    ids = [e.id for evs in events.values() for e in evs]
-    assert len(set(ids)) == len(ids) and all(i > 0 for i in ids)
+    # ids are stream ids (a stored batch shares one) and to_json carries every field
+    ids = [e.id for e in space.events.read(limit=1000)]
+    assert ids == sorted(ids) and all(i > 0 for i in ids) and len(ids) == 13
     assert set(done.to_json()) == {f for f in TaskEvent.__slots__}
 
 
@@ -151,6 +151,34 @@ def test_read_waits_and_follow_sees_new_events(space: Space) -> None:
     handle = noop.submit()
     thread.join(10)
     assert [(e.kind, e.task_id) for e in seen] == [("submitted", handle.id)]
+
+
+def test_a_batch_is_one_entry_and_never_split(space: Space) -> None:
+    @space.task
+    def noop(i: int) -> None: ...
+
+    handles = noop.submit_many([(i,) for i in range(30)])
+    space.events.flush()
+    assert len(space.store.streams.read(EVENTS_STREAM, limit=100)) == 1  # one entry per batch
+    events = space.events.read(limit=1)  # a batch is never split
+    assert [e.task_id for e in events] == [h.id for h in handles]
+    assert len({e.id for e in events}) == 1
+    assert space.events.read(after=events[0].id) == []
+    assert space.events.last_id() == events[0].id
+
+
+def test_a_queued_task_cancelled_has_its_event(space: Space) -> None:
+    @space.task
+    def never() -> None: ...
+
+    handle = never.submit()
+    state = space.store.queue.cancel(handle.id)
+    space.events.cancelled(handle.id, state)
+    space.events.cancelled(handle.id, "running")  # a running task's worker records it
+    events = by_task(space)[handle.id]
+    assert [(e.kind, e.name, e.error) for e in events] == [
+        ("submitted", never.name, None), ("cancelled", never.name, "TaskCancelled")
+    ]  # fmt: skip
 
 
 def test_bad_usage_is_refused_and_records_nothing() -> None:
