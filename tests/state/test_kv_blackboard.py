@@ -167,7 +167,7 @@ def test_txn_builder_applies_all_or_nothing(space: Space) -> None:
         t.put("x", 1)
 
 
-def test_txn_fenced_by_a_lease(space: Space) -> None:
+def test_txn_and_update_fenced_by_a_lease(space: Space) -> None:
     kv = space.kv
     lease = space.lock("writer", ttl=5).acquire()
     assert lease is not None
@@ -178,6 +178,15 @@ def test_txn_fenced_by_a_lease(space: Space) -> None:
     assert kv.get("r") == 1
     with pytest.raises(ConfigError, match="already fenced"):
         kv.txn().require_lease(lease).require_lease(lease)
+    with pytest.raises(LeaseLost, match="update 'r' refused"):
+        kv.update("r", lambda v: v + 1, fence=lease)
+    assert kv.get("r") == 1
+    fresh = space.lock("writer", ttl=5).acquire()
+    assert fresh is not None
+    assert kv.update("r", lambda v: v + 1, fence=fresh) == 2
+    fresh.release()
+    with pytest.raises(LeaseLost, match="refused"):  # it knows: refused without a store call
+        kv.update("r", lambda v: v + 1, fence=fresh)
 
 
 def test_txn_and_update_survive_a_lost_reply_without_applying_twice(

@@ -332,6 +332,7 @@ class KV:
         default: Any = None,
         ttl: float | None = None,
         timeout: float = UPDATE_TIMEOUT_S,
+        fence: Lease | None = None,
     ) -> Any:
         """Atomically replace the value of ``key`` with ``fn(current)`` and
         return the new value; ``fn`` gets ``default`` when the key is absent.
@@ -344,6 +345,9 @@ class KV:
         with it, so one call is applied exactly once even when a reply is lost.
 
         ``ttl``: the new value's TTL (None: none; a TTL is not carried over).
+        The value is written even if ``fn`` returns it unchanged (a new
+        version). ``fence``: each write also requires that lease to be current
+        on the store, else LeaseLost and nothing is written.
         ``timeout`` is a promise: past it UpdateTimeout (a VersionConflict and
         a TimeoutError) is raised, or BackendError if the store was failing,
         and the call wrote nothing. An exception from ``fn`` or a new value that
@@ -354,6 +358,8 @@ class KV:
             raise ConfigError(f"fn={fn!r}: must be callable (current value -> new value)")
         check_ttl(ttl)
         check_seconds(timeout, "timeout", minimum=0.0)
+        if fence is not None:
+            _check_fence(fence)
         kv = self._space.store.kv
         deadline = time.monotonic() + timeout
         lost = 0
@@ -373,7 +379,7 @@ class KV:
             current = None if found is None else found.version
             new = fn(default if found is None else self._decode(key, found.value))
             write = Put(key, self._encode(key, new), ttl)
-            if self._attempt(VersionIs(key, current), write, deadline, timeout):
+            if self._attempt(VersionIs(key, current), write, deadline, timeout, fence):
                 return new
             delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**lost))
             lost += 1
@@ -384,14 +390,24 @@ class KV:
                     current,
                 )
 
-    def _attempt(self, compare: VersionIs, write: Put, deadline: float, timeout: float) -> bool:
-        """One conditional write of ``update``; a BackendError is retried with
-        the same request id (at most once applied) until ``deadline``."""
+    def _attempt(
+        self, compare: VersionIs, write: Put, deadline: float, timeout: float, fence: Lease | None
+    ) -> bool:
+        """One conditional write of ``update`` (fenced: LeaseLost once the lease
+        is not current); a BackendError is retried with the same request id
+        (at most once applied) until ``deadline``."""
         kv = self._space.store.kv
+        compares: list[Compare] = [compare]
+        if fence is not None:
+            _check_fence(fence)
+            compares.append(GrantHeld(fence.grant))
         rid = uuid.uuid4().hex
         while True:
             try:
-                return kv.txn([compare], [write], rid).ok
+                result = kv.txn(compares, [write], rid)
+                if not result.ok and result.failed == 1 and fence is not None:
+                    raise _refused(fence, f"update {write.key!r}")
+                return result.ok
             except SpaceLost:
                 raise
             except BackendError as exc:
