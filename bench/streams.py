@@ -47,7 +47,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from bench.redis_server import RedisServer, flushdb
+from bench.redis_server import RedisServer, command, flushdb
 from bench.workers import BenchError
 
 GO_WAIT_S = 30.0
@@ -84,7 +84,7 @@ def ts_consume(url: str, stream: str, workdir: str, name: str, batch: int) -> No
     consumer = space.stream(stream).group("g", start="earliest").consumer(name, prefetch=batch)
     space.store.kv.get("warm-up")
     _wait_go(workdir, name)
-    n, last = 0, time.monotonic()
+    n, last, cpu0 = 0, time.monotonic(), time.process_time()
     while got := consumer.fetch(batch, timeout=IDLE_S):
         for msg in got:
             _ = msg.data["n"]
@@ -92,7 +92,8 @@ def ts_consume(url: str, stream: str, workdir: str, name: str, batch: int) -> No
         n += len(got)
         last = time.monotonic()
     consumer.close()
-    _report(workdir, name, {"n": n, "last": last, "conflicts": consumer.conflicts})
+    cpu = time.process_time() - cpu0
+    _report(workdir, name, {"n": n, "last": last, "conflicts": consumer.conflicts, "cpu": cpu})
 
 
 def raw_consume(url: str, stream: str, workdir: str, name: str, batch: int) -> None:
@@ -101,7 +102,7 @@ def raw_consume(url: str, stream: str, workdir: str, name: str, batch: int) -> N
     r = redis.Redis.from_url(url)
     r.ping()
     _wait_go(workdir, name)
-    n, last = 0, time.monotonic()
+    n, last, cpu0 = 0, time.monotonic(), time.process_time()
     while True:
         reply = r.xreadgroup("g", name, {stream: ">"}, count=batch, block=int(IDLE_S * 1000))
         if not reply:
@@ -112,7 +113,7 @@ def raw_consume(url: str, stream: str, workdir: str, name: str, batch: int) -> N
         r.xack(stream, "g", *[entry_id for entry_id, _ in entries])
         n += len(entries)
         last = time.monotonic()
-    _report(workdir, name, {"n": n, "last": last})
+    _report(workdir, name, {"n": n, "last": last, "cpu": time.process_time() - cpu0})
 
 
 def ts_latency(url: str, stream: str, workdir: str, name: str, count: int) -> None:
@@ -263,20 +264,39 @@ def raw_publish(url: str, cfg: Config, res: Results) -> None:
     r.close()
 
 
-def _consume_phase(target: Callable[..., None], url: str, stream: str, cfg: Config,
-                   tmp: str) -> float:  # fmt: skip
+def redis_cpu(url: str | None) -> float:
+    """CPU seconds the redis-server has used (user + sys), 0 without one."""
+    if url is None:
+        return 0.0
+    info = command(url, "INFO", "cpu")
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    return float(fields["used_cpu_user"]) + float(fields["used_cpu_sys"])
+
+
+def _consume_phase(
+    target: Callable[..., None],
+    url: str,
+    stream: str,
+    cfg: Config,
+    tmp: str,
+    redis_url: str | None = None,
+) -> tuple[float, float, float]:
+    """Throughput, client CPU µs per message and redis-server CPU µs per message."""
     workdir = tempfile.mkdtemp(dir=tmp)
     names = [f"c{i}" for i in range(cfg.consumers)]
     procs, start = _spawn(
         target, [(url, stream, workdir, name, cfg.batch) for name in names], workdir
     )
+    server0 = redis_cpu(redis_url)
     reports = _collect(procs, workdir, names)
+    server = (redis_cpu(redis_url) - server0) / cfg.messages * 1e6
     total = sum(r["n"] for r in reports)
     if os.environ.get("BENCH_STREAMS_DEBUG"):
         print(reports)
     if total != cfg.messages:
         raise BenchError(f"consumers got {total} messages, not {cfg.messages}")
-    return cfg.messages / (max(r["last"] for r in reports) - start)
+    client = sum(r["cpu"] for r in reports) / cfg.messages * 1e6
+    return cfg.messages / (max(r["last"] for r in reports) - start), client, server
 
 
 def ts_consume_phase(target: Target, cfg: Config, res: Results) -> None:
@@ -288,8 +308,13 @@ def ts_consume_phase(target: Target, cfg: Config, res: Results) -> None:
         s.group("g", start="earliest").consumer("setup").fetch(1, timeout=0)
         for j in range(0, cfg.messages, 1000):
             s.publish_many([_msg(i) for i in range(j, min(j + 1000, cfg.messages))])
-    rate = _consume_phase(ts_consume, url, "bench", cfg, target.tmp)
+    rate, client, server = _consume_phase(
+        ts_consume, url, "bench", cfg, target.tmp, target.redis_url
+    )
     res.add(f"{target.label} consume+ack, {cfg.consumers} procs (msg/s)", rate)
+    res.add(f"{target.label} consume+ack client CPU (µs/msg)", client)
+    if target.redis_url is not None:
+        res.add(f"{target.label} consume+ack redis-server CPU (µs/msg)", server)
 
 
 def raw_consume_phase(url: str, cfg: Config, res: Results, tmp: str) -> None:
@@ -304,8 +329,10 @@ def raw_consume_phase(url: str, cfg: Config, res: Results, tmp: str) -> None:
             pipe.xadd("raw", {"d": orjson.dumps(_msg(i))})
         pipe.execute()
     r.close()
-    rate = _consume_phase(raw_consume, url, "raw", cfg, tmp)
+    rate, client, server = _consume_phase(raw_consume, url, "raw", cfg, tmp, url)
     res.add(f"raw XREADGROUP+XACK, {cfg.consumers} procs (msg/s)", rate)
+    res.add("raw XREADGROUP+XACK client CPU (µs/msg)", client)
+    res.add("raw XREADGROUP+XACK redis-server CPU (µs/msg)", server)
 
 
 def _latency_phase(target: Callable[..., None], publish: Callable[[dict[str, Any]], None],
@@ -358,6 +385,11 @@ PAIRS = [
     ("redis publish (msg/s)", "raw XADD (msg/s)"),
     ("redis publish_many (msg/s)", "raw XADD pipelined (msg/s)"),
     ("redis consume+ack, {c} procs (msg/s)", "raw XREADGROUP+XACK, {c} procs (msg/s)"),
+    ("redis consume+ack client CPU (µs/msg)", "raw XREADGROUP+XACK client CPU (µs/msg)"),
+    (
+        "redis consume+ack redis-server CPU (µs/msg)",
+        "raw XREADGROUP+XACK redis-server CPU (µs/msg)",
+    ),
     ("redis publish→deliver p50 (ms)", "raw XADD→XREADGROUP p50 (ms)"),
     ("redis publish→deliver p99 (ms)", "raw XADD→XREADGROUP p99 (ms)"),
 ]
@@ -365,13 +397,17 @@ PAIRS = [
 
 def report(res: Results, cfg: Config, console: Console) -> None:
     table = Table(title=f"streams: medians of {cfg.repeat} rounds")
-    for col in ("measure", "taskspace", "raw redis-py", "taskspace / raw"):
+    cols = ("measure", "taskspace", "raw redis-py", "ratio of medians", "median of round ratios")
+    for col in cols:
         table.add_column(col, justify="left" if col == "measure" else "right")
     for ts_name, raw_name in PAIRS:
         ts_name, raw_name = ts_name.format(c=cfg.consumers), raw_name.format(c=cfg.consumers)
         ts, raw = res.median(ts_name), res.median(raw_name)
         ratio = f"{ts / raw:.2f}x" if ts and raw else "-"
-        table.add_row(ts_name, _fmt(ts), _fmt(raw), ratio)
+        pairs = zip(res.rows.get(ts_name, []), res.rows.get(raw_name, []), strict=False)
+        per_round = [a / b for a, b in pairs if b]
+        paired = f"{statistics.median(per_round):.2f}x" if per_round else "-"
+        table.add_row(ts_name, _fmt(ts), _fmt(raw), ratio, paired)
     for name in res.rows:
         if name.startswith("sqlite"):
             table.add_row(name, _fmt(res.median(name)), "", "")

@@ -127,6 +127,24 @@ def test_unacked_messages_are_redelivered_with_a_count(space: Space) -> None:
     assert g.pending() == [] and g.info()["pending"] == 0
 
 
+def test_a_late_ack_settles_the_redelivered_message(space: Space) -> None:
+    s = space.stream("jobs")
+    g = s.group("g", start="earliest", visibility=VIS)
+    a, b = g.consumer("a", prefetch=2), g.consumer("b", prefetch=2)
+    ids = s.publish_many(["x", "y"])
+    late = a.fetch(2)
+    again = b.fetch(2, timeout=5.0)  # a's lease ran out: b has them now
+    assert [m.id for m in again] == ids and [m.deliveries for m in again] == [2, 2]
+    for m in late:
+        m.ack()
+    a.flush()  # written into b's record: nothing left to redeliver
+    assert g.pending() == []
+    for m in again:
+        m.ack()
+    b.flush()  # b's record is gone already: nothing to do, no error
+    assert g.pending() == [] and b.fetch(2, timeout=VIS * 2) == []
+
+
 def test_dead_letter_after_max_deliveries(space: Space) -> None:
     s = space.stream("jobs")
     g = s.group("g", start="earliest", visibility=VIS, max_deliveries=2)

@@ -676,7 +676,7 @@ class Consumer:
             if new.next == 0:
                 new = g.initial_cursor("latest")
             if kv.cas(g.cursor_key, cur.version, new.encode(), ttl=g.group_ttl) is not None:
-                self._cursor = None
+                self._cursor, self._ahead = None, []
                 return new.next or None
         raise BackendError("could not move the group: too much contention")
 
@@ -841,7 +841,9 @@ class Consumer:
         never comes back). A claim that lost the race guesses that the winner
         took the same rows and claims after them: no extra read of the cursor
         unless the guess is wrong too. The record of a batch acked in full is
-        reused for the new batch (one write instead of a delete and a put)."""
+        reused for the new batch (one write instead of a delete and a put).
+        After CLAIM_ATTEMPTS races lost (others took everything meanwhile) it
+        returns with nothing."""
         g = self.group
         guessed = False
         rows: list[StreamEntry] = []
@@ -858,6 +860,8 @@ class Consumer:
             take, rest = rows[:n], rows[n:]
             new = _Cursor(take[-1].id, rest[0].id if rest else 0, True)
             res, owners, batch = self._claim_txn(cur, new, take)
+            if len(rest) < n:
+                rest = []  # a partial batch: read afresh rather than claim a small one
             if res.ok:
                 self._cursor, self._ahead = new, rest
                 self._buffer_entries(take, batch)
@@ -868,7 +872,9 @@ class Consumer:
                 guessed = not guessed
             elif res.failed is not None:
                 self._lose(owners[res.failed])
-        raise BackendError(f"could not claim from {self._stream!r}: too much contention")
+        # Every attempt lost to other consumers of the group, which made progress:
+        # nothing for this one now (the caller tries again until its timeout).
+        return self._cursor if self._cursor is not None else g.load_cursor()
 
     def _claim_txn(
         self, cur: _Cursor, new: _Cursor, take: list[StreamEntry]
