@@ -273,6 +273,8 @@ def test_bad_input_is_4xx_and_changes_nothing(api_space: Space) -> None:
                              ("/api/events", {"after": -1})]:  # fmt: skip
             r = client.get(path, params=params)
             assert r.status_code == 422 and error_code(r) == "invalid_argument", (path, r.text)
+        r = client.get("/api/tasks?limit=2&limit=3")
+        assert r.status_code == 422 and "more than once" in r.json()["error"]["message"]
         r = client.post("/api/dead/retry", json={"ids": ["x"] * 1001})
         assert r.status_code == 422 and error_code(r) == "invalid_argument"
         r = client.post("/api/dead/retry", json={"ids": ["bad id"]})

@@ -177,6 +177,10 @@ def test_pending_submits_are_bounded() -> None:
         "taskspace_task_claim_latency_seconds_sum", {"task": "job", "queue": "q"}
     )
     assert count == 1.0 + 0.5
+    for i in range(150):  # model label values are bounded
+        metrics.observe(_event("usage", usage={"tokens_in": 1, "model": f"m{i}"}))
+    models = {s.labels["model"] for s in metrics.tokens.collect()[0].samples}
+    assert len(models) == 101 and "(other)" in models
 
 
 def test_grafana_dashboard_uses_exposed_metrics(tmp_path: Path) -> None:

@@ -382,6 +382,11 @@ def create_app(
 
     metrics = EventMetrics()
     metrics.registry.register(SpaceCollector(space))
+    from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
+    ProcessCollector(registry=metrics.registry)  # the server process's CPU, memory, fds
+    PlatformCollector(registry=metrics.registry)
+    GCCollector(registry=metrics.registry)
     usage = UsageTotals()
     tailer = EventTailer(space, [metrics.observe, usage.observe])
 
@@ -411,7 +416,7 @@ def create_app(
 
     _install_error_handlers(app)
     auth = require_token_documented if token is not None else require_token
-    api = APIRouter(prefix="/api", dependencies=[Depends(auth)])
+    api = APIRouter(prefix="/api", dependencies=[Depends(auth), Depends(_single_values)])
     _task_routes(api, space)
     _info_routes(api, space, usage)
     _stream_routes(api, space)
@@ -430,6 +435,16 @@ def create_app(
             allow_credentials=True,
         )
     return app
+
+
+def _single_values(request: Request) -> None:
+    """Refuse a query parameter given twice (every API parameter takes one value):
+    422 rather than silently using one of them."""
+    seen: set[str] = set()
+    for key, _ in request.query_params.multi_items():
+        if key in seen:
+            raise ApiError(422, "invalid_argument", f"query parameter {key!r} given more than once")
+        seen.add(key)
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -498,6 +513,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else code
         return JSONResponse(body(code, message), status, headers=headers or None)
 
+    def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(body("internal_error", "internal error (logged by the server)"), 500)
+
+    app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(TaskspaceError, taskspace_error)
     app.add_exception_handler(RequestValidationError, validation_error)

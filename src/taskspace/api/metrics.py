@@ -107,6 +107,7 @@ RUN_BUCKETS = (
 )
 SCRAPE_CACHE_S = 1.0
 OLDEST_SCAN_QUEUES = 100  # oldest-task age is read for at most this many queues per scrape
+MODELS_MAX = 100  # distinct ``model`` label values; further models count as "(other)"
 
 
 class EventMetrics:
@@ -155,6 +156,7 @@ class EventMetrics:
         )
         self._submitted: OrderedDict[str, float] = OrderedDict()
         self._started: OrderedDict[str, float] = OrderedDict()
+        self._models: set[str] = set()
         self._lock = threading.Lock()
         self._server: Any = None
 
@@ -192,7 +194,12 @@ class EventMetrics:
             self.run_time.labels(task, queue, kind).observe(max(0.0, float(event.duration)))
 
     def _usage(self, task: str, usage: dict[str, Any]) -> None:
-        model = str(usage.get("model") or "")
+        model = str(usage.get("model") or "")[:100]
+        with self._lock:  # label values are bounded: a flood of model names cannot grow it
+            if model not in self._models:
+                if len(self._models) >= MODELS_MAX:
+                    model = "(other)"
+                self._models.add(model)
         for key, direction in (("tokens_in", "in"), ("tokens_out", "out")):
             n = usage.get(key)
             if isinstance(n, int | float) and not isinstance(n, bool) and n > 0:
