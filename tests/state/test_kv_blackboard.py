@@ -114,7 +114,7 @@ def test_update_gives_up_on_time_and_writes_nothing(space: Space) -> None:
     with pytest.raises(UpdateTimeout, match="lost the race") as info:
         kv.update("hot", always_overtaken, timeout=0.3)
     elapsed = time.monotonic() - start
-    assert 0.25 <= elapsed < 1.5, elapsed
+    assert 0.25 <= elapsed < 3.0, elapsed  # a promise (slack: one store call on a loaded machine)
     assert isinstance(info.value, VersionConflict) and isinstance(info.value, TimeoutError)
     current = kv.get_versioned("hot")
     assert current is not None and current.value == "someone else"

@@ -161,13 +161,13 @@ def test_watch_timeout_close_from_another_thread_and_space_close(
     watch = space.kv.watch("t/", timeout=0.3)
     start = time.monotonic()
     assert list(watch) == []
-    assert 0.25 <= time.monotonic() - start < 2.0 and watch.closed
+    assert 0.25 <= time.monotonic() - start < 3.0 and watch.closed
     # close() from another thread ends a blocked iteration
     collector = Collector(space.kv.watch("t/"))
     time.sleep(0.05)
     start = time.monotonic()
     collector.close()
-    assert time.monotonic() - start <= watch_module.WAIT_STEP_S + 1.0
+    assert time.monotonic() - start <= watch_module.WAIT_STEP_S + 2.0
     # Space.close closes the watches of space.kv
     collector = Collector(space.kv.watch("t/"))
     space.kv.put("t/x", 1)
@@ -444,7 +444,7 @@ def test_watch_get_raises_on_time_while_redis_is_down_then_resumes(tmp_path: Pat
         start = time.monotonic()
         with pytest.raises(BackendError, match="did not answer before the timeout"):
             watch.get(timeout=0.5)  # a timeout is a promise, and never silent on an outage
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 3.0
         with pytest.raises(BackendError, match="did not answer"):
             space.kv.update("d/a", lambda v: v + 1, timeout=0.5)
         with pytest.raises(BackendError, match="could not list its start"):
