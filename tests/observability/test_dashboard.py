@@ -406,3 +406,19 @@ def test_worker_rows_show_heartbeats_and_survive_malformed_info(space: Space) ->
         assert bad["concurrency"] == 0 and bad["queues"] == [] and bad["load"] == 0.0
     finally:
         odd.deregister()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
+        ("postgresql://u:pw@h/db?password=x&sslmode=require",
+         "postgresql://u:***@h/db?password=***&sslmode=require"),
+        ("postgresql:///db?PASSWORD=x", "postgresql:///db?PASSWORD=***"),
+        ("sqlite:////tmp/a.db", "sqlite:////tmp/a.db"),
+    ],
+)  # fmt: skip
+def test_the_header_never_shows_a_password(url: str, shown: str) -> None:
+    from taskspace.api.dashboard_data import redact_url
+
+    assert redact_url(url) == shown
