@@ -318,3 +318,46 @@ def test_a_killed_holder_is_taken_over_after_its_ttl(url: str, tmp_path: Path) -
     assert calls == 2
     assert (work / f"computing.{rep['pid']}").exists()
     assert took_over < 1 + 5  # lease_ttl plus a generous margin for process exit
+
+
+def test_a_cancelled_async_waiter_stops_waiting(local: Space) -> None:
+    release = threading.Event()
+    entered = threading.Event()
+    runs: list[int] = []
+
+    def body(x: int) -> int:
+        runs.append(x)
+        entered.set()
+        release.wait(10)
+        return x
+
+    holder = local.cached(name="async-cancel")(body)
+
+    async def fetch_body(x: int) -> int:
+        runs.append(-x)
+        return -x
+
+    fetch = local.cached(name="async-cancel")(fetch_body)
+    worker = threading.Thread(target=holder, args=(1,))
+    worker.start()
+    try:
+        assert entered.wait(5)
+        waiting_before = {t.name for t in threading.enumerate()}
+
+        async def main() -> None:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(fetch(1), 0.2)
+
+        asyncio.run(main())
+        deadline = time.monotonic() + 3
+        while any(t.name.startswith("taskspace-memo-") for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the waiting thread did not stop"
+            time.sleep(0.01)
+        assert "taskspace-memo-async-cancel" not in waiting_before
+    finally:
+        release.set()
+        worker.join()
+    assert runs == [1]  # the cancelled caller never computed
+    key = fetch.memo.key_for((1,), {})
+    assert local.store.leases.holders("memo/" + key) == []  # no lease left behind
+    assert asyncio.run(fetch(1)) == 1  # the holder's result

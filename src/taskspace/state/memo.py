@@ -58,6 +58,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ DEFAULT_TTL_S: Final = 3600.0
 DEFAULT_WAIT_S: Final = 60.0
 DEFAULT_LEASE_TTL_S: Final = 10.0
 WAIT_STEP_S: Final = 1.0  # one leases.wait at most (it also ends on the holder's expiry)
+CANCEL_STEP_S: Final = 0.2  # an async caller's wait sees its cancellation within this
 BACKOFF_START_S: Final = 0.02
 BACKOFF_MAX_S: Final = 1.0
 ON_TIMEOUT: Final = ("raise", "compute")
@@ -218,15 +220,20 @@ class Memo:
 
     # -- the protocol -------------------------------------------------------------------
 
-    def begin(self, key: str) -> _Hit | Lease | _Compute:
+    def begin(self, key: str, cancel: threading.Event | None = None) -> _Hit | Lease | _Compute:
         """A cached result, or the lease to compute it (or _COMPUTE on a
         timeout with ``on_timeout="compute"``); waits for another caller's
-        computation at most ``wait`` seconds (ResultTimeout after that)."""
+        computation at most ``wait`` seconds (ResultTimeout after that).
+        ``cancel`` (set by a cancelled async caller) ends the wait within
+        CANCEL_STEP_S, returning _COMPUTE (nobody uses it then)."""
         cache = self.cache
         lease_name = LEASE_PREFIX + key
         deadline = time.monotonic() + self.wait
         delay = BACKOFF_START_S
+        step = WAIT_STEP_S if cancel is None else CANCEL_STEP_S
         while True:
+            if cancel is not None and cancel.is_set():
+                return _COMPUTE
             try:
                 found = cache.get(key, MISSING)
                 if found is not MISSING:
@@ -243,7 +250,7 @@ class Memo:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self.space.store.leases.wait(lease_name, min(left, WAIT_STEP_S))
+                self.space.store.leases.wait(lease_name, min(left, step))
             except SpaceLost:
                 raise
             except BackendError as exc:
@@ -331,8 +338,13 @@ class Memo:
             if isinstance(got, Lease):
                 got.release()
 
-        future = spawn(lambda: self.begin(key), f"taskspace-memo-{self.name}", orphan)
-        got = await asyncio.wrap_future(future)
+        cancel = threading.Event()
+        future = spawn(lambda: self.begin(key, cancel), f"taskspace-memo-{self.name}", orphan)
+        try:
+            got = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            cancel.set()  # the waiting thread stops; a lease it took goes back (orphan)
+            raise
         if isinstance(got, _Hit):
             return self.unwrap(got.payload)
         lease = got if isinstance(got, Lease) else None
