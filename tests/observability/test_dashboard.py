@@ -331,7 +331,7 @@ def test_the_event_digest_reads_only_the_recent_window_then_what_is_new(space: S
     recent = [now - 60 + i for i in range(5)]
     space.store.streams.append_many(EVENTS_STREAM, events(old + recent))
     digest = EventDigest(space)
-    assert digest.refresh()
+    assert digest.refresh() and digest.caught_up
     assert [e.time for e in digest.recent] == recent  # the old ones were never read
     space.store.streams.append_many(EVENTS_STREAM, events([now + 1, now + 2], "failed"))
     assert digest.refresh()

@@ -182,8 +182,8 @@ def _render(
     context.setdefault("page", page)
     digest = getattr(request.app.state, "dashboard_digest", None)
     events_after = None
-    if isinstance(digest, data.EventDigest) and digest.available:
-        events_after = digest.last_id
+    if isinstance(digest, data.EventDigest) and digest.available and digest.caught_up:
+        events_after = digest.last_id  # pages follow events from here (else: only new ones)
     context.update(
         space_url=data.redact_url(space.url),
         rendered=time.time(),

@@ -130,13 +130,15 @@ class EventDigest:
     stream's ids (O(log ids) reads of one event, whatever the stream's
     length); later ones read only what was appended since (at most READ_MAX
     events per call). Memory: at most RECENT_MAX events, none older than
-    WINDOW_S. ``available`` is False when the space has no events module;
+    WINDOW_S. ``caught_up``: the last refresh read up to the stream's end.
+    ``available`` is False when the space has no events module;
     ``error`` says why the stream could not be read (the pages then show
     counts only).
     """
 
     space: Space
     last_id: int | None = None
+    caught_up: bool = False
     available: bool = True
     error: str | None = None
     recent: deque[Any] = field(default_factory=lambda: deque(maxlen=RECENT_MAX))
@@ -163,6 +165,7 @@ class EventDigest:
             if self.last_id is None:
                 self.last_id = _window_start(events, wall - WINDOW_S)
             read = 0
+            self.caught_up = False
             while read < READ_MAX:
                 page = events.read(after=self.last_id, limit=READ_PAGE)
                 for event in page:
@@ -171,6 +174,7 @@ class EventDigest:
                         self.recent.append(event)
                 read += len(page)
                 if len(page) < READ_PAGE:
+                    self.caught_up = True
                     break
         except TaskspaceError as exc:
             log.warning("dashboard: reading task events failed: %s", exc)
