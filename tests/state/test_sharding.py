@@ -315,6 +315,26 @@ def test_kv_methods_through_a_join_and_a_removal(backend: str, tmp_path: Path) -
         gone.close()
 
 
+def test_concurrent_updates_count_exactly(memory_kv: ShardedKV) -> None:
+    def bump() -> None:
+        for _ in range(50):
+            memory_kv.update("counter", lambda v: v + 1, default=0)
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert memory_kv.get("counter") == 200
+    with pytest.raises(ConfigError, match="fn="):
+        memory_kv.update("counter", 5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="timeout="):
+        memory_kv.update("counter", lambda v: v, timeout=-1)
+    with pytest.raises(ZeroDivisionError):
+        memory_kv.update("counter", lambda v: v / 0)
+    assert memory_kv.get("counter") == 200
+
+
 def test_ttl_expires_on_the_new_shard(tmp_path: Path) -> None:
     urls = shard_urls("memory", tmp_path, 2)
     with ShardedKV(urls[:1], coordinator=f"memory://c{uuid.uuid4().hex[:8]}") as kv:
@@ -388,6 +408,12 @@ def test_a_rebalance_stopped_at_any_step_is_resumed(step: str, tmp_path: Path) -
             with pytest.raises(BackendError, match="rebalance"):
                 kv.put(key, -1)
             assert time.monotonic() - started < 2.0
+            patient = ShardedKV(coordinator=coord, wait=30)
+            started = time.monotonic()
+            with pytest.raises(BackendError):  # update's timeout bounds the wait too
+                patient.update(key, lambda v: -1, timeout=0.2)
+            assert time.monotonic() - started < 2.0
+            patient.close()
         expected: dict[str, int | None] = {f"k{i}": i for i in range(400)}
         in_batch = set(stuck.moving["slots"]) if stuck.moving else set()
         chosen = [i for i in range(400) if i % 9 == 0 or key_slot(f"k{i}") in in_batch]

@@ -67,6 +67,7 @@ batch scans the source instead.
 from __future__ import annotations
 
 import heapq
+import random
 import threading
 import time
 import uuid
@@ -102,7 +103,7 @@ from taskspace.errors import (
     VersionConflict,
 )
 from taskspace.space import Space
-from taskspace.state.kv import Entry
+from taskspace.state.kv import Entry, UpdateTimeout
 from taskspace.state.slots import (
     SHARD_ACTIVE,
     SHARD_LEAVING,
@@ -135,7 +136,9 @@ REBALANCE_LEASE_S = 10.0
 WRITE_CHUNK = 200
 SCAN_PAGE = 500
 CHANGES_PAGE = 1000
-UPDATE_ATTEMPTS = 100
+UPDATE_TIMEOUT_S = 10.0
+UPDATE_BACKOFF_BASE_S = 0.001
+UPDATE_BACKOFF_CAP_S = 0.01
 BACKOFF_START_S = 0.002
 BACKOFF_MAX_S = 0.05
 RETRY_AFTER_S = 0.05
@@ -478,10 +481,13 @@ class ShardedKV(Closeable):
 
     # -- routing ------------------------------------------------------------------
 
-    def _run(self, slot: int, call: Callable[[int, KVStore], T | _Bounce]) -> T:
+    def _run(
+        self, slot: int, call: Callable[[int, KVStore], T | _Bounce], until: float | None = None
+    ) -> T:
         """``call(shard_id, kv)`` on the slot's owner until a shard serves it:
         on a refusal re-read the map, retry at once if the owner changed, else
-        back off, up to ``wait`` seconds (then BackendError)."""
+        back off, up to ``wait`` seconds or until ``until`` (monotonic clock),
+        whichever is first (then BackendError)."""
         deadline: float | None = None
         delay = BACKOFF_START_S
         slot_map = self._map
@@ -492,7 +498,7 @@ class ShardedKV(Closeable):
                 return out
             now = time.monotonic()
             if deadline is None:
-                deadline = now + self._wait
+                deadline = now + self._wait if until is None else min(until, now + self._wait)
             slot_map = self.refresh()
             if slot_map.owners[slot] != owner:
                 continue
@@ -524,6 +530,9 @@ class ShardedKV(Closeable):
     def get_versioned(self, key: str) -> Entry | None:
         """The value of ``key`` with its version (see the module docstring),
         the shard's revision and expiry, or None."""
+        return self._get_versioned(key, None)
+
+    def _get_versioned(self, key: str, until: float | None) -> Entry | None:
         slot = _check_key(key)
         marker = marker_key(slot)
 
@@ -536,7 +545,7 @@ class ShardedKV(Closeable):
             version = encode_version(found.version, shard_id)
             return Entry(self._decode(key, found.value), version, found.revision, found.expires)
 
-        return self._run(slot, read)
+        return self._run(slot, read, until)
 
     def put(self, key: str, value: Any, *, ttl: float | None = None) -> int:
         """Write ``value`` (expiring after ``ttl`` seconds; None: never); return
@@ -557,6 +566,11 @@ class ShardedKV(Closeable):
         the new version, or raise VersionConflict (``.current``: the version
         found, None if absent) and write nothing. A version read before the
         key moved to another shard always conflicts."""
+        return self._cas(key, value, version, ttl, None)
+
+    def _cas(
+        self, key: str, value: Any, version: int | None, ttl: float | None, until: float | None
+    ) -> int:
         check_ttl(ttl)
         slot = _check_key(key)
         if version is not None and (
@@ -591,7 +605,7 @@ class ShardedKV(Closeable):
                 return BOUNCE
             raise conflict(shard_id, kv)
 
-        return self._run(slot, write)
+        return self._run(slot, write, until)
 
     def update(
         self,
@@ -600,24 +614,41 @@ class ShardedKV(Closeable):
         *,
         default: Any = None,
         ttl: float | None = None,
+        timeout: float = UPDATE_TIMEOUT_S,
     ) -> Any:
-        """Apply ``fn`` to the value (``default`` if absent) and write the
-        result with ``cas``, re-reading and calling ``fn`` again on each
-        conflict (up to 100 tries, then VersionConflict); return the value
-        written. ``fn`` may run more than once, so it must be pure."""
-        check_ttl(ttl)
+        """Replace the value of ``key`` with ``fn(current)`` (``default`` when
+        absent) and return the new value, as ``space.kv.update``: read, then
+        ``cas``; on a conflict back off (full jitter) and try again, so ``fn``
+        may run several times (keep it pure). ``timeout`` is a promise, also
+        while the key's slot is being moved: past it UpdateTimeout (a
+        VersionConflict and a TimeoutError) or BackendError, and the call
+        wrote nothing. An exception from ``fn`` propagates; nothing is written."""
         _check_key(key)
         if not callable(fn):
-            raise ConfigError(f"fn={fn!r}: must be callable")
-        for _ in range(UPDATE_ATTEMPTS):
-            found = self.get_versioned(key)
+            raise ConfigError(f"fn={fn!r}: must be callable (current value -> new value)")
+        check_ttl(ttl)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+            raise ConfigError(f"timeout={timeout!r}: must be a number of seconds >= 0")
+        until = time.monotonic() + timeout
+        lost = 0
+        while True:
+            found = self._get_versioned(key, until)
+            current = None if found is None else found.version
             new = fn(default if found is None else found.value)
             try:
-                self.cas(key, new, version=None if found is None else found.version, ttl=ttl)
+                self._cas(key, new, current, ttl, until)
                 return new
-            except VersionConflict:
-                continue
-        raise VersionConflict(f"update of {key!r} conflicted {UPDATE_ATTEMPTS} times in a row")
+            except VersionConflict as exc:
+                current = exc.current
+            delay = random.uniform(0, min(UPDATE_BACKOFF_CAP_S, UPDATE_BACKOFF_BASE_S * 2**lost))
+            lost += 1
+            if time.monotonic() + delay >= until:
+                raise UpdateTimeout(
+                    f"update {key!r}: lost the race to other writers {lost} times within"
+                    f" timeout={timeout:g} s (last seen at version {current}); nothing written",
+                    current,
+                )
+            time.sleep(delay)
 
     def delete(self, key: str) -> bool:
         """Delete ``key``; True if it existed."""
