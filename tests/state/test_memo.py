@@ -280,7 +280,7 @@ def test_processes_compute_once(url: str, tmp_path: Path) -> None:
         calls = space.kv.get("calls")
     finally:
         space.close()
-    assert [r["result"] for r in reports] == [14] * 4
+    assert [r["result"] for r in reports] == [14] * 3
     assert calls == 1
 
 
