@@ -267,7 +267,7 @@ def test_processes_compute_once(url: str, tmp_path: Path) -> None:
     work = tmp_path / "w"
     work.mkdir()
     children = [
-        cache_procs.spawn("memo", url, work, x=7, sleep=0.3, lease_ttl=5, wait=20) for _ in range(4)
+        cache_procs.spawn("memo", url, work, x=7, sleep=0.3, lease_ttl=5, wait=20) for _ in range(3)
     ]
     try:
         cache_procs.wait_ready(work, children)
