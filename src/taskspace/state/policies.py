@@ -81,6 +81,7 @@ POLICIES: Final = ("tinylfu", "lru", "lfu")
 """Policy names accepted by :func:`make_policy`; the first is the default of ``space.cache``."""
 
 _Evict = Callable[[Hashable], None] | None
+_Entry = tuple[Any, int, int, int, int]  # TinyLFU: (value, counter index in each row)
 
 
 @runtime_checkable
@@ -321,10 +322,10 @@ class TinyLFUPolicy:
         "_protected",
         "_protected_max",
         "_rate",
-        "_rows",
         "_sample",
         "_share",
         "_shifts",
+        "_table",
         "_tick_len",
         "_ticks",
         "_window",
@@ -338,14 +339,14 @@ class TinyLFUPolicy:
         self._main_max = max(0, capacity - self._window_max)
         self._share = _PROTECTED_SHARE
         self._protected_max = int(self._main_max * self._share)
-        self._window: OrderedDict[Hashable, Any] = OrderedDict()
-        self._probation: OrderedDict[Hashable, Any] = OrderedDict()
-        self._protected: OrderedDict[Hashable, Any] = OrderedDict()
+        self._window: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._probation: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._protected: OrderedDict[Hashable, _Entry] = OrderedDict()
         bits = max(4, (capacity - 1).bit_length() + _WIDTH_FACTOR_BITS)
         bits = min(bits, _MAX_WIDTH_BITS)
         self._mask = (1 << bits) - 1
         self._shifts = tuple(128 - bits * (row + 1) for row in range(4))
-        self._rows = [bytearray(1 << bits) for _ in range(4)]
+        self._table = bytearray(4 << bits)  # 4 rows of 1 << bits counters, one after another
         self._sample = _SAMPLE_FACTOR * capacity
         # Work is done every tick of `_tick_len` accesses: aging (due every
         # 5 * capacity accesses after the first 10 * capacity) and, every
@@ -365,23 +366,35 @@ class TinyLFUPolicy:
 
     # -- the sketch and the periodic work -------------------------------------
 
-    def _record(self, key: Hashable) -> None:
-        """Increment the 4 counters of ``key``; at the end of a period, :meth:`_tick`."""
+    def _address(self, key: Hashable) -> _Entry:
+        """``(None, i0, i1, i2, i3)``: the key's counter index in each of the 4 rows."""
         h = hash(key) * _MIX & _M128
-        mask = self._mask
+        mask, width = self._mask, self._mask + 1
         s0, s1, s2, s3 = self._shifts
-        r0, r1, r2, r3 = self._rows
-        i = h >> s0 & mask
-        r0[i] = _SATURATE[r0[i]]
-        i = h >> s1 & mask
-        r1[i] = _SATURATE[r1[i]]
-        i = h >> s2 & mask
-        r2[i] = _SATURATE[r2[i]]
-        i = h >> s3 & mask
-        r3[i] = _SATURATE[r3[i]]
+        return (
+            None,
+            h >> s0 & mask,
+            (h >> s1 & mask) + width,
+            (h >> s2 & mask) + 2 * width,
+            (h >> s3 & mask) + 3 * width,
+        )
+
+    def _count(self, entry: _Entry) -> None:
+        """Increment the 4 counters at ``entry``'s indices (the slow path's version)."""
+        _, i0, i1, i2, i3 = entry
+        table = self._table
+        table[i0] = _SATURATE[table[i0]]
+        table[i1] = _SATURATE[table[i1]]
+        table[i2] = _SATURATE[table[i2]]
+        table[i3] = _SATURATE[table[i3]]
         self._ticks -= 1
         if not self._ticks:
             self._tick()
+
+    def _estimate(self, entry: _Entry) -> int:
+        _, i0, i1, i2, i3 = entry
+        table = self._table
+        return min(table[i0], table[i1], table[i2], table[i3])
 
     def _tick(self) -> None:
         """Every ``_tick_len`` accesses: age the sketch when due; at the end of a
@@ -404,8 +417,7 @@ class TinyLFUPolicy:
                 self._resize_protected(min(_PROTECTED_SHARE, self._share + _SHARE_STEP))
             self._rate += (rate - self._rate) / 4
         if halvings:
-            table = _HALVINGS[halvings]
-            self._rows = [row.translate(table) for row in self._rows]
+            self._table = self._table.translate(_HALVINGS[halvings])
 
     def _resize_protected(self, share: float) -> None:
         self._share = share
@@ -417,31 +429,47 @@ class TinyLFUPolicy:
 
     def frequency(self, key: Hashable) -> int:
         """The sketch's estimate (0..15) of recent accesses to ``key``; records nothing."""
-        h = hash(key) * _MIX & _M128
-        mask = self._mask
-        return min(row[h >> s & mask] for row, s in zip(self._rows, self._shifts, strict=True))
+        return self._estimate(self._address(key))
 
-    # -- the map --------------------------------------------------------------
+    # -- the map: segments hold (value, i0, i1, i2, i3), the counter indices
+    # computed once per put so that a hit does no hashing ---------------------
 
     def get(self, key: Hashable, default: Any = MISSING) -> Any:
         """The value of ``key``, or ``default`` on a miss; counts the access in the sketch."""
-        self._record(key)
         protected = self._protected
-        if key in protected:
+        entry = protected.get(key)
+        if entry is not None:  # the common hit, inline
             protected.move_to_end(key)
-            return protected[key]
-        probation = self._probation
-        if key in probation:
-            value = probation.pop(key)
-            protected[key] = value
-            if len(protected) > self._protected_max:
-                old, old_value = protected.popitem(last=False)
-                probation[old] = old_value
+            value, i0, i1, i2, i3 = entry
+            table = self._table
+            table[i0] = _SATURATE[table[i0]]
+            table[i1] = _SATURATE[table[i1]]
+            table[i2] = _SATURATE[table[i2]]
+            table[i3] = _SATURATE[table[i3]]
+            self._ticks -= 1
+            if not self._ticks:
+                self._tick()
             return value
+        return self._get_rest(key, default)
+
+    def _get_rest(self, key: Hashable, default: Any) -> Any:
+        probation = self._probation
+        entry = probation.pop(key, None)
+        if entry is not None:  # promoted; protected's overflow goes back to probation
+            protected = self._protected
+            protected[key] = entry
+            if len(protected) > self._protected_max:
+                old, old_entry = protected.popitem(last=False)
+                probation[old] = old_entry
+            self._count(entry)
+            return entry[0]
         window = self._window
-        if key in window:
+        entry = window.get(key)
+        if entry is not None:
             window.move_to_end(key)
-            return window[key]
+            self._count(entry)
+            return entry[0]
+        self._count(self._address(key))
         self._misses += 1
         return default
 
@@ -449,27 +477,28 @@ class TinyLFUPolicy:
         """Replace ``key`` in place (most recent of its segment) or add it to the window;
         a full cache then evicts one key: the window's candidate or the main victim."""
         for segment in (self._protected, self._probation, self._window):
-            if key in segment:
-                segment[key] = value
+            entry = segment.get(key)
+            if entry is not None:
+                segment[key] = (value, *entry[1:])
                 segment.move_to_end(key)
                 return
         window = self._window
-        window[key] = value
+        window[key] = (value, *self._address(key)[1:])
         if len(window) > self._window_max:
             self._admit(*window.popitem(last=False))
 
-    def _admit(self, candidate: Hashable, value: Any) -> None:
+    def _admit(self, candidate: Hashable, entry: _Entry) -> None:
         probation, protected = self._probation, self._protected
         if len(probation) + len(protected) < self._main_max:
-            probation[candidate] = value
+            probation[candidate] = entry
             return
         loser = candidate
         if self._main_max:
             segment = probation if probation else protected
-            victim = next(iter(segment))
-            if self.frequency(candidate) > self.frequency(victim):
+            victim, victim_entry = next(iter(segment.items()))
+            if self._estimate(entry) > self._estimate(victim_entry):
                 del segment[victim]
-                probation[candidate] = value
+                probation[candidate] = entry
                 loser = victim
             else:
                 segment.move_to_end(victim)
@@ -479,8 +508,9 @@ class TinyLFUPolicy:
     def pop(self, key: Hashable, default: Any = None) -> Any:
         """Remove ``key``; its value, or ``default`` if absent (the sketch is unchanged)."""
         for segment in (self._protected, self._probation, self._window):
-            if key in segment:
-                return segment.pop(key)
+            entry = segment.pop(key, None)
+            if entry is not None:
+                return entry[0]
         return default
 
     def __contains__(self, key: object) -> bool:
@@ -494,8 +524,7 @@ class TinyLFUPolicy:
         self._window.clear()
         self._probation.clear()
         self._protected.clear()
-        for row in self._rows:
-            row[:] = bytes(len(row))
+        self._table[:] = bytes(len(self._table))
         self._resize_protected(_PROTECTED_SHARE)
         self._reset_counts()
 
