@@ -491,7 +491,7 @@ def _wait_for(
 
 
 @pytest.mark.fault
-@pytest.mark.parametrize("step", ["migrating", "copied", "switched"])
+@pytest.mark.parametrize("step", ["copied", "switched"])
 def test_a_rebalance_killed_mid_batch_is_resumed(step: str, tmp_path: Path) -> None:
     urls = [f"sqlite:///{tmp_path}/s0.db", shared_redis().namespaced_url(),
             f"sqlite:///{tmp_path}/s2.db"]  # fmt: skip

@@ -312,9 +312,10 @@ class _Run:
         self.planned: dict[str, Any] | None = None
 
     def keys_of(self, kv: KVStore, shard_id: int, slots: set[int]) -> set[str] | None:
-        """A superset of the keys of ``slots`` on shard ``shard_id`` (call once
-        those slots take no more writes); None if the change feed was
-        compacted meanwhile (the caller scans; the next batch indexes again)."""
+        """A superset of the keys ``slots`` hold on shard ``shard_id`` now
+        (keys written later: the caller reads the change feed from a revision
+        read before this call); None if the feed was compacted meanwhile (the
+        caller scans; the next batch indexes again)."""
         index = self.indexes.get(shard_id)
         if index is None:
             index = self.indexes[shard_id] = _KeyIndex(kv)
