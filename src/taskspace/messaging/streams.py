@@ -616,6 +616,7 @@ class Consumer:
         self._batches: dict[str, _Batch] = {}
         self._cursor: _Cursor | None = None
         self._ahead: list[StreamEntry] = []  # entries read after the cursor, not claimed
+        self._at_end = False  # the last claim read to the end of the stream
         self._offset: float | None = None  # store lease clock - time.monotonic()
         self._offset_at = -math.inf
         self._next_scan = -math.inf
@@ -774,7 +775,7 @@ class Consumer:
                 self._redeliver(n)
                 if self._buffer:
                     return True
-            cur = self._claim_new(n)
+            cur = self._claim_new(n, will_block=deadline > time.monotonic())
             if self._buffer:
                 return True
             left = min(deadline, self._next_scan) - time.monotonic()
@@ -833,7 +834,7 @@ class Consumer:
             if res.failed is not None:
                 self._lose(ops[res.failed][0])
 
-    def _claim_new(self, n: int) -> _Cursor:
+    def _claim_new(self, n: int, will_block: bool = False) -> _Cursor:
         """Claim up to ``n`` new messages into the buffer (writing the acks made
         so far in the same txn); return the cursor the claim was based on.
 
@@ -843,10 +844,17 @@ class Consumer:
         unless the guess is wrong too. The record of a batch acked in full is
         reused for the new batch (one write instead of a delete and a put).
         After CLAIM_ATTEMPTS races lost (others took everything meanwhile) it
-        returns with nothing."""
+        returns with nothing. When the previous claim read to the end of the
+        stream and the caller will block next (``will_block``), it returns at
+        once: the blocking read wakes on anything new, and the claim after it
+        checks the position again."""
         g = self.group
+        at_end, self._at_end = self._at_end, False
+        if at_end and will_block and self._cursor is not None:
+            return self._cursor  # the last claim read to the end: the blocking read tells
         guessed = False
         rows: list[StreamEntry] = []
+        short = False
         for _ in range(CLAIM_ATTEMPTS):
             cur = self._cursor if self._cursor is not None else g.load_cursor()
             self._cursor = cur
@@ -854,6 +862,7 @@ class Consumer:
                 ahead = self._ahead
                 known = ahead and cur.next and ahead[0].id == cur.next
                 rows = ahead if known else self._rows_after(cur, LOOKAHEAD * n + 1)
+                short = not known and len(rows) < LOOKAHEAD * n + 1
             self._ahead = []
             if not rows:
                 return cur
@@ -864,6 +873,7 @@ class Consumer:
                 rest = []  # a partial batch: read afresh rather than claim a small one
             if res.ok:
                 self._cursor, self._ahead = new, rest
+                self._at_end = short and len(rows) <= n
                 self._buffer_entries(take, batch)
                 return new
             self.conflicts += 1
