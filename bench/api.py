@@ -149,9 +149,11 @@ def cli(backend: str, clients: int, seconds: float, tasks: int, use_token: bool)
         base = f"http://127.0.0.1:{port}"
         proc = _serve(url, port, token, workdir / "serve.log")
         _wait_up(base, proc)
+        load_before = os.getloadavg()[0]
         started = time.monotonic()
         out = asyncio.run(_load(base, ids, clients, seconds, token))
         wall = time.monotonic() - started
+        load_after = os.getloadavg()[0]
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -170,6 +172,8 @@ def cli(backend: str, clients: int, seconds: float, tasks: int, use_token: bool)
     click.echo(f"latency p50 {ms[0]:.1f} ms  p90 {ms[1]:.1f} ms  p99 {ms[2]:.1f} ms"
                f"  max {max(lat, default=0) * 1000:.1f} ms"
                f"  mean {statistics.fmean(lat) * 1000 if lat else 0:.1f} ms")  # fmt: skip
+    click.echo(f"host: {os.cpu_count()} CPUs, load average {load_before:.1f} before,"
+               f" {load_after:.1f} after (the clients run on the same host)")  # fmt: skip
     for err in out.first_errors:
         click.echo(f"  error: {err}", err=True)
     if out.errors:

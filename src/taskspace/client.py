@@ -22,6 +22,7 @@ token is a ConfigError saying so. Every call is bounded by ``timeout``.
 from __future__ import annotations
 
 import builtins
+import os
 import time
 from collections.abc import Iterator
 from types import TracebackType
@@ -32,6 +33,7 @@ from taskspace.errors import (
     ConfigError,
     MissingDependency,
     ResultTimeout,
+    SpaceLost,
     TaskCancelled,
     TaskFailed,
     TaskNotFound,
@@ -159,13 +161,28 @@ class Client:
     ) -> dict[str, Any]:
         """Submit the task registered as ``name`` on the server's app; returns the
         task (``["id"]``). UnknownTask if the server does not register it;
-        ConfigError (nothing submitted) for bad arguments."""
-        body: dict[str, Any] = {"name": name, "args": list(args), "kwargs": kwargs or {}}
+        ConfigError (nothing submitted) for bad arguments. The task id is chosen
+        here, so a submit that met a server or backend outage is retried (for
+        up to ``timeout`` seconds) without ever making a second task; then
+        BackendError."""
+        body: dict[str, Any] = {"name": name, "args": list(args), "kwargs": kwargs or {},
+                                "id": os.urandom(16).hex()}  # fmt: skip
         for key, value in (("queue", queue), ("priority", priority), ("countdown", countdown),
                            ("dedup_key", dedup_key)):  # fmt: skip
             if value is not None:
                 body[key] = value
-        return dict(self._call("POST", "/api/tasks", json=body))
+        deadline = time.monotonic() + self.timeout
+        delay = BACKOFF_START_S
+        while True:
+            try:
+                return dict(self._call("POST", "/api/tasks", json=body))
+            except SpaceLost:
+                raise  # the space was wiped: retrying cannot help
+            except BackendError:
+                if time.monotonic() + delay >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
 
     def get(self, task_id: str, wait: float = 0.0) -> dict[str, Any]:
         """The task in full (TaskNotFound if there is none); with ``wait`` (at
@@ -188,6 +205,8 @@ class Client:
             left = WAIT_SLICE_S if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 task = self.get(task_id, wait=round(min(left, WAIT_SLICE_S), 3))
+            except SpaceLost:
+                raise
             except BackendError as exc:
                 if deadline is not None and time.monotonic() + delay >= deadline:
                     raise ResultTimeout(

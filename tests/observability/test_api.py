@@ -209,6 +209,19 @@ def test_result_retry_and_dead_retry(api_space: Space, tmp_path: Path) -> None:
         assert client.get(f"/api/tasks/{bad2['id']}").json()["state"] == "queued"
 
 
+def test_submit_with_an_id_is_idempotent(api_space: Space) -> None:
+    with test_client(create_app(api_space, tail_events=False)) as client:
+        doc = {"name": "add", "args": [1, 2], "id": "ab" * 16}
+        first = client.post("/api/tasks", json=doc)
+        again = client.post("/api/tasks", json={**doc, "args": [5, 5]})
+        assert first.status_code == again.status_code == 201
+        assert first.json()["id"] == again.json()["id"] == "ab" * 16
+        assert again.json()["args"] == [1, 2]
+        assert api_space.stats().total("queued") == 1
+        r = client.post("/api/tasks", json={**doc, "id": "not-hex"})
+        assert r.status_code == 422 and api_space.stats().total("queued") == 1
+
+
 def test_unknown_and_missing(api_space: Space) -> None:
     with test_client(create_app(api_space, tail_events=False)) as client:
         r = client.get("/api/tasks/" + "0" * 32)
@@ -456,6 +469,10 @@ def test_backend_down_is_503_then_recovers() -> None:
                 r = client.request(method, path)
                 assert r.status_code == 503, (path, r.text)
                 assert error_code(r) == "backend_unavailable"
+            started = time.monotonic()
+            r = client.post("/api/tasks", json={"name": "add", "args": [5, 6]})
+            assert r.status_code == 503 and error_code(r) == "backend_unavailable"
+            assert time.monotonic() - started < 8  # a short retry, not Space.push's 10 s
             metrics = client.get("/metrics")
             assert metrics.status_code == 200 and "taskspace_backend_up 0.0" in metrics.text
             redis.restart()
@@ -465,6 +482,27 @@ def test_backend_down_is_503_then_recovers() -> None:
             assert again.status_code == 201
             assert app.state.tailer._thread.is_alive()
             wait_until(lambda: app.state.tailer.after >= 2, what="tailer caught up")
+    finally:
+        space.close()
+        redis.close()
+
+
+@pytest.mark.fault
+def test_server_starts_with_the_backend_down() -> None:
+    redis = RedisServer(appendfsync="always")  # not started yet
+    space = make_space(redis.url)
+    app = create_app(space)
+    try:
+        with test_client(app) as client:
+            r = client.get("/api/health")
+            assert r.status_code == 503 and error_code(r) == "backend_unavailable"
+            r = client.post("/api/tasks", json={"name": "add", "args": [1, 2]})
+            assert r.status_code == 503 and error_code(r) == "backend_unavailable"
+            redis.start()
+            wait_until(lambda: client.get("/api/health").status_code == 200, what="recovery")
+            r = client.post("/api/tasks", json={"name": "add", "args": [1, 2]})
+            assert r.status_code == 201
+            wait_until(lambda: app.state.tailer.after >= 1, what="the tailer to recover")
     finally:
         space.close()
         redis.close()

@@ -57,9 +57,15 @@ from taskspace.api.auth import check_bind, require_token, require_token_document
 from taskspace.api.errors import ApiError, body, classify
 from taskspace.api.metrics import EventMetrics, SpaceCollector
 from taskspace.api.models import responses
-from taskspace.backends.base import FINAL_STATES, TASK_STATES, TaskRecord
+from taskspace.backends.base import FINAL_STATES, TASK_STATES, TaskRecord, TaskSpec
 from taskspace.codec import decoder_for
-from taskspace.errors import ConfigError, SerializationError, TaskspaceError
+from taskspace.errors import (
+    BackendError,
+    ConfigError,
+    SerializationError,
+    SpaceLost,
+    TaskspaceError,
+)
 from taskspace.space import Space
 from taskspace.tasks.handle import Handle
 
@@ -71,6 +77,7 @@ SSE_MAX = 64  # streams served at once (each holds a thread for up to SSE_READ_S
 SSE_READ_S = 1.0
 LIST_MAX = 1000
 WAIT_MAX_S = 30.0
+SUBMIT_RETRY_S = 2.0  # a submit rides out a backend blip this long, then answers 503
 SCAN_MAX = 10_000  # keys read at most by a best-effort listing
 RETRY_STATES = ("failed", "dead")
 EVENTS_STREAM = "taskspace/events"
@@ -561,8 +568,14 @@ def _task_routes(api: APIRouter, space: Space) -> None:  # noqa: C901 - one clos
         }
         if overrides:
             task = task.options(**overrides)
-        handle = task.submit(*req.args, **req.kwargs)
-        return _detail(handle.info())
+        spec = task.spec(req.args, req.kwargs)  # encodes (and refuses) before any write
+        if req.id is not None:
+            spec.id = req.id
+            existing = space.store.queue.get(req.id)
+            if existing is not None:  # a retried submit: the task it made
+                return _detail(existing)
+        task_id = _push(space, spec)
+        return _detail(Handle(space, task_id).info())
 
     @api.get("/tasks", response_model=M.TaskPage, tags=["tasks"], responses=read_errors)
     def list_tasks(
@@ -657,6 +670,28 @@ def _task_routes(api: APIRouter, space: Space) -> None:  # noqa: C901 - one clos
 
 
 # -- queues, workers, logs, events, usage, coordination ----------------------------------------
+
+
+def _push(space: Space, spec: TaskSpec) -> str:
+    """Write one task, retrying a BackendError for at most SUBMIT_RETRY_S (the
+    same id: never a second task), then 503: a request never waits long on a
+    backend that is down. Records its ``submitted`` event as Space.push does."""
+    deadline = time.monotonic() + SUBMIT_RETRY_S
+    delay = 0.05
+    while True:
+        try:
+            ids = space.store.queue.push([spec])
+            break
+        except SpaceLost:
+            raise
+        except BackendError:
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+    with contextlib.suppress(ImportError):
+        space.events.submitted([spec], ids)
+    return ids[0]
 
 
 def _info_routes(api: APIRouter, space: Space, usage: UsageTotals) -> None:  # noqa: C901

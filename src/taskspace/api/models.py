@@ -33,6 +33,12 @@ class SubmitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=500, pattern=NAME_PATTERN)
+    id: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{32}$",
+        description="The task id to use (32 hex digits): a submit retried with the same id"
+        " returns the task the first one made, never a second task.",
+    )
     args: list[Any] = Field(default_factory=list, description="Positional arguments.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments.")
     queue: str | None = Field(None, pattern=QUEUE_PATTERN, description="Overrides the task's.")
