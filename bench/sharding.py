@@ -136,6 +136,47 @@ def measure(backend: str, n: int, keys: int, batch_slots: int) -> Figures:
             kv.close()
 
 
+def op_latency(backend: str, ops: int) -> dict[str, tuple[float, float]]:
+    """Median and p99 (ms) of get/put/cas through ShardedKV (3 shards) and
+    through ``space.kv`` on one space of the same backend: the cost of the
+    ownership check (a get reads the marker too; a write is a txn with a
+    compare on it)."""
+    from taskspace import Space
+
+    out: dict[str, tuple[float, float]] = {}
+    with _urls(backend, 3) as (urls, coord):
+        kv = ShardedKV(urls[:3], coordinator=coord)
+        plain = Space(urls[3])
+        try:
+            for name, target in (("ShardedKV", kv), ("space.kv", plain.kv)):
+                for i in range(ops):
+                    target.put(f"op:{i}", i)
+                timings: dict[str, list[float]] = {"get": [], "put": [], "cas": []}
+                for i in range(ops):
+                    key = f"op:{i}"
+                    started = time.perf_counter()
+                    entry = target.get_versioned(key)
+                    timings["get"].append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    target.put(key, -i)
+                    timings["put"].append(time.perf_counter() - started)
+                    assert entry is not None
+                    fresh = target.get_versioned(key)
+                    assert fresh is not None
+                    started = time.perf_counter()
+                    target.cas(key, i, version=fresh.version)
+                    timings["cas"].append(time.perf_counter() - started)
+                for op, values in timings.items():
+                    out[f"{name} {op}"] = (
+                        statistics.median(values) * 1000,
+                        _percentile(values, 0.99) * 1000,
+                    )
+        finally:
+            kv.close()
+            plain.close()
+    return out
+
+
 def _mark(ok: bool) -> str:
     return "ok" if ok else "MISS"
 
@@ -147,7 +188,9 @@ def _mark(ok: bool) -> str:
               help="Comma list of shard counts N (each joined by shard N+1).")  # fmt: skip
 @click.option("--batch-slots", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Slots moved per rebalance batch.")  # fmt: skip
-def cli(backend: str, keys: int, shards: str, batch_slots: int) -> None:
+@click.option("--ops", default=2000, show_default=True, type=click.IntRange(min=0),
+              help="Timed get/put/cas per client for the latency table (0: skip).")  # fmt: skip
+def cli(backend: str, keys: int, shards: str, batch_slots: int, ops: int) -> None:
     """ShardedKV balance and keys moved on a join (with a writer during the move)."""
     try:
         counts = [int(part) for part in shards.split(",") if part.strip()]
@@ -181,6 +224,10 @@ def cli(backend: str, keys: int, shards: str, batch_slots: int) -> None:
         " a writer thread's puts\nduring the rebalance (max = a write that waited for its"
         " slot's batch to be copied)."
     )
+    if ops:
+        click.echo(f"\nlatency, {ops} ops each (ms): median / p99")
+        for name, (p50, p99) in op_latency(backend, ops).items():
+            click.echo(f"  {name:<16} {p50:8.3f} / {p99:7.3f}")
     if failed:
         sys.exit(1)
 

@@ -191,6 +191,39 @@ def test_a_removal_spreads_its_slots_over_the_others() -> None:
     assert max(Counter(after).values()) - min(Counter(after).values()) <= 1
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 20)), min_size=1, max_size=8))
+def test_plans_converge_to_an_even_split_from_any_membership_change(
+    changes: list[tuple[bool, int]],
+) -> None:
+    """Model: random joins and removals (each followed by the planned moves)
+    always end balanced, with leaving shards empty and, on a join, slots
+    moving only to the new shard."""
+    slot_map = SlotMap.initial(["memory://s0", "memory://s1"])
+    for join, pick in changes:
+        active = sorted(i for i, st in slot_map.status.items() if st == SHARD_ACTIVE)
+        if join or len(active) == 1:
+            new = slot_map.next_id
+            slot_map = slot_map.replace(shards={**slot_map.shards, new: f"memory://s{new}"},
+                                        status={**slot_map.status, new: SHARD_ACTIVE},
+                                        next_id=new + 1)  # fmt: skip
+        else:
+            gone = active[pick % len(active)]
+            slot_map = slot_map.replace(status={**slot_map.status, gone: "leaving"})
+        moves = plan_moves(slot_map)
+        if join or len(active) == 1:
+            assert {m.target for m in moves} <= {slot_map.next_id - 1}
+        owners = apply_moves(slot_map, moves)
+        slot_map = slot_map.replace(owners=owners)
+        keep = [i for i, st in slot_map.status.items() if st == SHARD_ACTIVE]
+        assert not any(slot_map.counts[i] for i in slot_map.shards if i not in keep)
+        slot_map = slot_map.replace(shards={i: slot_map.shards[i] for i in keep},
+                                    status={i: SHARD_ACTIVE for i in keep})  # fmt: skip
+        counts = [slot_map.counts[i] for i in keep]
+        assert sum(counts) == NUM_SLOTS and max(counts) - min(counts) <= 1
+        assert plan_moves(slot_map) == []
+
+
 def test_slot_map_round_trips_and_refuses_a_malformed_one() -> None:
     slot_map = SlotMap.initial(["memory://a", "memory://b", "memory://c"])
     again = SlotMap.from_json(7, json.loads(json.dumps(slot_map.to_json())))
@@ -673,6 +706,27 @@ def test_a_shard_that_is_down_fails_fast_and_alone(tmp_path: Path) -> None:
             with pytest.raises(BackendError):
                 kv.add_shard(server.url + "?namespace=other")  # unreachable: map unchanged
             assert len(kv.refresh().shards) == 2
+    finally:
+        server.close()
+
+
+def test_a_coordinator_that_is_down_stops_only_moves(tmp_path: Path) -> None:
+    """The map is cached: with the coordinator down, every slot that is not
+    moving is still served; what needs the map (a refused call, add_shard,
+    rebalance) raises BackendError."""
+    server = RedisServer().start()
+    try:
+        urls = [f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"]
+        with ShardedKV(urls, coordinator=server.url, wait=1) as kv:
+            kv.put("k", 1)
+            server.kill()
+            assert kv.get("k") == 1
+            kv.put("k", 2)
+            assert kv.update("k", lambda v: v + 1) == 3
+            with pytest.raises(BackendError):
+                kv.add_shard(f"sqlite:///{tmp_path}/c.db")
+            with pytest.raises(BackendError):
+                kv.refresh()
     finally:
         server.close()
 
