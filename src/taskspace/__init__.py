@@ -39,6 +39,7 @@ from taskspace.errors import (
     TaskspaceError,
     TaskTimeout,
     UnknownTask,
+    UpdateTimeout,
     VersionConflict,
 )
 from taskspace.space import Space
@@ -93,6 +94,7 @@ __all__ = [
     "TaskTimeout",
     "TaskspaceError",
     "UnknownTask",
+    "UpdateTimeout",
     "VersionConflict",
     "Worker",
     "WorkerConfig",

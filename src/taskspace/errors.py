@@ -178,6 +178,12 @@ class VersionConflict(TaskspaceError):
         return (type(self), (str(self), self.current))
 
 
+class UpdateTimeout(VersionConflict, TimeoutError):
+    """``space.kv.update`` could not win the race for its key (or reach the
+    store) within its timeout; nothing was written by the call. ``current``:
+    the version it last saw (None: absent)."""
+
+
 class RateLimited(TaskspaceError):
     """A rate limit's budget is spent: try again after ``retry_after`` seconds
     (None: unknown). Raised by ``limiter.acquire`` when ``wait`` runs out; raise

@@ -77,6 +77,7 @@ from taskspace.errors import (
     LeaseLost,
     SerializationError,
     SpaceLost,
+    UpdateTimeout,
     VersionConflict,
 )
 from taskspace.state import watch as feed
@@ -99,12 +100,6 @@ BACKOFF_BASE_S = 0.001
 BACKOFF_CAP_S = 0.01
 # watch(since=None) lists its start within this (or its timeout), else BackendError:
 WATCH_START_S = 10.0
-
-
-class UpdateTimeout(VersionConflict, TimeoutError):
-    """``update`` could not win the race for its key (or reach the store)
-    within its timeout; nothing was written by the call. ``current``: the
-    version it last saw (None: absent)."""
 
 
 @dataclass(frozen=True, slots=True)
