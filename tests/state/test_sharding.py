@@ -368,6 +368,27 @@ def test_concurrent_updates_count_exactly(memory_kv: ShardedKV) -> None:
     assert memory_kv.get("counter") == 200
 
 
+def test_two_rebalances_at_once_take_turns(memory_kv: ShardedKV) -> None:
+    other = ShardedKV(coordinator=memory_kv._coord)
+    for i in range(300):
+        memory_kv.put(f"k{i}", i)
+    memory_kv.add_shard(f"memory://turns-{uuid.uuid4().hex[:8]}")
+    reports: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda c=client: reports.append(c.rebalance(batch_slots=512)))
+        for client in (memory_kv, other)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(r.slots_moved for r in reports) == [0, 4096]
+    assert plan_moves(memory_kv.refresh()) == []
+    assert [memory_kv.get(f"k{i}") for i in range(300)] == list(range(300))
+    assert sum(memory_kv.counts().values()) == 300
+    other.close()
+
+
 def test_ttl_expires_on_the_new_shard(tmp_path: Path) -> None:
     urls = shard_urls("memory", tmp_path, 2)
     with ShardedKV(urls[:1], coordinator=f"memory://c{uuid.uuid4().hex[:8]}") as kv:

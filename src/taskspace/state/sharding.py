@@ -100,10 +100,11 @@ from taskspace.errors import (
     LeaseLost,
     SerializationError,
     SpaceLost,
+    UpdateTimeout,
     VersionConflict,
 )
 from taskspace.space import Space
-from taskspace.state.kv import Entry, UpdateTimeout
+from taskspace.state.kv import Entry
 from taskspace.state.slots import (
     SHARD_ACTIVE,
     SHARD_LEAVING,
@@ -771,8 +772,10 @@ class ShardedKV(Closeable):
         is copied. ``on_step(step, move)`` is called after each step of a
         batch (``planned``, ``migrating``, ``copied``, ``switched``,
         ``published``, ``cleaned``); an exception from it stops the rebalance
-        there (the next one resumes). BackendError if a shard is down: run it
-        again once it is back."""
+        there (the next one resumes). BackendError if a shard is down, and
+        LeaseLost if the lock was lost (a long pause): run it again. Two
+        rebalances at once (any processes) take turns on the lock; the later
+        one finds what is left to do, usually nothing."""
         if isinstance(batch_slots, bool) or not isinstance(batch_slots, int) or batch_slots < 1:
             raise ConfigError(f"batch_slots={batch_slots!r}: must be a positive integer")
         step: StepCallback = on_step if on_step is not None else (lambda name, move: None)
