@@ -40,12 +40,17 @@ misses count in the sketch (a miss followed by ``put`` is one access); for
 replaces its value and counts as a use for recency (and for ``lfu``'s
 count), not in the sketch. ``pop``, ``in`` and ``len`` record nothing.
 
-**Bounds.** ``len(policy) <= capacity`` after every call; the sketch takes
-``4 * next_pow2(capacity)`` bytes (at most 64 MiB) whatever the key count.
+**Bounds.** ``len(policy) <= capacity`` after every call, and every
+structure is bounded by ``capacity``: ``tinylfu``'s sketch takes
+``16 * next_pow2(capacity)`` bytes (one byte per 4-bit counter; at most
+64 MiB) whatever the number of distinct keys seen, and each of its entries
+carries its 4 counter indices (~150 bytes) so that a hit does no hashing;
+``ttl`` adds one deadline per held entry.
 
 **Threads.** Not thread-safe: a policy is plain Python state with no lock
-(to keep the hit path at ~0.1 µs). Use one from one thread, or wrap every
-call in a lock as ``space.cache`` does.
+(to keep the hit path at ~0.1 µs for ``lru``). Use one from one thread, or wrap every
+call in a lock as ``space.cache`` does (unlocked concurrent calls may raise
+KeyError or break the recency order).
 
 **Bad input.** An unknown policy name, a capacity that is not an int >= 1,
 a ttl that is not a finite number > 0 or a clock that is not callable raise
