@@ -506,3 +506,35 @@ def test_server_starts_with_the_backend_down() -> None:
     finally:
         space.close()
         redis.close()
+
+
+def test_long_polls_do_not_starve_the_api(tmp_path: Path) -> None:
+    import asyncio
+
+    space = make_space(f"sqlite:///{tmp_path}/polls.db")
+    task = space.submit("add", 1, 2)  # stays queued: no worker
+    app = create_app(space, tail_events=False)
+    n = 60  # more than the default thread pool (40)
+
+    async def scenario(url: str) -> None:
+        limits = httpx.Limits(max_connections=n + 10)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+            polls = [asyncio.create_task(http.get(f"/api/tasks/{task.id}", params={"wait": 20}))
+                     for _ in range(n)]  # fmt: skip
+            deadline = time.monotonic() + 15
+            while app.state.wait_limiter.borrowed_tokens < n:
+                assert time.monotonic() < deadline, "the long polls did not start"
+                await asyncio.sleep(0.02)
+            health = await http.get("/api/health")
+            listing = await http.get("/api/tasks")
+            assert health.status_code == listing.status_code == 200
+            assert not any(p.done() for p in polls)
+            await asyncio.to_thread(space.handle(task.id).cancel)
+            answers = await asyncio.gather(*polls)
+            assert {r.json()["state"] for r in answers} == {"cancelled"}
+
+    try:
+        with ApiServer(app) as server:
+            asyncio.run(scenario(server.url))
+    finally:
+        space.close()

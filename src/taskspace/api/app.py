@@ -75,6 +75,7 @@ MAX_BODY = 1024 * 1024
 HEARTBEAT_S = 15.0
 SSE_MAX = 64  # streams served at once (each holds a thread for up to SSE_READ_S at a time)
 SSE_READ_S = 1.0
+WAITS_MAX = 64  # long polls (GET /api/tasks/{id}?wait=) waiting at once
 LIST_MAX = 1000
 WAIT_MAX_S = 30.0
 SUBMIT_RETRY_S = 2.0  # a submit rides out a backend blip this long, then answers 503
@@ -420,6 +421,7 @@ def create_app(
     app.state.tailer = tailer
     app.state.heartbeat = float(heartbeat)
     app.state.sse_limiter = anyio.CapacityLimiter(SSE_MAX)
+    app.state.wait_limiter = anyio.CapacityLimiter(WAITS_MAX)
 
     _install_error_handlers(app)
     auth = require_token_documented if token is not None else require_token
@@ -604,18 +606,24 @@ def _task_routes(api: APIRouter, space: Space) -> None:  # noqa: C901 - one clos
         }
 
     @api.get("/tasks/{task_id}", response_model=M.Task, tags=["tasks"], responses=read_errors)
-    def get_task(
+    async def get_task(
+        request: Request,
         task_id: TaskId,
         wait: Annotated[
             float, Query(ge=0, le=WAIT_MAX_S, description="Seconds to wait for the task to end.")
         ] = 0,
     ) -> dict[str, Any]:
-        """One task in full; with ``wait``, first wait up to that long for it to end."""
+        """One task in full; with ``wait``, first wait up to that long for it to end.
+        Long polls wait on a thread pool of their own (WAITS_MAX at once), so
+        waiting clients never starve the other endpoints."""
         handle = Handle(space, task_id)  # one read: info() raises TaskNotFound itself
-        record = handle.info()
+        record = await anyio.to_thread.run_sync(handle.info)
         if wait > 0 and record.state not in FINAL_STATES:
-            space.store.queue.wait_for_finish([task_id], float(wait))
-            record = handle.info()
+            limiter: anyio.CapacityLimiter = request.app.state.wait_limiter
+            await anyio.to_thread.run_sync(
+                space.store.queue.wait_for_finish, [task_id], float(wait), limiter=limiter
+            )
+            record = await anyio.to_thread.run_sync(handle.info)
         return _detail(record)
 
     @api.post(
