@@ -163,6 +163,40 @@ def test_every_policy_is_a_consistent_bounded_map(
 # ---------------------------------------------------------------- TTL
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    capacity=st.integers(1, 4),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["get", "get", "put", "pop", "tick"]),
+            st.integers(0, 7),
+            st.integers(0, 3),
+        ),
+        max_size=120,
+    ),
+)
+def test_lru_with_ttl_matches_cachetools_ttlcache(
+    capacity: int, ops: list[tuple[str, int, int]]
+) -> None:
+    """LRU + ttl against cachetools.TTLCache (LRU with per-put expiry) on one fake clock:
+    the same hits, misses, expiries and evictions."""
+    clock = FakeClock()
+    policy = make_policy("lru", capacity, ttl=2.0, clock=clock)
+    reference: Any = cachetools.TTLCache(capacity, ttl=2.0, timer=clock)
+    for op, key, value in ops:
+        if op == "tick":
+            clock.now += value * 0.5  # 0 to 1.5 s: some reads land exactly on a deadline
+        elif op == "get":
+            assert policy.get(key) == reference.get(key, MISSING), (op, key)
+        elif op == "put":
+            policy.put(key, value)
+            reference[key] = value
+        else:
+            assert policy.pop(key, "absent") == reference.pop(key, "absent"), (op, key)
+        assert {k for k in range(8) if k in policy} == {k for k in range(8) if k in reference}
+        assert len(policy) <= capacity
+
+
 @pytest.mark.parametrize("name", POLICIES)
 def test_ttl_expires_entries_after_their_put(name: str) -> None:
     clock = FakeClock()

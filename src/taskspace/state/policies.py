@@ -125,7 +125,12 @@ class LRUPolicy:
 
     Hit path: one membership test, ``OrderedDict.move_to_end`` and a lookup.
     Evicts the least recently used entry when a new key would exceed
-    ``capacity``. Not thread-safe.
+    ``capacity``. Not thread-safe, with one exception kept on purpose:
+    ``get`` is exactly those three ``OrderedDict`` calls (``in``,
+    ``move_to_end``, ``[]``), each atomic under the GIL for keys with builtin
+    hashing (str, int, ...), so it may run without a lock while every
+    mutation takes one: a key removed between the calls makes ``get`` raise
+    KeyError (read it as a miss). ``space.cache`` relies on this.
     """
 
     __slots__ = ("_data", "_on_evict", "capacity")
