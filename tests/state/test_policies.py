@@ -304,6 +304,29 @@ def test_tinylfu_sketch_saturates_at_15_and_ages_by_halving() -> None:
     assert tiny.frequency("never") < 7  # collisions add a little, never that much
 
 
+def test_tinylfu_shrinks_protected_on_a_shift_only() -> None:
+    """A steady stream never trips the hit-rate-drop check (protected stays at 90%);
+    a re-permuted popularity does (protected to 10%), and protected grows back."""
+    steady = TinyLFUPolicy(500)
+    shares = set()
+    for i, key in enumerate(zipf_stream(30_000, 5_000, seed=4)):
+        if steady.get(key) is MISSING:
+            steady.put(key, key)
+        if i % 1024 == 0:
+            shares.add(steady._share)
+    assert shares == {0.9}
+    moved = TinyLFUPolicy(500)
+    shares_after: list[float] = []
+    for i, key in enumerate(zipf_stream(60_000, 5_000, seed=4, shifts=1)):
+        if moved.get(key) is MISSING:
+            moved.put(key, key)
+        if i >= 30_000 and i % 1024 == 0:
+            shares_after.append(moved._share)
+    assert min(shares_after[:4]) == pytest.approx(0.1)  # detected within ~4k requests
+    assert shares_after[-1] == pytest.approx(0.9)  # and back to steady
+    assert len(moved._protected) <= moved._protected_max
+
+
 def test_tinylfu_recovers_when_popularity_shifts() -> None:
     stream = zipf_stream(60_000, 5_000, seed=7, shifts=3)
     tiny, lru = make_policy("tinylfu", 500), make_policy("lru", 500)
