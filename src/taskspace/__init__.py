@@ -16,6 +16,7 @@ from taskspace.backends.base import TaskRecord
 from taskspace.backends.memory import ManualClock
 from taskspace.errors import (
     BackendError,
+    CachedError,
     Compacted,
     ConfigError,
     InvalidURL,
@@ -65,6 +66,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "CachedError",
     "Compacted",
     "ConfigError",
     "Handle",

@@ -184,6 +184,21 @@ class UpdateTimeout(VersionConflict, TimeoutError):
     the version it last saw (None: absent)."""
 
 
+class CachedError(TaskspaceError):
+    """A memoized call (``@space.cached(cache_errors=...)``) raised earlier and
+    the error was kept: ``remote_type`` (the exception's type name) and
+    ``remote_message``."""
+
+    def __init__(self, name: str, remote_type: str, message: str) -> None:
+        super().__init__(f"{name}: cached error {remote_type}: {message}")
+        self.name = name
+        self.remote_type = remote_type
+        self.remote_message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CachedError, (self.name, self.remote_type, self.remote_message))
+
+
 class RateLimited(TaskspaceError):
     """A rate limit's budget is spent: try again after ``retry_after`` seconds
     (None: unknown). Raised by ``limiter.acquire`` when ``wait`` runs out; raise

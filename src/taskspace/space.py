@@ -434,7 +434,7 @@ class Space(Closeable):
         return self._named_facade("cache", name, options, Cache)
 
     @overload
-    def cached(self, fn: Callable[P, R], /) -> Callable[P, R]: ...
+    def cached(self, fn: Callable[P, R], /, **options: Any) -> Callable[P, R]: ...
 
     @overload
     def cached(self, fn: None = None, /, **options: Any) -> Callable[[Callable[P, R]], Any]: ...
@@ -494,7 +494,7 @@ class Space(Closeable):
                     f"{kind} {name!r} is already open with {self._facade_options[key]!r}, "
                     f"not {options!r}"
                 )
-            return found  # type: ignore[no-any-return]
+            return found
 
     def _facade(self, key: str, cls: Callable[[Space], R]) -> R:
         with self._facade_lock:

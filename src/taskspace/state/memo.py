@@ -67,7 +67,14 @@ from typing import TYPE_CHECKING, Any, Final
 from taskspace.backends.checks import check_seconds, check_ttl
 from taskspace.codec import JSON
 from taskspace.coordination.lease import MIN_TTL_S, Lease, acquire_lease, run_in_thread, spawn
-from taskspace.errors import BackendError, ConfigError, ResultTimeout, SpaceLost, TaskspaceError
+from taskspace.errors import (
+    BackendError,
+    CachedError,
+    ConfigError,
+    ResultTimeout,
+    SpaceLost,
+    TaskspaceError,
+)
 from taskspace.state.cache import MISSING, Cache
 from taskspace.tasks.task import Task
 
@@ -87,20 +94,6 @@ BACKOFF_START_S: Final = 0.02
 BACKOFF_MAX_S: Final = 1.0
 ON_TIMEOUT: Final = ("raise", "compute")
 _OK, _ERROR = 0, 1
-
-
-class CachedError(TaskspaceError):
-    """A memoized call raised earlier and ``cache_errors`` kept the error:
-    ``remote_type`` (the exception's type name) and ``remote_message``."""
-
-    def __init__(self, name: str, remote_type: str, message: str) -> None:
-        super().__init__(f"{name}: cached error {remote_type}: {message}")
-        self.name = name
-        self.remote_type = remote_type
-        self.remote_message = message
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (CachedError, (self.name, self.remote_type, self.remote_message))
 
 
 @dataclass(frozen=True, slots=True)
