@@ -3,7 +3,8 @@
 A ``taskspace serve`` process (one uvicorn process, as deployed) serves a
 space (a new SQLite file, or a private ``redis-server``) holding ``--tasks``
 tasks (half finished by a worker, half queued). ``--clients`` concurrent
-clients (asyncio, one keep-alive connection each, in this process) poll
+clients (asyncio, one keep-alive connection each, spread over ``--procs``
+client processes: an HTTP client costs more CPU per request than the server) poll
 ``GET /api/tasks/{id}`` for random ids for ``--seconds``; every request is
 timed. Reported: requests, requests/s, p50/p90/p99/max latency and errors
 (any non-200 or transport error; must be 0, else exit code 1). With
@@ -32,6 +33,7 @@ import httpx
 from bench.redis_server import RedisServer, free_port
 
 STARTUP_TIMEOUT_S = 30.0
+SPAWN_S = 5.0  # client processes start (import httpx, connect) before the timed window
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Outcome:
 
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
+    server_cpu: float = 0.0
     first_errors: list[str] = field(default_factory=list)
 
     def error(self, what: str) -> None:
@@ -109,6 +112,14 @@ async def _client(http: httpx.AsyncClient, ids: list[str], until: float, out: Ou
         out.latencies.append(elapsed)
 
 
+def _load_proc(args: tuple[str, list[str], int, float, str | None, float]) -> Outcome:
+    """One client process: ``clients`` coroutines from wall time ``start_at``
+    (every process starts together) for ``seconds``."""
+    base, ids, clients, seconds, token, start_at = args
+    time.sleep(max(0.0, start_at - time.time()))
+    return asyncio.run(_load(base, ids, clients, seconds, token))
+
+
 async def _load(base: str, ids: list[str], clients: int, seconds: float,
                 token: str | None) -> Outcome:  # fmt: skip
     out = Outcome()
@@ -120,6 +131,39 @@ async def _load(base: str, ids: list[str], clients: int, seconds: float,
         until = time.monotonic() + seconds
         await asyncio.gather(*(_client(http, ids, until, out) for _ in range(clients)))
     return out
+
+
+def _run_clients(base: str, ids: list[str], clients: int, procs: int, seconds: float,
+                 token: str | None, server_pid: int) -> Outcome:  # fmt: skip
+    """``clients`` coroutines spread over ``procs`` processes (one client process
+    alone cannot load a server: an HTTP client costs more CPU than the server)."""
+    import multiprocessing
+
+    shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    start_at = time.time() + SPAWN_S
+    jobs = [(base, ids, k, seconds, token, start_at) for k in shares if k]
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        pending = pool.map_async(_load_proc, jobs)
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu_start = _cpu_seconds(server_pid)
+        parts = pending.get()
+        cpu = _cpu_seconds(server_pid) - cpu_start
+    out = Outcome()
+    for part in parts:
+        out.latencies += part.latencies
+        out.errors += part.errors
+        out.first_errors = (out.first_errors + part.first_errors)[:5]
+    out.server_cpu = cpu
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -135,9 +179,13 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 @click.option("--seconds", default=30.0, show_default=True, type=click.FloatRange(min=0.5))
 @click.option("--tasks", default=1000, show_default=True, type=click.IntRange(min=2),
               help="Tasks in the space (half finished, half queued).")  # fmt: skip
+@click.option("--procs", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Client processes the clients are spread over.")  # fmt: skip
 @click.option("--token", "use_token", is_flag=True, help="Require and send a bearer token.")
-def cli(backend: str, clients: int, seconds: float, tasks: int, use_token: bool) -> None:
+def cli(backend: str, clients: int, seconds: float, tasks: int, procs: int,
+        use_token: bool) -> None:  # fmt: skip
     """HTTP API load: concurrent clients polling task status."""
+    procs = min(procs, clients)
     workdir = Path(tempfile.mkdtemp(prefix="taskspace-bench-api-"))
     redis = RedisServer().start() if backend == "redis" else None
     url = redis.url if redis is not None else f"sqlite:///{workdir}/space.db"
@@ -150,9 +198,7 @@ def cli(backend: str, clients: int, seconds: float, tasks: int, use_token: bool)
         proc = _serve(url, port, token, workdir / "serve.log")
         _wait_up(base, proc)
         load_before = os.getloadavg()[0]
-        started = time.monotonic()
-        out = asyncio.run(_load(base, ids, clients, seconds, token))
-        wall = time.monotonic() - started
+        out = _run_clients(base, ids, clients, procs, seconds, token, proc.pid)
         load_after = os.getloadavg()[0]
     finally:
         if proc is not None:
@@ -168,10 +214,14 @@ def cli(backend: str, clients: int, seconds: float, tasks: int, use_token: bool)
     ms = [x * 1000 for x in (_quantile(lat, 0.5), _quantile(lat, 0.9), _quantile(lat, 0.99))]
     click.echo(f"backend {backend}, {clients} clients, {seconds:g} s, {tasks} tasks,"
                f" token {'on' if token else 'off'} (server: one uvicorn process)")  # fmt: skip
-    click.echo(f"requests {len(lat):,}  ({len(lat) / wall:,.0f}/s)  errors {out.errors}")
+    click.echo(f"requests {len(lat):,}  ({len(lat) / seconds:,.0f}/s)  errors {out.errors}")
     click.echo(f"latency p50 {ms[0]:.1f} ms  p90 {ms[1]:.1f} ms  p99 {ms[2]:.1f} ms"
                f"  max {max(lat, default=0) * 1000:.1f} ms"
                f"  mean {statistics.fmean(lat) * 1000 if lat else 0:.1f} ms")  # fmt: skip
+    n = max(1, len(lat) + out.errors)
+    busy = out.server_cpu / seconds
+    click.echo(f"server CPU {out.server_cpu / n * 1000:.2f} ms per request,"
+               f" busy {busy:.0%} of one CPU; clients: {procs} processes")  # fmt: skip
     click.echo(f"host: {os.cpu_count()} CPUs, load average {load_before:.1f} before,"
                f" {load_after:.1f} after (the clients run on the same host)")  # fmt: skip
     for err in out.first_errors:
