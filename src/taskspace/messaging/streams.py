@@ -69,6 +69,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import socket
 import threading
 import time
 import uuid
@@ -77,7 +79,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import orjson
 
@@ -375,15 +377,9 @@ class Stream:
             for key, _ in page:
                 group, _, rest = key[len(prefix) :].partition("/")
                 if rest == "cursor":
-                    out.append(_unquote(group))
+                    out.append(unquote(group))
             after = page[-1][0]
         return out
-
-
-def _unquote(name: str) -> str:
-    from urllib.parse import unquote
-
-    return unquote(name)
 
 
 def _update_meta(space: Space, key: str, **changes: Any) -> None:
@@ -600,9 +596,6 @@ class Consumer:
 
     def __init__(self, group: Group, name: str | None = None, *,
                  prefetch: int = DEFAULT_PREFETCH) -> None:  # fmt: skip
-        import os
-        import socket
-
         self.group = group
         self.name = (
             _check_name(name, "consumer")
@@ -617,6 +610,7 @@ class Consumer:
         self._cursor: _Cursor | None = None
         self._ahead: list[StreamEntry] = []  # entries read after the cursor, not claimed
         self._at_end = False  # the last claim read to the end of the stream
+        self._competing = False  # the last claim lost a race first
         self._offset: float | None = None  # store lease clock - time.monotonic()
         self._offset_at = -math.inf
         self._next_scan = -math.inf
@@ -677,7 +671,7 @@ class Consumer:
             if new.next == 0:
                 new = g.initial_cursor("latest")
             if kv.cas(g.cursor_key, cur.version, new.encode(), ttl=g.group_ttl) is not None:
-                self._cursor, self._ahead = None, []
+                self._cursor, self._ahead, self._at_end = None, [], False
                 return new.next or None
         raise BackendError("could not move the group: too much contention")
 
@@ -852,7 +846,9 @@ class Consumer:
         at_end, self._at_end = self._at_end, False
         if at_end and will_block and self._cursor is not None:
             return self._cursor  # the last claim read to the end: the blocking read tells
+        fallback = self._skip_ahead(n)
         guessed = False
+        lost = 0
         rows: list[StreamEntry] = []
         short = False
         for _ in range(CLAIM_ATTEMPTS):
@@ -864,27 +860,45 @@ class Consumer:
                 rows = ahead if known else self._rows_after(cur, LOOKAHEAD * n + 1)
                 short = not known and len(rows) < LOOKAHEAD * n + 1
             self._ahead = []
-            if not rows:
+            if not rows and fallback is None:
                 return cur
-            take, rest = rows[:n], rows[n:]
-            new = _Cursor(take[-1].id, rest[0].id if rest else 0, True)
-            res, owners, batch = self._claim_txn(cur, new, take)
-            if len(rest) < n:
-                rest = []  # a partial batch: read afresh rather than claim a small one
-            if res.ok:
+            res = None
+            if rows:
+                take, rest = rows[:n], rows[n:]
+                new = _Cursor(take[-1].id, rest[0].id if rest else 0, True)
+                res, owners, batch = self._claim_txn(cur, new, take)
+                if len(rest) < n:
+                    rest = []  # a partial batch: read afresh rather than claim a small one
+            if res is not None and res.ok:
                 self._cursor, self._ahead = new, rest
                 self._at_end = short and len(rows) <= n
+                self._competing = lost > 0 or fallback is not None
                 self._buffer_entries(take, batch)
                 return new
             self.conflicts += 1
-            if res.failed == 0:  # lost the race: guess the winner took `take`
+            if fallback is not None:  # the skip-ahead guess was wrong: the real position
+                (self._cursor, rows), fallback = fallback, None
+                self._competing = False
+            elif res is not None and res.failed == 0:  # lost: the winner took `take`?
+                lost += 1
                 self._cursor, rows = (None, []) if guessed else (new, rest)
                 guessed = not guessed
-            elif res.failed is not None:
+            elif res is not None and res.failed is not None:
                 self._lose(owners[res.failed])
         # Every attempt lost to other consumers of the group, which made progress:
         # nothing for this one now (the caller tries again until its timeout).
         return self._cursor if self._cursor is not None else g.load_cursor()
+
+    def _skip_ahead(self, n: int) -> tuple[_Cursor, list[StreamEntry]] | None:
+        """While other consumers keep taking the batch after ours (our last
+        claim lost a race first), first try the batch after that: set the
+        cursor to where their claim of the batch read ahead would leave it, and
+        return the real cursor and rows to fall back on."""
+        ahead, cur = self._ahead, self._cursor
+        if not self._competing or cur is None or len(ahead) <= n:
+            return None
+        self._cursor, self._ahead = _Cursor(ahead[n - 1].id, ahead[n].id, True), []
+        return cur, ahead
 
     def _claim_txn(
         self, cur: _Cursor, new: _Cursor, take: list[StreamEntry]
@@ -962,7 +976,7 @@ class Consumer:
             meta = _loads(meta_found.value) if meta_found is not None else {}
             if not meta.get("maxlen") and int(meta.get("trimmed", 0)) <= cur.pos:
                 return rows
-        first = streams_first(rows, self._space, self._stream)
+        first = _first_id(rows, self._space, self._stream)
         raise StreamCompacted(self._stream, self.group.name, cur.pos, first)
 
     # -- redelivery -------------------------------------------------------------------
@@ -1124,7 +1138,7 @@ def _is_json(data: bytes) -> bool:
     return True
 
 
-def streams_first(rows: list[StreamEntry], space: Space, stream: str) -> int | None:
+def _first_id(rows: list[StreamEntry], space: Space, stream: str) -> int | None:
     """The first id ``stream`` holds (from ``rows`` when they start there)."""
     first = space.store.streams.read(stream, 0, 1)
     return first[0].id if first else (rows[0].id if rows else None)
