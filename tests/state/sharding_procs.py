@@ -2,9 +2,11 @@
 
 - ``writer <coord> <workdir> <keys>``: writes ``k0..k<keys-1>`` round robin
   with increasing values through ShardedKV (even keys with ``put``, odd ones
-  with ``update``, a cas loop) until ``<workdir>/stop`` exists; prints JSON
-  ``{"last": {key: last acknowledged value}, "writes": n, "errors": [...],
-  "map_versions": [first, last]}``.
+  with ``update``, a cas loop) until ``<workdir>/stop`` exists, and after each
+  write reads a random key it wrote before, which must hold exactly its last
+  acknowledged value; prints JSON ``{"last": {key: last acknowledged value},
+  "writes": n, "checks": n, "stale": [...], "errors": [...], "map_versions":
+  [first, last]}``.
 - ``reader <coord> <workdir> <keys>``: reads the keys round robin until
   ``stop`` and counts a value going backwards (a stale read) per key; prints
   JSON ``{"reads": n, "backwards": n, "errors": [...]}``.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -40,6 +43,8 @@ def writer(coord: str, work: Path, keys: int) -> dict[str, Any]:
     first = kv.map_version
     last: dict[str, int] = {}
     errors: list[str] = []
+    stale: list[str] = []
+    checks = 0
     value = 0
     _ready(work, "writer")
     deadline = time.monotonic() + RUN_LIMIT_S
@@ -56,8 +61,18 @@ def writer(coord: str, work: Path, keys: int) -> dict[str, Any]:
             errors.append(f"{key}={value}: {type(exc).__name__}: {exc}")
             continue
         last[key] = value
-    result = {"last": last, "writes": value, "errors": errors,
-              "map_versions": [first, kv.map_version]}  # fmt: skip
+        check = f"k{random.randrange(keys)}"  # only this process writes: it must read its last
+        if check in last:
+            try:
+                seen = kv.get(check)
+            except TaskspaceError as exc:
+                errors.append(f"read {check}: {type(exc).__name__}: {exc}")
+                continue
+            checks += 1
+            if seen != last[check]:
+                stale.append(f"{check}: read {seen}, last written {last[check]}")
+    result = {"last": last, "writes": value, "errors": errors, "checks": checks,
+              "stale": stale, "map_versions": [first, kv.map_version]}  # fmt: skip
     kv.close()
     return result
 

@@ -616,9 +616,11 @@ def test_acceptance_processes_write_and_read_during_rebalances(tmp_path: Path) -
                     child.communicate()
         wrote, read = reports
         print(f"join: {joined}; removal: {left}")
-        print(f"writer: {wrote['writes']} writes, map {wrote['map_versions']}; "
+        print(f"writer: {wrote['writes']} writes, {wrote['checks']} read-backs,"
+              f" map {wrote['map_versions']}; "
               f"reader: {read['reads']} reads, {read['backwards']} backwards")  # fmt: skip
         assert wrote["errors"] == [] and read["errors"] == []
+        assert wrote["checks"] > 50 and wrote["stale"] == []
         assert read["backwards"] == 0
         assert wrote["map_versions"][1] > wrote["map_versions"][0]  # it was told the map moved
         assert wrote["writes"] > 50
