@@ -139,6 +139,7 @@ def test_event_metrics_and_worker_endpoint() -> None:
         metrics.observe(_event("submitted", time=100.0))
         metrics.observe(_event("started", time=100.25))
         metrics.observe(_event("succeeded", duration=0.5))
+        metrics.observe(_event("lost", attempt=2, duration=30.0))  # a lease expiry
         metrics.observe(_event("usage", usage={"tokens_in": 3, "tokens_out": "x", "model": "m"}))
         metrics.observe(_event("succeeded", duration="not a number"))  # skipped, logged
         metrics.observe(_event("some-future-kind"))
@@ -149,6 +150,8 @@ def test_event_metrics_and_worker_endpoint() -> None:
         assert value(page, "taskspace_tasks_succeeded_total", **labels) == 2
         assert value(page, "taskspace_task_claim_latency_seconds_sum", **labels) == 0.25
         assert value(page, "taskspace_task_run_seconds_count", outcome="succeeded", **labels) == 1
+        assert value(page, "taskspace_tasks_lost_total", **labels) == 1
+        assert value(page, "taskspace_task_run_seconds_sum", outcome="lost", **labels) == 30
         assert value(page, "taskspace_tokens_total", task="job", model="m", direction="in") == 3
         with pytest.raises(ConfigError, match="cannot serve metrics"):
             serve_worker_metrics(port)
