@@ -27,14 +27,18 @@ most one shard serves a slot, so reads and writes stay linearizable per key
 during a rebalance, from any number of processes.
 
 **Moving a batch of slots** (``rebalance``, under a lock in the coordinator):
-record the batch in the map (``moving``); mark the slots ``migrating`` on the
-source (writes to them wait; reads go on); delete leftovers of an earlier
-try on the target; copy the slots' keys with their remaining TTLs; mark them
-``moved`` on the source (reads and writes wait), then ``owned`` on the
-target; publish the new map (``moving`` → ``cleanup``); delete the copies on
-the source; clear ``cleanup``. A rebalance killed at any point is resumed by
-the next ``rebalance()`` from the recorded batch (each step is idempotent
-given the markers), and until then only the slots of that one batch wait.
+record the batch in the map (``moving``); if another run began it, delete
+what that try left on the target; pre-copy the slots' keys with their
+remaining TTLs while the source still takes writes (the target serves none
+of them yet); mark the slots ``migrating`` on the source (writes to them
+wait; reads go on); copy the keys changed since the pre-copy (from the
+source's change feed; all of them again if it was compacted) and delete on
+the target those deleted since; mark the slots ``moved`` on the source
+(reads and writes wait for a round trip), then ``owned`` on the target;
+publish the new map (``moving`` → ``cleanup``); delete the copies on the
+source; clear ``cleanup``. A rebalance killed at any point is resumed by the
+next ``rebalance()`` from the recorded batch (each step is idempotent given
+the markers), and until then only the slots of that one batch may wait.
 
 **Versions across a move.** ``Entry.version`` is the shard's version with
 the shard id in its low 10 bits, so a version is never reused for a key,
