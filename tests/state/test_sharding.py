@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +55,7 @@ from taskspace.state.slots import (
     plan_moves,
 )
 from tests.conftest import backend_url
-from tests.services import RedisServer, postgres_url, shared_redis
+from tests.services import RedisServer, free_port, postgres_url, shared_redis
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_WAIT_S = 20.0
@@ -130,6 +131,49 @@ def test_keys_sharing_a_tag_share_a_slot(prefix: str, tag: str, suffix: str) -> 
 @given(st.text(alphabet=st.sampled_from("ab{}é"), min_size=1, max_size=12))
 def test_key_slot_is_the_crc_of_the_hash_tag(key: str) -> None:
     assert key_slot(key) == crc16_table(hash_tag(key).encode()) % NUM_SLOTS
+
+
+def test_key_slot_agrees_with_redis_cluster(tmp_path: Path) -> None:
+    """CLUSTER KEYSLOT of a real cluster-enabled redis-server (no slots
+    assigned: it only hashes) for keys with and without hash tags."""
+    import random
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not available")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"),
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = redis.Redis(port=port, socket_timeout=5)
+        deadline = time.monotonic() + START_WAIT_S
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+        rng = random.Random(9)
+        alphabet = "ab{}xé:"
+        keys = ["somekey", "{user1}.following", "foo{}{bar}", "foo{{bar}}zap", "{", "a{b}c{d}"]
+        for _ in range(300):
+            keys.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 10))))
+        with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.execute_command("CLUSTER", "KEYSLOT", key)
+            expected = pipe.execute()
+        client.close()
+        assert [key_slot(key) for key in keys] == expected
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.parametrize("bad", ["", None, 3, b"key"])
