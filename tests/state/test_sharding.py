@@ -433,19 +433,27 @@ def test_two_rebalances_at_once_take_turns(memory_kv: ShardedKV) -> None:
     other.close()
 
 
-def test_ttl_expires_on_the_new_shard(tmp_path: Path) -> None:
+def test_ttl_moves_with_the_key_and_expires_on_the_new_shard(tmp_path: Path) -> None:
     urls = shard_urls("memory", tmp_path, 2)
+    tag = next(t for t in map(str, range(100)) if key_slot(t) >= NUM_SLOTS // 2)
+    short, long, forever = (f"{{{tag}}}{name}" for name in ("short", "long", "forever"))
     with ShardedKV(urls[:1], coordinator=f"memory://c{uuid.uuid4().hex[:8]}") as kv:
-        kv.put("short", 1, ttl=1.5)
-        kv.put("long", 2)
+        kv.put(short, 1, ttl=2.5)
+        kv.put(long, 2, ttl=600)
+        kv.put(forever, 3)
         kv.add_shard(urls[1])
         kv.rebalance()
-        assert kv.get("short") == 1
-        deadline = time.monotonic() + 5
-        while kv.get("short") is not None:
+        assert kv.shard_for(long) == urls[1]  # the upper half of the slots moved
+        entry = kv.get_versioned(long)
+        assert entry is not None and entry.expires is not None
+        remaining = entry.expires - kv._store(urls[1]).clock.now()
+        assert 590 < remaining <= 600  # carried over, not reset and not dropped
+        assert kv.get_versioned(forever).expires is None  # type: ignore[union-attr]
+        deadline = time.monotonic() + 10
+        while kv.get(short) is not None:
             assert time.monotonic() < deadline, "the copied TTL never expired"
             time.sleep(0.05)
-        assert kv.get("long") == 2
+        assert kv.get(forever) == 3
 
 
 def test_a_stale_client_is_told_the_map_moved(memory_kv: ShardedKV) -> None:
