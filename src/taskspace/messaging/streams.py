@@ -709,17 +709,21 @@ class Consumer:
     # -- handing out ----------------------------------------------------------------
 
     def _take(self, n: int) -> list[Message]:
-        out: list[Message] = []
+        """Up to ``n`` buffered messages, extending the lease of their batches
+        when less than half of ``visibility`` is left (dropping a batch that
+        another consumer took over meanwhile)."""
+        buf = self._buffer
+        taken = [buf.popleft() for _ in range(min(n, len(buf)))]
+        if not taken:
+            return taken
         renew_before = self._now() + self.group.visibility / 2
-        while self._buffer and len(out) < n:
-            msg = self._buffer[0]
-            batch = msg._batch
+        batches = {id(m._batch): m._batch for m in taken}
+        for batch in batches.values():
             if not batch.lost and batch.until < renew_before:
                 self._renew(batch)
-            self._buffer.popleft()
-            if not batch.lost:
-                out.append(msg)
-        return out
+        if any(b.lost for b in batches.values()):
+            return [m for m in taken if not m._batch.lost]
+        return taken
 
     def _renew(self, batch: _Batch) -> None:
         """Extend ``batch``'s lease (and write its acks) or mark it lost."""
