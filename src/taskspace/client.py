@@ -71,12 +71,13 @@ def _error_for(response: httpx.Response) -> TaskspaceError:
         unknown.args = (message,)
         return unknown
     cls = CODE_EXCEPTIONS.get(code)
+    fallback: type[TaskspaceError] = BackendError if response.status_code >= 500 else ConfigError
     if cls is None or cls in (TaskFailed, TaskCancelled):
-        cls = BackendError if response.status_code >= 500 else ConfigError
+        cls = fallback
     try:
         return cls(text)
-    except TypeError:  # an exception class with another signature
-        return BackendError(text) if response.status_code >= 500 else ConfigError(text)
+    except TypeError:  # a class that needs fields the body does not carry
+        return fallback(text)
 
 
 class Client:

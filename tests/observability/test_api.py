@@ -551,3 +551,21 @@ def test_long_polls_do_not_starve_the_api(tmp_path: Path) -> None:
             asyncio.run(scenario(server.url))
     finally:
         space.close()
+
+
+def test_every_taskspace_error_has_a_stable_code() -> None:
+    import inspect
+
+    from taskspace import errors
+    from taskspace.api.errors import ERROR_TABLE, classify
+
+    table = {cls for cls, _status, _code in ERROR_TABLE}
+    classes = {c for _, c in inspect.getmembers(errors, inspect.isclass)
+               if issubclass(c, errors.TaskspaceError)}  # fmt: skip
+    assert classes <= table, classes - table
+    assert classify(errors.TaskNotFound("x")) == (404, "task_not_found")
+    assert classify(errors.SpaceLost("gone")) == (503, "space_lost")
+    assert classify(errors.SubscriptionLost("x")) == (503, "backend_unavailable")
+    assert classify(errors.InvalidURL("x")) == (422, "invalid_url")
+    assert classify(errors.PayloadTooLarge("x")) == (413, "payload_too_large")
+    assert classify(RuntimeError("x")) == (500, "internal_error")

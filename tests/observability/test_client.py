@@ -187,3 +187,26 @@ def test_a_process_without_backend_access_submits_and_follows(tmp_path: Path) ->
             assert out.strip() == "42" and child.returncode == 0
     finally:
         space.close()
+
+
+def test_every_code_maps_back_to_its_exception() -> None:
+    import httpx
+
+    from taskspace import errors
+    from taskspace.api.errors import ERROR_TABLE, body
+    from taskspace.client import _error_for
+
+    request = httpx.Request("GET", "http://server/api/tasks/abc")
+    for cls, status, code in ERROR_TABLE:
+        response = httpx.Response(status, json=body(code, "why"), request=request)
+        err = _error_for(response)
+        if cls in (errors.TaskFailed, errors.TaskCancelled, errors.Compacted, errors.CachedError):
+            # raised with fields the body does not carry: the family of the status
+            expected: type[Exception] = errors.BackendError if status >= 500 else ConfigError
+        elif cls is errors.SubscriptionLost:
+            expected = BackendError  # the same code as BackendError
+        else:
+            expected = cls
+        assert isinstance(err, expected), (code, err)
+    garbled = httpx.Response(502, text="<html>bad gateway</html>", request=request)
+    assert isinstance(_error_for(garbled), BackendError)
