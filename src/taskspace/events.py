@@ -361,7 +361,35 @@ class Shipper(Generic[T]):
 
     def put(self, item: T) -> None:
         """Buffer ``item`` for the next batch (see the class docstring)."""
-        self.put_many((item,))
+        if self.observers:
+            self.put_many((item,))
+            return
+        with self._cond:  # put_many's path for one item, without its loops (the hot path)
+            if self._closed:
+                return
+            self._put_seq += 1
+            if len(self._buf) + self._inflight >= self.capacity:
+                self._drop_for(item)
+            else:
+                self._buf.append(item)
+            if self._thread is None:
+                self._start_thread()
+            elif len(self._buf) >= self.batch_max:
+                self._cond.notify_all()
+
+    def _drop_for(self, item: T) -> None:
+        """The buffer is full: drop the oldest buffered item for ``item`` (or
+        ``item`` itself when everything is in flight). Holds the lock."""
+        if self._buf:
+            self._buf.popleft()
+            self._buf.append(item)
+        self._done_seq += 1
+        self.dropped += 1
+        self._unreported += 1
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
 
     def put_many(self, items: Iterable[T]) -> None:
         """Buffer every item of ``items`` (see the class docstring)."""
@@ -379,17 +407,11 @@ class Shipper(Generic[T]):
             for item in items:
                 self._put_seq += 1
                 if len(self._buf) + self._inflight >= self.capacity:
-                    if self._buf:
-                        self._buf.popleft()
-                        self._buf.append(item)
-                    self._done_seq += 1
-                    self.dropped += 1
-                    self._unreported += 1
+                    self._drop_for(item)
                 else:
                     self._buf.append(item)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
+                self._start_thread()
             elif len(self._buf) >= self.batch_max:
                 self._cond.notify_all()
 

@@ -8,6 +8,9 @@ the term runs :func:`maintain` every ``maintenance_interval`` seconds:
 expired task leases go back to their queues (or ``dead``), due tasks become
 claimable, due periodic ticks fire, the service registry is checked and
 expired, and finished tasks and expired KV keys are reaped (bounded batches).
+Expired leases get their task events (``lost``, ``dead``, ``cancelled``:
+:func:`requeue_expired`), and every TRIM_STREAMS_EVERY_S the task events and
+logs streams are trimmed by age and length (:func:`trim_streams`).
 
 Guarantees:
 
