@@ -67,6 +67,18 @@ def test_readme_coordination_block_runs_as_written(tmp_path: Path) -> None:
     assert "gpu-a" in ran.stdout and "True" in ran.stdout
 
 
+def test_readme_shared_state_block_runs_as_written(tmp_path: Path) -> None:
+    """The Shared state section's block is real code: run it on a fresh space."""
+    (block,) = [body for lang, body in BLOCKS if body.startswith("# shared_state.py")]
+    prelude = f"from taskspace import Space\nspace = Space('sqlite:///{tmp_path}/s.db')\n"
+    (tmp_path / "shared_state.py").write_text(prelude + block + "space.close()\n")
+    ran = subprocess.run([sys.executable, "shared_state.py"], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert "('put', 'jobs/1', {'state': 'queued'})" in ran.stdout
+    assert "[5.0] [5.0]" in ran.stdout and "{'doc': 1} 1" in ran.stdout
+
+
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
 def test_examples_run(example: Path, tmp_path: Path) -> None:
     ran = subprocess.run([sys.executable, str(example)], cwd=tmp_path, env=_env(),
