@@ -78,6 +78,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate, pairwise
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
@@ -482,7 +483,7 @@ class Group:
         seen = 0
         while seen < limit and (page := kv.scan(self.pending_prefix, after, min(limit, 1000))):
             for key, found in page:
-                yield key, found, _loads(found.value)
+                yield key, found, _unpack(found.value)
             seen += len(page)
             after = page[-1][0]
 
@@ -553,7 +554,23 @@ class _Batch:
 
 
 def _record(consumer: str, until: float, ids: Sequence[int], deliveries: Sequence[int]) -> bytes:
-    return orjson.dumps({"c": consumer, "u": until, "i": list(ids), "d": list(deliveries)})
+    """A pending record: consumer ``c`` ("" for none), lease end ``u`` (lease
+    clock), the first id ``f`` and the gaps ``g`` to each next one (ids of a
+    batch are close: a few digits each instead of sixteen), deliveries ``d``
+    (one number when all are equal)."""
+    ds = list(deliveries)
+    d: int | list[int] = ds[0] if ds and ds.count(ds[0]) == len(ds) else ds
+    gaps = [b - a for a, b in pairwise(ids)]
+    return orjson.dumps({"c": consumer, "u": until, "f": ids[0] if ids else 0, "g": gaps, "d": d})
+
+
+def _unpack(data: bytes) -> dict[str, Any]:
+    """A pending record with its ids (``i``) and deliveries (``d``) as lists."""
+    rec: dict[str, Any] = orjson.loads(data)
+    ids = list(accumulate(rec["g"], initial=rec["f"]))
+    d = rec["d"]
+    rec["i"], rec["d"] = ids, d if isinstance(d, list) else [d] * len(ids)
+    return rec
 
 
 class Message:
@@ -752,7 +769,7 @@ class Consumer:
             found = kv.get(key)
             if found is None:
                 return
-            rec = _loads(found.value)
+            rec = _unpack(found.value)
             keep = [(i, d) for i, d in zip(rec["i"], rec["d"], strict=True) if i not in acked]
             if len(keep) == len(rec["i"]):
                 return
