@@ -569,3 +569,35 @@ def test_every_taskspace_error_has_a_stable_code() -> None:
     assert classify(errors.InvalidURL("x")) == (422, "invalid_url")
     assert classify(errors.PayloadTooLarge("x")) == (413, "payload_too_large")
     assert classify(RuntimeError("x")) == (500, "internal_error")
+
+
+@pytest.mark.fault
+def test_sse_stream_survives_a_backend_outage() -> None:
+    import json
+
+    redis = RedisServer(appendfsync="always").start()
+    space = make_space(redis.url)
+    app = create_app(space, heartbeat=0.2)
+    try:
+        with (
+            ApiServer(app) as server,
+            httpx.Client(base_url=server.url, timeout=10) as http,
+            http.stream("GET", "/api/events/stream", params={"timeout": 30}) as stream,
+        ):
+            lines = stream.iter_lines()
+            assert next(lines) == ": connected"
+            redis.kill()
+            error = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(error[6:])["error"]["code"] == "backend_unavailable"
+            redis.restart()
+
+            def submit() -> httpx.Response | None:
+                r = http.post("/api/tasks", json={"name": "add", "args": [1, 2]})
+                return r if r.status_code == 201 else None
+
+            task = wait_until(submit, what="submits to work again")
+            item = _sse_items(lines, lambda e: e.get("task_id") == task.json()["id"])
+            assert item["kind"] == "submitted"
+    finally:
+        space.close()
+        redis.close()
