@@ -79,7 +79,7 @@ def test_every_transition_has_its_event(space: Space, worker: Callable[..., Work
     def flaky() -> None:
         raise ValueError("always")
 
-    @space.task(lease=1.0)
+    @space.task(lease=5.0)
     def long() -> str:
         running.set()
         while not current_task().cancelled:

@@ -247,22 +247,26 @@ def test_current_task_is_bound_for_logs_in_process_tasks(space: Space) -> None:
     if space.scheme == "memory":
         pytest.skip("a process task needs a store another process can reach")
 
+    @space.task(name="obs.later")
+    def later() -> None: ...
+
     @space.task(name="obs.in_process", isolation="process")
-    def in_process() -> int:
+    def in_process() -> str:
         log.warning("from the child of %s", current_task().id)
         print("child says hi")
         current_task().record(tokens_in=5)
-        return 1
+        return later.submit().id  # its "submitted" event is stored before the child exits
 
     handle = in_process.submit()
     config = WorkerConfig(concurrency=1, idle_wait=0.05, install_signal_handlers=False, burst=True)
     worker = Worker(space, config)
     worker.run()
-    assert handle.result(timeout=1) == 1
+    child_submitted = handle.result(timeout=1)
     records = [(r.logger, r.message, r.attempt) for r in space.logs.query(task_id=handle.id)]
     assert records == [
         ("obs.tasks", f"from the child of {handle.id}", 1),
         ("task.stdout", "child says hi", 1),
     ]
-    usage = [e.usage for e in space.events.read(limit=100) if e.kind == "usage"]
-    assert usage == [{"tokens_in": 5}]
+    events = space.events.read(limit=100)
+    assert [e.usage for e in events if e.kind == "usage"] == [{"tokens_in": 5}]
+    assert "submitted" in [e.kind for e in events if e.task_id == child_submitted]

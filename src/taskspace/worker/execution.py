@@ -82,6 +82,8 @@ GATE_SLEEP_S = 0.5
 GATE_RETURN_EARLY_S = GATE_SLEEP_S / 2
 GATE_SLOT_WAIT_S = 5.0
 GATE_RETRY_S = 1.0
+# A task process waits this long at most for its submitted events to be stored.
+CHILD_EVENTS_FLUSH_S = 1.0
 
 log = logging.getLogger("taskspace.worker")
 
@@ -383,6 +385,11 @@ def _child_main(
     outcome = call_inline(attempt, args, kwargs, codec)  # the parent checked the rate limit
     logs.end_task_output(attempt.ctx)
     logs.set_fork_sink(None)
+    # The child exits with os._exit (no atexit): store the "submitted" events of
+    # tasks it submitted before it goes (bounded).
+    submitted = attempt.task.space._facades.get("events")
+    if submitted is not None:
+        submitted.flush(CHILD_EVENTS_FLUSH_S)
     send(("outcome", outcome))
     conn.close()
     os._exit(0)
