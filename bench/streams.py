@@ -14,7 +14,7 @@ medians over the rounds, and the ratio taskspace / raw of those medians.
   against a redis-py pipeline of ``batch`` ``XADD`` s (transaction=False).
 - **consume + ack**: ``messages`` published beforehand; a group of
   ``consumers`` processes (spawned, waiting at a start line) each loops
-  ``consumer.fetch(batch)`` (prefetch ``batch``: one claim txn per batch, the
+  ``consumer.fetch(batch)`` (prefetch ``batch``, or ``--prefetch``: one claim txn per batch, the
   acks of the previous batch written in it) and acks every message; against
   ``XREADGROUP COUNT batch`` + one ``XACK`` of the batch per loop. Both decode
   every message's JSON. Throughput = messages / (last message handled - start).
@@ -192,6 +192,7 @@ class Config:
     consumers: int
     latency_n: int
     repeat: int
+    prefetch: int = 0  # taskspace consumers' prefetch and fetch size (0: batch)
 
 
 @dataclass
@@ -284,9 +285,8 @@ def _consume_phase(
     """Throughput, client CPU µs per message and redis-server CPU µs per message."""
     workdir = tempfile.mkdtemp(dir=tmp)
     names = [f"c{i}" for i in range(cfg.consumers)]
-    procs, start = _spawn(
-        target, [(url, stream, workdir, name, cfg.batch) for name in names], workdir
-    )
+    size = (cfg.prefetch or cfg.batch) if target is ts_consume else cfg.batch
+    procs, start = _spawn(target, [(url, stream, workdir, name, size) for name in names], workdir)
     server0 = redis_cpu(redis_url)
     reports = _collect(procs, workdir, names)
     server = (redis_cpu(redis_url) - server0) / cfg.messages * 1e6
@@ -426,7 +426,9 @@ def run(cfg: Config, sqlite: bool, console: Console) -> Results:
     res = Results()
     with RedisServer() as server, tempfile.TemporaryDirectory(prefix="ts-streams-") as tmp:
         py = sys.version.split()[0]
-        console.print(f"redis-server {server.version}; python {py}; {os.cpu_count()} CPUs")
+        console.print(f"redis-server {server.version}; python {py}; {os.cpu_count()} CPUs;"
+                      f" {cfg.messages} messages, batch {cfg.batch}, prefetch"
+                      f" {cfg.prefetch or cfg.batch}, {cfg.consumers} consumers")  # fmt: skip
         redis_t = Target("redis", server.url, server.url, tmp)
         sqlite_t = Target("sqlite", "", None, tmp)
         for rnd in range(cfg.repeat):
@@ -455,15 +457,17 @@ def run(cfg: Config, sqlite: bool, console: Console) -> Results:
               help="Consumer processes of the group.")  # fmt: skip
 @click.option("--latency-n", default=500, show_default=True, type=click.IntRange(min=10),
               help="Messages timed publish→deliver.")  # fmt: skip
+@click.option("--prefetch", default=0, show_default=True, type=click.IntRange(0, 1000),
+              help="taskspace consumers' prefetch (0: --batch); COUNT stays --batch.")  # fmt: skip
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1),
               help="Rounds; medians are quoted.")  # fmt: skip
 @click.option("--sqlite/--no-sqlite", default=True, show_default=True,
               help="Also measure a SQLite file.")  # fmt: skip
-def cli(messages: int, singles: int, batch: int, consumers: int, latency_n: int, repeat: int,
-        sqlite: bool) -> None:  # fmt: skip
+def cli(messages: int, singles: int, batch: int, consumers: int, latency_n: int, prefetch: int,
+        repeat: int, sqlite: bool) -> None:  # fmt: skip
     """Streams with consumer groups against Redis Streams in a raw redis-py loop."""
     console = Console(width=160)
-    cfg = Config(messages, singles, batch, consumers, latency_n, repeat)
+    cfg = Config(messages, singles, batch, consumers, latency_n, repeat, prefetch)
     try:
         res = run(cfg, sqlite, console)
     except BenchError as exc:
