@@ -291,7 +291,11 @@ def test_a_killed_worker_leaves_lost_and_dead_events(
     try:
         wait_until(lambda: (tmp_path / "hang_once").exists() and (tmp_path / "hang_dead").exists(),
                    20, "both tasks to start in the worker process")  # fmt: skip
-        time.sleep(0.3)  # let its shipper store the "started" events (SHIP_INTERVAL_S)
+        # Its heartbeat lists the attempts (the maintainer's source for lost events),
+        # and its shipper stores the "started" events within SHIP_INTERVAL_S.
+        wait_until(lambda: sum(len(w.get("leases", [])) for w in app.workers()) == 2,
+                   10, "the worker's heartbeat to list both attempts")  # fmt: skip
+        time.sleep(0.3)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         report = app.run_worker(burst=True, concurrency=2, maintainer_ttl=1, maintainer_retry=1,

@@ -55,18 +55,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from taskspace.coordination.election import Election, Term
-from taskspace.events import event_for, trim_events
+from taskspace.events import TaskEvent, trim_events
 from taskspace.logs import trim_logs
 from taskspace.worker.health import Backoff, Failed
 
 if TYPE_CHECKING:
     from taskspace.backends.base import Store
-    from taskspace.events import TaskEvent
     from taskspace.space import Space
     from taskspace.worker.config import WorkerConfig
     from taskspace.worker.worker import Worker
@@ -86,9 +86,12 @@ WAIT_SLICE_S = 0.25
 WOKEN_MARGIN_S = 0.02
 MIN_CAMPAIGN_GAP_S = 0.05
 
-# Running tasks looked at before requeue_expired, to tell which ones it handled
-# (the store returns only a count): the "lost" events of a pass name at most this many.
-LOST_SCAN_LIMIT = 1000
+# Lost-lease events (LostTracker): attempts read back after a requeue at most, how
+# long a vanished worker's heartbeat is remembered, and how many sent events are.
+LOST_SCAN_LIMIT = 10_000
+HEARTBEAT_LEASES_MAX = 1000
+LEASE_MEMORY_S = 3600.0
+SENT_MEMORY = 100_000
 # How often the maintainer trims the events and logs streams by age (and length).
 TRIM_STREAMS_EVERY_S = 30.0
 
@@ -140,33 +143,85 @@ def on_time_for(config: WorkerConfig) -> float:
     return max(ON_TIME_S, bound)
 
 
-def requeue_expired(store: Store, emit: Emit | None = None) -> int:
-    """``store.queue.requeue_expired()``, and with ``emit`` the task events of
-    what it did: ``lost`` (requeued), ``dead`` (no attempts left) or
-    ``cancelled`` (a cancel was pending), each naming the worker and attempt
-    that lost the lease. The store returns only a count, so the running tasks
-    are listed first (at most LOST_SCAN_LIMIT, in submission order) and
-    re-read when the count is not zero: an expired task beyond that page is
-    requeued without an event (logged at DEBUG)."""
-    if emit is None:
+class LostTracker:
+    """Which attempts an expired lease ended, for their task events.
+
+    ``requeue_expired`` returns only a count, and listing the running tasks
+    costs a scan of every task on some backends (Redis), so the leases come
+    from the workers' heartbeats instead: each worker lists the attempts it
+    runs (``leases``, at most HEARTBEAT_LEASES_MAX) in its registry info every
+    ``heartbeat_interval``. :meth:`refresh` (every pass: one registry read)
+    remembers each worker's last list for LEASE_MEMORY_S after it was last
+    seen (a dead worker's entry expires long before its leases do). When a
+    requeue handled something, the remembered attempts are read back (one
+    ``get_many``): one that no longer runs under its token and whose error is
+    the store's ``WorkerLost`` lost its lease. Gaps: an attempt claimed after
+    its worker's last heartbeat has no event; a maintainer failover may
+    repeat an event (each maintainer remembers the ones it sent)."""
+
+    def __init__(self) -> None:
+        self._leases: dict[str, tuple[float, list[list[Any]]]] = {}
+        self._sent: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+    def refresh(self, store: Store) -> None:
+        """Read the workers' heartbeats (their running attempts)."""
+        from taskspace.worker.registry import live_workers
+
+        now = time.monotonic()
+        for info in live_workers(store):
+            leases = info.get("leases")
+            name = info.get("name")
+            if isinstance(name, str) and isinstance(leases, list):
+                self._leases[name] = (now, leases[:HEARTBEAT_LEASES_MAX])
+        for name in [n for n, (seen, _) in self._leases.items() if now - seen > LEASE_MEMORY_S]:
+            del self._leases[name]
+
+    def lost_events(self, store: Store, at: float) -> list[TaskEvent]:
+        """The events of attempts whose lease expired since the last call."""
+        candidates: dict[str, list[Any]] = {}
+        for name, (_, leases) in self._leases.items():
+            for lease in leases[:HEARTBEAT_LEASES_MAX]:
+                if isinstance(lease, list) and len(lease) == 5:
+                    candidates[f"{lease[0]}\n{lease[1]}"] = [*lease, name]
+        items = list(candidates.values())[:LOST_SCAN_LIMIT]
+        events = []
+        records = store.queue.get_many([str(item[0]) for item in items])
+        for (task_id, token, attempt, name, queue, worker), rec in zip(
+            items, records, strict=False
+        ):
+            key = (str(task_id), int(token))
+            if rec is None or key in self._sent:
+                continue
+            still_running = rec.state == "running" and rec.token == token
+            if still_running or (rec.error or {}).get("type") != "WorkerLost" or rec.lost < 1:
+                continue
+            kind = {"dead": "dead", "cancelled": "cancelled"}.get(rec.state, "lost")
+            events.append(TaskEvent(0, at, kind, rec.id, str(name), str(queue), str(worker),
+                                    int(attempt), None, "LeaseExpired"))  # fmt: skip
+            self._sent[key] = None
+            if len(self._sent) > SENT_MEMORY:
+                self._sent.popitem(last=False)
+        return events
+
+
+def requeue_expired(
+    store: Store, emit: Emit | None = None, tracker: LostTracker | None = None
+) -> int:
+    """``store.queue.requeue_expired()``, and with ``emit`` and ``tracker``
+    the task events of what it did: ``lost`` (requeued), ``dead`` (no
+    attempts left) or ``cancelled`` (a cancel was pending), each naming the
+    worker and attempt that lost the lease (see :class:`LostTracker`)."""
+    if emit is None or tracker is None:
         return store.queue.requeue_expired()
-    running = store.queue.list(state="running", limit=LOST_SCAN_LIMIT)
+    tracker.refresh(store)
     at = time.time()  # before the requeue: ahead of the next attempt's "started"
     handled = store.queue.requeue_expired()
-    if not handled or not running:
-        return handled
-    before = {record.id: record for record in running}
-    events = []
-    for now in store.queue.get_many(list(before)):
-        old = before.get(now.id) if now is not None else None
-        if now is None or old is None or now.lost <= old.lost:
-            continue
-        kind = {"dead": "dead", "cancelled": "cancelled"}.get(now.state, "lost")
-        events.append(event_for(kind, old, old.worker, error="LeaseExpired", at=at))
-    emit(events)
-    if len(events) < handled:
-        log.debug("%d expired lease(s) requeued without a task event (beyond the first %d "
-                  "running tasks)", handled - len(events), LOST_SCAN_LIMIT)  # fmt: skip
+    if handled:
+        events = tracker.lost_events(store, at)
+        emit(events)
+        if len(events) < handled:
+            log.debug("%d expired lease(s) requeued without a task event (not in a heartbeat)",
+                      handled - len(events))  # fmt: skip
     return handled
 
 
@@ -176,12 +231,16 @@ def trim_streams(store: Store, events_max_age: float, logs_max_age: float) -> in
 
 
 def steps(
-    space: Space, store: Store, on_time: float | None = None, emit: Emit | None = None
+    space: Space,
+    store: Store,
+    on_time: float | None = None,
+    emit: Emit | None = None,
+    tracker: LostTracker | None = None,
 ) -> list[tuple[str, Callable[[], object]]]:
     """The maintenance steps, in the order a pass runs them; ``emit`` receives
-    the task events of requeued leases."""
+    the task events of requeued leases (with ``tracker``)."""
     return [
-        ("requeue_expired", lambda: requeue_expired(store, emit)),
+        ("requeue_expired", lambda: requeue_expired(store, emit, tracker)),
         ("promote_due", store.queue.promote_due),
         ("fire_due", lambda: _fire_due(space, store, on_time)),
         ("maintain_registry", lambda: _maintain_registry(space)),
@@ -198,6 +257,7 @@ def maintain(
     guard: Guard | None = None,
     on_time: float | None = None,
     emit: Emit | None = None,
+    tracker: LostTracker | None = None,
 ) -> int:
     """One maintenance pass; returns how many steps ran.
 
@@ -209,10 +269,11 @@ def maintain(
     ``on_time``: how old a periodic tick may be and still be on time (see
     :func:`on_time_for`; default periodic.ON_TIME_S). Retention is bounded per
     pass (REAP_BATCHES_PER_PASS batches of REAP_BATCH for tasks and KV keys).
-    ``emit``: where the task events of requeued leases go (None: none)."""
+    ``emit``/``tracker``: where the task events of requeued leases go and how
+    they are found (None: none)."""
     run = guard or _log_failure
     ran = 0
-    for name, op in steps(space, store or space.store, on_time, emit):
+    for name, op in steps(space, store or space.store, on_time, emit, tracker):
         if term is not None and not term.active:
             break
         run(f"maintenance {name}", op)
@@ -235,6 +296,7 @@ class Maintainer:
         self._next_requeue = 0.0
         self._last_campaign = 0.0
         self._next_trim = 0.0
+        self.lost = LostTracker()
         self.on_time = on_time_for(worker.config)
 
     @property
@@ -280,7 +342,7 @@ class Maintainer:
             term = self.term
             assert term is not None
             maintain(self.w.space, store=self.w.store, term=term, guard=self._guard,
-                     on_time=self.on_time, emit=self.w.emit_events)  # fmt: skip
+                     on_time=self.on_time, emit=self.w.emit_events, tracker=self.lost)  # fmt: skip
             self._trim_if_due(term, now)
             self.passes += 1
             self._next_pass = now + self.w.config.maintenance_interval
@@ -380,5 +442,6 @@ class Maintainer:
             return
         self._next_requeue = now + self.w.config.maintainer_retry
         self.w.health.call(
-            "requeue_expired", partial(requeue_expired, self.w.store, self.w.emit_events)
+            "requeue_expired",
+            partial(requeue_expired, self.w.store, self.w.emit_events, self.lost),
         )
