@@ -956,7 +956,7 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
         "description": "Server-Sent Events; each `data:` is one JSON item, `id:` its id.",
     },
-    **responses(401, 422, 503),
+    **M.json_responses(401, 422, 503),
 }
 
 
@@ -1053,7 +1053,7 @@ def _open_routes(app: FastAPI, space: Space, metrics: EventMetrics, auth: Any) -
                 "content": {"text/plain": {"schema": {"type": "string"}}},
                 "description": "Prometheus text format.",
             },
-            **responses(401),
+            **M.json_responses(401),
         },
     )
     def prometheus() -> PlainTextResponse:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from taskspace.api.errors import HTTP_CODES
 from taskspace.backends.base import MAX_DURATION_S, PRIORITY_MAX, PRIORITY_MIN
@@ -18,10 +18,21 @@ LevelName = Literal[
 TASK_ID_PATTERN = r"^[A-Za-z0-9._:@~+-]{1,256}$"
 # Names (tasks, queues, workers): printable, no control characters.
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]{1,500}$"
-QUEUE_PATTERN = r"^[^,\s\x00-\x1f\x7f]{1,200}$"
+QUEUE_PATTERN = r"^[^,\x00-\x20\x7f]{1,200}$"  # no \s: it differs between Python and JSON Schema
 MAX_IDS = 1000
 MAX_STREAM_ID = 2**63 - 1
 
+
+def _json_integer(value: Any) -> Any:
+    """A JSON integer: ``5`` or ``5.0`` (JSON Schema's integer), never ``true`` or ``"5"``."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON integer")
+    return value
+
+
+Priority = Annotated[
+    int, Field(strict=False, ge=PRIORITY_MIN, le=PRIORITY_MAX), BeforeValidator(_json_integer)
+]
 TaskIdStr = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
 NameStr = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 
@@ -30,7 +41,7 @@ class SubmitRequest(BaseModel):
     """A task to submit by its registered name (full, or the short name after the
     last dot when it is unambiguous), with JSON arguments."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=500, pattern=NAME_PATTERN)
     id: str | None = Field(
@@ -42,9 +53,7 @@ class SubmitRequest(BaseModel):
     args: list[Any] = Field(default_factory=list, description="Positional arguments.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments.")
     queue: str | None = Field(None, pattern=QUEUE_PATTERN, description="Overrides the task's.")
-    priority: int | None = Field(
-        None, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="Higher first."
-    )
+    priority: Priority | None = Field(None, description="Higher first.")
     countdown: float | None = Field(
         None, ge=0, le=MAX_DURATION_S, description="Run no sooner than this many seconds from now."
     )
@@ -120,7 +129,7 @@ class TaskPage(BaseModel):
 class RetryRequest(BaseModel):
     """Task ids to requeue (failed or dead ones; others are skipped)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     ids: list[TaskIdStr] = Field(max_length=MAX_IDS)
 
@@ -265,3 +274,14 @@ class ErrorBody(BaseModel):
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries documenting error statuses with ErrorBody."""
     return {s: {"model": ErrorBody, "description": HTTP_CODES.get(s, "error")} for s in statuses}
+
+
+def json_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """As :func:`responses`, for routes whose own answer is not JSON (metrics,
+    streams): the error bodies are still ``application/json``."""
+    ref = {"$ref": "#/components/schemas/ErrorBody"}
+    return {
+        s: {"description": HTTP_CODES.get(s, "error"),
+            "content": {"application/json": {"schema": ref}}}
+        for s in statuses
+    }  # fmt: skip
