@@ -260,7 +260,7 @@ def submit(app: str, task_name: str, args_json: str, kwargs_json: str, wait: boo
 )
 @click.option(
     "--port",
-    default=8000,
+    default=8750,
     show_default=True,
     type=click.IntRange(0, 65535),
     help="Dashboard port with --serve on 127.0.0.1 (busy or 0: any free port).",

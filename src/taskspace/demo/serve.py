@@ -43,7 +43,7 @@ class DashboardServer:
     :meth:`stop` returns within about STOP_TIMEOUT_S. Without the ``api``
     extra (FastAPI, uvicorn, Jinja2) :meth:`start` raises MissingDependency."""
 
-    def __init__(self, space: Space, host: str = "127.0.0.1", port: int = 8000) -> None:
+    def __init__(self, space: Space, host: str = "127.0.0.1", port: int = 8750) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(f"port must be an integer from 0 to 65535, got {port!r}")
         self.space = space
