@@ -273,7 +273,7 @@ class Space(Closeable):
             # The "submitted" events of the chunk, batched in the background (a
             # caller's transaction may still roll back: its tasks get none).
             if not self._in_caller_transaction():
-                self.events.submitted(chunk, ids)
+                (self._facades.get("events") or self.events).submitted(chunk, ids)
             return ids
 
     @contextlib.contextmanager
