@@ -37,7 +37,7 @@ def test_client(app: Any) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from fastapi.testclient import TestClient
-    return TestClient(app)
+    return TestClient(app, base_url="http://127.0.0.1")  # a Host the server accepts
 
 
 test_client.__test__ = False  # type: ignore[attr-defined]
@@ -225,11 +225,17 @@ def test_submit_with_an_id_is_idempotent(api_space: Space) -> None:
     with test_client(create_app(api_space, tail_events=False)) as client:
         doc = {"name": "add", "args": [1, 2], "id": "ab" * 16}
         first = client.post("/api/tasks", json=doc)
-        again = client.post("/api/tasks", json={**doc, "args": [5, 5]})
+        again = client.post("/api/tasks", json=doc)  # a retried submit: the same task
         assert first.status_code == again.status_code == 201
         assert first.json()["id"] == again.json()["id"] == "ab" * 16
         assert again.json()["args"] == [1, 2]
         assert api_space.stats().total("queued") == 1
+        # F12: the same id with other arguments or another name is a conflict, not that task
+        for other in ({**doc, "args": [5, 5]}, {**doc, "name": "slow", "args": [0.01]}):
+            r = client.post("/api/tasks", json=other)
+            assert r.status_code == 409 and error_code(r) == "id_conflict", r.text
+        assert api_space.stats().total("queued") == 1
+        assert client.get(f"/api/tasks/{'ab' * 16}").json()["args"] == [1, 2]
         r = client.post("/api/tasks", json={**doc, "id": "not-hex"})
         assert r.status_code == 422 and api_space.stats().total("queued") == 1
 
@@ -601,3 +607,117 @@ def test_sse_stream_survives_a_backend_outage() -> None:
     finally:
         space.close()
         redis.close()
+
+
+def _wipe(space: Space) -> None:
+    """Wipe the space behind ``space`` as FLUSHALL or a deleted file would."""
+    if space.scheme == "sqlite":
+        path = space.url.removeprefix("sqlite:///")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return
+    import redis
+
+    from taskspace.backends.redis.conn import split_namespace
+
+    prefix = space.store.conn.prefix  # type: ignore[attr-defined]
+    client = redis.Redis.from_url(split_namespace(space.url)[0])
+    try:
+        keys = [k for k in client.scan_iter(count=1000) if k.decode().startswith(prefix)]
+        assert keys
+        client.delete(*keys)
+    finally:
+        client.close()
+
+
+def test_a_wiped_space_is_503_space_lost_on_every_endpoint(api_space: Space) -> None:
+    """F7: reads notice within SPACE_CHECK_S, a submit at once; nothing is written."""
+    with test_client(create_app(api_space, tail_events=False)) as client:
+        assert client.post("/api/tasks", json={"name": "add", "args": [1, 2]}).status_code == 201
+        assert client.get("/api/tasks").status_code == 200  # checked: cached for a second
+        _wipe(api_space)
+        wait_until(lambda: client.get("/api/tasks").status_code == 503, 5, "space_lost")
+        for path in ("/api/tasks", "/api/queues", "/api/workers", "/api/usage", "/metrics",
+                     "/api/health", "/api/events", "/api/locks"):  # fmt: skip
+            r = client.get(path)
+            assert r.status_code == 503 and error_code(r) == "space_lost", (path, r.text)
+        r = client.post("/api/tasks", json={"name": "add", "args": [3, 4]})
+        assert r.status_code == 503 and error_code(r) == "space_lost"
+        page = client.get("/")
+        assert page.status_code == 503 and "wiped or replaced" in page.text
+    with test_client(create_app(api_space, tail_events=False)) as client:  # a fresh app
+        r = client.post("/api/tasks", json={"name": "add", "args": [5, 6]})  # checked first
+        assert r.status_code == 503 and error_code(r) == "space_lost"
+
+
+def test_without_a_token_only_local_host_names_are_served(tmp_path: Path) -> None:
+    """F5 (DNS rebinding): a token-less server answers only Host headers naming
+    the bound address or loopback (any port), or an --allowed-host; others get
+    400 invalid_host; a POST from a foreign Origin is 403."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    with Space(f"sqlite:///{tmp_path}/s.db") as space:
+        app = create_app(space, tail_events=False, allowed_hosts=["dash.example.com"])
+        with TestClient(app) as client:
+            for host in ("attacker.example:18751", "attacker.example", "127.0.0.1.evil.example",
+                         "localhost.evil", "0.0.0.0:8750", "bad host"):  # fmt: skip
+                for method, path in (("GET", "/api/tasks"), ("POST", "/api/tasks"), ("GET", "/")):
+                    r = client.request(method, path, headers={"Host": host}, json={"name": "x"})
+                    assert r.status_code == 400 and error_code(r) == "invalid_host", (host, path)
+            for host in ("127.0.0.1:8750", "localhost", "LOCALHOST:1", "[::1]:8750",
+                         "dash.example.com:443"):  # fmt: skip
+                assert client.get("/api/tasks", headers={"Host": host}).status_code == 200, host
+            ok = {"Host": "127.0.0.1:8750"}
+            evil = client.post("/api/dead/retry", json={"ids": []},
+                               headers={**ok, "Origin": "http://attacker.example"})  # fmt: skip
+            assert evil.status_code == 403
+            same = client.post("/api/dead/retry", json={"ids": []},
+                               headers={**ok, "Origin": "http://127.0.0.1:8750"})  # fmt: skip
+            assert same.status_code == 200
+        # bound to ::1: its name is served; a token turns the check off unless hosts are given
+        with TestClient(create_app(space, host="::1", tail_events=False)) as client:
+            assert client.get("/api/health", headers={"Host": "[::1]:9"}).status_code == 200
+        with TestClient(create_app(space, token=TOKEN, tail_events=False)) as client:
+            r = client.get("/api/health", headers={"Host": "dash.example.org"})
+            assert r.status_code == 200
+        for bad in ("http://x.example", "x.example:80", "a b", ""):
+            with pytest.raises(ConfigError, match="allowed_hosts"):
+                create_app(space, allowed_hosts=[bad])
+        with pytest.raises(ConfigError, match="allowed_hosts"):
+            create_app(space, allowed_hosts="x.example")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis+sentinel://:pw@h:26379,h2:26379/m?sentinel_password=SECRET&db=1",
+         "redis+sentinel://:***@h:26379,h2:26379/m?sentinel_password=***&db=1"),
+        ("redis://u:p@ss@h/0?password=x", "redis://u:***@h/0?password=***"),
+        ("postgresql://h/db?sslpassword=x&api_token=y&sslmode=require",
+         "postgresql://h/db?sslpassword=***&api_token=***&sslmode=require"),
+        ("sqlite:////tmp/a.db", "sqlite:////tmp/a.db"),
+    ],
+)  # fmt: skip
+def test_every_password_in_a_url_is_redacted(url: str, shown: str) -> None:
+    from taskspace.api.errors import redact_text, redact_url
+
+    assert redact_url(url) == shown
+    assert redact_text(f"Redis at {url}: refused.") == f"Redis at {shown}: refused."
+
+
+def test_health_and_the_dashboard_never_show_the_sentinel_password() -> None:
+    """F18: the open /api/health and a signed-in dashboard page, with the
+    sentinels unreachable, show neither password."""
+    url = (f"redis+sentinel://:s3cretpw@127.0.0.1:{free_port()}/mymaster"
+           "?sentinel_password=SENTINEL-SECRET")  # fmt: skip
+    with Space(url) as space, test_client(create_app(space, token=TOKEN, tail_events=False)) as c:
+        health = c.get("/api/health")
+        assert health.status_code == 503 and error_code(health) == "backend_unavailable"
+        assert "sentinel_password=***" in health.text, health.text
+        c.cookies.set(auth.COOKIE, TOKEN)
+        for path in ("/", "/api/queues"):
+            r = c.get(path)
+            assert r.status_code == 503, (path, r.text)
+            assert "SENTINEL-SECRET" not in r.text and "s3cretpw" not in r.text, path
+        assert "SENTINEL-SECRET" not in health.text and "s3cretpw" not in health.text

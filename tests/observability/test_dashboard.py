@@ -381,6 +381,9 @@ def test_with_a_token_pages_send_a_browser_to_login(dash: Dashboard) -> None:
             assert client.post("/login", json={"token": "x" * 24}).status_code == 401
             assert client.post("/login", json={"token": token}).status_code == 200
             assert client.get("/tasks?state=queued").status_code == 200  # the cookie now
+            for given, kept in (("/\t/evil.example/phish", "/"), ("/workers", "/workers")):
+                login = client.get("/login", params={"next": given})  # F6
+                assert f'data-next="{kept}"' in login.text
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -422,3 +425,50 @@ def test_the_header_never_shows_a_password(url: str, shown: str) -> None:
     from taskspace.api.dashboard_data import redact_url
 
     assert redact_url(url) == shown
+
+
+def test_every_page_and_partial_answers_200(dash: Dashboard) -> None:
+    """F9: every GET route of the dashboard (pages and their /partials twins,
+    found from the router, so a new one is covered too) renders with 200."""
+    import httpx
+
+    from taskspace.api.dashboard import STATIC_FILES, router
+
+    handle = dash.space.get_task("dash.add").submit(1, 1)
+    paths = []
+    for route in router.routes:
+        methods = getattr(route, "methods", None) or set()
+        path = str(getattr(route, "path", ""))
+        if "GET" not in methods or path == "/login":  # /login without a token: 303 to /
+            continue
+        path = path.replace("{task_id}", handle.id).replace("{name}", sorted(STATIC_FILES)[0])
+        paths.append(path)
+    assert "/partials/dead" in paths and "/dead" in paths and len(paths) >= 12
+    paths += ["/partials/dead?state=failed", "/partials/tasks?order=recent"]
+    with httpx.Client(base_url=dash.url, timeout=10) as client:
+        for path in paths:
+            response = client.get(path)
+            assert response.status_code == 200, (path, response.text[:300])
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("/tasks?state=queued", "/tasks?state=queued"),
+        ("/", "/"),
+        ("/tasks/ab?q=a%20b", "/tasks/ab?q=a%20b"),
+        ("/\t/evil.example/phish", "/"),  # F6: browsers drop the TAB: //evil.example
+        ("/\n/evil.example", "/"),
+        ("/%09/evil.example", "/"),  # the same, percent-encoded once more
+        ("//evil.example", "/"),
+        ("/\\evil.example", "/"),
+        ("/%5Cevil.example", "/"),
+        ("https://evil.example", "/"),
+        ("evil", "/"),
+        ("", "/"),
+    ],
+)
+def test_login_returns_only_to_a_same_site_path(given: str, kept: str) -> None:
+    from taskspace.api.dashboard import _safe_next
+
+    assert _safe_next(given) == kept

@@ -201,3 +201,41 @@ def test_grafana_dashboard_uses_exposed_metrics(tmp_path: Path) -> None:
         assert used <= exposed, used - exposed
     finally:
         space.close()
+
+
+def test_label_values_are_bounded(tmp_path: Path) -> None:
+    """F13: free-form queue and task names cannot grow the registry without
+    bound: past the cap they count under "(other)", totals kept."""
+    from prometheus_client import generate_latest
+
+    from taskspace.api.metrics import SpaceCollector
+
+    metrics = EventMetrics(labels_max=5)
+    for i in range(40):
+        metrics.observe(_event("submitted", f"t{i}", queue=f"q{i}", name=f"job{i % 20}"))
+    page = samples(generate_latest(metrics.registry).decode())
+    series = {labels for (name, labels) in page if name == "taskspace_tasks_submitted_total"}
+    queues = {dict(labels)["queue"] for labels in series}
+    tasks = {dict(labels)["task"] for labels in series}
+    assert queues == {"q0", "q1", "q2", "q3", "q4", "(other)"}
+    assert tasks == {"job0", "job1", "job2", "job3", "job4", "(other)"}
+    total = sum(v for (name, _), v in page.items() if name == "taskspace_tasks_submitted_total")
+    assert total == 40
+
+    with Space(f"sqlite:///{tmp_path}/labels.db") as space:
+
+        @space.task(name="noop")
+        def noop() -> None: ...
+
+        for i in range(8):
+            for _ in range(i + 1):
+                noop.options(queue=f"queue{i}").submit()
+        collector = SpaceCollector(space, queues_max=3)
+        depth = {
+            s.labels["queue"]: s.value
+            for family in collector.collect()
+            if family.name == "taskspace_queue_depth"
+            for s in family.samples
+            if s.labels["state"] == "queued"
+        }
+        assert depth == {"queue7": 8, "queue6": 7, "queue5": 6, "(other)": 15}

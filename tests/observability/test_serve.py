@@ -117,3 +117,37 @@ def test_serve_url_alone(tmp_path: Path) -> None:
     finally:
         out = _stop(proc)
     assert "Application shutdown complete" in out
+
+
+def test_sigterm_ends_open_event_streams_promptly_and_hosts_are_checked(tmp_path: Path) -> None:
+    """F17: SIGTERM with an SSE client connected exits well within the 5 s
+    grace and without tracebacks; F5: --allowed-host adds a served Host name."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TASKSPACE_API_TOKEN"}
+    env["PYTHONPATH"] = str(REPO_ROOT / "src")
+    args = ["--url", f"sqlite:///{tmp_path}/sse.db", "--port", str(port),
+            "--allowed-host", "dash.example.com"]  # fmt: skip
+    proc = _start(args, tmp_path, env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_up(base, proc)
+        for host, status in (("dash.example.com", 200), ("attacker.example", 400)):
+            r = httpx.get(f"{base}/api/health", headers={"Host": f"{host}:{port}"})
+            assert r.status_code == status, (host, r.text)
+        with (
+            httpx.Client(timeout=10) as client,
+            client.stream("GET", f"{base}/api/events/stream") as stream,
+        ):
+            lines = stream.iter_lines()
+            assert next(lines) == ": connected"
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=15)
+            took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert took < 3.0, (took, out)
+    assert "Traceback" not in out and "graceful shutdown exceeded" not in out, out
+    assert "Application shutdown complete" in out

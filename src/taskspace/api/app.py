@@ -53,8 +53,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskspace.api import models as M
-from taskspace.api.auth import check_bind, require_token, require_token_documented
-from taskspace.api.errors import ApiError, body, classify
+from taskspace.api.auth import (
+    HostCheck,
+    allowed_host_names,
+    check_bind,
+    require_token,
+    require_token_documented,
+)
+from taskspace.api.errors import ApiError, body, classify, redact_text
 from taskspace.api.metrics import EventMetrics, SpaceCollector
 from taskspace.api.models import responses
 from taskspace.backends.base import FINAL_STATES, TASK_STATES, TaskRecord, TaskSpec
@@ -86,6 +92,7 @@ LOGS_STREAM = "taskspace/logs"
 USAGE_KEYS_MAX = 10_000  # distinct task names / models summed; later ones go to "(other)"
 TAILER_PAGE = 500
 TAILER_BACKOFF_MAX_S = 5.0
+SPACE_CHECK_S = 1.0  # a read is checked against a wiped space at most this often (writes: always)
 
 R = TypeVar("R")
 
@@ -361,6 +368,7 @@ def create_app(
     token: str | None = None,
     host: str = "127.0.0.1",
     cors_origins: Sequence[str] = (),
+    allowed_hosts: Sequence[str] = (),
     heartbeat: float = HEARTBEAT_S,
     max_body: int = MAX_BODY,
     tail_events: bool = True,
@@ -370,7 +378,11 @@ def create_app(
     ``token``: required on every API call and page when given (bearer or the
     ``taskspace_token`` cookie); ``host``: the address it will be served on —
     a non-loopback host without a token is refused (ConfigError);
-    ``cors_origins``: origins allowed by CORS (none: CORS off). ``tail_events``
+    ``cors_origins``: origins allowed by CORS (none: CORS off);
+    ``allowed_hosts``: Host names served besides the bound address and the
+    loopback names (a server without a token refuses any other Host with 400
+    ``invalid_host``; with a token the Host check applies only when this is
+    given). ``tail_events``
     runs the events tailer (metrics, usage) while the app is up. Bad
     arguments raise ConfigError naming them; nothing is started until the
     app's lifespan begins.
@@ -384,6 +396,7 @@ def create_app(
         raise ConfigError(
             f"cors_origins must be a sequence of origin strings, got {cors_origins!r}"
         )
+    allowed = allowed_host_names(host, allowed_hosts)
     for label, value in (("heartbeat", heartbeat), ("max_body", max_body)):
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{label} must be a positive number, got {value!r}")
@@ -397,6 +410,7 @@ def create_app(
     GCCollector(registry=metrics.registry)
     usage = UsageTotals()
     tailer = EventTailer(space, [metrics.observe, usage.observe])
+    stopping = threading.Event()  # set on shutdown: the event streams end (see cli/serve.py)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -405,6 +419,7 @@ def create_app(
         try:
             yield
         finally:
+            stopping.set()
             await anyio.to_thread.run_sync(tailer.close)
 
     app = FastAPI(
@@ -419,13 +434,18 @@ def create_app(
     app.state.metrics = metrics
     app.state.usage = usage
     app.state.tailer = tailer
+    app.state.stopping = stopping
+    app.state.space_check = SpaceCheck(space)
     app.state.heartbeat = float(heartbeat)
     app.state.sse_limiter = anyio.CapacityLimiter(SSE_MAX)
     app.state.wait_limiter = anyio.CapacityLimiter(WAITS_MAX)
 
     _install_error_handlers(app)
     auth = require_token_documented if token is not None else require_token
-    api = APIRouter(prefix="/api", dependencies=[Depends(auth), Depends(_single_values)])
+    api = APIRouter(
+        prefix="/api",
+        dependencies=[Depends(auth), Depends(_single_values), Depends(space_alive)],
+    )
     _task_routes(api, space)
     _info_routes(api, space, usage)
     _stream_routes(api, space)
@@ -433,6 +453,8 @@ def create_app(
     _open_routes(app, space, metrics, auth)
     _include_dashboard(app)
     app.add_middleware(BodyLimit, limit=int(max_body))
+    if token is None or allowed_hosts:
+        app.add_middleware(HostCheck, allowed=allowed, cors_origins=cors_origins)
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -444,6 +466,48 @@ def create_app(
             allow_credentials=True,
         )
     return app
+
+
+class SpaceCheck:
+    """Whether the space this app serves still exists (its identity record is
+    the one read at open): the stores see a wiped Redis (FLUSHALL, a restart
+    without persistence) only as empty keys, and check the identity only when
+    they reconnect, so the API checks it itself. ``check(fresh=False)`` reads
+    the identity at most once per SPACE_CHECK_S (``fresh``: always, before a
+    write) and raises SpaceLost, for good once seen; a backend that cannot be
+    read is left to the request's own store calls (BackendError: 503)."""
+
+    def __init__(self, space: Space, every: float = SPACE_CHECK_S) -> None:
+        self.space = space
+        self.every = every
+        self._lock = threading.Lock()
+        self._checked = -float("inf")
+        self._lost: SpaceLost | None = None
+
+    def check(self, fresh: bool = False) -> None:
+        """Raise SpaceLost if the space was wiped or replaced (see the class)."""
+        if self._lost is not None:
+            raise self._lost
+        now = time.monotonic()
+        if not fresh and now - self._checked < self.every:
+            return
+        try:
+            self.space.store.check_space()
+        except SpaceLost as exc:
+            self._lost = exc
+            raise
+        except BackendError:
+            return
+        with self._lock:
+            self._checked = max(self._checked, now)
+
+
+def space_alive(request: Request) -> None:
+    """FastAPI dependency: 503 ``space_lost`` once the space was wiped or
+    replaced (:class:`SpaceCheck`; fresh for a POST, else at most once a second)."""
+    checker = getattr(request.app.state, "space_check", None)
+    if isinstance(checker, SpaceCheck):
+        checker.check(fresh=request.method == "POST")
 
 
 def _single_values(request: Request) -> None:
@@ -497,7 +561,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         status, code = classify(exc)
         if status >= 500 and status != 503:
             log.error("%s %s failed: %r", request.method, request.url.path, exc)
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = redact_text(" ".join(str(exc).split())) or type(exc).__name__
         return JSONResponse(body(code, message), status)
 
     def validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -544,12 +608,15 @@ def _task_routes(api: APIRouter, space: Space) -> None:  # noqa: C901 - one clos
         status_code=201,
         response_model=M.Task,
         tags=["tasks"],
-        responses=responses(401, 404, 413, 422, 503),
+        responses=responses(401, 404, 409, 413, 422, 503),
     )
     def submit(req: M.SubmitRequest) -> dict[str, Any]:
         """Submit a registered task by name; 404 ``unknown_task`` if this server's
         app does not register it (a server started with ``--url`` alone has no
-        tasks: start it as ``taskspace serve APP``)."""
+        tasks: start it as ``taskspace serve APP``). With ``id``, a submit is
+        idempotent: an existing task with that id and the same name and
+        arguments is returned (201) without a second one; one with another name
+        or other arguments is a 409 ``id_conflict`` (nothing written)."""
         if not space.task_names:
             raise ApiError(
                 404,
@@ -575,9 +642,13 @@ def _task_routes(api: APIRouter, space: Space) -> None:  # noqa: C901 - one clos
             spec.id = req.id
             existing = space.store.queue.get(req.id)
             if existing is not None:  # a retried submit: the task it made
+                _same_submit(existing, spec)
                 return _detail(existing)
         task_id = _push(space, spec)
-        return _detail(Handle(space, task_id).info())
+        record = Handle(space, task_id).info()
+        if req.id is not None:
+            _same_submit(record, spec)  # a concurrent submit of another body may have won the id
+        return _detail(record)
 
     @api.get("/tasks", response_model=M.TaskPage, tags=["tasks"], responses=read_errors)
     def list_tasks(
@@ -675,6 +746,18 @@ def _task_routes(api: APIRouter, space: Space) -> None:  # noqa: C901 - one clos
             else:
                 skipped.append(task_id)
         return {"retried": retried, "skipped": skipped}
+
+
+def _same_submit(record: TaskRecord, spec: TaskSpec) -> None:
+    """409 ``id_conflict`` unless ``record`` (the task stored under the
+    submitted id) has the submit's name and encoded arguments."""
+    if record.name != spec.name or record.codec != spec.codec or record.payload != spec.payload:
+        raise ApiError(
+            409,
+            "id_conflict",
+            f"task id {spec.id} is already used by another submit ({record.name} with other"
+            " arguments); use a new id",
+        )
 
 
 # -- queues, workers, logs, events, usage, coordination ----------------------------------------
@@ -921,26 +1004,43 @@ async def _stream(
     timeout: float | None,
 ) -> AsyncIterator[bytes]:
     """Yield SSE frames from ``read`` (a blocking read of at most SSE_READ_S),
-    heartbeats when idle; stop when the client goes away or ``timeout`` passes."""
+    heartbeats when idle; stop when the client goes away, ``timeout`` passes or
+    the server shuts down (``app.state.stopping``, checked at least once a
+    second: EventSource reconnects to the next server). A wiped space ends the
+    stream after one ``space_lost`` error frame."""
     app = request.app
+    checker = app.state.space_check
+
+    def checked_read() -> list[dict[str, Any]]:
+        checker.check()  # at most one identity read a second (SpaceCheck)
+        return read()
+
     limiter: anyio.CapacityLimiter = app.state.sse_limiter
     heartbeat: float = app.state.heartbeat
+    stopping: threading.Event = app.state.stopping
     deadline = None if timeout is None else time.monotonic() + timeout
     last_sent = time.monotonic()
     delay = 0.1
     yield b": connected\n\n"
     while deadline is None or time.monotonic() < deadline:
-        if await request.is_disconnected():
+        if stopping.is_set() or await request.is_disconnected():
             return
         try:
-            items = await anyio.to_thread.run_sync(read, limiter=limiter)
+            items = await anyio.to_thread.run_sync(checked_read, limiter=limiter)
             delay = 0.1
         except TaskspaceError as exc:  # backend away: say so, back off, carry on
             _status, code = classify(exc)
-            yield b"event: error\ndata: %s\n\n" % orjson.dumps(body(code, str(exc)))
-            await anyio.sleep(delay)
+            message = redact_text(" ".join(str(exc).split()))
+            yield b"event: error\ndata: %s\n\n" % orjson.dumps(body(code, message))
+            if isinstance(exc, SpaceLost):
+                return  # for good: the server needs a restart
+            pause_until = time.monotonic() + delay
+            while not stopping.is_set() and time.monotonic() < pause_until:
+                await anyio.sleep(min(0.25, max(0.0, pause_until - time.monotonic())))
             delay = min(delay * 2, TAILER_BACKOFF_MAX_S)
             continue
+        if stopping.is_set():
+            return
         for item in items:
             yield _sse(item)
         if items:
@@ -1047,7 +1147,7 @@ def _open_routes(app: FastAPI, space: Space, metrics: EventMetrics, auth: Any) -
         "/metrics",
         response_class=PlainTextResponse,
         tags=["health"],
-        dependencies=[Depends(auth)],
+        dependencies=[Depends(auth), Depends(space_alive)],
         responses={
             200: {
                 "content": {"text/plain": {"schema": {"type": "string"}}},

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
+from collections.abc import Iterable
 from typing import Annotated
+from urllib.parse import urlsplit
 
+import orjson
 from fastapi import Request, Security
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from taskspace.api.errors import ApiError
+from taskspace.api.errors import ApiError, body
 from taskspace.errors import ConfigError
 
 TOKEN_ENV = "TASKSPACE_API_TOKEN"
@@ -111,3 +116,112 @@ def require_token_documented(
     """:func:`require_token`, declaring both schemes in the OpenAPI document
     (used for the API routes of a server that has a token)."""
     require_token(request)
+
+
+# -- Host check (DNS rebinding) ------------------------------------------------------
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9\-.]*[a-z0-9])?\.?|\[[0-9a-f:.]+\]", re.IGNORECASE)
+
+
+def host_name(value: str) -> str | None:
+    """The lower-cased name of a ``Host`` header value (``name``, ``name:port``,
+    ``[v6]`` or ``[v6]:port``; an IPv6 address in brackets, a trailing dot
+    dropped); None if it is not one."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        name, rest = value[: end + 1], value[end + 1 :]
+    else:
+        name, _, port = value.partition(":")
+        rest = f":{port}" if _ else ""
+    if rest and not (rest.startswith(":") and rest[1:].isdigit() and len(rest) <= 6):
+        return None
+    if not name or not _HOST_NAME.fullmatch(name):
+        return None
+    return name.rstrip(".") if not name.startswith("[") else name
+
+
+def allowed_host_names(bound: str, extra: Iterable[str] = ()) -> frozenset[str]:
+    """The Host names a server bound to ``bound`` serves: the loopback names,
+    ``bound`` itself and ``extra`` (host names or IP addresses, without a
+    port); ConfigError naming ``allowed_hosts`` for a value that is not one."""
+    if isinstance(extra, str):
+        raise ConfigError(f"allowed_hosts must be a sequence of host names, got {extra!r}")
+    names = set(LOOPBACK_NAMES)
+    for value in [bound, *extra]:
+        label = "host" if value is bound else "allowed_hosts"
+        if not isinstance(value, str):
+            raise ConfigError(f"{label}: a host name must be a string, got {value!r}")
+        try:
+            bare = ipaddress.ip_address(value.strip("[]"))
+            name = f"[{bare}]" if bare.version == 6 else str(bare)
+        except ValueError:
+            name = host_name(value) or ""
+            if not name or name != value.lower().rstrip("."):
+                raise ConfigError(
+                    f"{label}: {value!r} is not a host name or IP address (give it without"
+                    " a scheme or port, e.g. dash.example.com)"
+                ) from None
+        names.add(name)
+    return frozenset(names)
+
+
+class HostCheck:
+    """ASGI middleware: refuse (400 ``invalid_host``) an HTTP request whose
+    ``Host`` header names a host outside ``allowed`` (see
+    :func:`allowed_host_names`; a request without a Host header is served:
+    browsers always send one), and (403 ``forbidden``) a POST whose ``Origin``
+    is neither an allowed host nor one of ``cors_origins``."""
+
+    def __init__(
+        self, app: ASGIApp, allowed: frozenset[str], cors_origins: Iterable[str] = ()
+    ) -> None:
+        self.app = app
+        self.allowed = allowed
+        self.cors_origins = frozenset(o.rstrip("/").lower() for o in cors_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", ()))
+        host = headers.get(b"host")
+        if host is not None and host_name(host.decode("latin-1")) not in self.allowed:
+            shown = host.decode("latin-1")[:100]
+            await _refuse(send, 400, "invalid_host",
+                          f"Host {shown!r} is not served here (DNS rebinding guard); start"
+                          " the server with --allowed-host NAME to serve it")  # fmt: skip
+            return
+        origin = headers.get(b"origin")
+        if scope["method"] == "POST" and origin is not None and not self._origin_ok(origin):
+            await _refuse(
+                send, 403, "forbidden", "cross-site POST refused (its Origin is not served)"
+            )
+            return
+        await self.app(scope, receive, send)
+
+    def _origin_ok(self, origin: bytes) -> bool:
+        text = origin.decode("latin-1").strip().lower()
+        if text.rstrip("/") in self.cors_origins:
+            return True
+        try:
+            netloc = urlsplit(text).netloc
+        except ValueError:
+            return False
+        return bool(netloc) and host_name(netloc) in self.allowed
+
+
+async def _refuse(send: Send, status: int, code: str, message: str) -> None:
+    data = orjson.dumps(body(code, message))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})

@@ -20,13 +20,14 @@ page naming it; no page writes anything.
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
@@ -35,9 +36,9 @@ from fastapi.templating import Jinja2Templates
 from taskspace.api import dashboard_data as data
 from taskspace.api.auth import COOKIE as TOKEN_COOKIE
 from taskspace.api.auth import require_token, token_matches
-from taskspace.api.errors import ApiError
+from taskspace.api.errors import ApiError, redact_text
 from taskspace.backends.base import TASK_STATES
-from taskspace.errors import BackendError, ConfigError, TaskNotFound, TaskspaceError
+from taskspace.errors import BackendError, ConfigError, SpaceLost, TaskNotFound, TaskspaceError
 from taskspace.space import Space
 
 HERE = Path(__file__).resolve().parent
@@ -170,14 +171,19 @@ def _render(
     """Render ``template`` with what ``build`` returns, or an error page: 400
     for a bad filter, 404 for an unknown task, 503 for a backend that is down."""
     try:
+        _check_space(request)
         context = build()
         status = 200
     except TaskNotFound as exc:
         template, status, context = "error.html", 404, {"message": str(exc)}
+    except SpaceLost as exc:
+        message = f"the space was wiped or replaced; restart the server: {redact_text(str(exc))}"
+        template, status, context = "error.html", 503, {"message": message}
     except BackendError as exc:
-        template, status, context = "error.html", 503, {"message": f"backend unavailable: {exc}"}
+        message = f"backend unavailable: {redact_text(str(exc))}"
+        template, status, context = "error.html", 503, {"message": message}
     except TaskspaceError as exc:  # ConfigError and the like: a bad filter
-        template, status, context = "error.html", 400, {"message": str(exc)}
+        template, status, context = "error.html", 400, {"message": redact_text(str(exc))}
     space = _space(request)
     context.setdefault("page", page)
     digest = getattr(request.app.state, "dashboard_digest", None)
@@ -191,6 +197,14 @@ def _render(
         events_after=events_after,
     )
     return templates.TemplateResponse(request, template, context, status_code=status)
+
+
+def _check_space(request: Request) -> None:
+    """SpaceLost if the space was wiped (the API's cached check, when present)."""
+    checker = getattr(request.app.state, "space_check", None)
+    check = getattr(checker, "check", None)
+    if callable(check):
+        check()
 
 
 # -- pages -----------------------------------------------------------------------
@@ -371,7 +385,7 @@ def dead_page(request: Request) -> Response:
 @router.get("/partials/dead", dependencies=_auth)
 def dead_partial(request: Request) -> Response:
     """The dead-task table alone."""
-    return _render(request, "_dead.html", lambda: _dead(request), "/dead")
+    return _render(request, "_tasks.html", lambda: _dead(request), "/dead")
 
 
 def _logs(request: Request) -> dict[str, Any]:
@@ -449,10 +463,17 @@ def login_page(request: Request) -> Response:
 
 
 def _safe_next(value: str | None) -> str:
-    """A local path to return to after login (anything else: ``/``)."""
-    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
-        return "/"
+    """A same-site path to return to after login: one ``/`` then anything but
+    a second ``/`` first, with no backslash, whitespace or control character
+    (browsers drop TAB/CR/LF, so ``/\t/evil.example`` would become
+    ``//evil.example``); anything else gives ``/``."""
+    if not value or not _SAFE_NEXT.fullmatch(value) or not _SAFE_DECODED.fullmatch(unquote(value)):
+        return "/"  # percent-decoded too: ``/%09/evil`` sent encoded twice is refused as well
     return value
+
+
+_SAFE_NEXT = re.compile(r"/(?:[^/\\\s\x00-\x1f\x7f][^\\\s\x00-\x1f\x7f]*)?")
+_SAFE_DECODED = re.compile(r"/(?:[^/\\\x00-\x1f\x7f][^\\\x00-\x1f\x7f]*)?")
 
 
 @router.post("/login")

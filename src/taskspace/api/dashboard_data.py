@@ -13,16 +13,15 @@ as ``/api/usage`` serves them).
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import orjson
 
+from taskspace.api.errors import redact_url as redact_url  # the one redaction, re-exported
 from taskspace.backends.base import FINAL_STATES, TASK_STATES, QueueStats, TaskRecord
 from taskspace.codec import decoder_for
 from taskspace.errors import SerializationError, TaskspaceError
@@ -50,21 +49,6 @@ FINISH_KINDS = frozenset({"succeeded", "failed", "dead", "cancelled"})
 DURATION_KINDS = frozenset({"succeeded", "failed", "retried"})
 SPARK_W = 120.0
 SPARK_H = 24.0
-PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password (in its authority or a ``password=`` query
-    parameter) replaced by ``***``; shown in the page header."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(invalid url)"
-    if parts.password is not None:
-        start = len(parts.scheme) + 3  # the authority follows "scheme://"
-        host = parts.netloc.rsplit("@", 1)[-1]
-        url = f"{url[:start]}{parts.username or ''}:***@{host}{url[start + len(parts.netloc) :]}"
-    return PASSWORD_PARAM.sub(r"\1***", url)
 
 
 def pretty(value: Any) -> str:

@@ -9,6 +9,7 @@ changed nothing; a backend that is down is a 503 (``backend_unavailable``, or
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from taskspace import errors as E
@@ -67,6 +68,8 @@ CODE_EXCEPTIONS.update(
     {
         "invalid_argument": E.ConfigError,
         "invalid_state": E.ConfigError,
+        "id_conflict": E.ConfigError,
+        "invalid_host": E.ConfigError,
         "request_too_large": E.ConfigError,
         "bad_request": E.ConfigError,
         "unsupported_media_type": E.ConfigError,
@@ -104,3 +107,48 @@ def classify(exc: BaseException) -> tuple[int, str]:
 def body(code: str, message: str) -> dict[str, Any]:
     """The JSON error body."""
     return {"error": {"code": code, "message": message}}
+
+
+# -- redaction: what the API and the dashboard show of a URL -------------------------------
+
+_SECRET_PARAM = re.compile(
+    r"([?&;][^=&#;\s]*(?:password|token|secret)[^=&#;\s]*=)[^&#;\s]*", re.IGNORECASE
+)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s\"'<>]+")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with every secret replaced by ``***``: the password of its
+    userinfo (``user:***@host``) and the value of every query parameter whose
+    name contains ``password``, ``token`` or ``secret`` (case-insensitive, e.g.
+    ``sentinel_password``). A string that is not a URL is returned with its
+    query-like secrets redacted; never raises."""
+    if not isinstance(url, str):
+        return "(invalid url)"
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        end = len(rest)
+        for stop in "/?#":
+            i = rest.find(stop)
+            if i != -1:
+                end = min(end, i)
+        netloc = rest[:end]
+        userinfo, at, hosts = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            user = userinfo.split(":", 1)[0]
+            rest = f"{user}:***@{hosts}{rest[end:]}"
+        url = f"{scheme}{sep}{rest}"
+    return _SECRET_PARAM.sub(r"\1***", url)
+
+
+def redact_text(text: str) -> str:
+    """``text`` (an error message) with every URL in it passed through
+    :func:`redact_url`: the one redaction used for every message the API and
+    the dashboard show."""
+
+    def one(match: re.Match[str]) -> str:
+        url = match.group()
+        core = url.rstrip(".,:;)]}")  # punctuation after a URL stays as it was
+        return redact_url(core) + url[len(core) :]
+
+    return _URL_IN_TEXT.sub(one, str(text))

@@ -32,6 +32,14 @@ expiries are the ``lost`` events. The server's counters start from the
 retained events stream when it starts (so they are the stream's totals, not
 the process's), and a worker's
 (``serve_worker_metrics``) count only the events that worker emitted.
+
+Label cardinality is bounded (queue and task names are free-form: any API
+client may submit to a new queue): each of the labels ``task``, ``queue``
+and ``model`` takes at most LABEL_VALUES_MAX (1,000; models: MODELS_MAX)
+distinct values per process, the first ones seen; later values are counted
+under ``(other)``. Values are cut to LABEL_VALUE_CHARS characters. The
+``taskspace_queue_depth`` and oldest-age gauges show the LABEL_VALUES_MAX
+queues holding the most tasks and sum the rest under ``queue="(other)"``.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -108,6 +116,35 @@ RUN_BUCKETS = (
 SCRAPE_CACHE_S = 1.0
 OLDEST_SCAN_QUEUES = 100  # oldest-task age is read for at most this many queues per scrape
 MODELS_MAX = 100  # distinct ``model`` label values; further models count as "(other)"
+LABEL_VALUES_MAX = 1000  # distinct ``task`` / ``queue`` label values; the rest: "(other)"
+LABEL_VALUE_CHARS = 100
+OTHER = "(other)"
+
+
+class LabelCap:
+    """The label values one label may take: the first ``limit`` distinct ones
+    seen (cut to LABEL_VALUE_CHARS), every later one mapped to ``(other)``;
+    thread-safe, its memory bounded by ``limit``."""
+
+    def __init__(self, limit: int = LABEL_VALUES_MAX) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"limit must be a positive integer, got {limit!r}")
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        """``value`` as it may be used as a label value."""
+        value = str(value)[:LABEL_VALUE_CHARS]
+        if value in self._seen:
+            return value
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) >= self.limit:
+                return OTHER
+            self._seen.add(value)
+            return value
 
 
 class EventMetrics:
@@ -117,8 +154,13 @@ class EventMetrics:
 
     PENDING_MAX = 100_000
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, labels_max: int = LABEL_VALUES_MAX
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._task_label = LabelCap(labels_max)
+        self._queue_label = LabelCap(labels_max)
+        self._model_label = LabelCap(min(labels_max, MODELS_MAX))
         self.counters = {
             kind: Counter(
                 f"taskspace_tasks_{kind}",
@@ -156,7 +198,6 @@ class EventMetrics:
         )
         self._submitted: OrderedDict[str, float] = OrderedDict()
         self._started: OrderedDict[str, float] = OrderedDict()
-        self._models: set[str] = set()
         self._lock = threading.Lock()
         self._server: Any = None
 
@@ -168,7 +209,9 @@ class EventMetrics:
             log.exception("metrics: skipped an event that could not be counted: %r", event)
 
     def _observe(self, event: TaskEvent) -> None:
-        kind, task, queue = event.kind, str(event.name), str(event.queue)
+        kind = event.kind
+        if kind == "usage" or kind in self.counters:
+            task, queue = self._task_label(str(event.name)), self._queue_label(str(event.queue))
         if kind == "usage":
             self._usage(task, event.usage or {})
             return
@@ -194,12 +237,7 @@ class EventMetrics:
             self.run_time.labels(task, queue, kind).observe(max(0.0, float(event.duration)))
 
     def _usage(self, task: str, usage: dict[str, Any]) -> None:
-        model = str(usage.get("model") or "")[:100]
-        with self._lock:  # label values are bounded: a flood of model names cannot grow it
-            if model not in self._models:
-                if len(self._models) >= MODELS_MAX:
-                    model = "(other)"
-                self._models.add(model)
+        model = self._model_label(str(usage.get("model") or ""))  # bounded label values
         for key, direction in (("tokens_in", "in"), ("tokens_out", "out")):
             n = usage.get(key)
             if isinstance(n, int | float) and not isinstance(n, bool) and n > 0:
@@ -247,8 +285,11 @@ class SpaceCollector(Collector):
     SCRAPE_CACHE_S so many scrapers cost one read. On a backend that is down
     it reports ``taskspace_backend_up 0`` and the last values it read."""
 
-    def __init__(self, space: Space, cache_s: float = SCRAPE_CACHE_S) -> None:
+    def __init__(
+        self, space: Space, cache_s: float = SCRAPE_CACHE_S, queues_max: int = LABEL_VALUES_MAX
+    ) -> None:
         self.space = space
+        self.queues_max = queues_max
         self.cache_s = cache_s
         self._lock = threading.Lock()
         self._at = 0.0
@@ -279,20 +320,23 @@ class SpaceCollector(Collector):
         depth = GaugeMetricFamily(
             "taskspace_queue_depth", "Tasks by queue and state.", labels=("queue", "state")
         )
-        for queue, by_state in sorted(stats.counts.items()):
+        counts = _top_queues(stats.counts, self.queues_max)
+        for queue, by_state in sorted(counts.items()):
             for state, n in sorted(by_state.items()):
-                depth.add_metric((queue, state), n)
+                depth.add_metric((queue[:LABEL_VALUE_CHARS], state), n)
         oldest = GaugeMetricFamily(
             "taskspace_queue_oldest_age_seconds",
             "Age of the oldest queued task.",
             labels=("queue",),
         )
         now = space.store.clock.wall()
-        queued = [q for q, by_state in sorted(stats.counts.items()) if by_state.get("queued")]
+        queued = [
+            q for q, by_state in sorted(counts.items()) if by_state.get("queued") and q != OTHER
+        ]
         for queue in queued[:OLDEST_SCAN_QUEUES]:
             first = space.tasks(state="queued", queue=queue, limit=1)
             if first:
-                oldest.add_metric((queue,), max(0.0, now - first[0].created))
+                oldest.add_metric((queue[:LABEL_VALUE_CHARS],), max(0.0, now - first[0].created))
         workers = GaugeMetricFamily(
             "taskspace_workers_alive", "Workers registered and alive.", value=len(space.workers())
         )
@@ -302,3 +346,16 @@ class SpaceCollector(Collector):
             value=stats.stale_finishes,
         )
         return [depth, oldest, workers, stale]
+
+
+def _top_queues(counts: Mapping[str, Mapping[str, int]], limit: int) -> dict[str, dict[str, int]]:
+    """``counts`` with at most ``limit`` queues (those holding the most tasks),
+    the others' counts summed by state under ``(other)``."""
+    ranked = sorted(counts, key=lambda q: (-sum(counts[q].values()), q))
+    kept = {q: dict(counts[q]) for q in ranked[:limit]}
+    if len(ranked) > limit:
+        other = kept.setdefault(OTHER, {})
+        for queue in ranked[limit:]:
+            for state, n in counts[queue].items():
+                other[state] = other.get(state, 0) + n
+    return kept
