@@ -20,6 +20,7 @@ import pytest
 
 from taskspace import Space
 from taskspace.errors import Compacted, ConfigError, SerializationError
+from taskspace.messaging import streams
 from taskspace.messaging.streams import KEY_ROOT, Consumer, Message, StreamCompacted
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -346,6 +347,128 @@ def test_blocking_get_wakes_on_publish(space: Space) -> None:
 
 
 # -- real processes -------------------------------------------------------------
+
+
+# -- regressions (review findings F1, F2, F3, F8, F15, F19) ------------------------------
+
+
+@pytest.mark.parametrize("start", ["latest", "earliest"])
+def test_a_group_created_on_an_empty_stream_is_told_of_trimmed_messages(
+    space: Space, start: str
+) -> None:
+    s = space.stream("capped", maxlen=10)
+    c = s.group("g", start=start).consumer("c")
+    assert c.fetch(10) == []  # the group exists before anything is published
+    ids = s.publish_many(list(range(30)))  # 20 trimmed before the group read any
+    with pytest.raises(StreamCompacted) as info:
+        c.fetch(10)
+    assert info.value.first_id == ids[20]
+    assert c.skip_to_earliest() == ids[20]
+    assert [m.data for m in drain(c, 10)] == list(range(20, 30))
+    # a group created on an empty stream that lost nothing is not told
+    s2 = space.stream("roomy", maxlen=10)
+    c2 = s2.group("g", start=start).consumer("c")
+    assert c2.fetch(10) == []
+    s2.publish_many(list(range(9)))
+    assert [m.data for m in drain(c2, 9)] == list(range(9))
+
+
+def test_a_message_handed_out_from_the_buffer_has_a_full_visibility(space: Space) -> None:
+    vis = 0.4
+    s = space.stream("jobs")
+    g = s.group("g", start="earliest", visibility=vis, max_deliveries=1)
+    a, b = g.consumer("a", prefetch=2), g.consumer("b", prefetch=2)
+    s.publish_many(["m1", "m2"])
+    m1 = a.get(timeout=5.0)
+    assert m1 is not None and m1.data == "m1"
+    time.sleep(0.45 * vis)
+    m1.ack()
+    m2 = a.get(timeout=0)  # from the buffer: its visibility starts now
+    assert m2 is not None and m2.data == "m2"
+    handed = time.monotonic()
+    stolen: list[Message] = []
+    while time.monotonic() - handed < 0.8 * vis:  # a works on m2 within its visibility
+        stolen += b.fetch(2, timeout=0.05)
+    m2.ack()  # no further call on a: the ack is written before the lease ends
+    stolen += b.fetch(2, timeout=1.5 * vis)
+    assert [m.data for m in stolen] == []  # nothing acked in time came back
+    assert s.dead.read() == [] and g.pending() == []
+
+
+def test_a_busy_consumer_keeps_its_group_alive(
+    space: Space, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streams, "MIN_GROUP_TTL_S", 0.1)
+    s = space.stream("jobs")
+    g = s.group("g", visibility=0.1, group_ttl=0.4)  # start="latest"
+    c = g.consumer("c", prefetch=10)
+    assert c.fetch(1) == []  # the group is created
+    s.publish_many(list(range(10)))
+    for _ in range(10):  # 0.8 s of work on the prefetched batch: twice group_ttl
+        m = c.get(timeout=5.0)
+        assert m is not None
+        time.sleep(0.08)
+        m.ack()
+    assert space.store.kv.get(g.cursor_key) is not None
+    later = s.publish_many(["b0", "b1"])
+    assert [m.id for m in drain(c, 2, wait=5.0)] == later
+
+
+def test_a_vanished_cursor_is_recovered_not_recreated_at_latest(space: Space) -> None:
+    s = space.stream("jobs")
+    g = s.group("g", start="earliest")
+    a = g.consumer("a", prefetch=2)
+    ids = s.publish_many(["x", "y", "z"])
+    assert [m.id for m in a.fetch(2)] == ids[:2]  # leased to a, unacked
+    assert space.store.kv.delete(g.cursor_key)  # as if group_ttl had passed
+    more = s.publish("w")
+    assert [m.id for m in drain(g.consumer("b"), 2, wait=5.0)] == [ids[2], more]
+    # a consumer that knew the position recovers it too (no pending records left)
+    g.delete()
+    c = s.group("g", start="latest").consumer("c")
+    assert c.fetch(1) == []  # created at the end
+    assert space.store.kv.delete(g.cursor_key)
+    last = s.publish("v")
+    assert [m.id for m in drain(c, 1, wait=5.0)] == [last]
+
+
+def test_a_nack_longer_than_group_ttl_is_not_lost(
+    space: Space, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streams, "MIN_GROUP_TTL_S", 0.1)
+    s = space.stream("jobs")
+    g = s.group("g", start="earliest", visibility=0.1, group_ttl=0.3)
+    c = g.consumer("c")
+    [mid] = s.publish_many(["later"])
+    [m] = c.fetch(1)
+    m.nack(delay=0.6)  # twice group_ttl
+    [again] = c.fetch(1, timeout=3.0)
+    assert again.id == mid and again.deliveries == 2
+    again.ack()
+    c.flush()
+    assert g.pending() == []
+
+
+def test_concurrent_takeovers_dead_letter_once_and_never_an_acked_message(space: Space) -> None:
+    s = space.stream("jobs")
+    g = s.group("g", start="earliest", visibility=VIS, max_deliveries=1)
+    owner, x, y = g.consumer("owner"), g.consumer("x"), g.consumer("y")
+    [poison] = s.publish_many(["bad"])
+    assert len(owner.fetch(1)) == 1  # delivered once, never acked
+    [(key, found, rec)] = list(g._records(10))  # two scanners see the same record
+    assert x._takeover(key, found, rec) == 0
+    assert y._takeover(key, found, rec) == 0  # lost the compare: appends nothing
+    assert [m.data["id"] for m in s.dead.read()] == [poison]  # once (also on SQLite)
+    assert g.pending() == [] and list(space.store.kv.scan(g.dead_prefix)) == []
+    # scan, then the owner acks, then the takeover goes on: not dead-lettered
+    [acked] = s.publish_many(["fine"])
+    [m] = owner.fetch(1)
+    [(key, found, rec)] = list(g._records(10))
+    m.ack()
+    owner.flush()
+    assert x._takeover(key, found, rec) == 0
+    assert acked not in [d.data["id"] for d in s.dead.read()]
+    assert g.pending() == []
 
 
 def _child(*args: str) -> subprocess.Popen[str]:

@@ -20,15 +20,21 @@ appends twice (on Redis, PostgreSQL and memory; a SQLite reply cannot be lost).
 **Groups.** Every group sees every message; within a group each message is
 handed to one consumer at a time (the claim is a compare on the group cursor's
 KV version in one ``kv.txn``, a batch of up to ``prefetch`` messages per txn).
-A message not acked within ``visibility`` seconds of being handed out (the
-consumer extends the lease of messages it has prefetched as it hands them out)
-is redelivered, to any consumer of the group, with ``deliveries`` + 1; one
+A message not acked within ``visibility`` seconds of being handed out (a
+batch is leased for LEASE_FACTOR x ``visibility`` and renewed before a hand-out
+that would leave less than ``visibility``; so redelivery comes between
+``visibility`` and twice that after the hand-out) is redelivered, to any
+consumer of the group, with ``deliveries`` + 1; one
 whose ``deliveries`` reached ``max_deliveries`` goes to the dead-letter
 stream ``<name>.dead`` instead (with the original id, data, group, deliveries
 and last consumer). Delivery is at-least-once: a consumer that dies, or acks
 after its visibility ran out, may see a message delivered twice. Acks are
 written in batches: with the next claim (same txn), before a consumer
-blocks, on ``flush()`` and ``close()``.
+blocks, on ``flush()`` and ``close()``, and at once (by ``ack()`` or the next
+hand-out) when their batch's lease ends within ``visibility``: an ack is
+written before its lease ends if the consumer makes any call within
+``visibility`` after it. Dead letters are appended only by the consumer whose
+takeover txn won (never twice, never for a message acked before it).
 
 A group is created by its first consumer at ``start``: ``"latest"`` (only
 messages published from now on; the default), ``"earliest"`` (everything
@@ -43,10 +49,15 @@ the stream still holds) or an id (messages with id >= it).
 - group state in KV (key prefix ``taskspace/streams/``): one cursor record
   per group and one pending record per claimed batch (deleted when the batch
   is acked or dead-lettered, so at most unacked/prefetch per consumer); every
-  record has a TTL of ``group_ttl`` (7 days), renewed while a consumer runs,
-  so a group nobody consumed for that long is forgotten (recreated at
-  ``start`` by its next consumer); ``group.delete()`` removes one at once;
-- one ``meta`` record per stream (the trim watermark).
+  record has a TTL of ``group_ttl`` (7 days; a nacked message's record
+  ``group_ttl`` + its delay), renewed while a consumer claims, blocks, hands
+  out or acks, so a group nobody consumed for that long is forgotten
+  (recreated at ``start`` by its next consumer; a cursor that vanished while
+  the group has pending records or under a consumer that knew it is
+  recovered at the last position known, never silently moved to ``start``);
+  ``group.delete()`` removes one at once; one dead-letter marker per
+  takeover that dead-letters, deleted once appended;
+- one ``meta`` record per stream (the trim watermark, the smallest maxlen).
 
 **Falling behind retention is never silent.** When entries a group had not
 taken yet were trimmed, its consumers raise :class:`StreamCompacted` (a
@@ -54,7 +65,10 @@ taken yet were trimmed, its consumers raise :class:`StreamCompacted` (a
 held; ``consumer.skip_to_earliest()`` continues from there. Ids are not dense,
 so when the entry at the group's position itself was trimmed while no
 consumer of the group ran, and the stream has ever been trimmed by
-``maxlen``, the group cannot prove it missed nothing and is told so too.
+``maxlen``, the group cannot prove it missed nothing and is told so too. A
+group created on an empty stream checks before its first claim that nothing
+after its position was trimmed (the stream must hold fewer than ``maxlen``
+entries, and no age trim may have passed it).
 Pending (delivered, unacked) messages trimmed before their redelivery go to
 the dead-letter stream with ``reason="trimmed"`` and ``data`` None.
 
@@ -112,6 +126,13 @@ READ_LIMIT_MAX = 10_000
 DEAD_SUFFIX = ".dead"
 DEFAULT_DEAD_MAXLEN = 10_000
 DEFAULT_GROUP_TTL_S = 7 * 24 * 3600.0
+# The smallest group_ttl accepted (a module constant so tests can shorten it).
+MIN_GROUP_TTL_S = 60.0
+# A claimed batch is leased for this many times ``visibility``; a message is
+# handed out only while at least ``visibility`` of its batch's lease is left
+# (else the lease is renewed first), so each handed-out message has a full
+# ``visibility``, and a batch is renewed at most once per ``visibility``.
+LEASE_FACTOR = 2.0
 PUBLISH_RETRY_S = 10.0
 PUBLISH_BACKOFF_S = 0.05
 # The consumer's estimate of the store's lease clock is re-measured this often.
@@ -247,7 +268,7 @@ class Stream:
         if not items:
             return []
         if maxlen is not None:
-            self._flag_maxlen(stream)
+            self._flag_maxlen(stream, maxlen)
         streams = self.space.store.streams
         request_id = uuid.uuid4().hex
         deadline = time.monotonic() + PUBLISH_RETRY_S
@@ -262,16 +283,18 @@ class Stream:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _flag_maxlen(self, stream: str) -> None:
+    def _flag_maxlen(self, stream: str, maxlen: int) -> None:
         """Record once in the stream's meta that maxlen trims (whose dropped ids
-        nobody sees) happen: groups then treat a missing position as a loss."""
+        nobody sees) happen, and the smallest ``maxlen``: groups then treat a
+        missing position as a loss, unless the stream holds fewer entries."""
         store = self.space.store
+        flag = f"{stream}\n{maxlen}"
         with _flagged_lock:
-            if stream in _flagged.setdefault(store, set()):
+            if flag in _flagged.setdefault(store, set()):
                 return
-        _update_meta(self.space, f"{KEY_ROOT}{_q(stream)}/meta", maxlen=True)
+        _update_meta(self.space, f"{KEY_ROOT}{_q(stream)}/meta", maxlen=maxlen)
         with _flagged_lock:
-            _flagged.setdefault(store, set()).add(stream)
+            _flagged.setdefault(store, set()).add(flag)
 
     # -- reading and retention ----------------------------------------------------
 
@@ -324,7 +347,7 @@ class Stream:
         streams = self.space.store.streams
         dropped = 0
         if self.maxlen is not None:
-            self._flag_maxlen(self.name)
+            self._flag_maxlen(self.name, self.maxlen)
             dropped += streams.trim(self.name, maxlen=self.maxlen)
         if self.max_age is not None:
             dropped += self._trim_age(self.max_age)
@@ -393,7 +416,9 @@ def _update_meta(space: Space, key: str, **changes: Any) -> None:
         if "trimmed" in changes:
             new["trimmed"] = max(int(meta.get("trimmed", 0)), int(changes["trimmed"]))
         if changes.get("maxlen"):
-            new["maxlen"] = True
+            old = meta.get("maxlen")
+            m = int(changes["maxlen"])
+            new["maxlen"] = min(old, m) if isinstance(old, int) and not isinstance(old, bool) else m
         if new == meta and found is not None:
             return
         if kv.cas(key, None if found is None else found.version, orjson.dumps(new)) is not None:
@@ -441,7 +466,7 @@ class Group:
         _check_start(start)
         check_seconds(visibility, "visibility", minimum=0.05)
         _check_int(max_deliveries, "max_deliveries", 1, 1_000_000)
-        check_seconds(group_ttl, "group_ttl", minimum=60.0)
+        check_seconds(group_ttl, "group_ttl", minimum=MIN_GROUP_TTL_S)
         if group_ttl < 2 * visibility:
             raise ConfigError(f"group_ttl={group_ttl!r}: must be at least twice visibility")
         self.start = start
@@ -451,6 +476,7 @@ class Group:
         self.prefix = f"{KEY_ROOT}{_q(stream.name)}/g/{_q(name)}/"
         self.cursor_key = self.prefix + "cursor"
         self.pending_prefix = self.prefix + "p/"
+        self.dead_prefix = self.prefix + "dl/"
 
     def __repr__(self) -> str:
         return f"<Group {self.name!r} of {self.stream.name!r}>"
@@ -489,7 +515,8 @@ class Group:
 
     def delete(self) -> int:
         """Forget the group (cursor and pending records); return how many
-        records were deleted. Its consumers recreate it at ``start``."""
+        records were deleted. New consumers recreate it at ``start``; a
+        consumer that was running recovers the position it knew."""
         kv = self.stream.space.store.kv
         n = 0
         while page := kv.scan(self.prefix, limit=1000):
@@ -499,16 +526,31 @@ class Group:
 
     # -- cursor -------------------------------------------------------------------
 
-    def load_cursor(self) -> _Cursor:
-        """The group's cursor, creating the group at ``start`` if it has none."""
+    def load_cursor(self, known: int | None = None) -> _Cursor:
+        """The group's cursor, creating the group at ``start`` if it has none.
+        A group whose cursor vanished (expired after ``group_ttl``, deleted)
+        while it still has pending records, or while the caller knew its
+        position ``known``, is not recreated at ``start`` (that would skip
+        messages): it is recovered, with a warning, after the highest id known
+        to be taken (at-least-once: what others took after it comes again)."""
         kv = self.stream.space.store.kv
         for _ in range(CLAIM_ATTEMPTS):
             found = kv.get(self.cursor_key)
             if found is not None:
                 return _cursor(found)
-            cur = self.initial_cursor(self.start)
+            taken = [max(rec["i"]) for _, _, rec in self._records(SCAN_RECORDS_MAX) if rec["i"]]
+            recover = known is not None or bool(taken)
+            if recover:
+                pos = _max([known or 0, *taken])
+                cur = self.initial_cursor(pos + 1)
+            else:
+                cur = self.initial_cursor(self.start)
             put = kv.cas(self.cursor_key, None, cur.encode(), ttl=self.group_ttl)
             if put is not None:
+                if recover:
+                    log.warning("group %r of stream %r had lost its cursor (group_ttl %.0f s"
+                                " passed?): recovered after id %d", self.name, self.stream.name,
+                                self.group_ttl, cur.pos)  # fmt: skip
                 cur.version = put.version
                 return cur
         raise BackendError(f"could not create group {self.name!r}: too much contention")
@@ -518,12 +560,20 @@ class Group:
         stream = self.stream
         if start == "latest":
             last = stream.last_id()
-            return _Cursor(last, 0, last > 0)
+            if last:
+                return _Cursor(last, 0, True)
+            return _Cursor(self._trimmed(), 0, False)  # empty: before the next id appended
         pos = 0 if start == "earliest" else int(start) - 1
         rows = stream.space.store.streams.read(stream.name, max(0, pos), 1)
-        if start == "earliest" and rows:
-            pos = rows[0].id - 1
+        if start == "earliest":
+            pos = rows[0].id - 1 if rows else self._trimmed()
         return _Cursor(max(0, pos), rows[0].id if rows else 0, False)
+
+    def _trimmed(self) -> int:
+        """The last id age trims dropped (0: none): on an empty stream, every
+        id appended later is above it."""
+        found = self.stream.space.store.kv.get(self.stream.meta_key)
+        return int(_loads(found.value).get("trimmed", 0)) if found is not None else 0
 
 
 def _check_start(start: Any) -> None:
@@ -598,8 +648,9 @@ class Message:
         is acked in its new holder's record at once."""
         if self._batch.lost:
             self._consumer._ack_foreign(self._batch.key, {self.id})
-        else:
+        elif self.id not in self._batch.acked:
             self._batch.acked.add(self.id)
+            self._consumer._acked(self._batch)
 
     def nack(self, delay: float = 0.0) -> None:
         """Hand the message back: redelivered (to any consumer of the group)
@@ -632,6 +683,7 @@ class Consumer:
         self._offset_at = -math.inf
         self._next_scan = -math.inf
         self._touched_at = time.monotonic()
+        self._known: int | None = None  # the highest group position this consumer saw
         self._closed = False
         self.conflicts = 0  # claims that lost a race (and were retried)
 
@@ -683,7 +735,7 @@ class Consumer:
         g = self.group
         kv = self._space.store.kv
         for _ in range(CLAIM_ATTEMPTS):
-            cur = g.load_cursor()
+            cur = g.load_cursor(self._known)
             new = g.initial_cursor("earliest")
             if new.next == 0:
                 new = g.initial_cursor("latest")
@@ -727,24 +779,28 @@ class Consumer:
 
     def _take(self, n: int) -> list[Message]:
         """Up to ``n`` buffered messages, extending the lease of their batches
-        when less than half of ``visibility`` is left (dropping a batch that
-        another consumer took over meanwhile)."""
+        (and writing their acks) when less than ``visibility`` is left, so each
+        message handed out has a full ``visibility`` (dropping a batch that
+        another consumer took over meanwhile); acks of other batches whose
+        lease ends within ``visibility`` are written too."""
         buf = self._buffer
         taken = [buf.popleft() for _ in range(min(n, len(buf)))]
         if not taken:
             return taken
-        renew_before = self._now() + self.group.visibility / 2
+        renew_before = self._now() + self.group.visibility
         batches = {id(m._batch): m._batch for m in taken}
         for batch in batches.values():
             if not batch.lost and batch.until < renew_before:
                 self._renew(batch)
+        self._flush_due()
+        self._keep_group_alive()
         if any(b.lost for b in batches.values()):
             return [m for m in taken if not m._batch.lost]
         return taken
 
     def _renew(self, batch: _Batch) -> None:
         """Extend ``batch``'s lease (and write its acks) or mark it lost."""
-        until = self._now() + self.group.visibility
+        until = self._now() + self.group.visibility * LEASE_FACTOR
         ids, ds = batch.remaining()
         if not ids:
             return
@@ -755,6 +811,26 @@ class Consumer:
             batch.version, batch.until = res.versions[0], until
         else:
             self._lose(batch)
+
+    def _flush_due(self) -> None:
+        """Write the acks now if a batch holding some ends its lease within
+        ``visibility`` (so an ack is written before its lease ends)."""
+        if not self._batches:
+            return
+        due = self._now() + self.group.visibility
+        if any(b.acked and b.until < due for b in self._batches.values()):
+            self._flush_acks()
+
+    def _acked(self, batch: _Batch) -> None:
+        """After an ack into ``batch``: written at once when its lease ends
+        within ``visibility`` (a BackendError is logged; the ack stays queued
+        and is written by the next call)."""
+        try:
+            if batch.until < self._now() + self.group.visibility:
+                self._flush_acks()
+        except BackendError as exc:
+            log.warning("writing acks of consumer %r: %s (retried with its next call)",
+                        self.name, exc)  # fmt: skip
 
     def _lose(self, batch: _Batch) -> None:
         """``batch`` was taken over: its acks are written into whoever holds it now."""
@@ -803,8 +879,13 @@ class Consumer:
                 self._space.store.streams.read(self._stream, cur.pos, 1, min(left, WAIT_STEP_S))
 
     def _keep_group_alive(self) -> None:
+        """Renew the TTL of the group's cursor (at most every group_ttl/10):
+        called while blocked, handing out and writing acks, so a busy consumer
+        keeps its group alive. A vanished cursor is reloaded (and recovered)
+        by the next claim."""
         if time.monotonic() - self._touched_at > self.group.group_ttl / 10:
-            self._space.store.kv.touch(self.group.cursor_key, self.group.group_ttl)
+            if self._space.store.kv.touch(self.group.cursor_key, self.group.group_ttl) is None:
+                self._cursor, self._ahead = None, []
             self._touched_at = time.monotonic()
 
     def _ack_ops(self) -> list[tuple[_Batch, Write]]:
@@ -845,6 +926,7 @@ class Consumer:
             res = self._space.store.kv.txn(compares, [w for _, w in ops])
             if res.ok:
                 self._applied(ops, iter(res.versions))
+                self._keep_group_alive()
                 return
             if res.failed is not None:
                 self._lose(ops[res.failed][0])
@@ -863,7 +945,6 @@ class Consumer:
         stream and the caller will block next (``will_block``), it returns at
         once: the blocking read wakes on anything new, and the claim after it
         checks the position again."""
-        g = self.group
         at_end, self._at_end = self._at_end, False
         if at_end and will_block and self._cursor is not None:
             return self._cursor  # the last claim read to the end: the blocking read tells
@@ -873,7 +954,7 @@ class Consumer:
         rows: list[StreamEntry] = []
         short = False
         for _ in range(CLAIM_ATTEMPTS):
-            cur = self._cursor if self._cursor is not None else g.load_cursor()
+            cur = self._cursor if self._cursor is not None else self._load_cursor()
             self._cursor = cur
             if not (rows and cur.next and rows[0].id == cur.next):
                 ahead = self._ahead
@@ -892,6 +973,7 @@ class Consumer:
                     rest = []  # a partial batch: read afresh rather than claim a small one
             if res is not None and res.ok:
                 self._cursor, self._ahead = new, rest
+                self._known = _max(self._known or 0, new.pos)
                 self._at_end = short and len(rows) <= n
                 self._competing = lost > 0 or fallback is not None
                 self._buffer_entries(take, batch)
@@ -902,13 +984,19 @@ class Consumer:
                 self._competing = False
             elif res is not None and res.failed == 0:  # lost: the winner took `take`?
                 lost += 1
-                self._cursor, rows = (None, []) if guessed else (new, rest)
+                # (nothing after the guess: read the cursor rather than wait on a guess)
+                self._cursor, rows = (None, []) if guessed or not rest else (new, rest)
                 guessed = not guessed
             elif res is not None and res.failed is not None:
                 self._lose(owners[res.failed])
         # Every attempt lost to other consumers of the group, which made progress:
         # nothing for this one now (the caller tries again until its timeout).
-        return self._cursor if self._cursor is not None else g.load_cursor()
+        return self._cursor if self._cursor is not None else self._load_cursor()
+
+    def _load_cursor(self) -> _Cursor:
+        cur = self.group.load_cursor(self._known)
+        self._known = _max(self._known or 0, cur.pos)
+        return cur
 
     def _skip_ahead(self, n: int) -> tuple[_Cursor, list[StreamEntry]] | None:
         """While other consumers keep taking the batch after ours (our last
@@ -936,7 +1024,7 @@ class Consumer:
         else:
             key = f"{g.pending_prefix}{take[0].id:020d}.{uuid.uuid4().hex[:8]}"
         owners = [b for b, _ in ops] if reuse is None else [reuse, *(b for b, _ in ops)]
-        until = self._now() + g.visibility
+        until = self._now() + g.visibility * LEASE_FACTOR
         ids = [r.id for r in take]
         record = _record(self.name, until, ids, [1] * len(ids))
         compares: list[Compare] = [ValueIs(g.cursor_key, cur.encode())]
@@ -981,7 +1069,38 @@ class Consumer:
             if rows and rows[0].id == cur.pos:
                 return rows[1:]
             return self._suspect(cur, rows, definite=False)
-        return streams.read(self._stream, cur.pos, limit)
+        rows = streams.read(self._stream, cur.pos, limit)
+        if rows and not self._nothing_trimmed_after(cur.pos):
+            return self._suspect(cur, rows, definite=True)
+        return rows
+
+    def _nothing_trimmed_after(self, pos: int) -> bool:
+        """For a cursor that was never an entry and had no next (its group was
+        created on an empty stream, or at an id past its end): True if no entry
+        above ``pos`` can have been trimmed. An entry <= ``pos`` still held
+        proves it (trims drop the oldest first); else the age watermark must be
+        <= ``pos``, and a stream trimmed by ``maxlen`` must hold fewer than
+        ``maxlen`` entries (counted once, before the group's first claim)."""
+        streams = self._space.store.streams
+        first = streams.read(self._stream, 0, 1)
+        if first and first[0].id <= pos:
+            return True
+        found = self._space.store.kv.get(self.group.stream.meta_key)
+        meta = _loads(found.value) if found is not None else {}
+        if int(meta.get("trimmed", 0)) > pos:
+            return False
+        maxlen = meta.get("maxlen")
+        if not maxlen:
+            return True
+        if isinstance(maxlen, bool):  # an older meta record: the bound is unknown
+            return False
+        count, after = 0, pos
+        while count < maxlen:
+            page = streams.read(self._stream, after, min(READ_LIMIT_MAX, maxlen - count))
+            if not page:
+                return True
+            count, after = count + len(page), page[-1].id
+        return False
 
     def _suspect(self, cur: _Cursor, rows: list[StreamEntry], definite: bool) -> list[StreamEntry]:
         """The entry that should follow (or be at) the cursor is gone. Raise
@@ -1009,6 +1128,7 @@ class Consumer:
         self._flush_acks()
         self._next_scan = time.monotonic() + min(SCAN_MAX_S, g.visibility / 4)
         now = self._now()
+        self._retry_dead(now)
         buffered = {m._batch.key for m in self._buffer}
         taken = 0
         for key, found, rec in g._records(SCAN_RECORDS_MAX):
@@ -1029,15 +1149,22 @@ class Consumer:
         dead = [(i, d, "max_deliveries") for i, d in pairs if d >= g.max_deliveries]
         dead += [(i, d, "trimmed") for i, d in pairs if d < g.max_deliveries and i not in entries]
         keep = [(i, d + 1) for i, d in pairs if d < g.max_deliveries and i in entries]
-        if dead:
-            self._dead_letter(key, found.version, rec["c"], dead, entries)
-        until = self._now() + g.visibility
+        until = self._now() + g.visibility * LEASE_FACTOR
         ids, ds = [i for i, _ in keep], [d for _, d in keep]
-        write: Write = (
+        writes: list[Write] = [
             Put(key, _record(self.name, until, ids, ds), g.group_ttl) if keep else Delete(key)
-        )
-        res = self._space.store.kv.txn([VersionIs(key, found.version)], [write])
-        if not res.ok or not keep:
+        ]
+        marker, items = "", []
+        if dead:  # dead letters are appended only by the winner of the takeover
+            items = self._dead_items(rec["c"], dead, entries)
+            marker = f"{g.dead_prefix}{key[len(g.pending_prefix) :]}.{found.version}"
+            writes.append(Put(marker, _marker(until, items), g.group_ttl))
+        res = self._space.store.kv.txn([VersionIs(key, found.version)], writes)
+        if not res.ok:
+            return 0
+        if marker:
+            self._append_dead(marker, res.versions[-1], items)
+        if not keep:
             return 0
         batch = _Batch(key, res.versions[0], ids, ds, until)
         self._batches[key] = batch
@@ -1063,15 +1190,10 @@ class Consumer:
                 return out
             after = rows[-1].id
 
-    def _dead_letter(
-        self,
-        key: str,
-        version: int,
-        consumer: str,
-        dead: list[tuple[int, int, str]],
-        entries: dict[int, StreamEntry],
-    ) -> None:
-        stream = self.group.stream
+    def _dead_items(
+        self, consumer: str, dead: list[tuple[int, int, str]], entries: dict[int, StreamEntry]
+    ) -> list[bytes]:
+        """The dead-letter entries of ``dead`` (id, deliveries, reason)."""
         items = []
         for i, d, reason in sorted(dead):
             entry = entries.get(i)
@@ -1084,11 +1206,36 @@ class Consumer:
                 except orjson.JSONDecodeError:  # pragma: no cover
                     data = None
             items.append(orjson.dumps({**env, "data": data}))
+        return items
+
+    def _append_dead(self, marker: str, version: int, items: list[bytes]) -> None:
+        """Append ``items`` to the dead-letter stream, then delete the takeover's
+        ``marker`` record (which holds them). A consumer that dies in between
+        leaves the marker, which a scan appends once its lease ``u`` ended."""
+        stream = self.group.stream
         name = stream.name + DEAD_SUFFIX
-        stream._flag_maxlen(name)
+        stream._flag_maxlen(name, stream.dead_maxlen)
         self._space.store.streams.append_many(
-            name, items, stream.dead_maxlen, request_id=f"dead\n{key}\n{version}"
+            name, items, stream.dead_maxlen, request_id=f"dead\n{marker}"
         )
+        self._space.store.kv.txn([VersionIs(marker, version)], [Delete(marker)])
+
+    def _retry_dead(self, now: float) -> None:
+        """Append the dead letters of takeovers whose consumer stopped between
+        its takeover and the append (markers whose lease ended)."""
+        g = self.group
+        kv = self._space.store.kv
+        for key, found in kv.scan(g.dead_prefix, limit=100):
+            value = _loads(found.value)
+            if value["u"] > now:
+                continue
+            items = [orjson.dumps(item) for item in value["items"]]
+            until = now + g.visibility * LEASE_FACTOR
+            res = kv.txn(
+                [VersionIs(key, found.version)], [Put(key, _marker(until, items), g.group_ttl)]
+            )
+            if res.ok:
+                self._append_dead(key, res.versions[0], items)
 
     def _nack(self, msg: Message, delay: float) -> None:
         check_seconds(delay, "delay")
@@ -1103,7 +1250,9 @@ class Consumer:
         d = ds[ids.index(msg.id)]
         rest = [(i, x) for i, x in zip(ids, ds, strict=True) if i != msg.id]
         key = f"{g.pending_prefix}{msg.id:020d}.{uuid.uuid4().hex[:8]}"
-        back = Put(key, _record("", self._now() + delay, [msg.id], [d]), g.group_ttl)
+        # (kept for at least group_ttl after its redelivery is due)
+        ttl = min(g.group_ttl + delay, MAX_DURATION_S)
+        back = Put(key, _record("", self._now() + delay, [msg.id], [d]), ttl)
         if rest:
             keep: Write = Put(batch.key, _record(self.name, batch.until, [i for i, _ in rest],
                                                  [x for _, x in rest]), g.group_ttl)  # fmt: skip
@@ -1149,6 +1298,11 @@ class Consumer:
                 writes.append(Delete(key))
             self._space.store.kv.txn([VersionIs(key, batch.version)], writes)
             self._batches.pop(key, None)
+
+
+def _marker(until: float, items: list[bytes]) -> bytes:
+    """A dead-letter marker record: lease end ``u`` and the entries to append."""
+    return orjson.dumps({"u": until, "items": [orjson.Fragment(i) for i in items]})
 
 
 def _is_json(data: bytes) -> bool:
