@@ -484,8 +484,10 @@ class SpaceCheck:
         self._checked = -float("inf")
         self._lost: SpaceLost | None = None
 
-    def check(self, fresh: bool = False) -> None:
-        """Raise SpaceLost if the space was wiped or replaced (see the class)."""
+    def check(self, fresh: bool = False, strict: bool = False) -> None:
+        """Raise SpaceLost if the space was wiped or replaced (see the class);
+        ``strict``: read now and raise BackendError too (``/api/health``)."""
+        fresh = fresh or strict
         if self._lost is not None:
             raise self._lost
         now = time.monotonic()
@@ -497,6 +499,8 @@ class SpaceCheck:
             self._lost = exc
             raise
         except BackendError:
+            if strict:
+                raise
             return
         with self._lock:
             self._checked = max(self._checked, now)
@@ -1139,8 +1143,9 @@ def _stream_routes(api: APIRouter, space: Space) -> None:
 def _open_routes(app: FastAPI, space: Space, metrics: EventMetrics, auth: Any) -> None:
     @app.get("/api/health", response_model=M.Health, tags=["health"], responses=responses(503))
     def health() -> dict[str, Any]:
-        """200 if the backend answers, else 503 ``backend_unavailable`` (no token needed)."""
-        space.store.check_space()
+        """200 if the backend answers, else 503 ``backend_unavailable`` (no token needed);
+        503 ``space_lost`` if the space was wiped or replaced."""
+        app.state.space_check.check(strict=True)
         return {"status": "ok", "backend": space.scheme}
 
     @app.get(
