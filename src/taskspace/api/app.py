@@ -564,7 +564,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     def taskspace_error(request: Request, exc: Exception) -> JSONResponse:
         status, code = classify(exc)
         if status >= 500 and status != 503:
-            log.error("%s %s failed: %r", request.method, request.url.path, exc)
+            log.error("%s %s failed: %s", request.method, request.url.path, redact_text(repr(exc)))
         message = redact_text(" ".join(str(exc).split())) or type(exc).__name__
         return JSONResponse(body(code, message), status)
 

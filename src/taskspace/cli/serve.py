@@ -83,6 +83,7 @@ def serve(app: str | None, url: str | None, host: str, port: int, token_env: str
         import uvicorn
 
         from taskspace.api.app import create_app
+        from taskspace.api.errors import redact_url
     except ImportError as exc:
         raise MissingDependency(
             f"taskspace serve needs the api extra: pip install 'taskspace[api]' ({exc})"
@@ -97,7 +98,8 @@ def serve(app: str | None, url: str | None, host: str, port: int, token_env: str
         space, token=token, host=host, cors_origins=cors_origins, allowed_hosts=allowed_hosts
     )
     mode = "token required" if token else "no token: loopback only"
-    click.echo(f"taskspace serve: {space.url} on http://{host}:{port} ({mode})", err=True)
+    shown = redact_url(space.url)
+    click.echo(f"taskspace serve: {shown} on http://{host}:{port} ({mode})", err=True)
     try:
         config = uvicorn.Config(application, host=host, port=port, log_level=log_level,
                                 timeout_graceful_shutdown=5)  # fmt: skip
