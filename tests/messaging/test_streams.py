@@ -469,6 +469,19 @@ def test_concurrent_takeovers_dead_letter_once_and_never_an_acked_message(space:
     assert x._takeover(key, found, rec) == 0
     assert acked not in [d.data["id"] for d in s.dead.read()]
     assert g.pending() == []
+    # a consumer that stops between its takeover and the append: its marker is
+    # appended once by a later scan
+    [lost] = s.publish_many(["orphan"])
+    assert len(owner.fetch(1)) == 1
+    [(key, found, rec)] = list(g._records(10))
+    x._append_dead = lambda *args: None  # type: ignore[method-assign]  # "dies" after the txn
+    assert x._takeover(key, found, rec) == 0
+    assert len(list(space.store.kv.scan(g.dead_prefix))) == 1
+    deadline = time.monotonic() + 5.0
+    while lost not in [d.data["id"] for d in s.dead.read()] and time.monotonic() < deadline:
+        y.fetch(1, timeout=VIS / 2)
+    assert [d.data["id"] for d in s.dead.read()] == [poison, lost]
+    assert list(space.store.kv.scan(g.dead_prefix)) == []
 
 
 def _child(*args: str) -> subprocess.Popen[str]:
