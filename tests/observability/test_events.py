@@ -19,7 +19,7 @@ import pytest
 
 from taskspace import Space, Worker, WorkerConfig, current_task
 from taskspace.errors import ConfigError
-from taskspace.events import EVENTS_STREAM, KINDS, Shipper, TaskEvent, encode_event
+from taskspace.events import EVENTS_STREAM, KINDS, Shipper, TaskEvent, encode_event, event_for
 from taskspace.tasks.context import TaskContext
 from taskspace.worker import maintainer as maintainer_mod
 
@@ -167,6 +167,35 @@ def test_a_batch_is_one_entry_and_never_split(space: Space) -> None:
     assert space.events.last_id() == events[0].id
 
 
+def test_lost_tracker_names_the_expired_attempts(space: Space) -> None:
+    """The maintainer's requeue step: attempts known from their started events."""
+
+    @space.task(lease=0.2, max_attempts=2)
+    def fragile() -> None: ...
+
+    @space.task(lease=30.0)
+    def healthy() -> None: ...
+
+    h_lost = fragile.submit()
+    healthy.submit()
+    store = space.store
+    claimed = store.queue.claim(["default"], "w-dead", 2)
+    assert len(claimed) == 2
+    space.events.emit([event_for("started", r, "w-dead") for r in claimed])
+    space.events.flush()
+    tracker = maintainer_mod.LostTracker()
+    got: list[TaskEvent] = []
+    expiry = {r.id: r.lease_expires for r in claimed}[h_lost.id]
+    assert expiry is not None
+    wait_until(lambda: store.clock.now() > expiry, 5, "the lease to expire")
+    assert maintainer_mod.requeue_expired(store, got.extend, tracker) == 1
+    assert [(e.kind, e.task_id, e.worker, e.attempt, e.error) for e in got] == [
+        ("lost", h_lost.id, "w-dead", 1, "LeaseExpired")
+    ]  # fmt: skip
+    assert maintainer_mod.requeue_expired(store, got.extend, tracker) == 0
+    assert len(got) == 1  # once
+
+
 def test_a_queued_task_cancelled_has_its_event(space: Space) -> None:
     @space.task
     def never() -> None: ...
@@ -291,11 +320,9 @@ def test_a_killed_worker_leaves_lost_and_dead_events(
     try:
         wait_until(lambda: (tmp_path / "hang_once").exists() and (tmp_path / "hang_dead").exists(),
                    20, "both tasks to start in the worker process")  # fmt: skip
-        # Its heartbeat lists the attempts (the maintainer's source for lost events),
-        # and its shipper stores the "started" events within SHIP_INTERVAL_S.
-        wait_until(lambda: sum(len(w.get("leases", [])) for w in app.workers()) == 2,
-                   10, "the worker's heartbeat to list both attempts")  # fmt: skip
-        time.sleep(0.3)
+        # The "started" events (the maintainer's source for lost events) are stored.
+        wait_until(lambda: sum(e.kind == "started" for e in space.events.read()) == 2,
+                   10, "the started events")  # fmt: skip
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         report = app.run_worker(burst=True, concurrency=2, maintainer_ttl=1, maintainer_retry=1,

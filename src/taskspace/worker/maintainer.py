@@ -61,7 +61,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from taskspace.coordination.election import Election, Term
-from taskspace.events import TaskEvent, trim_events
+from taskspace.events import EVENTS_STREAM, TaskEvent, decode_entry, first_id_since, trim_events
 from taskspace.logs import trim_logs
 from taskspace.worker.health import Backoff, Failed
 
@@ -89,9 +89,13 @@ MIN_CAMPAIGN_GAP_S = 0.05
 # Lost-lease events (LostTracker): attempts read back after a requeue at most, how
 # long a vanished worker's heartbeat is remembered, and how many sent events are.
 LOST_SCAN_LIMIT = 10_000
-HEARTBEAT_LEASES_MAX = 1000
+OPEN_MAX = 100_000
 LEASE_MEMORY_S = 3600.0
+LEASE_HISTORY_S = 600.0
+REFRESH_PAGES = 20
 SENT_MEMORY = 100_000
+# Events that end an attempt (a release has none: its attempt ages out of memory).
+ATTEMPT_ENDS = frozenset({"retried", "succeeded", "failed", "cancelled", "lost", "dead"})
 # How often the maintainer trims the events and logs streams by age (and length).
 TRIM_STREAMS_EVERY_S = 30.0
 
@@ -147,57 +151,73 @@ class LostTracker:
     """Which attempts an expired lease ended, for their task events.
 
     ``requeue_expired`` returns only a count, and listing the running tasks
-    costs a scan of every task on some backends (Redis), so the leases come
-    from the workers' heartbeats instead: each worker lists the attempts it
-    runs (``leases``, at most HEARTBEAT_LEASES_MAX) in its registry info every
-    ``heartbeat_interval``. :meth:`refresh` (every pass: one registry read)
-    remembers each worker's last list for LEASE_MEMORY_S after it was last
-    seen (a dead worker's entry expires long before its leases do). When a
-    requeue handled something, the remembered attempts are read back (one
-    ``get_many``): one that no longer runs under its token and whose error is
-    the store's ``WorkerLost`` lost its lease. Gaps: an attempt claimed after
-    its worker's last heartbeat has no event; a maintainer failover may
-    repeat an event (each maintainer remembers the ones it sent)."""
+    costs a scan of every task on some backends (Redis), so the attempts come
+    from the events stream instead: :meth:`refresh` (every pass) reads the
+    events appended since the last pass (starting LEASE_HISTORY_S back) and
+    keeps each attempt that ``started`` and has not finished yet (at most
+    OPEN_MAX, for LEASE_MEMORY_S). When a requeue handled something, those
+    attempts' tasks are read back (one ``get_many``): one that no longer runs
+    that attempt and whose error is the store's ``WorkerLost`` lost its lease.
+    Gaps: an attempt whose ``started`` event was not stored yet (its worker
+    died within ~SHIP_INTERVAL_S of starting it) has no event; a maintainer
+    failover may repeat one (each maintainer remembers the ones it sent)."""
 
     def __init__(self) -> None:
-        self._leases: dict[str, tuple[float, list[list[Any]]]] = {}
+        # (task id, attempt) -> (monotonic time seen, the started event)
+        self._open: OrderedDict[tuple[str, int], tuple[float, TaskEvent]] = OrderedDict()
         self._sent: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._cursor: int | None = None
 
     def refresh(self, store: Store) -> None:
-        """Read the workers' heartbeats (their running attempts)."""
-        from taskspace.worker.registry import live_workers
-
+        """Read the events appended since the last call: open and close attempts."""
+        streams = store.streams
+        if self._cursor is None:
+            self._cursor = first_id_since(store, EVENTS_STREAM, time.time() - LEASE_HISTORY_S)
         now = time.monotonic()
-        for info in live_workers(store):
-            leases = info.get("leases")
-            name = info.get("name")
-            if isinstance(name, str) and isinstance(leases, list):
-                self._leases[name] = (now, leases[:HEARTBEAT_LEASES_MAX])
-        for name in [n for n, (seen, _) in self._leases.items() if now - seen > LEASE_MEMORY_S]:
-            del self._leases[name]
+        for _ in range(REFRESH_PAGES):
+            entries = streams.read(EVENTS_STREAM, after=self._cursor, limit=1000)
+            for entry in entries:
+                self._cursor = entry.id
+                for event in decode_entry(entry):
+                    key = (event.task_id, event.attempt)
+                    if event.kind == "started":
+                        self._open[key] = (now, event)
+                        if len(self._open) > OPEN_MAX:
+                            self._open.popitem(last=False)
+                    elif event.kind in ATTEMPT_ENDS:
+                        self._open.pop(key, None)
+            if len(entries) < 1000:
+                break
+        while self._open:
+            key, (seen, _) = next(iter(self._open.items()))
+            if now - seen <= LEASE_MEMORY_S:
+                break
+            del self._open[key]
 
     def lost_events(self, store: Store, at: float) -> list[TaskEvent]:
-        """The events of attempts whose lease expired since the last call."""
-        candidates: dict[str, list[Any]] = {}
-        for name, (_, leases) in self._leases.items():
-            for lease in leases[:HEARTBEAT_LEASES_MAX]:
-                if isinstance(lease, list) and len(lease) == 5:
-                    candidates[f"{lease[0]}\n{lease[1]}"] = [*lease, name]
-        items = list(candidates.values())[:LOST_SCAN_LIMIT]
+        """The events of open attempts whose lease expired."""
+        items = list(self._open.items())[-LOST_SCAN_LIMIT:]
+        records = store.queue.get_many([key[0] for key, _ in items])
         events = []
-        records = store.queue.get_many([str(item[0]) for item in items])
-        for (task_id, token, attempt, name, queue, worker), rec in zip(
-            items, records, strict=False
-        ):
-            key = (str(task_id), int(token))
-            if rec is None or key in self._sent:
+        for (key, (_, started)), rec in zip(items, records, strict=False):
+            if rec is None:
+                self._open.pop(key, None)
                 continue
-            still_running = rec.state == "running" and rec.token == token
-            if still_running or (rec.error or {}).get("type") != "WorkerLost" or rec.lost < 1:
+            if rec.state == "running" and rec.attempts == started.attempt:
+                continue  # still that attempt
+            self._open.pop(key, None)  # that attempt is over, one way or another
+            ended_by_expiry = rec.state in ("queued", "dead", "cancelled", "running")
+            if (
+                key in self._sent
+                or not ended_by_expiry
+                or (rec.error or {}).get("type") != "WorkerLost"
+            ):
                 continue
             kind = {"dead": "dead", "cancelled": "cancelled"}.get(rec.state, "lost")
-            events.append(TaskEvent(0, at, kind, rec.id, str(name), str(queue), str(worker),
-                                    int(attempt), None, "LeaseExpired"))  # fmt: skip
+            events.append(
+                TaskEvent(0, at, kind, rec.id, started.name, started.queue, started.worker,
+                          started.attempt, None, "LeaseExpired")
+            )  # fmt: skip
             self._sent[key] = None
             if len(self._sent) > SENT_MEMORY:
                 self._sent.popitem(last=False)
@@ -220,7 +240,7 @@ def requeue_expired(
         events = tracker.lost_events(store, at)
         emit(events)
         if len(events) < handled:
-            log.debug("%d expired lease(s) requeued without a task event (not in a heartbeat)",
+            log.debug("%d expired lease(s) requeued without a task event (no started event)",
                       handled - len(events))  # fmt: skip
     return handled
 

@@ -74,7 +74,7 @@ from taskspace.worker import tasklog
 from taskspace.worker.config import WorkerConfig
 from taskspace.worker.execution import Attempt
 from taskspace.worker.health import BackendHealth, Backoff, Failed
-from taskspace.worker.maintainer import HEARTBEAT_LEASES_MAX, Maintainer
+from taskspace.worker.maintainer import Maintainer
 from taskspace.worker.outbox import Outbox
 from taskspace.worker.registry import announce, withdraw
 from taskspace.worker.renewal import TICK_S, Renewer
@@ -99,9 +99,6 @@ FINAL_FLUSH_S = 1.0
 THREAD_JOIN_S = 1.0
 # Events and log records get this long to land at exit while the backend is down.
 DOWN_FLUSH_S = 0.1
-# A worker that claimed something beats this soon (not only every heartbeat_interval),
-# so that the maintainer knows its attempts' leases should it die (lost events).
-EARLY_BEAT_S = 0.5
 
 
 class Worker:
@@ -142,8 +139,6 @@ class Worker:
         self._names: list[str] = []
         self._renew_store: Store | None = None
         self._next_beat = 0.0
-        self._last_beat = 0.0
-        self._claimed_since_beat = False
         self.maintainer = Maintainer(self)
 
     @property
@@ -472,7 +467,6 @@ class Worker:
         attempt = Attempt(record, task, ctx, deadline=None)
         with self._cond:
             self._running[lease] = attempt
-        self._claimed_since_beat = True
         isolation = task.isolation
         if isolation == "async":
             asyncio.run_coroutine_threadsafe(
@@ -619,10 +613,7 @@ class Worker:
         if self.report.space_lost:
             return
         self.guard.run_if_due()
-        early = self._claimed_since_beat and now >= self._last_beat + EARLY_BEAT_S
-        if now >= self._next_beat or early:
-            self._claimed_since_beat = False
-            self._last_beat = now
+        if now >= self._next_beat:
             self.health.call("heartbeat", self._heartbeat)
             self._next_beat = now + self.config.heartbeat_interval
 
@@ -642,11 +633,6 @@ class Worker:
             "started": self._started_wall,
             "succeeded": self.report.succeeded,
             "failed": self.report.failed,
-            # The attempts it runs, for the maintainer's lost-lease events.
-            "leases": [
-                [a.record.id, a.record.token, a.record.attempts, a.record.name, a.record.queue]
-                for a in self._snapshot()[:HEARTBEAT_LEASES_MAX]
-            ],
         }
         announce(self.store, self.name, info, ttl=self.config.heartbeat_interval * 3)
 
