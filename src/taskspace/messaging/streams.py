@@ -644,7 +644,9 @@ class Message:
 
     def ack(self) -> None:
         """Mark handled; written with the consumer's next store call (or
-        ``flush``). Idempotent. A message whose lease was taken over meanwhile
+        ``flush``), at once when its batch's lease ends within ``visibility``
+        (a BackendError then is logged and the write retried by the next call).
+        Idempotent. A message whose lease was taken over meanwhile
         is acked in its new holder's record at once."""
         if self._batch.lost:
             self._consumer._ack_foreign(self._batch.key, {self.id})
