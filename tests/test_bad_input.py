@@ -208,13 +208,14 @@ def test_msgpack_serializer_round_trip(tmp_path: Path) -> None:
 def test_public_api_is_exactly_this() -> None:
     assert sorted(taskspace.__all__) == sorted(
         [
-            "BackendError", "Compacted", "ConfigError", "Handle", "InvalidURL", "LeaseLost",
-            "LockTimeout", "ManualClock", "MissingDependency", "NoCurrentTask", "NotAnInteger",
+            "BackendError", "CachedError", "Compacted", "ConfigError", "Handle", "InvalidURL",
+            "LeaseLost", "LockTimeout", "ManualClock", "MissingDependency", "NoCurrentTask",
+            "NotAnInteger",
             "PayloadTooLarge", "ProcessDied", "RateLimited", "ResultTimeout", "Retry",
             "SerializationError", "Space", "SpaceLost", "SpaceNotFound", "SubscriptionLost",
             "Task", "TaskCancelled", "TaskContext", "TaskFailed", "TaskNotFound", "TaskRecord",
-            "TaskTimeout", "TaskspaceError", "UnknownTask", "VersionConflict", "Worker",
-            "WorkerConfig", "WorkerReport", "__version__", "current_task",
+            "TaskTimeout", "TaskspaceError", "UnknownTask", "UpdateTimeout", "VersionConflict",
+            "Worker", "WorkerConfig", "WorkerReport", "__version__", "current_task",
         ]
     )  # fmt: skip
     for name in taskspace.__all__:

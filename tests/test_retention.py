@@ -31,8 +31,12 @@ def _reap_all(space: Space) -> int:
 # ids (REQUEST_ID_TTL_S, 10 minutes). Rounds of a few seconds never reach those
 # bounds, so each measure drops them first (white box), as their bounds will:
 # what is left must stop growing.
-SQLITE_KEPT_TABLES = ("kv_changes", "request_ids")
-REDIS_KEPT_KEYS = ("kvlog", "kvreq", "kvreqexp", "claimreq", "claimreqexp")
+# Bounded by retentions of their own, tested where they are made: the KV change
+# feed and request ids (tests/conformance), the task events and log streams
+# (length and age; tests/observability/test_events.py and test_logs.py).
+SQLITE_KEPT_TABLES = ("kv_changes", "request_ids", "stream_entries")
+REDIS_KEPT_KEYS = ("kvlog", "kvreq", "kvreqexp", "claimreq", "claimreqexp",
+                   "s:taskspace/events", "s:taskspace/logs", "sreq", "sreqexp")  # fmt: skip
 
 
 def _sqlite_footprint(path: Path) -> Callable[[], int]:
