@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 
-from taskspace.errors import ConfigError
+from taskspace.errors import BackendError, ConfigError, SpaceLost
 from taskspace.events import (
     CLOSE_TIMEOUT_S,
     FOLLOW_WAIT_S,
@@ -66,6 +66,8 @@ log = logging.getLogger("taskspace.logs")
 LOGS_STREAM = "taskspace/logs"
 LOGS_MAXLEN = 200_000
 LOGS_MAX_AGE_S = 3 * 24 * 3600.0
+FOLLOW_RETRY_S = 0.1  # follow's first back-off after a backend error, doubling to
+FOLLOW_RETRY_MAX_S = 2.0  # this
 HANDLER_CAPACITY = 10_000
 HANDLER_INTERVAL_S = 0.25
 MAX_MESSAGE_CHARS = 8_192
@@ -516,6 +518,7 @@ class Logs:
     ) -> Iterator[LogRecord]:
         store = self.space.store
         quiet_since = time.monotonic()
+        backoff = 0.0  # > 0 while the backend is unreachable
         while not self._closed.is_set():
             wait = FOLLOW_WAIT_S
             if timeout is not None:
@@ -523,7 +526,23 @@ class Logs:
                 if left <= 0:
                     return
                 wait = min(wait, left)
-            entries = store.streams.read(LOGS_STREAM, after=cursor, limit=READ_PAGE, wait=wait)
+            try:
+                entries = store.streams.read(LOGS_STREAM, after=cursor, limit=READ_PAGE, wait=wait)
+            except SpaceLost:
+                raise
+            except BackendError as exc:
+                # A blip: resume from the last record seen, never skip or repeat one;
+                # with a timeout, an outage that outlasts it raises.
+                if timeout is not None and time.monotonic() - quiet_since >= timeout:
+                    raise
+                if backoff == 0.0:
+                    log.warning("following logs: backend unreachable, retrying: %s", exc)
+                backoff = min(max(backoff * 2, FOLLOW_RETRY_S), FOLLOW_RETRY_MAX_S)
+                self._closed.wait(backoff)
+                continue
+            if backoff:
+                log.warning("following logs: backend reachable again")
+                backoff = 0.0
             for entry in entries:
                 cursor = entry.id
                 record = decode_record(entry)
