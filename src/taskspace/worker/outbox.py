@@ -47,7 +47,7 @@ class Pending(NamedTuple):
     event: TaskEvent | None = None
 
 
-Tally = Callable[[list[tuple[Lease, Outcome]], list[bool]], None]
+Tally = Callable[[list[tuple[Lease, Outcome]], list[bool], list["TaskEvent | None"]], None]
 Recorded = Callable[[list["TaskEvent"]], None]
 
 
@@ -175,7 +175,7 @@ class Outbox:
             self._on_recorded(
                 [e for e, ok in zip(events, accepted, strict=False) if ok and e is not None]
             )
-        self._tally(items, accepted)
+        self._tally(items, accepted, events)
         return True
 
     def _run(self) -> None:

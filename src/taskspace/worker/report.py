@@ -30,10 +30,15 @@ class WorkerReport:
     wedged: bool = False
     space_lost: bool = False
 
-    def count(self, outcome: Outcome, accepted: bool) -> None:
-        """Tally one finish result."""
+    def count(self, outcome: Outcome, accepted: bool, state: str | None = None) -> None:
+        """Tally one finish result: by ``state``, the event kind of the state
+        the store moved the task to (``retried``, ``failed``...), when known;
+        else by what the outcome asked for."""
         if not accepted:
             self.refused += 1
             return
-        field = {"retry": "retried", "release": "released"}.get(outcome.kind, outcome.kind)
+        if state in ("succeeded", "failed", "retried", "cancelled"):
+            field = state
+        else:
+            field = {"retry": "retried", "release": "released"}.get(outcome.kind, outcome.kind)
         setattr(self, field, getattr(self, field) + 1)

@@ -574,11 +574,18 @@ class Worker:
         if held is False:  # refused: the lease is stale, or the space is gone
             self.guard.check("progress refused", [lease.task_id])
 
-    def _tally(self, items: list[tuple[Lease, Outcome]], accepted: list[bool]) -> None:
+    def _tally(
+        self,
+        items: list[tuple[Lease, Outcome]],
+        accepted: list[bool],
+        events: list[TaskEvent | None],
+    ) -> None:
         with self._cond:
             self._cond.notify_all()  # outcomes recorded: the claim loop may wait for them
-        for (_, outcome), ok in zip(items, accepted, strict=False):
-            self.report.count(outcome, ok)
+        for (_, outcome), ok, event in zip(items, accepted, events, strict=False):
+            # The event names the state the store moved the task to (a retry
+            # with no attempts left ends failed), the outcome what was asked.
+            self.report.count(outcome, ok, None if event is None else event.kind)
         refused = [lease for (lease, _), ok in zip(items, accepted, strict=False) if not ok]
         if not refused or self.guard.check("finish refused", [r.task_id for r in refused]):
             return
