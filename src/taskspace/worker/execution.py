@@ -428,10 +428,13 @@ def _run_child(
         target=_child_main, args=(child, attempt, args, kwargs, codec, os.getpid()), daemon=True
     )
     usage = attempt.ctx._usage
+    # A store that must not be mid-write at a fork (SQLite) provides a guard.
+    fork_guard = getattr(attempt.task.space.store, "fork_guard", None)
     with attempt.lock:
         if attempt.settled:
             return None
-        proc.start()
+        with fork_guard() if fork_guard is not None else contextlib.nullcontext():
+            proc.start()
         attempt.process = proc
     child.close()
     try:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from taskspace.backends.base import Clock
@@ -144,6 +145,10 @@ class SQLiteStore:
             db.close()
         if row is None or row[0] != self.space_id:
             raise lost
+
+    def fork_guard(self) -> AbstractContextManager[None]:
+        """Fork inside this (see SQLiteConn.fork_guard); process tasks do."""
+        return self.conn.fork_guard()
 
     def close(self) -> None:
         """Close every connection; the store may not be used afterwards."""

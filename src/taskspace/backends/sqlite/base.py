@@ -117,8 +117,10 @@ class SQLiteConn:
             self._conns.append(conn)
         return conn
 
-    def conn(self) -> sqlite3.Connection:
-        """This thread's connection (opened on first use, and again after fork)."""
+    def _check_fork(self) -> None:
+        """In a forked child: forget the parent's connections and locks (a lock
+        another thread of the parent held at the fork stays held for ever in
+        the child). Called before any lock of a call is taken."""
         if os.getpid() != self._pid:
             # After fork the parent's connections must never be touched again.
             self._pid = os.getpid()
@@ -128,6 +130,20 @@ class SQLiteConn:
             self._commits = threading.Condition()
             self._write_lock = threading.Lock()
             self._reset_use()
+
+    @contextmanager
+    def fork_guard(self) -> Iterator[None]:
+        """Fork inside this: no thread of this process is then inside a write.
+        SQLite keeps its file-lock bookkeeping per process, so a child forked
+        while a parent thread held the write lock would wait for that lock for
+        ever (the copy of the parent's connection in the child never ends its
+        transaction)."""
+        with self._write_lock:
+            yield
+
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use, and again after fork)."""
+        self._check_fork()
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self.new_connection()
@@ -186,6 +202,7 @@ class SQLiteConn:
         """Count a call in flight; a call starting while close() runs waits for it
         (closing a connection another thread is using can crash the interpreter
         inside sqlite3). Nested calls of one thread never wait."""
+        self._check_fork()
         depth = getattr(self._depth, "n", 0)
         with self._use:
             while self._closing and depth == 0:
