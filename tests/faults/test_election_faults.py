@@ -6,16 +6,19 @@ Children record what they do in files of the test's directory, one line per
 act, stamped with ``time.monotonic()`` (CLOCK_MONOTONIC: one clock for every
 process of the machine, so the records of several processes can be ordered):
 
-- an election candidate writes ``<pid> <term> ACT <t>`` every 10 ms while its
-  term is active (the stamp is taken *after* the ``term.active`` check),
+- an election candidate writes ``<pid> <term> ACT <t> <checked>`` every 10 ms
+  while its term is active (``t`` stamped after the ``term.active`` check,
+  ``checked`` before it),
   ``<pid> <term> LOST <t>`` when it finds the term lost, then
   ``<pid> <term> HELD <t>`` if the store still held its term at that moment
   (it stopped before its lease could expire);
 - a worker writes ``<pid> <term> <step> <t>`` before each maintenance step it
   runs as the maintainer.
 
-A violation is an act of a term after an act of a later term (two leaders
-acting in the same instant). Run a child by hand with
+A violation is an act of a term whose check began after an act of a later
+term (two leaders acting in the same instant); a process stopped between its
+check and its act acts on waking on the check it made before the stop, which
+no election can prevent (fencing tokens are for that). Run a child by hand with
 ``python -m tests.faults.test_election_faults candidate|worker URL DIR``.
 """
 
@@ -56,8 +59,12 @@ def candidate_main(url: str, workdir: str) -> None:
     election = Space(url).election(ELECTION)
     while True:
         term = election.campaign(identity=f"pid:{os.getpid()}", ttl=TTL)
-        while term.active:
-            os.write(fd, f"{os.getpid()} {term.number} ACT {time.monotonic():.6f}\n".encode())
+        while True:
+            checked = time.monotonic()  # before the check: see Act.checked
+            if not term.active:
+                break
+            os.write(fd, f"{os.getpid()} {term.number} ACT {time.monotonic():.6f}"
+                         f" {checked:.6f}\n".encode())  # fmt: skip
             time.sleep(ACT_EVERY_S)
         os.write(fd, f"{os.getpid()} {term.number} LOST {time.monotonic():.6f}\n".encode())
         if election.leader() == (f"pid:{os.getpid()}", term.number):
@@ -100,10 +107,17 @@ def worker_main(url: str, workdir: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Act:
+    """One record; ``t`` is stamped after the act's ``term.active`` check and
+    ``checked`` before it (the same as ``t`` for records without a check). A
+    process stopped between the two acts on waking on a check made before
+    the stop: only an act whose check *began* after a later term acted (or
+    after the process resumed) is one the election failed to prevent."""
+
     pid: int
     term: int
     what: str
     t: float
+    checked: float
 
 
 def read_acts(workdir: Path) -> list[Act]:
@@ -113,21 +127,27 @@ def read_acts(workdir: Path) -> list[Act]:
         for line in path.read_text().splitlines(keepends=True):
             if not line.endswith("\n"):
                 continue  # being written
-            pid, term, what, t = line.split()
-            acts.append(Act(int(pid), int(term), what, float(t)))
+            pid, term, what, t, *checked = line.split()
+            acts.append(Act(int(pid), int(term), what, float(t), float((checked or [t])[0])))
     return sorted(acts, key=lambda a: a.t)
 
 
 def violations(acts: list[Act]) -> list[str]:
-    """Acts of a term made after an act of a later term (two leaders at once)."""
-    found, newest = [], 0
+    """Acts of a term whose check began after an act of a later term (two
+    leaders at once)."""
+    found = []
+    began: dict[int, float] = {}  # term -> its first act
+    for act in acts:
+        if act.what not in QUIET:
+            began.setdefault(act.term, act.t)
     for act in acts:
         if act.what in QUIET:
             continue
-        if act.term < newest:
-            found.append(f"pid {act.pid} acted in term {act.term} at {act.t:.3f}, after term "
-                         f"{newest} began")  # fmt: skip
-        newest = max(newest, act.term)
+        later = [t for term, t in began.items() if term > act.term and t < act.checked]
+        if later:
+            found.append(f"pid {act.pid} acted in term {act.term} on a check at"
+                         f" {act.checked:.3f}, after a later term acted at"
+                         f" {min(later):.3f}")  # fmt: skip
     return found
 
 
@@ -251,7 +271,7 @@ def test_election_sigstop_the_leader_it_stops_acting_and_terms_never_overlap(
     time.sleep(0.5)
     acts = read_acts(work)
     mine = [a for a in acts if a.pid == paused.pid and a.term == before.term]
-    acted_after = [a for a in mine if a.what == "ACT" and a.t >= resumed_at]
+    acted_after = [a for a in mine if a.what == "ACT" and a.checked >= resumed_at]
     held = [a for a in mine if a.what == "HELD"]
     bad = violations(acts)
     figure(f"election SIGSTOP {pause_ttls * TTL:.1f}s [{backend_of(fleet.url)}]: ops={len(acts)}"
