@@ -320,6 +320,12 @@ class PgConn:
         with suppress(psycopg.errors.UndefinedFunction):
             conn.execute("SELECT bump_counters()")
 
+    def _suspect_all(self) -> None:
+        """A connection turned out broken (a server restart, every backend
+        terminated): its pool-mates likely are too, so each is checked before
+        it is handed out again, and the retry gets a live one."""
+        self._used = weakref.WeakKeyDictionary()
+
     def _check(self, conn: psycopg.Connection[Any]) -> None:
         """Run by the pool before handing out a connection: one that sat idle
         longer than CHECK_IDLE_S answers an empty query first (a server restart
@@ -384,6 +390,7 @@ class PgConn:
                 except psycopg.Error as exc:
                     if retry and attempt == 0 and not committing and _gone(exc, conn):
                         log.info("PostgreSQL connection lost before %s committed; retrying", what)
+                        self._suspect_all()
                         continue
                     raise map_error(exc, what, self.display) from exc
                 finally:
@@ -423,6 +430,7 @@ class PgConn:
                     return cur.fetchall() if cur.description else []
                 except psycopg.Error as exc:
                     if attempt == 0 and _gone(exc, conn):
+                        self._suspect_all()
                         continue
                     raise map_error(exc, "read", self.display) from exc
         raise AssertionError("unreachable")
@@ -466,6 +474,7 @@ class PgConn:
                         return [c.fetchall() if c.description else [] for c in cursors]
                 except psycopg.Error as exc:
                     if retry and attempt == 0 and _gone(exc, conn):
+                        self._suspect_all()
                         continue
                     raise map_error(exc, "statement", self.display) from exc
         raise AssertionError("unreachable")
