@@ -300,7 +300,7 @@ class Cache:
                         self._l1_hits += 1
                         return slot[0]  # type: ignore[no-any-return]
                 except TypeError:
-                    pass
+                    pass  # unhashable: the slow path names the bad key
                 finally:
                     lock.release()
         if not callable(fn):
