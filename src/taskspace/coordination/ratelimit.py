@@ -21,7 +21,8 @@ clock.
 **Guarantee.** For each limit, over any window of ``W`` seconds of the lease
 clock, the cost admitted across all processes is at most
 ``count/period * W + burst`` (admissions are stamped with the clock reading
-that decided them, taken just before the txn that commits them). In the long
+that decided them, taken just before the txn that commits them; W is exact
+to float rounding: a decision may admit EPSILON_S = 1 µs early). In the long
 run the admitted rate is exactly ``count/period``. ``burst`` defaults to
 DEFAULT_BURST = 2 units of cost, so ``"600/m"`` admits at most 602 in any
 minute and 600 per minute in the long run. (Celery's token bucket holds 1;
