@@ -4,13 +4,15 @@ Kinds (``KINDS``): ``submitted`` (a push wrote the task), ``started`` (a
 worker began an attempt), ``retried`` (an attempt failed and the task went
 back to its queue), ``lost`` (the attempt's lease expired: its worker died or
 stalled; the maintainer requeued it), ``succeeded``, ``failed``, ``dead`` (a
-lease expired with no attempts left), ``cancelled``, and ``usage`` (what a
-task recorded with ``current_task().record(...)``).
+lease expired with no attempts left), ``cancelled``, ``requeued`` (a failed
+or dead task retried by hand: ``Handle.retry``, the API, the CLI) and
+``usage`` (what a task recorded with ``current_task().record(...)``).
 
 Who writes them: :meth:`Space.push` (``submitted``, one batch per push
 chunk), the worker (``started`` and every finish the store *accepted*: a
 refused, stale finish has no event), the elected maintainer (``lost``,
-``dead`` and ``cancelled`` after a lease expired) and ``usage`` from tasks.
+``dead`` and ``cancelled`` after a lease expired), the Space of a hand-made
+change (``cancelled`` of a queued task, ``requeued``) and ``usage`` from tasks.
 
 Cost and delivery: producers hand events to a :class:`Shipper`, which
 appends them from a background thread in batches: one
@@ -77,6 +79,7 @@ KINDS = (
     "failed",
     "dead",
     "cancelled",
+    "requeued",
     "usage",
 )
 EVENTS_MAXLEN = 20_000  # entries (batches)
@@ -92,6 +95,8 @@ BACKOFF_MAX_S = 2.0
 READ_PAGE = 1000
 FOLLOW_WAIT_S = 1.0
 MAX_STREAM_ID = 2**63 - 1
+# kind -> (the states a hand-made change leaves, the state it enters)
+HAND_MADE = {"cancelled": (("queued",), "cancelled"), "requeued": (("failed", "dead"), "queued")}
 USAGE_KEYS = ("tokens_in", "tokens_out", "cost_usd", "model")
 
 
@@ -701,22 +706,18 @@ class Events:
         if item is not None:
             (self._shipper or self.shipper).put(item)
 
-    def cancelled(self, task_id: str, state: str | None) -> None:
-        """Record ``cancelled`` for a task a cancel request ended at once (it
-        was queued): ``state`` is what ``store.queue.cancel`` returned; a running
-        task's cancel is recorded by its worker instead (state ``running``:
-        nothing here). Reads the task for its name and queue (one store call;
-        a BackendError then records nothing and is not raised). A repeated
-        cancel of a cancelled task records it again."""
-        if state != "cancelled":
-            return
-        try:
-            record = self.space.store.queue.get(task_id)
-        except Exception:  # an event is never worth failing the cancel
-            log.warning("cancelled event of task %s not recorded", task_id, exc_info=True)
-            return
-        if record is not None and record.state == "cancelled":
-            self.emit([event_for("cancelled", record, None, error="TaskCancelled")])
+    def by_hand(self, kind: str, before: TaskRecord | None, after: str | None) -> None:
+        """Record a change made by hand: ``cancelled`` when a cancel found the
+        task queued (a running task's cancel is recorded by its worker), or
+        ``requeued`` when a retry found it failed or dead. ``before`` is the
+        task as read just before the call, ``after`` the state the call
+        returned; nothing is recorded unless the call made that change (a
+        repeated cancel or retry records nothing; two racing calls may both
+        record it)."""
+        leaves, enters = HAND_MADE[kind]
+        if before is not None and before.state in leaves and after == enters:
+            error = "TaskCancelled" if kind == "cancelled" else None
+            self.emit([event_for(kind, before, None, error=error, attempt=0)])
 
     def read(self, after: int = 0, limit: int = 100, wait: float = 0.0) -> list[TaskEvent]:
         """Events with id above ``after``, oldest first: at most ``limit``

@@ -226,7 +226,9 @@ class Handler(logging.Handler):
 
     ``worker``: the worker name recorded with each record (a worker passes
     its own); when several workers share a process, a record logged inside
-    another worker's task is left to that worker's handler. ``store``: the
+    another worker's task is left to that worker's handler, and one logged
+    outside any task is shipped once, by the first installed handler still
+    installed (:func:`install`). ``store``: the
     store to write to (default ``space.store``). ConfigError for a capacity
     or interval out of range."""
 
@@ -263,6 +265,8 @@ class Handler(logging.Handler):
         ctx = _current.get()
         if ctx is not None and self.worker is not None and ctx.worker != self.worker:
             return  # another worker of this process ships its tasks' records
+        if ctx is None and not self._ships_unowned():
+            return  # another installed handler ships the process's own records
         try:
             exc = None
             if record.exc_info:
@@ -276,6 +280,13 @@ class Handler(logging.Handler):
             self.handleError(record)
             return
         self.ship(payload)
+
+    def _ships_unowned(self) -> bool:
+        """True if this handler ships records logged outside any task: it is
+        the first installed handler (dicts keep insertion order), or it was
+        never installed (added to a logger by hand)."""
+        installed = tuple(_handlers.values())
+        return not installed or installed[0] is self or self not in installed
 
     def ship(self, payload: dict[str, Any]) -> None:
         """Buffer an already-built record (forwarded by a forked task process

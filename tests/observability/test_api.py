@@ -431,6 +431,46 @@ def _sse_items(lines: Iterator[str], want: Callable[[dict[str, Any]], bool]) -> 
     raise AssertionError("stream ended")
 
 
+def _frames(http: httpx.Client, params: dict[str, Any], headers: dict[str, str], n: int) -> list:
+    """The first ``n`` (id, item) frames of the events stream."""
+    import json
+
+    frames = []
+    with http.stream("GET", "/api/events/stream", params=params, headers=headers) as stream:
+        frame_id = None
+        for line in stream.iter_lines():
+            if line.startswith("id: "):
+                frame_id = line[4:]
+            elif line.startswith("data: "):
+                frames.append((frame_id, json.loads(line[6:])))
+                if len(frames) == n:
+                    break
+    return frames
+
+
+def test_sse_events_resume_mid_entry_with_last_event_id(api_space: Space) -> None:
+    """Events of one stored entry share its stream id: frames before an
+    entry's last carry ``<id>.<k>``, and a client cut off after one of them
+    resumes at the next event (review F10: it skipped the rest of the entry)."""
+    before = api_space.events.last_id()
+    handles = api_space.get_task("add").submit_many([(i, i) for i in range(5)])
+    assert api_space.events.flush(5)
+    app = create_app(api_space, heartbeat=0.2)
+    with ApiServer(app) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+        params = {"after": before, "timeout": 3}
+        whole = _frames(http, params, {}, 5)
+        assert [item["task_id"] for _, item in whole] == [h.id for h in handles]
+        entry = str(whole[-1][1]["id"])
+        assert [i for i, _ in whole] == [f"{entry}.{k}" for k in range(4)] + [entry]
+        resumed = _frames(http, {"timeout": 3}, {"Last-Event-ID": f"{entry}.1"}, 3)
+        assert [item["task_id"] for _, item in resumed] == [h.id for h in handles[2:]]
+        assert [i for i, _ in resumed] == [f"{entry}.2", f"{entry}.3", entry]
+        later = api_space.submit("add", 9, 9)
+        assert api_space.events.flush(5)
+        after_whole = _frames(http, {"timeout": 3}, {"Last-Event-ID": entry}, 1)
+        assert after_whole[0][1]["task_id"] == later.id
+
+
 def test_sse_events_and_logs_follow_and_end_on_disconnect(api_space: Space) -> None:
     app = create_app(api_space, heartbeat=0.2)
     with ApiServer(app) as server, httpx.Client(base_url=server.url, timeout=10) as http:

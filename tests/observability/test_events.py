@@ -196,18 +196,33 @@ def test_lost_tracker_names_the_expired_attempts(space: Space) -> None:
     assert len(got) == 1  # once
 
 
-def test_a_queued_task_cancelled_has_its_event(space: Space) -> None:
+def test_a_queued_task_cancelled_has_its_event_once(space: Space) -> None:
     @space.task
     def never() -> None: ...
 
     handle = never.submit()
-    state = space.store.queue.cancel(handle.id)
-    space.events.cancelled(handle.id, state)
-    space.events.cancelled(handle.id, "running")  # a running task's worker records it
+    assert handle.cancel() == "cancelled"
+    assert handle.cancel() == "cancelled"  # a repeated cancel changes nothing: no event
     events = by_task(space)[handle.id]
     assert [(e.kind, e.name, e.error) for e in events] == [
         ("submitted", never.name, None), ("cancelled", never.name, "TaskCancelled")
     ]  # fmt: skip
+
+
+def test_a_retry_by_hand_has_its_requeued_event_once(space: Space) -> None:
+    @space.task(max_attempts=1)
+    def boom() -> None:
+        raise ValueError("no")
+
+    handle = boom.submit()
+    space.run_worker(burst=True)
+    assert handle.status() == "failed"
+    assert handle.retry() == "queued"
+    with pytest.raises(ConfigError, match="only failed or dead"):
+        handle.retry()  # queued now: refused, no event
+    kinds = [(e.kind, e.attempt, e.worker) for e in by_task(space)[handle.id]]
+    assert kinds[-1] == ("requeued", 0, None)
+    assert [k for k, _, _ in kinds].count("requeued") == 1
 
 
 def test_bad_usage_is_refused_and_records_nothing() -> None:

@@ -169,6 +169,34 @@ def test_records_outside_tasks_and_prints_outside_tasks(
     assert all(message != "not in a task" for message, _ in records)
 
 
+def test_two_workers_in_one_process_ship_an_outside_record_once(space: Space) -> None:
+    """Review F20: each worker's handler shipped every record logged outside
+    a task, so two workers in one process stored it twice."""
+    first = Handler(space, worker="w-one", interval=0.01)
+    second = Handler(space, worker="w-two", interval=0.01)
+    undo = [install(first, capture_print=False), install(second, capture_print=False)]
+    try:
+        log.warning("outside, with two workers")
+        token = bind(ctx_for("task-2", "w-two"))
+        try:
+            log.warning("inside w-two's task")
+        finally:
+            unbind(token)
+        undo.pop(0)()  # the first worker stops: the second takes over
+        log.warning("outside, after the first stopped")
+    finally:
+        for u in undo:
+            u()
+        first.close()
+        second.close()
+    records = [(r.message, r.worker) for r in space.logs.query(limit=1000)]
+    assert records.count(("outside, with two workers", "w-one")) == 1
+    assert [m for m, _ in records].count("outside, with two workers") == 1
+    assert [m for m, _ in records].count("inside w-two's task") == 1
+    assert ("inside w-two's task", "w-two") in records
+    assert ("outside, after the first stopped", "w-two") in records
+
+
 def test_retention_by_length_and_age(space: Space, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("taskspace.events.TRIM_EVERY_S", 0.0)
     handler = Handler(space, worker="w-ret", interval=0.01)

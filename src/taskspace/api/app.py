@@ -70,6 +70,7 @@ from taskspace.errors import (
     ConfigError,
     SerializationError,
     SpaceLost,
+    TaskNotFound,
     TaskspaceError,
 )
 from taskspace.space import Space
@@ -86,7 +87,6 @@ LIST_MAX = 1000
 WAIT_MAX_S = 30.0
 SUBMIT_RETRY_S = 2.0  # a submit rides out a backend blip this long, then answers 503
 SCAN_MAX = 10_000  # keys read at most by a best-effort listing
-RETRY_STATES = ("failed", "dead")
 EVENTS_STREAM = "taskspace/events"
 LOGS_STREAM = "taskspace/logs"
 USAGE_KEYS_MAX = 10_000  # distinct task names / models summed; later ones go to "(other)"
@@ -723,14 +723,10 @@ def _task_routes(api: APIRouter, space: Space) -> None:  # noqa: C901 - one clos
         """Requeue a failed or dead task with fresh attempts; 409 ``invalid_state``
         for a task in any other state (nothing changes)."""
         handle = space.handle(task_id)
-        state = handle.status()
-        if state not in RETRY_STATES:
-            raise ApiError(
-                409,
-                "invalid_state",
-                f"task {task_id} is {state}; only failed or dead tasks can be retried",
-            )
-        space.store.queue.retry(task_id)
+        try:
+            handle.retry()
+        except ConfigError as exc:  # its state: nothing changed
+            raise ApiError(409, "invalid_state", str(exc)) from exc
         return _detail(handle.info())
 
     @api.post(
@@ -744,10 +740,10 @@ def _task_routes(api: APIRouter, space: Space) -> None:  # noqa: C901 - one clos
         retried: list[str] = []
         skipped: list[str] = []
         for task_id in dict.fromkeys(req.ids):
-            state = space.store.queue.state(task_id)
-            if state in RETRY_STATES and space.store.queue.retry(task_id) is not None:
+            try:
+                space.handle(task_id).retry()
                 retried.append(task_id)
-            else:
+            except (ConfigError, TaskNotFound):
                 skipped.append(task_id)
         return {"retried": retried, "skipped": skipped}
 
@@ -989,22 +985,48 @@ def _logs(space: Space) -> Any:
 # -- Server-Sent Events ------------------------------------------------------------------------
 
 
-def _sse(item: dict[str, Any]) -> bytes:
-    return b"id: %d\ndata: %s\n\n" % (int(item["id"]), orjson.dumps(item))
+Frame = tuple[str, dict[str, Any]]  # an SSE frame: its id and its JSON item
 
 
-def _last_event_id(request: Request, after: int | None) -> int | None:
+def _sse(frame: Frame) -> bytes:
+    frame_id, item = frame
+    return b"id: %s\ndata: %s\n\n" % (frame_id.encode(), orjson.dumps(item))
+
+
+def _last_event_id(request: Request, after: int | None) -> tuple[int, int] | None:
+    """Where a stream resumes: (stream id to read after, items of the next
+    entry already sent). ``after`` wins; else a Last-Event-ID ``<id>`` (that
+    entry was sent whole) or ``<id>.<k>`` (its items 0..k were sent); None:
+    only new items."""
     if after is not None:
-        return after
-    header = request.headers.get("last-event-id")
-    if header and header.isdigit():
-        return int(header)
+        return after, 0
+    header = request.headers.get("last-event-id") or ""
+    entry, dot, index = header.partition(".")
+    if entry.isdigit() and int(entry) <= M.MAX_STREAM_ID:
+        if not dot:
+            return int(entry), 0
+        if index.isdigit() and int(entry) > 0:
+            return int(entry) - 1, int(index) + 1
     return None
+
+
+def _event_frames(events: list[Any]) -> list[Frame]:
+    """SSE frames of events read whole by entry: the last event of an entry
+    has the entry's id, an earlier one ``<id>.<k>`` (its index in the entry),
+    so a client cut off mid-entry resumes at the event after the last one it
+    got (events of one entry share a stream id)."""
+    frames: list[Frame] = []
+    k = 0
+    for i, event in enumerate(events):
+        last = i + 1 == len(events) or events[i + 1].id != event.id
+        frames.append((str(event.id) if last else f"{event.id}.{k}", _event_doc(event)))
+        k = 0 if last else k + 1
+    return frames
 
 
 async def _stream(
     request: Request,
-    read: Callable[[], list[dict[str, Any]]],
+    read: Callable[[], list[Frame]],
     timeout: float | None,
 ) -> AsyncIterator[bytes]:
     """Yield SSE frames from ``read`` (a blocking read of at most SSE_READ_S),
@@ -1015,7 +1037,7 @@ async def _stream(
     app = request.app
     checker = app.state.space_check
 
-    def checked_read() -> list[dict[str, Any]]:
+    def checked_read() -> list[Frame]:
         checker.check()  # at most one identity read a second (SpaceCheck)
         return read()
 
@@ -1080,13 +1102,19 @@ def _stream_routes(api: APIRouter, space: Space) -> None:
         """Follow task events as Server-Sent Events (resumable with Last-Event-ID)."""
         events = _events(space)
         start = _last_event_id(request, after)
-        position = [events.last_id() if start is None else start]
+        position, skip = (events.last_id(), 0) if start is None else start
+        cursor = [position, skip]
 
-        def read() -> list[dict[str, Any]]:
-            got = events.read(after=position[0], limit=TAILER_PAGE, wait=SSE_READ_S)
+        def read() -> list[Frame]:
+            got = events.read(after=cursor[0], limit=TAILER_PAGE, wait=SSE_READ_S)
+            frames = _event_frames(got)
+            if cursor[1]:  # resuming mid-entry: drop what the client has of it
+                partial = cursor[0] + 1
+                frames = frames[sum(1 for e in got[: cursor[1]] if e.id == partial) :]
+            cursor[1] = 0
             if got:
-                position[0] = int(got[-1].id)
-            return [_event_doc(e) for e in got]
+                cursor[0] = int(got[-1].id)
+            return frames
 
         return StreamingResponse(
             _stream(request, read, timeout), media_type="text/event-stream", headers=SSE_HEADERS
@@ -1112,10 +1140,10 @@ def _stream_routes(api: APIRouter, space: Space) -> None:
         from taskspace.logs import decode_record, parse_level
 
         minimum = parse_level(level)
-        start = _last_event_id(request, after)
-        cursor = [logs.last_id() if start is None else start]
+        start = _last_event_id(request, after)  # one record per entry: no mid-entry resume
+        cursor = [logs.last_id() if start is None else start[0] + (1 if start[1] else 0)]
 
-        def read() -> list[dict[str, Any]]:
+        def read() -> list[Frame]:
             entries = space.store.streams.read(
                 LOGS_STREAM, after=cursor[0], limit=TAILER_PAGE, wait=SSE_READ_S
             )
@@ -1129,7 +1157,7 @@ def _stream_routes(api: APIRouter, space: Space) -> None:
                     and (worker is None or record.worker == worker)
                     and (minimum is None or record.levelno >= minimum)
                 ):
-                    out.append(record.to_json())
+                    out.append((str(entry.id), record.to_json()))
             return out
 
         return StreamingResponse(

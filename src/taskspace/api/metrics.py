@@ -13,6 +13,7 @@ prometheus-client):
 ``taskspace_tasks_lost_total``              counter    task, queue (lease expiries)
 ``taskspace_tasks_dead_total``              counter    task, queue
 ``taskspace_tasks_cancelled_total``         counter    task, queue
+``taskspace_tasks_requeued_total``          counter    task, queue (retried by hand)
 ``taskspace_task_claim_latency_seconds``    histogram  task, queue (started - submitted)
 ``taskspace_task_run_seconds``              histogram  task, queue, outcome (``duration``)
 ``taskspace_tokens_total``                  counter    task, model, direction (in|out)
@@ -72,6 +73,7 @@ COUNTED_KINDS = (
     "lost",
     "dead",
     "cancelled",
+    "requeued",
 )
 FINISHED_KINDS = frozenset({"succeeded", "failed", "retried", "lost", "dead", "cancelled"})
 LATENCY_BUCKETS = (

@@ -12,7 +12,7 @@ from taskspace.backends.base import FINAL_STATES, TASK_STATES, TaskRecord
 from taskspace.cli.common import URL_HELP, echo_json, existing_space, guard
 from taskspace.cli.services import HEALTH_STYLE
 from taskspace.codec import decoder_for
-from taskspace.errors import ConfigError, SerializationError
+from taskspace.errors import ConfigError, SerializationError, TaskNotFound
 from taskspace.space import Space
 
 UNKNOWN_SCAN_LIMIT = 1000
@@ -217,10 +217,14 @@ def retry_tasks(task_id: str | None, state: str | None, queue: str | None,
     if task_id is not None:
         click.echo(f"{task_id}: {space.handle(task_id).retry()}")
         return
-    ids = [r.id for r in space.iter_tasks(state=state, queue=queue)]
-    for tid in ids:
-        space.store.queue.retry(tid)
-    click.echo(f"requeued {len(ids)} {state} task(s)")
+    requeued = 0
+    for tid in [r.id for r in space.iter_tasks(state=state, queue=queue)]:
+        try:
+            space.handle(tid).retry()
+            requeued += 1
+        except (ConfigError, TaskNotFound):  # changed or gone meanwhile
+            pass
+    click.echo(f"requeued {requeued} {state} task(s)")
 
 
 @tasks.command("cancel")

@@ -83,23 +83,25 @@ class Handle:
         after the request."""
         if not isinstance(terminate, bool):
             raise ConfigError(f"terminate must be True or False, got {terminate!r}")
+        before = self.space.store.queue.get(self.id)
         state = self.space.store.queue.cancel(self.id, terminate=terminate)
         if state is None:
             raise self._not_found()
-        self.space.events.cancelled(self.id, state)  # a queued task's cancel; never raises
+        self.space.events.by_hand("cancelled", before, state)
         return state
 
     def retry(self) -> TaskState:
         """Requeue a ``failed`` or ``dead`` task with fresh attempts; its last
         error is kept until it runs. Raises ConfigError for any other state."""
-        before = self.status()
-        if before not in ("failed", "dead"):
+        before = self.info()
+        if before.state not in ("failed", "dead"):
             raise ConfigError(
-                f"task {self.id} is {before}; only failed or dead tasks can be retried"
+                f"task {self.id} is {before.state}; only failed or dead tasks can be retried"
             )
         state = self.space.store.queue.retry(self.id)
         if state is None:
             raise self._not_found()
+        self.space.events.by_hand("requeued", before, state)
         return state
 
     def done(self) -> bool:
