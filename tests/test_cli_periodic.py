@@ -91,10 +91,10 @@ def test_list_before_any_space_exists_creates_none(app_dir: Path) -> None:
 def test_list_shows_the_last_run_from_the_store(app_dir: Path) -> None:
     space = app_space()
     now = space.store.clock.wall()
+    tick = (int(now) // 30 + 1) * 30  # the first tick after now
     fire_due(space, at=now)
-    fire_due(space, at=now + 31)
+    fire_due(space, at=tick + 0.5)  # (now, tick + 0.5] holds that tick alone
     ping = listed()["papp.ping"]
-    tick = (int(now) // 30 + 1) * 30
     assert ping["seen"] and ping["last_run"] == tick and ping["fired"] == 1
     assert ping["last_task_id"] == f"periodic:papp.ping:{tick}"
     assert ping["last_task_state"] == "queued" and ping["pending"] == []

@@ -413,12 +413,14 @@ def critical_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == LOGGER and WIPED in r.getMessage()]
 
 
-def blocking_task(space: Space, n: int = 1) -> tuple[Any, threading.Event, list[Any]]:
+def blocking_task(
+    space: Space, n: int = 1, lease: float = 0.6
+) -> tuple[Any, threading.Event, list[Any]]:
     """A task that runs until released; ``seen`` collects each attempt's context."""
     release = threading.Event()
     seen: list[Any] = []
 
-    @space.task(name="blocker", lease=0.6, max_attempts=3)
+    @space.task(name="blocker", lease=lease, max_attempts=3)
     def blocker() -> str:
         seen.append(current_task())
         release.wait(20)
@@ -439,9 +441,11 @@ def test_a_wiped_space_stops_the_worker_once_and_writes_nothing_more(
     one CRITICAL line naming the space and the tasks held, the attempts abandoned
     (never finished, never released), no more claims, and the worker's exit.
 
-    The heartbeat is an hour apart, so only the trigger under test can find it."""
+    The heartbeat is an hour apart, so only the trigger under test can find it.
+    The blockers' lease (2 s) outlives the test: a renewal late under load
+    must not let this worker's maintainer requeue them before the loss."""
     caplog.set_level(logging.INFO, LOGGER)
-    blocker, release, seen = blocking_task(space)
+    blocker, release, seen = blocking_task(space, lease=2.0)
 
     @space.task(name="quick", lease=0.6)
     def quick() -> str:

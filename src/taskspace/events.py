@@ -430,6 +430,13 @@ class Shipper(Generic[T]):
             elif len(self._buf) >= self.batch_max:
                 self._cond.notify_all()
 
+    @property
+    def in_flight(self) -> int:
+        """Items of the batch being appended now (kept until it is stored: a
+        full buffer drops its oldest *waiting* item, never these)."""
+        with self._cond:
+            return self._inflight
+
     def pending(self) -> int:
         """Items put but neither stored nor dropped yet."""
         with self._cond:
