@@ -144,10 +144,12 @@ def test_key_slot_agrees_with_redis_cluster(tmp_path: Path) -> None:
     if binary is None:
         pytest.skip("redis-server is not available")
     port = free_port()
+    # The cluster bus port defaults to port + 10,000: a free port above 55,535
+    # made redis-server refuse to start, so it gets a free port of its own.
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"),
-         "--dir", str(tmp_path)],
+        [binary, "--port", str(port), "--cluster-port", str(free_port()), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no", "--cluster-enabled", "yes",
+         "--cluster-config-file", str(tmp_path / "nodes.conf"), "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
