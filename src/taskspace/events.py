@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 import orjson
 
+from taskspace.backends.base import RETRYABLE_STATES
 from taskspace.errors import ConfigError, SpaceLost
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ READ_PAGE = 1000
 FOLLOW_WAIT_S = 1.0
 MAX_STREAM_ID = 2**63 - 1
 # kind -> (the states a hand-made change leaves, the state it enters)
-HAND_MADE = {"cancelled": (("queued",), "cancelled"), "requeued": (("failed", "dead"), "queued")}
+HAND_MADE = {"cancelled": (("queued",), "cancelled"), "requeued": (RETRYABLE_STATES, "queued")}
 USAGE_KEYS = ("tokens_in", "tokens_out", "cost_usd", "model")
 
 

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from taskspace.api.errors import redact_url as redact_url  # the one redaction, re-exported
-from taskspace.backends.base import FINAL_STATES, TASK_STATES, QueueStats, TaskRecord
+from taskspace.backends.base import (
+    FINAL_STATES,
+    RETRYABLE_STATES,
+    TASK_STATES,
+    QueueStats,
+    TaskRecord,
+)
 from taskspace.codec import decoder_for
 from taskspace.errors import SerializationError, TaskspaceError
 
@@ -356,7 +362,7 @@ def task_detail(space: Space, record: TaskRecord, digest: EventDigest) -> dict[s
         "progress": record.progress,
         "events": digest.events_of(record.id),
         "can_cancel": record.state in ("queued", "running") and not record.cancel_requested,
-        "can_retry": record.state in ("failed", "dead"),
+        "can_retry": record.state in RETRYABLE_STATES,
         "now": space.store.clock.wall(),
     }
 

@@ -70,6 +70,8 @@ TASK_STATES: tuple[TaskState, ...] = (
     "cancelled",
 )
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "dead", "cancelled"})
+# The states ``QueueStore.retry`` requeues from (a retry by hand).
+RETRYABLE_STATES: tuple[str, ...] = ("failed", "dead")
 LIVE_STATES: frozenset[str] = frozenset({"queued", "running"})
 
 # Priorities every backend orders exactly (Redis folds priority and FIFO

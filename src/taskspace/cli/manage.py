@@ -4,11 +4,12 @@ a space: a URL naming none is reported with exit code 2."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import click
 
-from taskspace.backends.base import FINAL_STATES, TASK_STATES, TaskRecord
+from taskspace.backends.base import FINAL_STATES, RETRYABLE_STATES, TASK_STATES, TaskRecord
 from taskspace.cli.common import URL_HELP, echo_json, existing_space, guard
 from taskspace.cli.services import HEALTH_STYLE
 from taskspace.codec import decoder_for
@@ -16,7 +17,6 @@ from taskspace.errors import ConfigError, SerializationError, TaskNotFound
 from taskspace.space import Space
 
 UNKNOWN_SCAN_LIMIT = 1000
-RETRY_STATES = ("failed", "dead")
 PURGE_STATES = tuple(s for s in TASK_STATES if s != "running")
 
 
@@ -203,7 +203,7 @@ def show_task(task_id: str, url: str | None) -> None:
 
 @tasks.command("retry")
 @click.argument("task_id", required=False)
-@click.option("--state", type=click.Choice(RETRY_STATES), default=None,
+@click.option("--state", type=click.Choice(RETRYABLE_STATES), default=None,
               help="Retry every task in this state instead of one id.")  # fmt: skip
 @click.option("--queue", default=None, help="With --state: only this queue.")
 @click.option("--url", default=None, help=URL_HELP)
@@ -219,11 +219,9 @@ def retry_tasks(task_id: str | None, state: str | None, queue: str | None,
         return
     requeued = 0
     for tid in [r.id for r in space.iter_tasks(state=state, queue=queue)]:
-        try:
+        with contextlib.suppress(ConfigError, TaskNotFound):  # changed or gone meanwhile
             space.handle(tid).retry()
             requeued += 1
-        except (ConfigError, TaskNotFound):  # changed or gone meanwhile
-            pass
     click.echo(f"requeued {requeued} {state} task(s)")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from taskspace.backends.base import FINAL_STATES, TaskRecord, TaskState
+from taskspace.backends.base import FINAL_STATES, RETRYABLE_STATES, TaskRecord, TaskState
 from taskspace.codec import decoder_for
 from taskspace.errors import (
     BackendError,
@@ -94,7 +94,7 @@ class Handle:
         """Requeue a ``failed`` or ``dead`` task with fresh attempts; its last
         error is kept until it runs. Raises ConfigError for any other state."""
         before = self.info()
-        if before.state not in ("failed", "dead"):
+        if before.state not in RETRYABLE_STATES:
             raise ConfigError(
                 f"task {self.id} is {before.state}; only failed or dead tasks can be retried"
             )
